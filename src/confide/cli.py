@@ -1,0 +1,337 @@
+"""The ``confide`` command: run, generate, report, data, config.
+
+The command line owns everything a person sees: rich progress, one summary line per evaluated round, and exit
+codes. A :class:`~confide.errors.ConfideError` is printed as one line (exit 2); any other exception is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from confide.errors import ConfideError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfideError as e:
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", markup=True, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted; continue a run with `confide run --resume RUN_DIR`")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="confide", description="Federated training of generative models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what confide does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a model federatedly, as a config says")
+    run.add_argument("config", nargs="?", type=Path, help="a TOML config, e.g. examples/shakespeare.toml")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
+    run.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="write text with a run's latest model")
+    gen.add_argument("run_dir", type=Path)
+    gen.add_argument("--prompt", default="ROMEO.\n")
+    gen.add_argument("--length", type=int, default=400, help="characters to generate")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more varied")
+    gen.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest characters (0: all)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html with plots of the run")
+    rep.add_argument("run_dir", type=Path)
+    rep.set_defaults(func=cmd_report)
+
+    data = sub.add_parser("data", help="inspect or fetch data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser("fetch", help="download a data set into the cache")
+    fetch.add_argument("name", choices=["shakespeare"])
+    fetch.add_argument("--cache-dir", type=Path)
+    fetch.set_defaults(func=cmd_data_fetch)
+    shk = data_sub.add_parser("shakespeare", help="sites and samples of the Shakespeare task")
+    shk.add_argument("--cache-dir", type=Path)
+    shk.add_argument("--min-lines", type=int, default=64)
+    shk.set_defaults(func=cmd_data_shakespeare)
+    text = data_sub.add_parser("text", help="sites and samples of your own text (folder or .jsonl)")
+    text.add_argument("path", type=Path)
+    text.set_defaults(func=cmd_data_text)
+
+    cfg = sub.add_parser("config", help="list every config option with its default")
+    cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+# -- run -------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.runtime.runner import Runner
+
+    if args.resume is not None:
+        if args.config is not None or args.overrides:
+            raise ConfideError("--resume continues a run with its own saved config; give no CONFIG or --set")
+        runner = Runner.resume(args.resume)
+        console.print(f"Resuming [bold]{args.resume}[/] after round {runner.state.round}")
+    else:
+        if args.config is None:
+            raise ConfideError(
+                "give a config file (e.g. `confide run examples/shakespeare.toml`) or --resume RUN_DIR"
+            )
+        config = config_module.load(args.config, args.overrides)
+        runner = Runner.start(config)
+    try:
+        with RichObserver(runner.config.run.rounds) as observer:
+            runner.run(observer)
+        _finish(runner, write=not args.no_report)
+    finally:
+        runner.store.close()
+    return 0
+
+
+class RichObserver:
+    """A live display of rounds and sites, and one line per evaluated round."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds = rounds
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.round_task: TaskID | None = None
+        self.site_task: TaskID | None = None
+        self.baseline = 0.0
+
+    def __enter__(self) -> RichObserver:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def run_started(self, runner: Any, first_round: int) -> None:
+        ds = runner.dataset
+        model = runner.config.model["kind"]
+        self.baseline = runner.baseline.accuracy
+        console.print(
+            f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
+            f"{len(ds.sites)} sites ({ds.num_train:,} training windows), "
+            f"{runner.strategy.count(len(ds.sites))} sites per round, {runner.config.run.rounds} rounds"
+        )
+        console.print(
+            f"unigram baseline (always predict {runner.baseline.character!r}): "
+            f"accuracy {runner.baseline.accuracy:.3f} on the held-out text of {len(runner.eval_sites)} sites"
+        )
+        self.round_task = self.progress.add_task("rounds", total=self.rounds, completed=first_round - 1)
+        self.site_task = self.progress.add_task("sites", total=1)
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None:
+        assert self.site_task is not None
+        self.progress.reset(self.site_task, total=len(sites), description=f"round {round}: sites")
+
+    def site_done(self, round: int, site: str) -> None:
+        assert self.site_task is not None
+        self.progress.advance(self.site_task)
+
+    def round_finished(self, result: Any) -> None:
+        assert self.round_task is not None
+        self.progress.advance(self.round_task)
+        if result.rejected:
+            for site, reason in result.rejected:
+                console.print(f"[yellow]round {result.round}: refused the update of {site}: {reason}[/]")
+
+    def evaluated(self, round: int, m: dict[str, Any]) -> None:
+        console.print(
+            f"round {round:>4}  accuracy {m['accuracy']:.3f} (unigram {self.baseline:.3f})  "
+            f"loss {m['loss']:.3f}  perplexity {m['perplexity']:6.2f}  "
+            f"worst-decile site accuracy {m['site_accuracy_p10']:.3f}  "
+            f"{m['seconds']:5.1f}s  sent {_size(m['bytes_sent'])}  received {_size(m['bytes_received'])}"
+        )
+
+    def run_finished(self, runner: Any) -> None:
+        pass
+
+
+def _finish(runner: Any, write: bool) -> None:
+    e = runner.config.eval
+    samples = []
+    for i in range(e.samples):
+        text = runner.generate(e.prompt, e.sample_length, seed=i)
+        samples.append((e.prompt, text[len(e.prompt) :]))
+    if samples:
+        console.print("\n[bold]A passage written by the federated model:[/]")
+        console.print(samples[0][0] + samples[0][1], markup=False)
+    if write:
+        from confide.report import write_report
+
+        path = write_report(runner.store.run_dir, samples)
+        console.print(f"\nreport: {path}")
+    console.print(f"run directory: {runner.store.run_dir}")
+
+
+# -- generate, report ----------------------------------------------------------------------------------
+
+
+def _load_model(run_dir: Path) -> tuple[Any, Any, Any]:
+    from confide import config as config_module
+    from confide.core import Layout
+    from confide.data import DEFAULT_TOKENIZER
+    from confide.runtime.runner import build_model_for
+    from confide.runtime.store import Store
+
+    store = Store.open(run_dir)
+    try:
+        checkpoint = store.latest_checkpoint()
+    finally:
+        store.close()
+    if checkpoint is None:
+        raise ConfideError(
+            f"{run_dir} has no checkpoint yet; it is written every run.checkpoint_every rounds"
+        )
+    config = config_module.load(run_dir / "config.toml")
+    model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
+    layout = Layout.of_module(model)
+    layout.check(checkpoint.weights, "checkpoint's weights")
+    return model, layout, checkpoint
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from confide.runtime.runner import generate_text
+
+    if args.length < 1:
+        raise ConfideError(f"--length must be at least 1 (got {args.length})")
+    if args.temperature < 0:
+        raise ConfideError(f"--temperature must be >= 0 (got {args.temperature})")
+    model, layout, checkpoint = _load_model(args.run_dir)
+    text = generate_text(
+        model,
+        layout,
+        checkpoint.weights,
+        args.prompt,
+        args.length,
+        args.temperature,
+        args.top_k or None,
+        args.seed,
+    )
+    console.print(text, markup=False)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from confide.report import write_report
+    from confide.runtime.runner import generate_text
+
+    model, layout, checkpoint = _load_model(args.run_dir)
+    prompt = "ROMEO.\n"
+    samples = [
+        (prompt, generate_text(model, layout, checkpoint.weights, prompt, 300, seed=i)[len(prompt) :])
+        for i in range(2)
+    ]
+    console.print(f"report: {write_report(args.run_dir, samples)}")
+    return 0
+
+
+# -- data, config --------------------------------------------------------------------------------------
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from confide.data import shakespeare
+
+    started = time.perf_counter()
+    where = shakespeare.fetch(args.cache_dir)
+    console.print(f"Shakespeare texts available at {where} ({time.perf_counter() - started:.1f}s)")
+    return 0
+
+
+def cmd_data_shakespeare(args: argparse.Namespace) -> int:
+    from confide.data import shakespeare
+
+    _print_summary(shakespeare.load(cache_dir=args.cache_dir, min_lines=args.min_lines))
+    return 0
+
+
+def cmd_data_text(args: argparse.Namespace) -> int:
+    from confide.data.text import load_text
+
+    _print_summary(load_text(args.path))
+    return 0
+
+
+def _print_summary(dataset: Any) -> None:
+    import numpy as np
+
+    table = Table(title=f"{dataset.name}: {len(dataset.sites)} sites")
+    for column in ("samples", "total", "min per site", "median", "max"):
+        table.add_column(column, justify="left" if column == "samples" else "right")
+    train = np.array([s.num_train for s in dataset.sites])
+    test = np.array([s.num_test for s in dataset.sites])
+    for name, counts in (("train", train), ("test", test), ("train + test", train + test)):
+        table.add_row(
+            name, f"{counts.sum():,}", f"{counts.min():,}", f"{np.median(counts):,.0f}", f"{counts.max():,}"
+        )
+    console.print(table)
+    console.print(
+        "A sample is a window of 80 characters; the model predicts the next character at each position."
+    )
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from confide.config import describe
+
+    table = Table(title="confide run options (sections of the TOML file)")
+    table.add_column("option")
+    table.add_column("default")
+    table.add_column("meaning")
+    for key, default, help in describe():
+        table.add_row(key, repr(default), help)
+    console.print(table)
+    console.print(
+        "[model] takes kind = 'gpt' (layers, heads, width, context, dropout, bias) "
+        "or 'lstm' (embedding, hidden, layers, context)."
+    )
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

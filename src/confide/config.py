@@ -1,0 +1,280 @@
+"""The run configuration: TOML in, typed and validated objects out.
+
+Every option has a default that works and a one-line help text; this module is the one place that resolves
+defaults, and nothing deeper in confide reads raw dictionaries. A wrong value stops the run before anything
+starts, with one message naming the key, the value, and what is accepted::
+
+    client.batch_size must be an integer >= 1 (got -3)
+    server.optimizr is not an option of [server]; did you mean 'optimizer'? (accepted: beta1, beta2, ...)
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+from confide.errors import ConfigError
+
+Check = Callable[[Any], bool]
+
+
+def option(
+    default: Any, help: str, check: Check | None = None, accepts: str = "", choices: tuple[str, ...] = ()
+) -> Any:
+    """A config field: its default, its help text, and what values it accepts."""
+    return field(
+        default=default, metadata={"help": help, "check": check, "accepts": accepts, "choices": choices}
+    )
+
+
+def positive(x: Any) -> bool:
+    return bool(x > 0)
+
+
+def at_least(n: float) -> Check:
+    return lambda x: bool(x >= n)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = option(
+        "", "name of the run directory under `output`; empty: the config file's name and the time"
+    )
+    output: str = option("runs", "folder that holds run directories")
+    seed: int = option(0, "seed of every random choice: site sampling, initial weights, shuffling, dropout")
+    rounds: int = option(20, "number of federated rounds", at_least(1), ">= 1")
+    checkpoint_every: int = option(
+        5, "save a checkpoint every this many rounds (and after the last)", at_least(1), ">= 1"
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = option("shakespeare", "the data set", choices=("shakespeare", "text"))
+    path: str = option(
+        "", "for dataset = 'text': a folder with one .txt file or subfolder per site, or a .jsonl file"
+    )
+    partition: str = option("natural", "how sites are formed", choices=("natural", "iid", "dirichlet"))
+    alpha: float = option(
+        0.5, "Dirichlet concentration for partition = 'dirichlet' (small: skewed)", positive, "> 0"
+    )
+    num_sites: int = option(100, "number of sites for partition = 'dirichlet'", at_least(1), ">= 1")
+    label: str = option("group", "label that Dirichlet skews over", choices=("group", "next_char"))
+    min_lines: int = option(
+        64, "Shakespeare: a role needs at least this many lines to be a site", at_least(1), ">= 1"
+    )
+    max_sites: int = option(
+        0, "keep only this many sites (a seeded sample); 0 keeps all", at_least(0), ">= 0"
+    )
+    cache_dir: str = option("", "where processed data is cached; empty: $CONFIDE_CACHE or ~/.cache/confide")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    epochs: int = option(1, "local epochs over the site's training windows per round", at_least(1), ">= 1")
+    max_steps: int = option(0, "stop local training after this many steps; 0: no limit", at_least(0), ">= 0")
+    batch_size: int = option(10, "windows per local step", at_least(1), ">= 1")
+    learning_rate: float = option(0.5, "the sites' learning rate", positive, "> 0")
+    optimizer: str = option(
+        "sgd", "the sites' optimizer (its state starts fresh each round)", choices=("sgd", "adam")
+    )
+    momentum: float = option(0.0, "momentum of the sites' SGD", lambda x: 0 <= x < 1, "in [0, 1)")
+    weight_decay: float = option(0.0, "weight decay at the sites", at_least(0), ">= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    sites_per_round: float = option(
+        10,
+        "sites per round: a count (>= 1) or a fraction of all sites (< 1)",
+        positive,
+        "a count >= 1 or a fraction in (0, 1)",
+    )
+    optimizer: str = option(
+        "sgd",
+        "server optimizer on the averaged delta (Reddi et al. 2021); sgd with learning_rate 1 is FedAvg",
+        choices=("sgd", "momentum", "adam", "yogi", "adagrad"),
+    )
+    learning_rate: float = option(1.0, "server learning rate", positive, "> 0")
+    beta1: float = option(0.9, "momentum / first-moment decay", lambda x: 0 <= x < 1, "in [0, 1)")
+    beta2: float = option(0.99, "second-moment decay (adam, yogi)", lambda x: 0 <= x < 1, "in [0, 1)")
+    tau: float = option(1e-3, "adaptivity constant of adam, yogi and adagrad", positive, "> 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = option(1, "evaluate every this many rounds (and after the last)", at_least(1), ">= 1")
+    sites: int = option(
+        0, "evaluate on a seeded sample of this many sites; 0: all sites", at_least(0), ">= 0"
+    )
+    batch_size: int = option(256, "windows per evaluation batch", at_least(1), ">= 1")
+    samples: int = option(2, "generated passages kept in the report", at_least(0), ">= 0")
+    sample_length: int = option(300, "characters per generated passage", at_least(1), ">= 1")
+    prompt: str = option("ROMEO.\n", "prompt of the generated passages")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    kind: str = option(
+        "local", "who carries messages: 'local' runs every site in this process", choices=("local",)
+    )
+    threads: int = option(0, "torch threads; 0: torch's default", at_least(0), ">= 0")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "data": DataConfig,
+    "client": ClientConfig,
+    "server": ServerConfig,
+    "eval": EvalConfig,
+    "backend": BackendConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: dict[str, Any] = field(default_factory=lambda: {"kind": "gpt"})
+    """Model kind and options, checked by :func:`confide.models.build_model`, which knows each model."""
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(asdict(self))
+
+
+def load(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override (``section.key=value``) and validate a TOML config."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"the config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"the config file {path} cannot be read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    config = from_dict(raw)
+    if not config.run.name:
+        import time
+
+        config = replace(
+            config, run=replace(config.run, name=f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
+    return config
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(
+            f"--set takes section.key=value, e.g. --set client.learning_rate=0.1 (got {item!r})"
+        )
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word: take it as a string
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{parts[0]}] must be a table in the config")
+    section[parts[1]] = value
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    sections = {*SECTIONS, "model"}
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(_unknown(f"[{name}] is not a section of the config", name, sorted(sections)))
+    built: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table of options, got {table!r}")
+        built[name] = _build(cls, name, table)
+    model = dict(raw.get("model", {}))
+    if not isinstance(model.get("kind", "gpt"), str):
+        raise ConfigError(f"model.kind must be a string (got {model['kind']!r})")
+    model.setdefault("kind", "gpt")
+    config = Config(model=model, **built)
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    """Checks that involve more than one option."""
+    if config.data.dataset == "text" and not config.data.path:
+        raise ConfigError("data.path must name a folder or .jsonl file when data.dataset = 'text'")
+    # The model's own options are checked by building it once (cheap for our models).
+    from confide.models import build_model
+
+    options = {k: v for k, v in config.model.items() if k != "kind"}
+    build_model(config.model["kind"], vocab_size=97, **options)
+
+
+def _build(cls: type, section: str, table: Mapping[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(
+                _unknown(f"{section}.{key} is not an option of [{section}]", key, sorted(known))
+            )
+        f = known[key]
+        where = f"{section}.{key}"
+        value = _coerce(where, hints[key], value)
+        meta = f.metadata
+        if meta["choices"] and value not in meta["choices"]:
+            accepted = ", ".join(repr(c) for c in meta["choices"])
+            raise ConfigError(f"{where} must be one of {accepted} (got {value!r})")
+        if meta["check"] is not None and not meta["check"](value):
+            raise ConfigError(f"{where} must be {meta['accepts']} (got {value!r})")
+        values[key] = value
+    return cls(**values)
+
+
+def _coerce(where: str, kind: Any, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false (got {value!r})")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer (got {value!r})")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number (got {value!r})")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string (got {value!r})")
+    raise AssertionError(f"unsupported option type {kind} for {where}")
+
+
+def _unknown(message: str, key: str, accepted: list[str]) -> str:
+    close = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{message}{hint} (accepted: {', '.join(accepted)})"
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """Every option with its default and help text, for the docs and `confide config --help`."""
+    rows = []
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            rows.append((f"{name}.{f.name}", f.default, f.metadata["help"]))
+    return rows

@@ -1,0 +1,171 @@
+"""The core types every part of confide speaks: flat vectors and their Layout, Update, Plan, and Layer.
+
+The unit of exchange between server and sites is one flat ``float32`` numpy vector holding the trainable
+parameters, in the order a :class:`Layout` gives. Aggregation, privacy and compression all work on these
+vectors, so they are the same code for every model. Moving weights in and out of a model goes through the
+Layout with whole-tensor copies; no module is rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from confide.errors import UpdateError
+
+Vector = np.ndarray
+"""A flat float32 numpy vector of model parameters (or of an update to them)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where one named tensor lives inside a flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and offsets of the tensors packed into a flat vector.
+
+    Two parties agree on a Layout once (it is part of the model, not of each message); after that only the
+    flat vectors travel.
+    """
+
+    entries: tuple[Entry, ...]
+
+    @classmethod
+    def of(cls, named: Iterable[tuple[str, torch.Tensor]]) -> Layout:
+        entries = []
+        offset = 0
+        for name, tensor in named:
+            shape = tuple(tensor.shape)
+            entries.append(Entry(name, shape, offset))
+            offset += math.prod(shape)
+        return cls(tuple(entries))
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> Layout:
+        """The layout of a module's trainable parameters, in registration order."""
+        return cls.of((n, p) for n, p in module.named_parameters() if p.requires_grad)
+
+    @property
+    def size(self) -> int:
+        if not self.entries:
+            return 0
+        last = self.entries[-1]
+        return last.offset + last.size
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(e.name for e in self.entries)
+
+    def zeros(self) -> Vector:
+        return np.zeros(self.size, dtype=np.float32)
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor], out: Vector | None = None) -> Vector:
+        """Pack named tensors into one float32 vector (into ``out`` when given, without allocating)."""
+        vector = self.zeros() if out is None else out
+        view = torch.from_numpy(vector)
+        for e in self.entries:
+            view[e.offset : e.offset + e.size].copy_(tensors[e.name].detach().reshape(-1))
+        return vector
+
+    def unflatten(self, vector: Vector) -> dict[str, torch.Tensor]:
+        """Views of ``vector`` as named tensors (no copy: writes to them write to the vector)."""
+        self.check(vector)
+        flat = torch.from_numpy(vector)
+        return {e.name: flat[e.offset : e.offset + e.size].view(e.shape) for e in self.entries}
+
+    def read(self, module: torch.nn.Module, out: Vector | None = None) -> Vector:
+        """The module's trainable parameters as a flat vector."""
+        params = dict(module.named_parameters())
+        return self.flatten(params, out)
+
+    def write(self, module: torch.nn.Module, vector: Vector) -> None:
+        """Copy a flat vector into the module's parameters, in place."""
+        self.check(vector)
+        flat = torch.from_numpy(vector)
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for e in self.entries:
+                params[e.name].copy_(flat[e.offset : e.offset + e.size].view(e.shape))
+
+    def check(self, vector: Any, what: str = "vector") -> None:
+        """Raise UpdateError unless ``vector`` is a 1-D float32 array of this layout's size."""
+        if not isinstance(vector, np.ndarray):
+            raise UpdateError(f"the {what} must be a numpy array, got {type(vector).__name__}")
+        if vector.dtype != np.float32 or vector.ndim != 1 or vector.size != self.size:
+            raise UpdateError(
+                f"the {what} must be a flat float32 array of {self.size} values for this model, "
+                f"got dtype {vector.dtype} and shape {vector.shape}"
+            )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the server asks of a site for one round of local training."""
+
+    round: int
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 10
+    learning_rate: float = 0.1
+    seed: int = 0
+    """Seed for this site in this round: shuffling and dropout are drawn from it, so a rerun is identical."""
+
+
+@dataclass
+class Update:
+    """What a site sends back: its delta (local − global weights) or a protected form of it.
+
+    ``vector`` is None once a layer has replaced it by a protected ``payload`` that only the matching server
+    layer can read.
+    """
+
+    site: str
+    round: int
+    num_examples: int
+    vector: Vector | None
+    model_version: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this update occupies on the wire: its arrays plus a small fixed header."""
+        total = 64 + 16 * len(self.metrics)
+        if self.vector is not None:
+            total += self.vector.nbytes
+        for value in self.payload.values():
+            total += value.nbytes if isinstance(value, np.ndarray) else len(repr(value))
+        return total
+
+
+@runtime_checkable
+class Layer(Protocol):
+    """One transform of an update: ``encode`` runs on the site, ``decode`` on the server.
+
+    Site layers run in stack order (clip, noise, compress, protect) and server layers in the reverse order.
+    ``reveals_individual_updates`` tells the federation whether the server can still see each site's vector
+    after ``decode``; secure aggregation and encryption set it to False, which is what forbids robust
+    aggregation after them.
+    """
+
+    name: str
+    reveals_individual_updates: bool
+
+    def encode(self, update: Update, rng: np.random.Generator) -> Update: ...
+
+    def decode(self, update: Update) -> Update: ...

@@ -1,0 +1,156 @@
+"""A user's own text as a federated data set, one site per file, folder or ``site`` value.
+
+Accepted layouts:
+
+* a folder of ``.txt`` files: one site per file, named by the file stem;
+* a folder of folders: one site per subfolder, named by the subfolder, its ``.txt`` files concatenated in
+  sorted order (both kinds may be mixed in one folder);
+* a ``.jsonl`` file whose lines are objects with ``site`` and ``text`` fields: a site's records joined in file
+  order with newlines.
+
+Names starting with "." are ignored. A site whose text is too short to leave a full window in its test part is
+SKIPPED with a logged warning rather than failing the whole load, the same way the Shakespeare loader drops
+small roles; only when no site is left does loading fail. Files must be UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from confide.data.dataset import WINDOW, FederatedDataset, has_test_window, make_site, split_text
+from confide.data.tokenize import DEFAULT_TOKENIZER, Tokenizer
+from confide.errors import DataError
+
+__all__ = ["MIN_CHARS", "load_text", "read_sites"]
+
+logger = logging.getLogger(__name__)
+
+MIN_CHARS = 5 * (WINDOW + 1)
+"""Default minimum characters per site: the least for which a 20% test part can hold one full window."""
+
+
+def _normalise(text: str) -> str:
+    """One line ending convention and a trailing newline, as the Shakespeare site texts have."""
+    lines = text.splitlines()
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {error.start} cannot be decoded); convert it to UTF-8"
+        ) from error
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+
+
+def _visible(folder: Path) -> list[Path]:
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as error:
+        raise DataError(f"cannot list {folder}: {error.strerror or error}") from error
+
+
+def _read_folder(folder: Path) -> dict[str, str]:
+    sites: dict[str, str] = {}
+    for entry in _visible(folder):
+        if entry.is_dir():
+            name = entry.name
+            parts = [_normalise(_read(p)) for p in _visible(entry) if p.is_file() and p.suffix == ".txt"]
+            text = "".join(parts)
+        elif entry.is_file() and entry.suffix == ".txt":
+            name = entry.stem
+            text = _normalise(_read(entry))
+        else:
+            continue
+        if name in sites:
+            raise DataError(f"{folder} has both a file and a folder for site {name!r}; keep one")
+        sites[name] = text
+    if not sites:
+        raise DataError(
+            f"{folder} holds no site: put one .txt file per site in it, or one folder of .txt files per site"
+        )
+    return sites
+
+
+def _read_jsonl(path: Path) -> dict[str, str]:
+    records: dict[str, list[str]] = {}
+    for number, line in enumerate(_read(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {number} is not valid JSON: {error.msg}") from error
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number} must be a JSON object with 'site' and 'text' fields")
+        for field in ("site", "text"):
+            if field not in record:
+                raise DataError(f"{path} line {number} lacks the {field!r} field")
+            if not isinstance(record[field], str):
+                raise DataError(
+                    f"{path} line {number}: {field!r} must be a string, got {type(record[field]).__name__}"
+                )
+        if not record["site"]:
+            raise DataError(f"{path} line {number}: 'site' is empty")
+        records.setdefault(record["site"], []).append(record["text"])
+    if not records:
+        raise DataError(f"{path} holds no records; each line must be a JSON object with 'site' and 'text'")
+    return {site: _normalise("\n".join(texts)) for site, texts in records.items()}
+
+
+def read_sites(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Each site's text (newline-terminated lines), before any length filtering, in sorted / file order."""
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise DataError(
+            f"{source} does not exist; give a folder of .txt files (or of folders) or a .jsonl file"
+        )
+    if source.is_dir():
+        return _read_folder(source)
+    if source.suffix == ".jsonl":
+        return _read_jsonl(source)
+    raise DataError(f"{source} is neither a folder nor a .jsonl file")
+
+
+def load_text(
+    path: str | os.PathLike[str],
+    min_chars: int = MIN_CHARS,
+    tokenizer: Tokenizer = DEFAULT_TOKENIZER,
+) -> FederatedDataset:
+    """A federated data set from a folder or a .jsonl file; short sites are skipped with a warning.
+
+    A site is kept when it has at least ``min_chars`` characters and its test part (the text after the line
+    boundary nearest 80%) holds a full window of ``WINDOW + 1`` characters.
+    """
+    if min_chars < 0:
+        raise DataError(f"min_chars must not be negative, got {min_chars}")
+    source = Path(path).expanduser()
+    texts = read_sites(source)
+    sites = []
+    skipped: list[str] = []
+    for name, text in texts.items():
+        test_part = split_text(text)[1]
+        if len(text) < min_chars or not has_test_window(test_part):
+            logger.warning(
+                "skipping site %r: it has %d characters and a test part of %d; a site needs at least %d "
+                "characters and a test part of at least %d (the text after the line nearest 80%%)",
+                name, len(text), len(test_part), min_chars, WINDOW + 1,
+            )  # fmt: skip
+            skipped.append(name)
+            continue
+        sites.append(make_site(name, name, text, tokenizer))
+    if not sites:
+        raise DataError(
+            f"no site in {source} is long enough: each needs at least {min_chars} characters and a test part "
+            f"(the last ~20%, split at a line boundary) of at least {WINDOW + 1} characters; "
+            f"too short: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
+        )
+    return FederatedDataset(
+        name=source.stem or str(source), sites=tuple(sites), vocab_size=tokenizer.vocab_size
+    )

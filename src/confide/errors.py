@@ -1,0 +1,28 @@
+"""The exceptions confide raises on purpose.
+
+Every one of them carries a message meant for the person running confide: what is wrong, and what to do about
+it. The command line prints a ``ConfideError`` as one line and exits non-zero; anything else is a bug and
+shows its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ConfideError(Exception):
+    """Base class of every error confide raises for a user to read."""
+
+
+class ConfigError(ConfideError):
+    """A configuration value is missing, of the wrong type, out of range, or impossible with another."""
+
+
+class DataError(ConfideError):
+    """A data set is missing, unreadable, or not in the expected shape."""
+
+
+class UpdateError(ConfideError):
+    """A site's update is malformed: wrong size, wrong type, non-finite values, or from the wrong round."""
+
+
+class StoreError(ConfideError):
+    """A run directory is missing, damaged, or does not belong to the run being resumed."""

@@ -1,0 +1,71 @@
+"""Character-level generative models: a small GPT and the LSTM of the FedAvg paper.
+
+Both read int64 codes of shape (batch, time) over a vocabulary of ``vocab_size`` characters and predict the
+next character at every position. They share the :class:`CharModel` interface, so training, evaluation and
+sampling code never asks which one it holds, and :func:`build_model` makes either from the ``[model]`` table
+of a run's configuration.
+
+Targets may hold :data:`PAD` where a text has ended and there is nothing to predict; the loss leaves those
+positions out. Inputs may hold PAD there too: both models are causal, so whatever stands at such a position
+only shapes predictions whose targets are PAD as well, and the models read it as code 0 instead of failing the
+embedding lookup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from torch import nn
+
+from confide.errors import ConfigError
+from confide.models.common import IGNORE_INDEX, PAD, CharModel, loss_and_correct, masked_cross_entropy
+from confide.models.gpt import GPT, GPTConfig
+from confide.models.lstm import CharLSTM, LSTMConfig
+
+_CONFIGS: dict[str, type[GPTConfig] | type[LSTMConfig]] = {"gpt": GPTConfig, "lstm": LSTMConfig}
+
+
+def model_options(kind: str) -> tuple[str, ...]:
+    """The options ``build_model`` accepts for ``kind``: its config fields other than vocab_size."""
+    return tuple(sorted(f.name for f in fields(_config_class(kind)) if f.name != "vocab_size"))
+
+
+def _config_class(kind: str) -> type[GPTConfig] | type[LSTMConfig]:
+    if kind not in _CONFIGS:
+        accepted = ", ".join(repr(k) for k in _CONFIGS)
+        raise ConfigError(f"model.kind must be one of {accepted} (got {kind!r})")
+    return _CONFIGS[kind]
+
+
+def build_model(kind: str, vocab_size: int, **options: Any) -> nn.Module:
+    """A freshly initialised model of ``kind`` ("gpt" or "lstm") with its config fields set from options.
+
+    Weights come from torch's global RNG, as for any torch module: seed it first for a reproducible start.
+    """
+    config_cls = _config_class(kind)
+    accepted = model_options(kind)
+    for name in sorted(options):
+        if name not in accepted:
+            raise ConfigError(
+                f"model.{name} is not an option of the {kind!r} model; accepted: {', '.join(accepted)}"
+            )
+    config = config_cls(vocab_size=vocab_size, **options)
+    if isinstance(config, GPTConfig):
+        return GPT(config)
+    return CharLSTM(config)
+
+
+__all__ = [
+    "GPT",
+    "IGNORE_INDEX",
+    "PAD",
+    "CharLSTM",
+    "CharModel",
+    "GPTConfig",
+    "LSTMConfig",
+    "build_model",
+    "loss_and_correct",
+    "masked_cross_entropy",
+    "model_options",
+]

@@ -1,0 +1,191 @@
+"""The round as messages: the one federation logic that every backend drives.
+
+The server side of a round is: select sites, send each a :class:`Task` with the global weights, take their
+updates as they arrive, undo the layers (in reverse stack order), fold each into the aggregator, and take
+one server-optimizer step. A backend only carries tasks to sites and updates back; it never decides
+anything, so the local simulation and a real deployment run exactly this code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from confide.core import Layer, Plan, Update, Vector
+from confide.errors import UpdateError
+from confide.server.strategy import Strategy
+
+PLAN_HEADER_BYTES = 64
+"""What a task costs on the wire besides the weights: round, seed, epochs, batch size, learning rate."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the server sends one site for one round."""
+
+    site: str
+    plan: Plan
+    model_version: int
+
+    def nbytes(self, weights: Vector) -> int:
+        return weights.nbytes + PLAN_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """A site's evaluation of a model on its held-out windows, as sums that add up across sites."""
+
+    site: str
+    loss_sum: float
+    correct: int
+    targets: int
+
+    nbytes: int = 48
+
+
+class Backend(Protocol):
+    """Who carries messages between the server and the sites."""
+
+    def sites(self) -> Sequence[str]:
+        """The sites that can take part."""
+        ...
+
+    def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
+        """Send each task with ``weights``; yield each site's (encoded) update as it arrives."""
+        ...
+
+    def evaluate(self, weights: Vector, sites: Sequence[str]) -> Iterator[SiteEvaluation]:
+        """Ask ``sites`` to evaluate ``weights`` on their held-out data."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ServerState:
+    """Everything the server needs to continue: checkpointed after a round, restored on resume."""
+
+    round: int
+    weights: Vector
+    optimizer_state: dict[str, Vector] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    sites: list[str]
+    num_examples: int
+    train_loss: float
+    bytes_sent: int
+    bytes_received: int
+    seconds: float
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    """Sites whose update was refused this round, and why; the round went on without them."""
+
+
+class Observer(Protocol):
+    """Callbacks for progress displays; the federation never prints."""
+
+    def site_done(self, round: int, site: str) -> None: ...
+
+
+class Federation:
+    """Runs rounds of a :class:`Strategy` over any :class:`Backend`, with a stack of layers."""
+
+    def __init__(self, strategy: Strategy, layers: Sequence[Layer] = ()) -> None:
+        self.strategy = strategy
+        self.layers = tuple(layers)
+
+    def round(self, state: ServerState, backend: Backend, observer: Observer | None = None) -> RoundResult:
+        """Run round ``state.round + 1`` and move ``state`` to its result, in place."""
+        started = time.perf_counter()
+        r = state.round + 1
+        sites = self.strategy.select(r, backend.sites())
+        plans = self.strategy.plans(r, sites)
+        tasks = [Task(site, plans[site], model_version=state.round) for site in sites]
+        expected = {t.site for t in tasks}
+
+        aggregator = self.strategy.aggregator
+        aggregate = aggregator.init(state.weights.size)
+        seen: set[str] = set()
+        rejected: list[tuple[str, str]] = []
+        examples, loss_sum, received = 0, 0.0, 0
+        for update in backend.train(state.weights, tasks):
+            received += update.nbytes
+            try:
+                self._check(update, r, expected, seen)
+                for layer in reversed(self.layers):
+                    update = layer.decode(update)
+                if update.vector is not None and not np.isfinite(update.vector).all():
+                    raise UpdateError(f"the update of site {update.site!r} holds NaN or infinite values")
+                aggregator.add(aggregate, update)
+            except UpdateError as e:
+                # A malformed or hostile update costs its site this round, never the run.
+                rejected.append((update.site, str(e)))
+                continue
+            examples += update.num_examples
+            loss_sum += update.metrics.get("train_loss", float("nan")) * update.num_examples
+            if observer is not None:
+                observer.site_done(r, update.site)
+        if examples > 0:
+            delta = aggregator.result(aggregate)
+            self.strategy.optimizer.step(state.weights, delta, state.optimizer_state)
+        state.round = r
+        return RoundResult(
+            round=r,
+            sites=sites,
+            num_examples=examples,
+            train_loss=loss_sum / examples if examples else float("nan"),
+            bytes_sent=sum(t.nbytes(state.weights) for t in tasks),
+            bytes_received=received,
+            seconds=time.perf_counter() - started,
+            rejected=rejected,
+        )
+
+    @staticmethod
+    def _check(update: Update, round: int, expected: set[str], seen: set[str]) -> None:
+        if update.site not in expected:
+            raise UpdateError(
+                f"an update came from site {update.site!r}, which was not asked in round {round}"
+            )
+        if update.site in seen:
+            raise UpdateError(f"site {update.site!r} sent a second update in round {round}")
+        if update.round != round:
+            raise UpdateError(f"site {update.site!r} sent an update for round {update.round}, not {round}")
+        seen.add(update.site)
+
+
+def summarize(
+    evaluations: Sequence[SiteEvaluation],
+) -> tuple[dict[str, float], list[tuple[str, float, float, int]]]:
+    """Pooled and per-site metrics from the sites' sums.
+
+    The pooled numbers weight every predicted character equally; the per-site spread (mean, and the worst
+    decile: 10th percentile of accuracy, 90th of loss and perplexity) shows how the worst-served sites fare.
+    """
+    targets = np.array([e.targets for e in evaluations], dtype=np.float64)
+    losses = np.array([e.loss_sum for e in evaluations]) / np.maximum(targets, 1)
+    accuracies = np.array([e.correct for e in evaluations]) / np.maximum(targets, 1)
+    loss = float(sum(e.loss_sum for e in evaluations) / targets.sum())
+    site_perplexity = np.exp(losses)
+    metrics: Mapping[str, float] = {
+        "loss": loss,
+        "accuracy": float(sum(e.correct for e in evaluations) / targets.sum()),
+        "perplexity": float(np.exp(loss)),
+        "site_accuracy_mean": float(accuracies.mean()),
+        "site_accuracy_p10": float(np.percentile(accuracies, 10)),
+        "site_loss_mean": float(losses.mean()),
+        "site_loss_p90": float(np.percentile(losses, 90)),
+        "site_perplexity_mean": float(site_perplexity.mean()),
+        "site_perplexity_p90": float(np.percentile(site_perplexity, 90)),
+        "eval_sites": float(len(evaluations)),
+    }
+    per_site = [
+        (e.site, float(lo), float(a), int(n))
+        for e, lo, a, n in zip(evaluations, losses, accuracies, targets, strict=True)
+    ]
+    return dict(metrics), per_site

@@ -1,0 +1,302 @@
+"""A run from a config to a finished run directory: data, model, backend, federation, store.
+
+The runner owns the loop over rounds: a round, then (every ``eval.every`` rounds) an evaluation, then (every
+``run.checkpoint_every`` rounds) a checkpoint. Everything random is derived from ``(run.seed, round)``, never
+from a stream that runs across rounds, so resuming from the checkpoint of round r recomputes rounds r+1, ...
+exactly as an uninterrupted run computes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from confide.client.trainer import ClientOptimizer, Trainer
+from confide.config import Config
+from confide.core import Layout
+from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
+from confide.data.text import load_text
+from confide.errors import StoreError
+from confide.models import CharModel, build_model
+from confide.runtime.federation import Federation, RoundResult, ServerState, summarize
+from confide.runtime.local import LocalBackend
+from confide.runtime.store import Store
+from confide.server.optim import ServerOptimizer
+from confide.server.strategy import EVAL_STREAM, Strategy, rng_for
+
+log = logging.getLogger(__name__)
+
+MODEL_INIT_STREAM = 0
+DATA_STREAM = 4
+
+
+class Observer(Protocol):
+    """Progress callbacks: the command line draws its display from these; the library never prints."""
+
+    def run_started(self, runner: Runner, first_round: int) -> None: ...
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None: ...
+
+    def site_done(self, round: int, site: str) -> None: ...
+
+    def round_finished(self, result: RoundResult) -> None: ...
+
+    def evaluated(self, round: int, metrics: dict[str, Any]) -> None: ...
+
+    def run_finished(self, runner: Runner) -> None: ...
+
+
+class NullObserver:
+    """An observer that ignores everything (for library use and tests)."""
+
+    def run_started(self, runner: Runner, first_round: int) -> None:
+        pass
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None:
+        pass
+
+    def site_done(self, round: int, site: str) -> None:
+        pass
+
+    def round_finished(self, result: RoundResult) -> None:
+        pass
+
+    def evaluated(self, round: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def run_finished(self, runner: Runner) -> None:
+        pass
+
+
+def build_model_for(config: Config, vocab_size: int) -> nn.Module:
+    """The config's model with the run's seeded initial weights (the same in every process)."""
+    options = {k: v for k, v in config.model.items() if k != "kind"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng_for(config.run.seed, 0, MODEL_INIT_STREAM).integers(2**31 - 1)))
+        return build_model(config.model["kind"], vocab_size=vocab_size, **options)
+
+
+def build_strategy(config: Config) -> Strategy:
+    c, s = config.client, config.server
+    return Strategy(
+        sites_per_round=s.sites_per_round,
+        epochs=c.epochs,
+        max_steps=c.max_steps or None,
+        batch_size=c.batch_size,
+        learning_rate=c.learning_rate,
+        optimizer=ServerOptimizer(s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau),
+        seed=config.run.seed,
+    )
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The unigram baseline: always predict the most frequent character of the training text."""
+
+    character: str
+    accuracy: float
+
+
+def unigram_baseline(dataset: FederatedDataset, eval_sites: Sequence[str]) -> Baseline:
+    counts = np.zeros(256, dtype=np.int64)
+    for site in dataset.sites:
+        counts += np.bincount(site.train[:, 1:].ravel(), minlength=256)
+    counts[255] = 0  # PAD is no character
+    best = int(counts.argmax())
+    hits = total = 0
+    for name in eval_sites:
+        targets = dataset.by_name(name).test[:, 1:]
+        hits += int((targets == best).sum())
+        total += int((targets != 255).sum())
+    return Baseline(DEFAULT_TOKENIZER.decode(np.array([best], dtype=np.uint8)), hits / max(total, 1))
+
+
+def load_dataset(config: Config) -> FederatedDataset:
+    """The config's data set, partitioned and (with data.max_sites) sampled, the same way every time."""
+    d = config.data
+    cache = Path(d.cache_dir) if d.cache_dir else None
+    if d.dataset == "shakespeare":
+        dataset = shakespeare.load(cache_dir=cache, min_lines=d.min_lines)
+    else:
+        dataset = load_text(Path(d.path))
+    if d.max_sites and d.max_sites < len(dataset.sites):
+        keep = np.sort(
+            rng_for(config.run.seed, 0, DATA_STREAM).choice(len(dataset.sites), d.max_sites, replace=False)
+        )
+        dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
+    options: dict[str, Any] = {}
+    if d.partition == "dirichlet":
+        options = {"num_sites": d.num_sites, "alpha": d.alpha, "label": d.label}
+    return partition(dataset, d.partition, seed=config.run.seed, **options)
+
+
+class Runner:
+    """Runs (or resumes) one federated training run into its run directory."""
+
+    def __init__(self, config: Config, store: Store, dataset: FederatedDataset) -> None:
+        self.config = config
+        self.store = store
+        self.dataset = dataset
+        if config.backend.threads:
+            torch.set_num_threads(config.backend.threads)
+        self.model = build_model_for(config, dataset.vocab_size)
+        self.layout = Layout.of_module(self.model)
+        c = config.client
+        trainer = Trainer(self.model, ClientOptimizer(c.optimizer, c.momentum, c.weight_decay))
+        self.backend = LocalBackend(dataset, trainer, eval_batch_size=config.eval.batch_size)
+        self.strategy = build_strategy(config)
+        self.federation = Federation(self.strategy)
+        self.eval_sites = self._eval_sites()
+        self.baseline = unigram_baseline(dataset, self.eval_sites)
+        self.state = ServerState(
+            round=0,
+            weights=self.layout.read(self.model),
+            optimizer_state=self.strategy.optimizer.init(self.layout.size),
+        )
+
+    @classmethod
+    def start(cls, config: Config) -> Runner:
+        dataset = load_dataset(config)
+        run_dir = Path(config.run.output) / config.run.name
+        store = Store.create(run_dir, config.to_toml())
+        store.add_sites([(s.name, s.group, s.num_train, s.num_test) for s in dataset.sites])
+        store.set_meta("status", "running")
+        store.event("start", f"run {config.run.name} started with {len(dataset.sites)} sites")
+        return cls(config, store, dataset)
+
+    @classmethod
+    def resume(cls, run_dir: Path) -> Runner:
+        from confide.config import load
+
+        store = Store.open(run_dir)
+        config = load(run_dir / "config.toml")
+        dataset = load_dataset(config)
+        known = {row[0] for row in store.db.execute("SELECT name FROM sites")}
+        if known != set(dataset.site_names):
+            raise StoreError(
+                f"the data set no longer has the sites this run was started with ({len(known)} then, "
+                f"{len(dataset.site_names)} now); a run resumes only on the same data"
+            )
+        runner = cls(config, store, dataset)
+        checkpoint = store.latest_checkpoint()
+        if checkpoint is not None:
+            runner.layout.check(checkpoint.weights, "checkpoint's weights")
+            runner.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
+        store.rewind(runner.state.round)
+        store.event("resume", f"resumed after round {runner.state.round}", runner.state.round)
+        return runner
+
+    def _eval_sites(self) -> list[str]:
+        # A site with no held-out window (possible after a skewed re-partition) has nothing to evaluate on.
+        names = [s.name for s in self.dataset.sites if s.num_test > 0]
+        k = self.config.eval.sites
+        if k == 0 or k >= len(names):
+            return names
+        chosen = rng_for(self.config.run.seed, 0, EVAL_STREAM).choice(len(names), k, replace=False)
+        return [names[i] for i in np.sort(chosen)]
+
+    def run(self, observer: Observer | None = None) -> ServerState:
+        observer = observer or NullObserver()
+        config = self.config
+        observer.run_started(self, self.state.round + 1)
+        totals = self._totals()
+        while self.state.round < config.run.rounds:
+            r = self.state.round + 1
+            observer.round_started(r, self.strategy.select(r, self.backend.sites()))
+            result = self.federation.round(self.state, self.backend, observer)
+            for site, reason in result.rejected:
+                self.store.event("rejected", f"update of site {site} refused: {reason}", r)
+            self.store.record_round(
+                r,
+                result.sites,
+                result.num_examples,
+                result.train_loss,
+                result.bytes_sent,
+                result.bytes_received,
+                result.seconds,
+            )
+            totals["seconds"] += result.seconds
+            totals["bytes_sent"] += result.bytes_sent
+            totals["bytes_received"] += result.bytes_received
+            observer.round_finished(result)
+            last = r == config.run.rounds
+            if r % config.eval.every == 0 or last:
+                metrics = self.evaluate(result, totals)
+                observer.evaluated(r, metrics)
+            if r % config.run.checkpoint_every == 0 or last:
+                self.store.save_checkpoint(r, self.state.weights, self.state.optimizer_state)
+        self.store.set_meta("status", "finished")
+        observer.run_finished(self)
+        return self.state
+
+    def evaluate(self, result: RoundResult, totals: dict[str, float]) -> dict[str, Any]:
+        started = time.perf_counter()
+        evaluations = list(self.backend.evaluate(self.state.weights, self.eval_sites))
+        metrics, per_site = summarize(evaluations)
+        eval_bytes = len(evaluations) * self.state.weights.nbytes
+        totals["bytes_sent"] += eval_bytes
+        totals["bytes_received"] += sum(e.nbytes for e in evaluations)
+        record: dict[str, Any] = {
+            "round": result.round,
+            **metrics,
+            "train_loss": result.train_loss,
+            "unigram_accuracy": self.baseline.accuracy,
+            "seconds": result.seconds,
+            "eval_seconds": time.perf_counter() - started,
+            "bytes_sent": result.bytes_sent + eval_bytes,
+            "bytes_received": result.bytes_received + sum(e.nbytes for e in evaluations),
+            "total_seconds": totals["seconds"],
+            "total_bytes_sent": totals["bytes_sent"],
+            "total_bytes_received": totals["bytes_received"],
+            "eval_bytes_sent": eval_bytes,
+            "eval_bytes_received": sum(e.nbytes for e in evaluations),
+            "rejected_updates": len(result.rejected),
+        }
+        self.store.record_evaluation(result.round, record, per_site)
+        return record
+
+    def _totals(self) -> dict[str, float]:
+        rounds = self.store.rounds()
+        evaluations = [m for _, m in self.store.evaluations()]
+        return {
+            "seconds": sum(r["seconds"] for r in rounds),
+            "bytes_sent": sum(r["bytes_sent"] for r in rounds)
+            + sum(m["eval_bytes_sent"] for m in evaluations),
+            "bytes_received": sum(r["bytes_received"] for r in rounds)
+            + sum(m["eval_bytes_received"] for m in evaluations),
+        }
+
+    def generate(
+        self, prompt: str, length: int, temperature: float = 0.8, top_k: int | None = 20, seed: int = 0
+    ) -> str:
+        return generate_text(
+            self.model, self.layout, self.state.weights, prompt, length, temperature, top_k, seed
+        )
+
+
+def generate_text(
+    model: nn.Module,
+    layout: Layout,
+    weights: np.ndarray,
+    prompt: str,
+    length: int,
+    temperature: float = 0.8,
+    top_k: int | None = 20,
+    seed: int = 0,
+) -> str:
+    """``prompt`` continued by ``length`` sampled characters from the model with ``weights``."""
+    layout.write(model, weights)
+    codes = DEFAULT_TOKENIZER.encode(prompt or "\n")
+    idx = torch.from_numpy(codes.astype(np.int64))[None, :]
+    out = cast(CharModel, model).generate(
+        idx, length, temperature=temperature, top_k=top_k, generator=torch.Generator().manual_seed(seed)
+    )
+    return DEFAULT_TOKENIZER.decode(out[0].numpy().astype(np.uint8))

@@ -1,0 +1,252 @@
+"""The run store: one directory per run, with the state needed to report on it and to resume it.
+
+```
+RUN_DIR/
+  config.toml        the resolved configuration (every default filled in)
+  run.sqlite         rounds, evaluation metrics, per-site metrics, sites, events, checkpoint references
+  metrics.jsonl      one JSON object per evaluated round (rewritten from run.sqlite on resume)
+  checkpoints/       round-NNNNNN.safetensors: global weights + server optimizer state
+```
+
+SQLite is the source of truth. Every write is one transaction, and a checkpoint file is written under a
+temporary name and renamed before the database refers to it, so a run killed at any instant leaves a store
+that resumes from its last complete checkpoint with nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from confide.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sites (
+  name TEXT PRIMARY KEY, grp TEXT NOT NULL, num_train INTEGER NOT NULL, num_test INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+  round INTEGER PRIMARY KEY, sites TEXT NOT NULL, num_examples INTEGER NOT NULL, train_loss REAL,
+  bytes_sent INTEGER NOT NULL, bytes_received INTEGER NOT NULL, seconds REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS metrics (round INTEGER PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS site_metrics (
+  round INTEGER NOT NULL, site TEXT NOT NULL, loss REAL NOT NULL, accuracy REAL NOT NULL,
+  targets INTEGER NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
+  message TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    weights: np.ndarray
+    optimizer_state: dict[str, np.ndarray]
+    extra: dict[str, np.ndarray]
+
+
+class Store:
+    """A run directory and its SQLite database."""
+
+    def __init__(self, run_dir: Path, connection: sqlite3.Connection) -> None:
+        self.run_dir = run_dir
+        self.db = connection
+
+    # -- opening -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, run_dir: Path, config_toml: str) -> Store:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise StoreError(
+                f"the run directory {run_dir} already exists and is not empty; continue it with "
+                f"`confide run --resume {run_dir}` or choose another run.name"
+            )
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        _atomic_write(run_dir / "config.toml", config_toml.encode())
+        store = cls(run_dir, _connect(run_dir / "run.sqlite"))
+        with store._tx() as db:
+            db.executescript(_SCHEMA)
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT INTO meta VALUES ('created', ?)", (str(time.time()),))
+        return store
+
+    @classmethod
+    def open(cls, run_dir: Path) -> Store:
+        path = run_dir / "run.sqlite"
+        if not path.is_file() or not (run_dir / "config.toml").is_file():
+            raise StoreError(
+                f"{run_dir} is not a confide run directory (it needs config.toml and run.sqlite, "
+                "as `confide run` writes them)"
+            )
+        store = cls(run_dir, _connect(path))
+        version = store.meta("schema_version")
+        if version != str(SCHEMA_VERSION):
+            raise StoreError(f"{path} has store schema {version}; this confide reads schema {SCHEMA_VERSION}")
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self.db:  # commits on success, rolls back on an exception
+            yield self.db
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def add_sites(self, rows: Sequence[tuple[str, str, int, int]]) -> None:
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?)", rows)
+
+    def record_round(
+        self,
+        round: int,
+        sites: Sequence[str],
+        num_examples: int,
+        train_loss: float,
+        bytes_sent: int,
+        bytes_received: int,
+        seconds: float,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    round,
+                    json.dumps(list(sites)),
+                    num_examples,
+                    train_loss,
+                    bytes_sent,
+                    bytes_received,
+                    seconds,
+                ),
+            )
+
+    def record_evaluation(
+        self, round: int, metrics: Mapping[str, Any], per_site: Sequence[tuple[str, float, float, int]]
+    ) -> None:
+        """Store one evaluated round and append it to metrics.jsonl."""
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (round, json.dumps(dict(metrics))))
+            db.executemany(
+                "INSERT OR REPLACE INTO site_metrics VALUES (?, ?, ?, ?, ?)",
+                [(round, site, loss, acc, n) for site, loss, acc, n in per_site],
+            )
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(metrics)) + "\n")
+
+    def event(self, kind: str, message: str, round: int | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO events (time, round, kind, message) VALUES (?, ?, ?, ?)",
+                (time.time(), round, kind, message),
+            )
+
+    def save_checkpoint(
+        self,
+        round: int,
+        weights: np.ndarray,
+        optimizer_state: Mapping[str, np.ndarray],
+        extra: Mapping[str, np.ndarray] | None = None,
+    ) -> Path:
+        tensors = {"weights": weights}
+        tensors.update({f"optimizer.{k}": v for k, v in optimizer_state.items()})
+        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
+        path = self.run_dir / "checkpoints" / f"round-{round:06d}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"round": str(round)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
+                (round, str(path.relative_to(self.run_dir)), time.time()),
+            )
+        return path
+
+    def rewind(self, round: int) -> None:
+        """Forget everything after ``round`` (the last checkpoint) before a resumed run redoes it."""
+        with self._tx() as db:
+            for table in ("rounds", "metrics", "site_metrics", "checkpoints"):
+                db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
+        lines = [json.dumps(m) for _, m in self.evaluations()]
+        _atomic_write(self.run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines).encode())
+
+    # -- reading -------------------------------------------------------------------------------------------
+
+    def latest_checkpoint(self) -> Checkpoint | None:
+        row = self.db.execute("SELECT round, path FROM checkpoints ORDER BY round DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        path = self.run_dir / row[1]
+        try:
+            tensors = load_file(str(path))
+        except (OSError, ValueError) as e:
+            raise StoreError(
+                f"the checkpoint {path} cannot be read ({e}); the run cannot resume from it"
+            ) from e
+        return Checkpoint(
+            round=int(row[0]),
+            weights=tensors["weights"],
+            optimizer_state={k[10:]: v for k, v in tensors.items() if k.startswith("optimizer.")},
+            extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
+        )
+
+    def evaluations(self) -> list[tuple[int, dict[str, Any]]]:
+        rows = self.db.execute("SELECT round, value FROM metrics ORDER BY round").fetchall()
+        return [(int(r), json.loads(v)) for r, v in rows]
+
+    def rounds(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
+        names = ("round", "sites", "num_examples", "train_loss", "bytes_sent", "bytes_received", "seconds")
+        out = [dict(zip(names, row, strict=True)) for row in rows]
+        for r in out:
+            r["sites"] = json.loads(r["sites"])
+        return out
+
+    def site_metrics(self, round: int) -> list[tuple[str, float, float, int]]:
+        rows = self.db.execute(
+            "SELECT site, loss, accuracy, targets FROM site_metrics WHERE round = ? ORDER BY site", (round,)
+        ).fetchall()
+        return [(str(s), float(loss), float(acc), int(n)) for s, loss, acc, n in rows]
+
+    def events(self) -> list[tuple[float, int | None, str, str]]:
+        return list(self.db.execute("SELECT time, round, kind, message FROM events ORDER BY id"))
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level="DEFERRED")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

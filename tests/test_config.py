@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from confide import config
+from confide.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_fill_everything_and_round_trip(tmp_path: Path) -> None:
+    c = config.load(write(tmp_path, "[run]\nname = 'x'\nrounds = 3\n"))
+    assert c.run.rounds == 3 and c.client.batch_size == 10 and c.model == {"kind": "gpt"}
+    again = config.load(write(tmp_path, c.to_toml()))
+    assert again == c
+
+
+def test_overrides_are_typed(tmp_path: Path) -> None:
+    c = config.load(
+        write(tmp_path, "[run]\nname='x'\n"),
+        [
+            "client.learning_rate=0.25",
+            "server.optimizer=adam",
+            "model.width=64",
+            "server.sites_per_round=0.5",
+        ],
+    )
+    assert c.client.learning_rate == 0.25 and c.server.optimizer == "adam"
+    assert c.model["width"] == 64 and c.server.sites_per_round == 0.5
+
+
+def test_integer_accepted_where_a_number_is_expected(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "[client]\nlearning_rate = 1\n")).client.learning_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[client]\nbatch_size = -3\n", "client.batch_size must be >= 1 (got -3)"),
+        ("[client]\nbatch_size = 'ten'\n", "client.batch_size must be an integer (got 'ten')"),
+        ("[client]\nlearning_rate = 0\n", "client.learning_rate must be > 0 (got 0.0)"),
+        (
+            "[server]\noptimizr = 'adam'\n",
+            "server.optimizr is not an option of [server]; did you mean 'optimizer'?",
+        ),
+        (
+            "[server]\noptimizer = 'lamb'\n",
+            "server.optimizer must be one of 'sgd', 'momentum', 'adam', 'yogi', 'adagrad' (got 'lamb')",
+        ),
+        ("[serverr]\n", "[serverr] is not a section of the config; did you mean 'server'?"),
+        (
+            "[data]\npartition = 'random'\n",
+            "data.partition must be one of 'natural', 'iid', 'dirichlet' (got 'random')",
+        ),
+        ("[data]\ndataset = 'text'\n", "data.path must name a folder"),
+        ("[model]\nkind = 'rnn'\n", "model.kind must be one of 'gpt', 'lstm' (got 'rnn')"),
+        ("[model]\nwidth = 130\nheads = 4\n", "model.width (130) must be divisible by model.heads (4)"),
+        ("[model]\nkind = 'lstm'\nwidth = 3\n", "model.width is not an option of the 'lstm' model"),
+        ("[eval]\nevery = true\n", "eval.every must be an integer (got True)"),
+        ("[run\n", "is not valid TOML"),
+    ],
+)
+def test_errors_name_the_key_the_value_and_what_is_accepted(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_missing_file_and_bad_override(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"--set takes section\.key=value"):
+        config.load(write(tmp_path, ""), ["learning_rate=3"])
+
+
+def test_every_option_is_described() -> None:
+    rows = config.describe()
+    assert len(rows) > 30 and all(help for _, _, help in rows)
