@@ -29,7 +29,7 @@ def run_task(
         num_examples=result.num_examples,
         vector=result.delta,
         model_version=model_version,
-        metrics={"train_loss": result.loss, "steps": float(result.steps)},
+        metrics={"train_loss": result.loss, "steps": float(result.steps), "compute_seconds": result.seconds},
     )
     rng = np.random.default_rng([plan.seed, LAYER_STREAM])
     for layer in layers:

@@ -8,6 +8,7 @@ bit: this is what makes a resumed run identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,8 @@ class FitResult:
     num_examples: int
     steps: int
     loss: float
+    seconds: float
+    """Time spent in forward, backward and optimizer steps: the work any framework must do."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Trainer:
         n = len(windows)
         generator = torch.Generator().manual_seed(plan.seed)
         steps, loss_total = 0, 0.0
+        started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)  # dropout draws from the global generator: scope it to this fit
             for _ in range(plan.epochs):
@@ -106,8 +110,11 @@ class Trainer:
                     self.optimizer.step()
                     loss_total += loss.item()
                     steps += 1
+        seconds = time.perf_counter() - started
         delta = self.layout.read(self.model, self._local) - weights
-        return FitResult(delta=delta, num_examples=n, steps=steps, loss=loss_total / max(steps, 1))
+        return FitResult(
+            delta=delta, num_examples=n, steps=steps, loss=loss_total / max(steps, 1), seconds=seconds
+        )
 
     @torch.no_grad()
     def evaluate(self, weights: Vector, windows: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -83,6 +83,8 @@ class RoundResult:
     bytes_sent: int
     bytes_received: int
     seconds: float
+    compute_seconds: float = 0.0
+    """Time the sites spent in forward, backward and optimizer steps (their own report)."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """Sites whose update was refused this round, and why; the round went on without them."""
 
@@ -113,7 +115,7 @@ class Federation:
         aggregate = aggregator.init(state.weights.size)
         seen: set[str] = set()
         rejected: list[tuple[str, str]] = []
-        examples, loss_sum, received = 0, 0.0, 0
+        examples, loss_sum, received, compute = 0, 0.0, 0, 0.0
         for update in backend.train(state.weights, tasks):
             received += update.nbytes
             try:
@@ -129,6 +131,7 @@ class Federation:
                 continue
             examples += update.num_examples
             loss_sum += update.metrics.get("train_loss", float("nan")) * update.num_examples
+            compute += update.metrics.get("compute_seconds", 0.0)
             if observer is not None:
                 observer.site_done(r, update.site)
         if examples > 0:
@@ -143,6 +146,7 @@ class Federation:
             bytes_sent=sum(t.nbytes(state.weights) for t in tasks),
             bytes_received=received,
             seconds=time.perf_counter() - started,
+            compute_seconds=compute,
             rejected=rejected,
         )
 

@@ -250,6 +250,7 @@ class Runner:
             "train_loss": result.train_loss,
             "unigram_accuracy": self.baseline.accuracy,
             "seconds": result.seconds,
+            "compute_seconds": result.compute_seconds,
             "eval_seconds": time.perf_counter() - started,
             "bytes_sent": result.bytes_sent + eval_bytes,
             "bytes_received": result.bytes_received + sum(e.nbytes for e in evaluations),
