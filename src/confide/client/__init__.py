@@ -1,0 +1,1 @@
+"""The site side: local training (Trainer) and what a site does with a task."""

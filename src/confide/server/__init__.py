@@ -1,0 +1,1 @@
+"""The server side: site selection and plans (Strategy), aggregation, server optimizers."""
