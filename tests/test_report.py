@@ -1,0 +1,133 @@
+"""The HTML report: built from a real run store, self-contained, and safe against what the store holds."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from confide.report import write_report
+from confide.runtime.store import Store
+
+SITES = [f"site{i}" for i in range(12)]
+MODEL_BYTES = 40_000
+
+
+def _metrics(
+    round: int, per_site: list[tuple[str, float, float, int]], totals: dict[str, float]
+) -> dict[str, Any]:
+    """A metrics record shaped like the one Runner.evaluate stores."""
+    targets = np.array([n for *_, n in per_site], dtype=np.float64)
+    losses = np.array([lo for _, lo, _, _ in per_site])
+    accuracies = np.array([a for _, _, a, _ in per_site])
+    loss = float((losses * targets).sum() / targets.sum())
+    return {
+        "round": round,
+        "loss": loss,
+        "accuracy": float((accuracies * targets).sum() / targets.sum()),
+        "perplexity": math.exp(loss),
+        "site_accuracy_mean": float(accuracies.mean()),
+        "site_accuracy_p10": float(np.percentile(accuracies, 10)),
+        "site_loss_mean": float(losses.mean()),
+        "site_loss_p90": float(np.percentile(losses, 90)),
+        "site_perplexity_mean": float(np.exp(losses).mean()),
+        "site_perplexity_p90": float(np.percentile(np.exp(losses), 90)),
+        "eval_sites": float(len(per_site)),
+        "train_loss": loss - 0.1,
+        "unigram_accuracy": 0.16,
+        "seconds": 1.5,
+        "compute_seconds": 1.2,
+        "eval_seconds": 0.2,
+        "bytes_sent": 4 * MODEL_BYTES,
+        "bytes_received": 4 * MODEL_BYTES,
+        "total_seconds": totals["seconds"],
+        "total_bytes_sent": totals["sent"],
+        "total_bytes_received": totals["received"],
+        "eval_bytes_sent": len(per_site) * MODEL_BYTES,
+        "eval_bytes_received": len(per_site) * 16,
+        "rejected_updates": 0,
+    }
+
+
+def _store(tmp_path: Path, rounds: int, evaluate_every: int) -> tuple[Store, list[dict[str, Any]]]:
+    store = Store.create(tmp_path / "run", "[run]\nname = 'x'\nrounds = 6\n")
+    store.add_sites([(name, "g", 100, 20) for name in SITES])
+    store.set_meta("status", "finished")
+    store.event("start", f"run x started with {len(SITES)} sites")
+    rng = np.random.default_rng(0)
+    totals = {"seconds": 0.0, "sent": 0.0, "received": 0.0}
+    recorded = []
+    for r in range(1, rounds + 1):
+        store.record_round(r, SITES[:4], 400, 3.0 / r, 4 * MODEL_BYTES, 4 * MODEL_BYTES, 1.5)
+        totals["seconds"] += 1.5
+        totals["sent"] += 4 * MODEL_BYTES
+        totals["received"] += 4 * MODEL_BYTES
+        if r % evaluate_every == 0:
+            per_site = [
+                (name, 3.0 / r + rng.uniform(0, 0.5), min(0.95, 0.15 * r + rng.uniform(0, 0.1)), 20 + i)
+                for i, name in enumerate(SITES)
+            ]
+            metrics = _metrics(r, per_site, totals)
+            store.record_evaluation(r, metrics, per_site)
+            recorded.append(metrics)
+    store.event("rejected", "update of site <site3> refused: non-finite & large", 2)
+    return store, recorded
+
+
+def test_report_of_a_run(tmp_path: Path) -> None:
+    store, recorded = _store(tmp_path, rounds=6, evaluate_every=2)
+    store.close()
+    samples = [("ROMEO.\n", "<script>alert('x')</script> & more"), ("JULIET.\n", "O Romeo, Romeo!")]
+
+    path = write_report(tmp_path / "run", samples)
+
+    assert path == tmp_path / "run" / "report.html"
+    page = path.read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") == 4  # loss, accuracy, perplexity, per-site spread
+    assert f"{recorded[-1]['accuracy']:.3f}" in page
+    assert "evaluated at round 6" in page
+    assert "6 of 6" in page  # rounds done against run.rounds
+    assert "<b>ROMEO.\n</b>&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
+    assert "<script" not in page.lower()
+    assert "&lt;site3&gt;" in page and "non-finite &amp; large" in page  # events escaped too
+    assert "name = &#x27;x&#x27;" in page  # the config, escaped, in a <details> block
+    # Bytes: 6 rounds of 4 models each way plus 3 evaluations of 12 sites.
+    assert f"{(6 * 4 * MODEL_BYTES + 3 * 12 * MODEL_BYTES) / 1e6:.1f} MB" in page
+    # Self-contained: nothing is fetched from anywhere.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+
+
+def test_report_of_a_single_evaluated_round(tmp_path: Path) -> None:
+    _store(tmp_path, rounds=1, evaluate_every=1)[0].close()
+
+    page = write_report(tmp_path / "run").read_text(encoding="utf-8")
+
+    assert page.count("data:image/png;base64,") == 4
+    assert "Passages written" not in page  # no samples given, no empty section
+
+
+def test_report_of_a_run_with_no_evaluations(tmp_path: Path) -> None:
+    store, recorded = _store(tmp_path, rounds=1, evaluate_every=2)
+    store.set_meta("status", "running")
+    store.close()
+    assert recorded == []
+
+    page = write_report(tmp_path / "run", [("A", "<b>")]).read_text(encoding="utf-8")
+
+    assert "data:image/png;base64," not in page
+    assert "No round has been evaluated yet" in page
+    assert "running" in page
+    assert "<b>A</b>&lt;b&gt;" in page
+
+
+def test_importing_the_report_stays_light() -> None:
+    # `confide run` imports it at the end of every run and `confide report` before anything else:
+    # neither torch nor matplotlib should come with it.
+    code = "import sys, confide.report; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
