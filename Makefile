@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/confide data fetch shakespeare
-	$(BIN)/confide run examples/shakespeare.toml --demo
+	$(BIN)/confide run examples/shakespeare.toml
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -49,6 +49,7 @@ def tiny_config(corpus: Path, output: Path, model: dict[str, str] | None = None,
         "client": {"max_steps": "3", "batch_size": "4", "optimizer": "'adam'", "learning_rate": "0.01"},
         "server": {"sites_per_round": "3", "optimizer": "'adam'", "learning_rate": "0.05"},
         "eval": {"every": "1", "samples": "1", "sample_length": "20", "prompt": "'To be'"},
+        "backend": {"threads": "1"},
     }
     if model is not None:
         sections["model"] = model
