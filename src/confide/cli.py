@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from confide.errors import ConfideError
+from confide.report import human_bytes
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -178,7 +179,8 @@ class RichObserver:
             f"round {round:>4}  accuracy {m['accuracy']:.3f} (unigram {self.baseline:.3f})  "
             f"loss {m['loss']:.3f}  perplexity {m['perplexity']:6.2f}  "
             f"worst-decile site accuracy {m['site_accuracy_p10']:.3f}  "
-            f"{m['seconds']:5.1f}s  sent {_size(m['bytes_sent'])}  received {_size(m['bytes_received'])}"
+            f"{m['seconds']:5.1f}s  sent {human_bytes(m['bytes_sent'])}  "
+            f"received {human_bytes(m['bytes_received'])}"
         )
 
     def run_finished(self, runner: Any) -> None:
@@ -323,14 +325,6 @@ def cmd_config(args: argparse.Namespace) -> int:
         "or 'lstm' (embedding, hidden, layers, context)."
     )
     return 0
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 if __name__ == "__main__":

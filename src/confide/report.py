@@ -141,8 +141,8 @@ def _final_metrics(
             _num(last.get("unigram_accuracy")),
         ),
         ("Sites evaluated", _count(last.get("eval_sites"))),
-        ("Total bytes sent (server to sites)", _e(_size(sent))),
-        ("Total bytes received (sites to server)", _e(_size(received))),
+        ("Total bytes sent (server to sites)", _e(human_bytes(sent))),
+        ("Total bytes received (sites to server)", _e(human_bytes(received))),
         ("Total training time", _e(_duration(seconds))),
     ]
     cells = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
@@ -433,7 +433,7 @@ def _count(value: Any) -> str:
     return "&mdash;"
 
 
-def _size(n: float) -> str:
+def human_bytes(n: float) -> str:
     """Bytes in decimal units, as the command line prints them."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
