@@ -1,7 +1,15 @@
 """confide: federated training of generative models across sites that keep their data."""
 
-from confide.errors import ConfideError, ConfigError, DataError, StoreError, UpdateError
+from confide.errors import ConfideError, ConfigError, DataError, DivergedError, StoreError, UpdateError
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfideError", "ConfigError", "DataError", "StoreError", "UpdateError", "__version__"]
+__all__ = [
+    "ConfideError",
+    "ConfigError",
+    "DataError",
+    "DivergedError",
+    "StoreError",
+    "UpdateError",
+    "__version__",
+]

@@ -24,5 +24,9 @@ class UpdateError(ConfideError):
     """A site's update is malformed: wrong size, wrong type, non-finite values, or from the wrong round."""
 
 
+class DivergedError(ConfideError):
+    """Training diverged: the global model's held-out loss is no longer a finite number."""
+
+
 class StoreError(ConfideError):
     """A run directory is missing, damaged, or does not belong to the run being resumed."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from confide import config
-from confide.errors import StoreError
+from confide.errors import DivergedError, StoreError
 from confide.runtime.runner import NullObserver, Runner
 from tests.conftest import tiny_config
 
@@ -142,3 +142,12 @@ def test_lstm_and_server_optimizers_run(tmp_path: Path, text_corpus: Path) -> No
             ).store.run_dir
         )
         assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_divergence_stops_the_run_with_advice(tiny_config_path: Path) -> None:
+    overrides = ["server.optimizer=sgd", "server.learning_rate=1e30"]
+    runner = Runner.start(config.load(tiny_config_path, overrides))
+    with pytest.raises(DivergedError, match=r"diverged: after round 1 .* lower client\.learning_rate"):
+        runner.run()
+    assert [e[2] for e in runner.store.events()] == ["start", "diverged"]
+    assert runner.store.evaluations() == []  # nothing half-recorded

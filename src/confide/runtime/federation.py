@@ -123,7 +123,10 @@ class Federation:
                 for layer in reversed(self.layers):
                     update = layer.decode(update)
                 if update.vector is not None and not np.isfinite(update.vector).all():
-                    raise UpdateError(f"the update of site {update.site!r} holds NaN or infinite values")
+                    raise UpdateError(
+                        f"the update of site {update.site!r} holds NaN or infinite values "
+                        "(its local training diverged, or it is hostile)"
+                    )
                 aggregator.add(aggregate, update)
             except UpdateError as e:
                 # A malformed or hostile update costs its site this round, never the run.

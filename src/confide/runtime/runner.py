@@ -24,7 +24,7 @@ from confide.config import Config
 from confide.core import Layout
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
-from confide.errors import StoreError
+from confide.errors import DivergedError, StoreError
 from confide.models import CharModel, build_model
 from confide.runtime.federation import Federation, RoundResult, ServerState, summarize
 from confide.runtime.local import LocalBackend
@@ -241,6 +241,14 @@ class Runner:
         started = time.perf_counter()
         evaluations = list(self.backend.evaluate(self.state.weights, self.eval_sites))
         metrics, per_site = summarize(evaluations)
+        if not np.isfinite(metrics["loss"]):
+            message = (
+                f"training diverged: after round {result.round} the global model's held-out loss is "
+                f"{metrics['loss']}; lower client.learning_rate (now {self.config.client.learning_rate}) or "
+                f"server.learning_rate (now {self.config.server.learning_rate}) and start the run again"
+            )
+            self.store.event("diverged", message, result.round)
+            raise DivergedError(message)
         eval_bytes = len(evaluations) * self.state.weights.nbytes
         totals["bytes_sent"] += eval_bytes
         totals["bytes_received"] += sum(e.nbytes for e in evaluations)
