@@ -92,6 +92,8 @@ class RoundResult:
 class Observer(Protocol):
     """Callbacks for progress displays; the federation never prints."""
 
+    def round_started(self, round: int, sites: Sequence[str]) -> None: ...
+
     def site_done(self, round: int, site: str) -> None: ...
 
 
@@ -108,6 +110,8 @@ class Federation:
         r = state.round + 1
         sites = self.strategy.select(r, backend.sites())
         plans = self.strategy.plans(r, sites)
+        if observer is not None:
+            observer.round_started(r, sites)
         tasks = [Task(site, plans[site], model_version=state.round) for site in sites]
         expected = {t.site for t in tasks}
 

@@ -210,7 +210,6 @@ class Runner:
         totals = self._totals()
         while self.state.round < config.run.rounds:
             r = self.state.round + 1
-            observer.round_started(r, self.strategy.select(r, self.backend.sites()))
             result = self.federation.round(self.state, self.backend, observer)
             for site, reason in result.rejected:
                 self.store.event("rejected", f"update of site {site} refused: {reason}", r)
