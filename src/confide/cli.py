@@ -182,6 +182,13 @@ class RichObserver:
             f"{m['seconds']:5.1f}s  sent {human_bytes(m['bytes_sent'])}  "
             f"received {human_bytes(m['bytes_received'])}"
         )
+        if "personal_accuracy" in m:
+            console.print(
+                f"            personalized: accuracy {m['personal_accuracy']:.3f}  "
+                f"loss {m['personal_loss']:.3f}  "
+                f"worst-decile site accuracy {m['personal_site_accuracy_p10']:.3f}  "
+                f"({int(m['personalized_sites'])} of {int(m['eval_sites'])} sites hold a personal model)"
+            )
 
     def run_finished(self, runner: Any) -> None:
         pass

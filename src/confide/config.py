@@ -86,6 +86,41 @@ class ClientConfig:
     )
     momentum: float = option(0.0, "momentum of the sites' SGD", lambda x: 0 <= x < 1, "in [0, 1)")
     weight_decay: float = option(0.0, "weight decay at the sites", at_least(0), ">= 0")
+    personalization: str = option(
+        "none",
+        "a model per site besides the global one: 'ditto' (personal model pulled towards the global), "
+        "'fedrep' (personal head, shared body), 'finetune' (the global model fine-tuned per site)",
+        choices=("none", "ditto", "fedrep", "finetune"),
+    )
+    personal_steps: int = option(
+        0,
+        "steps of personal training (Ditto's personal model, FedRep's head, fine-tuning); 0: as max_steps",
+        at_least(0),
+        ">= 0",
+    )
+    ditto_lambda: float = option(
+        0.1,
+        "Ditto: pull of the personal model towards the global one (inf: the global model)",
+        at_least(0),
+        ">= 0 (inf allowed)",
+    )
+    personal_layers: str = option(
+        "",
+        "FedRep: comma-separated parameter-name prefixes of the personal head; empty: the model's own "
+        "(the GPT's last block and final norm, the LSTM's output layer)",
+    )
+    stragglers: float = option(
+        0.0,
+        "fraction of each round's sites that do only part of their local work (systems heterogeneity)",
+        lambda x: 0 <= x <= 1,
+        "in [0, 1]",
+    )
+    min_work: float = option(
+        0.1,
+        "a straggler does a fraction of its work drawn from [min_work, 1)",
+        lambda x: 0 < x <= 1,
+        "in (0, 1]",
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +135,15 @@ class ServerConfig:
         "sgd",
         "server optimizer on the averaged delta (Reddi et al. 2021); sgd with learning_rate 1 is FedAvg",
         choices=("sgd", "momentum", "adam", "yogi", "adagrad"),
+    )
+    strategy: str = option(
+        "fedavg",
+        "the federated algorithm: 'fedavg', 'fedprox' (proximal term, mu), 'scaffold' (control variates), "
+        "'fednova' (normalized averaging)",
+        choices=("fedavg", "fedprox", "scaffold", "fednova"),
+    )
+    mu: float = option(
+        0.01, "FedProx: weight of the proximal term mu/2 ||w - w_global||^2", at_least(0), ">= 0"
     )
     learning_rate: float = option(1.0, "server learning rate", positive, "> 0")
     beta1: float = option(0.9, "momentum / first-moment decay", lambda x: 0 <= x < 1, "in [0, 1)")
@@ -216,6 +260,27 @@ def check(config: Config) -> None:
     """Checks that involve more than one option."""
     if config.data.dataset == "text" and not config.data.path:
         raise ConfigError("data.path must name a folder or .jsonl file when data.dataset = 'text'")
+    c, s = config.client, config.server
+    if s.strategy in ("scaffold", "fednova") and c.optimizer != "sgd":
+        why = (
+            "its control-variate update (option II) is derived for plain SGD steps"
+            if s.strategy == "scaffold"
+            else "its normalizer counts SGD steps (with momentum)"
+        )
+        raise ConfigError(
+            f"server.strategy = {s.strategy!r} needs client.optimizer = 'sgd' (got {c.optimizer!r}): {why}"
+        )
+    if c.personalization == "fedrep" and s.strategy != "fedavg":
+        raise ConfigError(
+            f"client.personalization = 'fedrep' runs with server.strategy = 'fedavg' (got {s.strategy!r}): "
+            "FedRep has its own local schedule (head, then body); use 'ditto' to personalize on top of "
+            f"{s.strategy!r}"
+        )
+    if c.personal_layers and c.personalization != "fedrep":
+        raise ConfigError(
+            "client.personal_layers names FedRep's personal head; it needs client.personalization = 'fedrep' "
+            f"(got {c.personalization!r})"
+        )
     # The model's own options are checked by building it once (cheap for our models).
     from confide.models import build_model
 

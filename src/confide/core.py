@@ -71,6 +71,15 @@ class Layout:
     def names(self) -> tuple[str, ...]:
         return tuple(e.name for e in self.entries)
 
+    def index(self, names: Iterable[str]) -> np.ndarray:
+        """Positions in the flat vector of the named tensors, in layout order (for slicing out a part)."""
+        wanted = set(names)
+        unknown = wanted - set(self.names)
+        if unknown:
+            raise KeyError(f"not in this layout: {', '.join(sorted(unknown))}")
+        parts = [np.arange(e.offset, e.offset + e.size) for e in self.entries if e.name in wanted]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
     def zeros(self) -> Vector:
         return np.zeros(self.size, dtype=np.float32)
 
@@ -124,6 +133,25 @@ class Plan:
     learning_rate: float = 0.1
     seed: int = 0
     """Seed for this site in this round: shuffling and dropout are drawn from it, so a rerun is identical."""
+    work: float = 1.0
+    """Fraction of the full local work (epochs, capped by max_steps) to do; below 1 for stragglers."""
+    algorithm: str = "fedavg"
+    """The local algorithm: 'fedavg', 'fedprox' (adds the proximal term), 'scaffold', 'fednova'."""
+    mu: float = 0.0
+    """FedProx: weight of the proximal term mu/2 * ||w - w_global||^2."""
+    personalization: str = "none"
+    """'none', 'ditto', 'fedrep' or 'finetune': how the site makes a model of its own."""
+    personal_steps: int = 0
+    """Ditto: steps on the personal model; FedRep: steps on the head; finetune: fine-tuning steps."""
+    personal_lambda: float = 0.0
+    """Ditto: how strongly the personal model is pulled towards the global one (inf: it is the global one)."""
+
+    def local_steps(self, num_examples: int) -> int:
+        """The number of optimizer steps this plan asks of a site with ``num_examples`` windows."""
+        full = self.epochs * math.ceil(num_examples / self.batch_size)
+        if self.max_steps is not None:
+            full = min(full, self.max_steps)
+        return max(1, math.ceil(self.work * full)) if full > 0 else 0
 
 
 @dataclass

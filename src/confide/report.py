@@ -73,6 +73,7 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
     rounds = store.rounds()
     last_round, last = evaluations[-1] if evaluations else (None, {})
     per_site = store.site_metrics(last_round) if last_round is not None else []
+    personal = store.site_metrics(last_round, personal=True) if last_round is not None else []
 
     parts = [
         "<!DOCTYPE html>",
@@ -85,7 +86,7 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
         _header(store, rounds, config_text),
         _final_metrics(rounds, evaluations, last_round, last),
         "<h2>Training curves</h2>",
-        _plots(evaluations, rounds, per_site, last_round),
+        _plots(evaluations, rounds, per_site, last_round, personal),
         _samples(samples),
         _config(config_text),
         _events(store.events()),
@@ -141,6 +142,14 @@ def _final_metrics(
             _num(last.get("unigram_accuracy")),
         ),
         ("Sites evaluated", _count(last.get("eval_sites"))),
+    ]
+    if "personal_accuracy" in last:
+        rows += [
+            ("Personalized accuracy (each site's own model, pooled)", _num(last.get("personal_accuracy"))),
+            ("Personalized worst-decile site accuracy", _num(last.get("personal_site_accuracy_p10"))),
+            ("Sites holding a personal model", _count(last.get("personalized_sites"))),
+        ]
+    rows += [
         ("Total bytes sent (server to sites)", _e(human_bytes(sent))),
         ("Total bytes received (sites to server)", _e(human_bytes(received))),
         ("Total training time", _e(_duration(seconds))),
@@ -154,6 +163,7 @@ def _plots(
     rounds: list[dict[str, Any]],
     per_site: list[tuple[str, float, float, int]],
     last_round: int | None,
+    personal: Sequence[tuple[str, float, float, int]] = (),
 ) -> str:
     if not evaluations:
         trained = len(rounds)
@@ -180,6 +190,8 @@ def _plots(
     if per_site:
         baseline = evaluations[-1][1].get("unigram_accuracy")
         figures.append(_spread_plot(figure(), per_site, last_round, baseline))
+    if per_site and personal:
+        figures.append(_personal_plot(figure(), per_site, personal, last_round))
     images = "".join(f'<figure><img alt="{_e(alt)}" src="{_png(fig)}"></figure>' for fig, alt in figures)
     note = (
         ""
@@ -266,6 +278,20 @@ def _accuracy_plot(fig: Figure, evaluations: list[tuple[int, dict[str, Any]]]) -
     _line(ax, _series(evaluations, "accuracy"), "accuracy (pooled)", _POOLED, zorder=3)
     _line(ax, mean, "site accuracy, mean over sites", _SITE_MEAN)
     _line(ax, worst, "site accuracy, 10th percentile (worst decile)", _WORST)
+    _line(
+        ax,
+        _series(evaluations, "personal_accuracy"),
+        "personalized accuracy (pooled)",
+        _POOLED,
+        linestyle="--",
+    )
+    _line(
+        ax,
+        _series(evaluations, "personal_site_accuracy_p10"),
+        "personalized, worst decile",
+        _WORST,
+        linestyle="--",
+    )
     baseline = _finite([(0, evaluations[-1][1].get("unigram_accuracy"))])
     if baseline:
         ax.axhline(
@@ -333,6 +359,31 @@ def _spread_plot(
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     return fig, f"Histogram of per-site accuracy at round {last_round}"
+
+
+def _personal_plot(
+    fig: Figure,
+    per_site: list[tuple[str, float, float, int]],
+    personal: Sequence[tuple[str, float, float, int]],
+    last_round: int | None,
+) -> tuple[Figure, str]:
+    """Each site's accuracy with the global model against its personalized one: above the diagonal, the
+    site gained from personalizing; the sites at the bottom left are the ones nobody serves well."""
+    ax = fig.add_subplot()
+    mine = {site: acc for site, _, acc, _ in personal}
+    pairs = [(acc, mine[site]) for site, _, acc, _ in per_site if site in mine]
+    if pairs:
+        xs, ys = zip(*pairs, strict=True)
+        ax.scatter(xs, ys, s=14, color=_POOLED, alpha=0.7, label="one site")
+        low, high = min(xs + ys), max(xs + ys)
+        ax.plot([low, high], [low, high], color=_BASELINE, linestyle="--", linewidth=1, label="no change")
+        better = sum(y > x for x, y in pairs)
+        ax.set_title(f"Global vs personalized, round {last_round}: {better} of {len(pairs)} sites gain")
+    ax.set_xlabel("site accuracy, global model")
+    ax.set_ylabel("site accuracy, personalized model")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig, f"Per-site accuracy of the global and the personalized models at round {last_round}"
 
 
 def _bin_range(values: Any) -> tuple[float, float]:

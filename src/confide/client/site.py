@@ -1,15 +1,44 @@
-"""What one site does with a task: train on its own windows, then pass the delta through the site layers."""
+"""What one site does with a task: train on its own windows as the plan's algorithm says, keep its own state,
+then pass its update through the site layers.
+
+The algorithms differ only in what the site adds to plain local training and what it sends besides its delta:
+
+- FedAvg (McMahan et al. 2017): local SGD from the global weights; sends the delta.
+- FedProx (Li et al. 2020): adds mu/2 ||w - w_global||^2 to the local objective. Any amount of work is
+  welcome: a straggler's partial update is used, not dropped.
+- SCAFFOLD (Karimireddy et al. 2020), option II: corrects every local gradient by c - c_i, then updates its
+  control variate c_i+ = c_i - c + (x - y_i) / (K * lr) and sends its change c_i+ - c_i beside the delta.
+- FedNova (Wang et al. 2020): plain local training; reports its normalizer a_i (the sum of the weights its
+  optimizer gave each step's gradient: K for SGD) so the server can average d_i = delta_i / a_i.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from confide.client.trainer import Trainer
+from confide.client.personalize import FEDREP_KEY, Personal, train_ditto, train_head
+from confide.client.state import MemorySiteState
+from confide.client.trainer import PLAIN, Objective, Trainer
 from confide.core import Layer, Plan, Update, Vector
+from confide.errors import UpdateError
 
 LAYER_STREAM = 7
+SCAFFOLD_KEY = "scaffold.control"
+CONTROL = "control"
+"""Name of SCAFFOLD's server control variate among a task's extras."""
+CONTROL_DELTA = "control_delta"
+"""Name of SCAFFOLD's control-variate change in an update's payload."""
+
+
+def fednova_normalizer(steps: int, momentum: float) -> float:
+    """a_i of FedNova for ``steps`` of SGD with heavy-ball ``momentum`` rho (Wang et al. 2020, sec. 4):
+    the total weight the K gradients receive, (K - rho(1 - rho^K) / (1 - rho)) / (1 - rho); K without."""
+    if momentum == 0:
+        return float(steps)
+    rho = momentum
+    return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
 
 
 def run_task(
@@ -20,16 +49,70 @@ def run_task(
     plan: Plan,
     model_version: int,
     layers: Sequence[Layer] = (),
+    *,
+    extras: Mapping[str, Vector] | None = None,
+    personal: Personal | None = None,
+    shared: np.ndarray | None = None,
 ) -> Update:
-    """Train from ``weights`` on ``windows`` and return the encoded update (layers in stack order)."""
-    result = trainer.fit(weights, windows, plan)
+    """Train from ``weights`` on ``windows`` and return the encoded update (layers in stack order).
+
+    ``extras`` are the vectors the server sent with the task (SCAFFOLD's control variate); ``personal`` is the
+    site's own state; ``shared`` the positions of the parameters the federation shares (FedRep sends only
+    those).
+    """
+    personal = personal or Personal(MemorySiteState(), np.empty(0, dtype=np.int64))
+    extras = extras or {}
+    metrics: dict[str, float] = {}
+    payload: dict[str, np.ndarray] = {}
+    seconds = 0.0
+
+    start = weights
+    objective = PLAIN
+    control = mine = np.zeros(0, dtype=np.float32)
+    if plan.personalization == "fedrep":
+        start, seconds = train_head(trainer, site, windows, weights, plan, personal)
+        objective = Objective(frozen=personal.head_names)
+    elif plan.algorithm == "fedprox":
+        objective = Objective(prox_mu=plan.mu)
+    elif plan.algorithm == "scaffold":
+        sent = extras.get(CONTROL)
+        if sent is None or sent.shape != weights.shape:
+            raise UpdateError(f"SCAFFOLD needs the server's control variate with the task for site {site!r}")
+        control = sent
+        kept = personal.state.get(site, SCAFFOLD_KEY)
+        mine = np.zeros_like(weights) if kept is None else kept
+        objective = Objective(correction=control - mine)
+
+    result = trainer.fit(start, windows, plan, objective)
+    seconds += result.seconds
+    local = start + result.delta
+    delta = local - weights
+
+    if plan.algorithm == "scaffold" and result.steps > 0:
+        # Option II: c_i+ = c_i - c + (x - y_i) / (K lr); the server needs only the change c_i+ - c_i.
+        change = -control - delta / np.float32(result.steps * plan.learning_rate)
+        personal.state.put(site, SCAFFOLD_KEY, plan.round, mine + change)
+        payload[CONTROL_DELTA] = change.astype(np.float32, copy=False)
+    if plan.algorithm == "fednova":
+        metrics["normalizer"] = fednova_normalizer(result.steps, trainer.config.momentum)
+    if plan.personalization == "fedrep":
+        personal.state.put(site, FEDREP_KEY, plan.round, local[personal.head])
+    elif plan.personalization == "ditto":
+        seconds += train_ditto(trainer, site, windows, weights, plan, personal)
+
     update = Update(
         site=site,
         round=plan.round,
         num_examples=result.num_examples,
-        vector=result.delta,
+        vector=delta if shared is None else delta[shared],
         model_version=model_version,
-        metrics={"train_loss": result.loss, "steps": float(result.steps), "compute_seconds": result.seconds},
+        metrics={
+            "train_loss": result.loss,
+            "steps": float(result.steps),
+            "compute_seconds": seconds,
+            **metrics,
+        },
+        payload=payload,
     )
     rng = np.random.default_rng([plan.seed, LAYER_STREAM])
     for layer in layers:

@@ -8,8 +8,10 @@ bit: this is what makes a resumed run identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -57,8 +59,37 @@ def split_window(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class Objective:
+    """What a site optimizes besides its data loss, and which parameters it may change.
+
+    The default is plain local training (FedAvg). Each field is one algorithm's addition:
+
+    - ``prox_mu`` (FedProx, Li et al. 2020): the term mu/2 * ||w - anchor||^2, added as its gradient
+      mu * (w - anchor) to every step's gradient;
+    - ``correction`` (SCAFFOLD, Karimireddy et al. 2020): the drift correction c - c_i, added to every
+      step's gradient;
+    - ``prox_lambda`` (Ditto, Li et al. 2021): after every step, the proximal map of
+      lambda/2 * ||w - anchor||^2 with the step's learning rate, w <- (w + lr*lambda*a) / (1 + lr*lambda).
+      Unlike a gradient term it is stable for any lambda, and lambda = inf pins w to the anchor exactly;
+    - ``frozen``: parameters (by name) that this fit leaves unchanged (FedRep trains head and body in turn).
+
+    ``anchor`` defaults to the weights the fit starts from.
+    """
+
+    prox_mu: float = 0.0
+    prox_lambda: float = 0.0
+    anchor: Vector | None = None
+    correction: Vector | None = None
+    frozen: frozenset[str] = frozenset()
+
+
+PLAIN = Objective()
+
+
+@dataclass(frozen=True)
 class FitResult:
     delta: Vector
+    """Local weights after training minus the weights training started from."""
     num_examples: int
     steps: int
     loss: float
@@ -81,40 +112,110 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: ClientOptimizer | None = None) -> None:
         self.model = model
         self.layout = Layout.of_module(model)
+        self.names = self.layout.names
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = (optimizer or ClientOptimizer()).build(self.params)
+        self.config = optimizer or ClientOptimizer()
+        self.optimizer = self.config.build(self.params)
         self._local = self.layout.zeros()
 
-    def fit(self, weights: Vector, windows: np.ndarray, plan: Plan) -> FitResult:
-        """Train from ``weights`` on ``windows`` (N, T+1) as ``plan`` says; return local − global."""
+    def fit(
+        self, weights: Vector, windows: np.ndarray, plan: Plan, objective: Objective = PLAIN
+    ) -> FitResult:
+        """Train from ``weights`` on ``windows`` (N, T+1) as ``plan`` says; return local − start weights."""
         self.layout.write(self.model, weights)
         self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             group["lr"] = plan.learning_rate
         self.model.train()
         n = len(windows)
+        total = plan.local_steps(n)
+        terms = self._terms(weights, objective)
         generator = torch.Generator().manual_seed(plan.seed)
         steps, loss_total = 0, 0.0
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)  # dropout draws from the global generator: scope it to this fit
-            for _ in range(plan.epochs):
+            while steps < total:
                 order = torch.randperm(n, generator=generator).numpy()
                 for start in range(0, n, plan.batch_size):
-                    if plan.max_steps is not None and steps >= plan.max_steps:
+                    if steps >= total:
                         break
-                    inputs, targets = split_window(windows[order[start : start + plan.batch_size]])
-                    _, loss = self.model(inputs, targets)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    batch = windows[order[start : start + plan.batch_size]]
+                    loss = self._backward(batch, objective, terms)
                     self.optimizer.step()
-                    loss_total += loss.item()
+                    if objective.prox_lambda > 0:
+                        self._proximal_step(objective.prox_lambda * plan.learning_rate, terms, objective)
+                    loss_total += loss
                     steps += 1
         seconds = time.perf_counter() - started
         delta = self.layout.read(self.model, self._local) - weights
         return FitResult(
             delta=delta, num_examples=n, steps=steps, loss=loss_total / max(steps, 1), seconds=seconds
         )
+
+    def gradient(self, weights: Vector, batch: np.ndarray, objective: Objective = PLAIN) -> Vector:
+        """The gradient one local step of ``fit`` would take at ``weights`` on ``batch`` (dropout off)."""
+        self.layout.write(self.model, weights)
+        self.model.eval()
+        self._backward(batch, objective, self._terms(weights, objective))
+        grads = {
+            name: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for name, p in zip(self.names, self.params, strict=True)
+        }
+        return self.layout.flatten(grads)
+
+    def _terms(self, weights: Vector, objective: Objective) -> dict[str, list[torch.Tensor]]:
+        """Per-parameter views of the objective's vectors, made once per fit (no copies)."""
+        terms: dict[str, list[torch.Tensor]] = {}
+        if objective.prox_mu > 0 or objective.prox_lambda > 0:
+            anchor = weights if objective.anchor is None else objective.anchor
+            terms["anchor"] = list(self.layout.unflatten(anchor).values())
+        if objective.correction is not None:
+            terms["correction"] = list(self.layout.unflatten(objective.correction).values())
+        return terms
+
+    def _backward(
+        self, batch: np.ndarray, objective: Objective, terms: dict[str, list[torch.Tensor]]
+    ) -> float:
+        inputs, targets = split_window(batch)
+        _, loss = self.model(inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if objective.prox_mu > 0 or "correction" in terms:
+            for p in self.params:  # a parameter the loss does not reach still gets the added terms
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads: list[torch.Tensor] = [cast(torch.Tensor, p.grad) for p in self.params]
+            with torch.no_grad():
+                if objective.prox_mu > 0:  # d/dw mu/2 ||w - anchor||^2 = mu (w - anchor)
+                    diff = torch._foreach_sub([p.detach() for p in self.params], terms["anchor"])
+                    torch._foreach_add_(grads, diff, alpha=objective.prox_mu)
+                if "correction" in terms:
+                    torch._foreach_add_(grads, terms["correction"], alpha=1.0)
+        if objective.frozen:
+            # A parameter with no gradient is skipped by the optimizer (no step, no weight decay, no state).
+            for name, p in zip(self.names, self.params, strict=True):
+                if name in objective.frozen:
+                    p.grad = None
+        return float(loss.item())
+
+    @torch.no_grad()
+    def _proximal_step(
+        self, strength: float, terms: dict[str, list[torch.Tensor]], objective: Objective
+    ) -> None:
+        pairs = [
+            (p, a)
+            for name, p, a in zip(self.names, self.params, terms["anchor"], strict=True)
+            if name not in objective.frozen
+        ]
+        params: list[torch.Tensor] = [p for p, _ in pairs]
+        anchors = [a for _, a in pairs]
+        if math.isinf(strength):
+            torch._foreach_copy_(params, anchors)
+            return
+        # prox of lambda/2 ||w - a||^2 with step lr: w <- (w + lr*lambda*a) / (1 + lr*lambda)
+        torch._foreach_add_(params, anchors, alpha=strength)
+        torch._foreach_div_(params, 1.0 + strength)
 
     @torch.no_grad()
     def evaluate(self, weights: Vector, windows: np.ndarray, batch_size: int = 256) -> np.ndarray:

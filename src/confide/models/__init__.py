@@ -13,6 +13,7 @@ embedding lookup.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -56,6 +57,32 @@ def build_model(kind: str, vocab_size: int, **options: Any) -> nn.Module:
     return CharLSTM(config)
 
 
+def head_names(model: nn.Module, prefixes: Sequence[str] = ()) -> frozenset[str]:
+    """Names of the parameters that form the model's "head" for FedRep-style personalization.
+
+    With ``prefixes``, the trainable parameters whose names start with one of them. Without, the model's
+    natural head: the LSTM's output layer; for the GPT, whose output matrix is tied to the input embedding,
+    the last block and the final layer norm (making the tied matrix personal would make each site's reading
+    of characters personal too, which is not a head).
+    """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not prefixes:
+        last = model.config.layers - 1 if isinstance(model, GPT) else 0
+        prefixes = (f"blocks.{last}.", "ln_f.") if isinstance(model, GPT) else ("head.",)
+    chosen = frozenset(n for n in names if any(n.startswith(p) for p in prefixes))
+    if not chosen:
+        raise ConfigError(
+            f"client.personal_layers = {list(prefixes)!r} matches no parameter of the model; its parameters "
+            f"start with: {', '.join(sorted({n.rsplit('.', 1)[0] for n in names}))}"
+        )
+    if len(chosen) == len(names):
+        raise ConfigError(
+            f"client.personal_layers = {list(prefixes)!r} covers every parameter, which would leave nothing "
+            "to share; name only the head"
+        )
+    return chosen
+
+
 __all__ = [
     "GPT",
     "IGNORE_INDEX",
@@ -65,6 +92,7 @@ __all__ = [
     "GPTConfig",
     "LSTMConfig",
     "build_model",
+    "head_names",
     "loss_and_correct",
     "masked_cross_entropy",
     "model_options",

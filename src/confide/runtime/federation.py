@@ -17,7 +17,7 @@ import numpy as np
 
 from confide.core import Layer, Plan, Update, Vector
 from confide.errors import UpdateError
-from confide.server.strategy import Strategy
+from confide.server.strategy import CONTROL_KEY, Strategy
 
 PLAN_HEADER_BYTES = 64
 """What a task costs on the wire besides the weights: round, seed, epochs, batch size, learning rate."""
@@ -25,14 +25,17 @@ PLAN_HEADER_BYTES = 64
 
 @dataclass(frozen=True)
 class Task:
-    """What the server sends one site for one round."""
+    """What the server sends one site for one round: the plan, and with the global weights (carried by the
+    backend, shared by all tasks of the round) any extra vectors the algorithm needs (SCAFFOLD's c)."""
 
     site: str
     plan: Plan
     model_version: int
+    extras: Mapping[str, Vector] = field(default_factory=dict)
 
-    def nbytes(self, weights: Vector) -> int:
-        return weights.nbytes + PLAN_HEADER_BYTES
+    def nbytes(self, weights: Vector, shared: np.ndarray | None = None) -> int:
+        sent = weights.nbytes if shared is None else shared.size * weights.itemsize
+        return sent + sum(v.nbytes for v in self.extras.values()) + PLAN_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,11 @@ class Backend(Protocol):
         """Send each task with ``weights``; yield each site's (encoded) update as it arrives."""
         ...
 
-    def evaluate(self, weights: Vector, sites: Sequence[str]) -> Iterator[SiteEvaluation]:
-        """Ask ``sites`` to evaluate ``weights`` on their held-out data."""
+    def evaluate(
+        self, weights: Vector, sites: Sequence[str], plan: Plan | None = None
+    ) -> Iterator[SiteEvaluation]:
+        """Ask ``sites`` to evaluate ``weights`` on their held-out data; with a ``plan`` whose
+        personalization is not 'none', each site evaluates its personalized model instead."""
         ...
 
     def close(self) -> None: ...
@@ -112,11 +118,16 @@ class Federation:
         plans = self.strategy.plans(r, sites)
         if observer is not None:
             observer.round_started(r, sites)
-        tasks = [Task(site, plans[site], model_version=state.round) for site in sites]
+        extras = self.strategy.extras(state.optimizer_state)
+        tasks = [Task(site, plans[site], model_version=state.round, extras=extras) for site in sites]
         expected = {t.site for t in tasks}
+        shared = self.strategy.shared
+        size = state.weights.size if shared is None else shared.size
 
         aggregator = self.strategy.aggregator
-        aggregate = aggregator.init(state.weights.size)
+        aggregate = aggregator.init(size)
+        scaffold = self.strategy.scaffold
+        controls = scaffold.init(state.weights.size) if scaffold is not None else None
         seen: set[str] = set()
         rejected: list[tuple[str, str]] = []
         examples, loss_sum, received, compute = 0, 0.0, 0, 0.0
@@ -131,7 +142,11 @@ class Federation:
                         f"the update of site {update.site!r} holds NaN or infinite values "
                         "(its local training diverged, or it is hostile)"
                     )
+                # Check everything before folding anything in, so a refused update leaves no trace.
+                change = scaffold.check(update, state.weights.size) if scaffold is not None else None
                 aggregator.add(aggregate, update)
+                if scaffold is not None and controls is not None:
+                    scaffold.add(controls, change)
             except UpdateError as e:
                 # A malformed or hostile update costs its site this round, never the run.
                 rejected.append((update.site, str(e)))
@@ -143,14 +158,20 @@ class Federation:
                 observer.site_done(r, update.site)
         if examples > 0:
             delta = aggregator.result(aggregate)
+            if shared is not None:
+                full = np.zeros_like(state.weights)
+                full[shared] = delta
+                delta = full
             self.strategy.optimizer.step(state.weights, delta, state.optimizer_state)
+            if scaffold is not None and controls is not None:
+                scaffold.finish(state.optimizer_state[CONTROL_KEY], controls, len(backend.sites()))
         state.round = r
         return RoundResult(
             round=r,
             sites=sites,
             num_examples=examples,
             train_loss=loss_sum / examples if examples else float("nan"),
-            bytes_sent=sum(t.nbytes(state.weights) for t in tasks),
+            bytes_sent=sum(t.nbytes(state.weights, shared) for t in tasks),
             bytes_received=received,
             seconds=time.perf_counter() - started,
             compute_seconds=compute,

@@ -19,16 +19,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from confide.client.personalize import DITTO_KEY, FEDREP_KEY, Personal
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
 from confide.core import Layout
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
 from confide.errors import DivergedError, StoreError
-from confide.models import CharModel, build_model
+from confide.models import CharModel, build_model, head_names
 from confide.runtime.federation import Federation, RoundResult, ServerState, summarize
 from confide.runtime.local import LocalBackend
-from confide.runtime.store import Store
+from confide.runtime.store import Store, StoreSiteState
 from confide.server.optim import ServerOptimizer
 from confide.server.strategy import EVAL_STREAM, Strategy, rng_for
 
@@ -84,7 +85,7 @@ def build_model_for(config: Config, vocab_size: int) -> nn.Module:
         return build_model(config.model["kind"], vocab_size=vocab_size, **options)
 
 
-def build_strategy(config: Config) -> Strategy:
+def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy:
     c, s = config.client, config.server
     return Strategy(
         sites_per_round=s.sites_per_round,
@@ -94,7 +95,26 @@ def build_strategy(config: Config) -> Strategy:
         learning_rate=c.learning_rate,
         optimizer=ServerOptimizer(s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau),
         seed=config.run.seed,
+        algorithm=s.strategy,
+        mu=s.mu,
+        personalization=c.personalization,
+        personal_steps=c.personal_steps,
+        personal_lambda=c.ditto_lambda,
+        stragglers=c.stragglers,
+        min_work=c.min_work,
+        shared=shared,
     )
+
+
+def personal_parts(
+    config: Config, model: nn.Module, layout: Layout
+) -> tuple[frozenset[str], np.ndarray | None]:
+    """FedRep's head (parameter names) and the positions of the shared body; without FedRep, no head."""
+    if config.client.personalization != "fedrep":
+        return frozenset(), None
+    prefixes = tuple(p.strip() for p in config.client.personal_layers.split(",") if p.strip())
+    head = head_names(model, prefixes)
+    return head, layout.index(n for n in layout.names if n not in head)
 
 
 @dataclass(frozen=True)
@@ -151,15 +171,19 @@ class Runner:
         self.layout = Layout.of_module(self.model)
         c = config.client
         trainer = Trainer(self.model, ClientOptimizer(c.optimizer, c.momentum, c.weight_decay))
-        self.backend = LocalBackend(dataset, trainer, eval_batch_size=config.eval.batch_size)
-        self.strategy = build_strategy(config)
+        head, shared = personal_parts(config, self.model, self.layout)
+        personal = Personal(StoreSiteState(store), self.layout.index(head), head)
+        self.backend = LocalBackend(
+            dataset, trainer, eval_batch_size=config.eval.batch_size, personal=personal, shared=shared
+        )
+        self.strategy = build_strategy(config, shared)
         self.federation = Federation(self.strategy)
         self.eval_sites = self._eval_sites()
         self.baseline = unigram_baseline(dataset, self.eval_sites)
         self.state = ServerState(
             round=0,
             weights=self.layout.read(self.model),
-            optimizer_state=self.strategy.optimizer.init(self.layout.size),
+            optimizer_state=self.strategy.init_state(self.layout.size),
         )
 
     @classmethod
@@ -251,9 +275,20 @@ class Runner:
         eval_bytes = len(evaluations) * self.state.weights.nbytes
         totals["bytes_sent"] += eval_bytes
         totals["bytes_received"] += sum(e.nbytes for e in evaluations)
+        personal: list[tuple[str, float, float, int]] = []
+        personal_metrics: dict[str, float] = {}
+        if self.strategy.personalization != "none":
+            # The same sites evaluate their personalized models; the eval plan's seed is per round.
+            seed = int(rng_for(self.config.run.seed, result.round, EVAL_STREAM).integers(2**31 - 1))
+            plan = self.strategy.plan(result.round, seed)
+            personal_evals = list(self.backend.evaluate(self.state.weights, self.eval_sites, plan))
+            pooled, personal = summarize(personal_evals)
+            personal_metrics = {f"personal_{k}": v for k, v in pooled.items() if k != "eval_sites"}
+            personal_metrics["personalized_sites"] = float(self._personalized_sites())
         record: dict[str, Any] = {
             "round": result.round,
             **metrics,
+            **personal_metrics,
             "train_loss": result.train_loss,
             "unigram_accuracy": self.baseline.accuracy,
             "seconds": result.seconds,
@@ -268,8 +303,16 @@ class Runner:
             "eval_bytes_received": sum(e.nbytes for e in evaluations),
             "rejected_updates": len(result.rejected),
         }
-        self.store.record_evaluation(result.round, record, per_site)
+        self.store.record_evaluation(result.round, record, per_site, personal)
         return record
+
+    def _personalized_sites(self) -> int:
+        """How many evaluated sites hold personal state (the others were never selected yet)."""
+        keys = {"ditto": DITTO_KEY, "fedrep": FEDREP_KEY}
+        key = keys.get(self.strategy.personalization)
+        if key is None:
+            return len(self.eval_sites)  # fine-tuning personalizes every site at evaluation time
+        return sum(self.store.get_site_state(site, key) is not None for site in self.eval_sites)
 
     def _totals(self) -> dict[str, float]:
         rounds = self.store.rounds()

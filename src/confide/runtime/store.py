@@ -3,7 +3,8 @@
 ```
 RUN_DIR/
   config.toml        the resolved configuration (every default filled in)
-  run.sqlite         rounds, evaluation metrics, per-site metrics, sites, events, checkpoint references
+  run.sqlite         rounds, evaluation metrics, per-site metrics, sites, events, checkpoint references,
+                     and (in simulation) each site's own state: SCAFFOLD control variates, personal models
   metrics.jsonl      one JSON object per evaluated round (rewritten from run.sqlite on resume)
   checkpoints/       round-NNNNNN.safetensors: global weights + server optimizer state
 ```
@@ -43,6 +44,12 @@ CREATE TABLE IF NOT EXISTS metrics (round INTEGER PRIMARY KEY, value TEXT NOT NU
 CREATE TABLE IF NOT EXISTS site_metrics (
   round INTEGER NOT NULL, site TEXT NOT NULL, loss REAL NOT NULL, accuracy REAL NOT NULL,
   targets INTEGER NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS personal_site_metrics (
+  round INTEGER NOT NULL, site TEXT NOT NULL, loss REAL NOT NULL, accuracy REAL NOT NULL,
+  targets INTEGER NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS site_state (
+  site TEXT NOT NULL, key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL,
+  PRIMARY KEY (site, key, round));
 CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
@@ -95,6 +102,8 @@ class Store:
         version = store.meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise StoreError(f"{path} has store schema {version}; this confide reads schema {SCHEMA_VERSION}")
+        with store._tx() as db:
+            db.executescript(_SCHEMA)  # tables added since the run was created (the schema only ever grows)
         return store
 
     def close(self) -> None:
@@ -144,14 +153,23 @@ class Store:
             )
 
     def record_evaluation(
-        self, round: int, metrics: Mapping[str, Any], per_site: Sequence[tuple[str, float, float, int]]
+        self,
+        round: int,
+        metrics: Mapping[str, Any],
+        per_site: Sequence[tuple[str, float, float, int]],
+        personal: Sequence[tuple[str, float, float, int]] = (),
     ) -> None:
-        """Store one evaluated round and append it to metrics.jsonl."""
+        """Store one evaluated round (per site: the global model, and personalized ones when there are) and
+        append it to metrics.jsonl."""
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (round, json.dumps(dict(metrics))))
             db.executemany(
                 "INSERT OR REPLACE INTO site_metrics VALUES (?, ?, ?, ?, ?)",
                 [(round, site, loss, acc, n) for site, loss, acc, n in per_site],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO personal_site_metrics VALUES (?, ?, ?, ?, ?)",
+                [(round, site, loss, acc, n) for site, loss, acc, n in personal],
             )
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(dict(metrics)) + "\n")
@@ -184,12 +202,28 @@ class Store:
                 "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?)",
                 (round, str(path.relative_to(self.run_dir)), time.time()),
             )
+            # A resume never goes back before this checkpoint, so of each site's state only the newest
+            # version written by this round is still needed (and any written after it).
+            db.execute(
+                """DELETE FROM site_state WHERE round < (
+                     SELECT MAX(s.round) FROM site_state s
+                     WHERE s.site = site_state.site AND s.key = site_state.key AND s.round <= ?)""",
+                (round,),
+            )
         return path
 
     def rewind(self, round: int) -> None:
         """Forget everything after ``round`` (the last checkpoint) before a resumed run redoes it."""
         with self._tx() as db:
-            for table in ("rounds", "metrics", "site_metrics", "checkpoints"):
+            tables = (
+                "rounds",
+                "metrics",
+                "site_metrics",
+                "personal_site_metrics",
+                "site_state",
+                "checkpoints",
+            )
+            for table in tables:
                 db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
         lines = [json.dumps(m) for _, m in self.evaluations()]
         _atomic_write(self.run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines).encode())
@@ -226,14 +260,43 @@ class Store:
             r["sites"] = json.loads(r["sites"])
         return out
 
-    def site_metrics(self, round: int) -> list[tuple[str, float, float, int]]:
+    def site_metrics(self, round: int, personal: bool = False) -> list[tuple[str, float, float, int]]:
+        """Per-site (site, loss, accuracy, targets) of round ``round``: of the global model, or with
+        ``personal`` of each site's personalized model."""
+        table = "personal_site_metrics" if personal else "site_metrics"
         rows = self.db.execute(
-            "SELECT site, loss, accuracy, targets FROM site_metrics WHERE round = ? ORDER BY site", (round,)
+            f"SELECT site, loss, accuracy, targets FROM {table} WHERE round = ? ORDER BY site", (round,)
         ).fetchall()
         return [(str(s), float(loss), float(acc), int(n)) for s, loss, acc, n in rows]
 
+    # -- site state (simulation) ---------------------------------------------------------------------------
+
+    def get_site_state(self, site: str, key: str) -> np.ndarray | None:
+        row = self.db.execute(
+            "SELECT data FROM site_state WHERE site = ? AND key = ? ORDER BY round DESC LIMIT 1", (site, key)
+        ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+
+    def put_site_state(self, site: str, key: str, round: int, vector: np.ndarray) -> None:
+        data = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO site_state VALUES (?, ?, ?, ?)", (site, key, round, data))
+
     def events(self) -> list[tuple[float, int | None, str, str]]:
         return list(self.db.execute("SELECT time, round, kind, message FROM events ORDER BY id"))
+
+
+class StoreSiteState:
+    """Every simulated site's own state, in the run store (implements confide.client.state.SiteState)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, site: str, key: str) -> np.ndarray | None:
+        return self.store.get_site_state(site, key)
+
+    def put(self, site: str, key: str, round: int, vector: np.ndarray) -> None:
+        self.store.put_site_state(site, key, round, vector)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

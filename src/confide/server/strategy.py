@@ -26,6 +26,12 @@ from confide.server.optim import ServerOptimizer
 SELECT_STREAM = 1
 SITE_STREAM = 2
 EVAL_STREAM = 3
+STRAGGLER_STREAM = 5
+
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
+PERSONALIZATIONS = ("none", "ditto", "fedrep", "finetune")
+CONTROL_KEY = "scaffold.control"
+"""SCAFFOLD's server control variate c, kept in the server state beside the optimizer's (and checkpointed)."""
 
 
 def rng_for(seed: int, round: int, stream: int) -> np.random.Generator:
@@ -71,9 +77,99 @@ class WeightedMean:
         return state.total
 
 
-@dataclass(frozen=True)
+@dataclass
+class NovaState(MeanState):
+    tau: float = 0.0
+    """Sum of p_i * a_i: the effective number of local steps of the round."""
+
+
+class NormalizedMean(WeightedMean):
+    """FedNova's normalized averaging (Wang et al. 2020, "Tackling the Objective Inconsistency Problem").
+
+    A site that takes more local steps moves further; plain averaging then pulls the model towards the sites
+    that did more work, not towards the average site's optimum. FedNova divides each delta by the site's
+    normalizer a_i (its number of SGD steps, adjusted for momentum) and rescales the mean by the effective
+    step count: delta = (sum_i p_i a_i) * sum_i p_i delta_i / a_i, with p_i the example weights.
+    """
+
+    name = "fednova"
+
+    def init(self, size: int) -> NovaState:
+        return NovaState(total=np.zeros(size, dtype=np.float32))
+
+    def add(self, state: MeanState, update: Update) -> None:
+        assert isinstance(state, NovaState)
+        a = update.metrics.get("normalizer", float("nan"))
+        if not (np.isfinite(a) and a > 0):
+            raise UpdateError(
+                f"site {update.site!r} sent no valid FedNova normalizer (got {a}); it must report the "
+                "positive number of local steps it took"
+            )
+        if update.vector is None:
+            raise UpdateError(f"the update of site {update.site!r} has no readable vector to aggregate")
+        scaled = Update(
+            update.site,
+            update.round,
+            update.num_examples,
+            update.vector / np.float32(a),
+            update.model_version,
+        )
+        super().add(state, scaled)
+        state.tau += update.num_examples * a
+
+    def result(self, state: MeanState) -> Vector:
+        assert isinstance(state, NovaState)
+        mean = super().result(state)
+        mean *= np.float32(state.tau / state.weight)
+        return mean
+
+
+@dataclass
+class ControlSum:
+    """The running sum of SCAFFOLD's control-variate changes in one round."""
+
+    total: Vector
+    count: int = 0
+
+
+class Scaffold:
+    """The server side of SCAFFOLD (Karimireddy et al. 2020, Algorithm 1).
+
+    The server keeps c, the mean of all N sites' control variates, sends it with every task, and after the
+    round moves it by the sampled sites' changes: c <- c + (1/N) * sum_{i in S} (c_i+ - c_i), which keeps c
+    equal to the mean of every site's c_i (sites not sampled keep theirs).
+    """
+
+    def init(self, size: int) -> ControlSum:
+        return ControlSum(total=np.zeros(size, dtype=np.float32))
+
+    def check(self, update: Update, size: int) -> Vector | None:
+        change = update.payload.get("control_delta")
+        if change is None:
+            if update.metrics.get("steps", 0.0) == 0:
+                return None  # a site with nothing to train on leaves its control variate as it was
+            raise UpdateError(f"site {update.site!r} trained but sent no SCAFFOLD control-variate change")
+        if not (isinstance(change, np.ndarray) and change.dtype == np.float32 and change.shape == (size,)):
+            raise UpdateError(
+                f"site {update.site!r} sent a SCAFFOLD control change that is not {size} float32 values"
+            )
+        if not np.isfinite(change).all():
+            raise UpdateError(f"site {update.site!r} sent a SCAFFOLD control change with NaN or infinity")
+        return change
+
+    def add(self, state: ControlSum, change: Vector | None) -> None:
+        if change is not None:
+            torch.from_numpy(state.total).add_(torch.from_numpy(change))
+            state.count += 1
+
+    def finish(self, control: Vector, state: ControlSum, population: int) -> None:
+        control += state.total / np.float32(population)
+
+
+@dataclass(frozen=True, eq=False)
 class Strategy:
-    """Synchronous federated optimization: FedAvg and its adaptive-server variants (Reddi et al. 2021)."""
+    """Synchronous federated optimization: FedAvg and its adaptive-server variants (Reddi et al. 2021),
+    FedProx, SCAFFOLD and FedNova, with optional personalization (Ditto, FedRep, fine-tuning)."""
 
     sites_per_round: float = 10
     """A count (an integer, at least 1) or a fraction of all sites (a number in (0, 1))."""
@@ -84,6 +180,17 @@ class Strategy:
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
     aggregator: WeightedMean = field(default_factory=WeightedMean)
     seed: int = 0
+    algorithm: str = "fedavg"
+    mu: float = 0.0
+    personalization: str = "none"
+    personal_steps: int = 0
+    personal_lambda: float = 0.0
+    stragglers: float = 0.0
+    """Fraction of each round's sites that do only part of the local work (systems heterogeneity)."""
+    min_work: float = 0.1
+    """A straggler does a fraction of the work drawn uniformly from [min_work, 1)."""
+    shared: np.ndarray | None = None
+    """Positions of the parameters the federation shares (FedRep: the body); None: all of them."""
 
     def __post_init__(self) -> None:
         s = self.sites_per_round
@@ -91,6 +198,33 @@ class Strategy:
             raise ConfigError(
                 f"server.sites_per_round must be a whole count >= 1 or a fraction in (0, 1) (got {s})"
             )
+        if self.algorithm not in ALGORITHMS:
+            accepted = ", ".join(map(repr, ALGORITHMS))
+            raise ConfigError(f"server.strategy must be one of {accepted} (got {self.algorithm!r})")
+        if self.personalization not in PERSONALIZATIONS:
+            accepted = ", ".join(map(repr, PERSONALIZATIONS))
+            raise ConfigError(
+                f"client.personalization must be one of {accepted} (got {self.personalization!r})"
+            )
+        if self.algorithm == "fednova" and not isinstance(self.aggregator, NormalizedMean):
+            object.__setattr__(self, "aggregator", NormalizedMean())
+
+    @property
+    def scaffold(self) -> Scaffold | None:
+        return Scaffold() if self.algorithm == "scaffold" else None
+
+    def init_state(self, size: int) -> dict[str, Vector]:
+        """Fresh server state: the optimizer's, and SCAFFOLD's control variate (zero, as in the paper)."""
+        state = self.optimizer.init(size)
+        if self.algorithm == "scaffold":
+            state[CONTROL_KEY] = np.zeros(size, dtype=np.float32)
+        return state
+
+    def extras(self, state: dict[str, Vector]) -> dict[str, Vector]:
+        """Vectors sent to every site with its task, besides the global weights."""
+        if self.algorithm == "scaffold":
+            return {"control": state[CONTROL_KEY]}
+        return {}
 
     def count(self, available: int) -> int:
         if self.sites_per_round < 1:
@@ -106,14 +240,27 @@ class Strategy:
 
     def plans(self, round: int, sites: Sequence[str]) -> dict[str, Plan]:
         seeds = rng_for(self.seed, round, SITE_STREAM).integers(0, 2**31 - 1, size=len(sites))
+        work = np.ones(len(sites))
+        if self.stragglers > 0:
+            rng = rng_for(self.seed, round, STRAGGLER_STREAM)
+            slow = rng.random(len(sites)) < self.stragglers
+            work[slow] = rng.uniform(self.min_work, 1.0, size=int(slow.sum()))
         return {
-            site: Plan(
-                round=round,
-                epochs=self.epochs,
-                max_steps=self.max_steps,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-                seed=int(s),
-            )
-            for site, s in zip(sites, seeds, strict=True)
+            site: self.plan(round, int(s), float(w)) for site, s, w in zip(sites, seeds, work, strict=True)
         }
+
+    def plan(self, round: int, seed: int, work: float = 1.0) -> Plan:
+        return Plan(
+            round=round,
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            seed=seed,
+            work=work,
+            algorithm=self.algorithm,
+            mu=self.mu,
+            personalization=self.personalization,
+            personal_steps=self.personal_steps,
+            personal_lambda=self.personal_lambda,
+        )
