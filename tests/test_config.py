@@ -82,3 +82,9 @@ def test_missing_file_and_bad_override(tmp_path: Path) -> None:
 def test_every_option_is_described() -> None:
     rows = config.describe()
     assert len(rows) > 30 and all(help for _, _, help in rows)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("examples/*.toml")), ids=str)
+def test_every_example_config_is_valid(path: Path) -> None:
+    loaded = config.load(path)
+    assert loaded.run.rounds >= 1
