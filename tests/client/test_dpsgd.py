@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -119,3 +122,16 @@ def test_fit_is_reproducible_from_its_noise_seed_and_secret_without_one() -> Non
     assert not np.array_equal(dp.fit(weights, data, plan).delta, dp.fit(weights, data, plan).delta)
     with pytest.raises(ConfigError, match="max_grad_norm"):
         DPSGD(net, max_grad_norm=0.0, noise_multiplier=1.0)
+
+
+def test_building_dp_sgd_leaves_logging_unconfigured() -> None:
+    # Opacus calls logging.basicConfig() on import; in a fresh process, DPSGD must leave no root handler.
+    code = (
+        "import logging\n"
+        "from confide.client.dpsgd import DPSGD\n"
+        "from confide.models import build_model\n"
+        "DPSGD(build_model('gpt', 97, layers=1, heads=1, width=8), 1.0, 1.0)\n"
+        "print(len(logging.root.handlers))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "0"

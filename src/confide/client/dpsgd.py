@@ -26,14 +26,15 @@ module. Never derive it from the plan's seed in a deployment: the server chooses
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -41,6 +42,30 @@ from confide.client.trainer import ClientOptimizer, FitResult, split_window
 from confide.core import Layout, Plan, Vector
 from confide.errors import ConfigError
 from confide.privacy.accountant import PrivacyAccountant
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
+
+
+def _dp_optimizer(
+    optimizer: torch.optim.Optimizer, noise_multiplier: float, max_grad_norm: float
+) -> DPOptimizer:
+    # Importing Opacus calls logging.basicConfig(), which gives the root logger a stderr handler before the
+    # command line can set up its own (and makes the CLI's own basicConfig a no-op). confide never configures
+    # logging, so the import is undone here, where Opacus is first needed.
+    handlers = list(logging.root.handlers)
+    from opacus.optimizers import DPOptimizer
+
+    logging.root.handlers[:] = handlers
+    # loss_reduction="mean": the noised sum of clipped gradients is divided by the *expected* batch size,
+    # which Poisson sampling needs (the actual size is random, and dividing by it would leak it).
+    return DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=1,
+        loss_reduction="mean",
+    )
 
 
 class PerSampleGradients:
@@ -119,15 +144,7 @@ class DPSGD:
         parameters = dict(model.named_parameters())
         self.params = [parameters[n] for n in self.gradients.names]
         self.optimizer = (optimizer or ClientOptimizer()).build(self.params)
-        # loss_reduction="mean": the noised sum of clipped gradients is divided by the *expected* batch size,
-        # which Poisson sampling needs (the actual size is random, and dividing by it would leak it).
-        self.dp_optimizer = DPOptimizer(
-            self.optimizer,
-            noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=1,
-            loss_reduction="mean",
-        )
+        self.dp_optimizer = _dp_optimizer(self.optimizer, self.noise_multiplier, self.max_grad_norm)
         self._local = self.layout.zeros()
 
     def step_batch(
