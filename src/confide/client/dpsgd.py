@@ -16,8 +16,9 @@ first dimension of every layer's input as the batch; the GPT looks up its positi
 index that has no batch dimension, so GradSampleModule returns (T, ...) "per-sample" gradients for it,
 silently wrong. It also refuses ``nn.LSTM`` (it needs Opacus' DPLSTM, whose parameters are named and laid
 out differently, which would break the shared flat Layout). Differentiating the whole model per window is
-exact for both models, tied weights included; torch has no vmap rule for the fused attention and LSTM kernels
-and loops over the windows there, so a step costs about 2x (GPT) to 10x (LSTM) a plain one.
+exact for both models, tied weights included. torch has no vmap rule for the fused attention and LSTM
+kernels and loops over the windows there (with a one-time "performance drop" warning): on small models a
+step measured about 2x (GPT) and 12x (LSTM) the time of a plain one.
 
 Threat model: the update leaving the site is DP for the site's records only if the batch sampling and the
 noise are unknown to the receiver. They are drawn from ``noise_seed``; without one, from the ``secrets``
