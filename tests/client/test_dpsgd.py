@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from confide.client.dpsgd import DPSGD, PerSampleGradients, record_accountant
+from confide.client.trainer import ClientOptimizer, split_window
+from confide.core import Layout, Plan
+from confide.errors import ConfigError
+from confide.models import build_model
+from confide.privacy.accountant import PrivacyAccountant
+
+# torch.func has no batching rule for the fused attention and LSTM kernels and loops there, and says so.
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+MODELS = {
+    "gpt": {"layers": 1, "heads": 2, "width": 16},
+    "lstm": {"embedding": 8, "hidden": 16, "layers": 1},
+}
+
+
+def windows(n: int = 6, width: int = 17) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 40, size=(n, width), dtype=np.uint8)
+
+
+def model(kind: str = "gpt", **extra: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(kind, 97, **MODELS[kind], **extra)
+
+
+def hand_gradients(net: torch.nn.Module, layout: Layout, data: np.ndarray) -> np.ndarray:
+    """Each window's gradient on its own, by plain autograd, one window at a time: (N, parameters)."""
+    rows = []
+    for i in range(len(data)):
+        inputs, targets = split_window(data[i : i + 1])
+        net.zero_grad(set_to_none=True)
+        _, loss = net(inputs, targets)
+        loss.backward()
+        rows.append(layout.flatten({n: p.grad for n, p in net.named_parameters()}).copy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_noise_free_step_is_the_mean_of_hand_clipped_gradients(kind: str) -> None:
+    net = model(kind)
+    data = windows()
+    layout = Layout.of_module(net)
+    weights = layout.read(net).copy()
+    grads = hand_gradients(net, layout, data)
+    norms = np.linalg.norm(grads.astype(np.float64), axis=1)
+    clip_norm = float(np.median(norms))
+    assert (norms > clip_norm).any() and (norms < clip_norm).any()  # some windows clipped, some not
+    clipped = grads * np.minimum(1.0, clip_norm / norms)[:, None]
+
+    dp = DPSGD(net, max_grad_norm=clip_norm, noise_multiplier=0.0, optimizer=ClientOptimizer("sgd"))
+    # batch_size = N makes the Poisson rate 1: every window is in the batch, and the mean is over N.
+    plan = Plan(round=1, max_steps=1, batch_size=len(data), learning_rate=0.5, seed=0)
+    result = dp.fit(weights, data, plan, noise_seed=1)
+    assert result.steps == 1 and result.sampling_rate == 1.0
+    np.testing.assert_allclose(result.delta, -0.5 * clipped.mean(axis=0), rtol=1e-4, atol=1e-7)
+
+
+def test_per_sample_gradients_match_autograd_with_tied_weights_and_positions() -> None:
+    net = model("gpt")
+    data = windows(4)
+    layout = Layout.of_module(net)
+    grads, losses = PerSampleGradients(net, chunk_size=3)(*split_window(data))
+    ours = np.stack([layout.flatten({n: g[i] for n, g in grads.items()}).copy() for i in range(len(data))])
+    np.testing.assert_allclose(ours, hand_gradients(net, layout, data), rtol=1e-4, atol=1e-7)
+    assert losses.shape == (4,)
+
+
+def test_noise_on_the_step_has_std_z_c_over_the_expected_batch() -> None:
+    net = model()
+    data = windows()
+    layout = Layout.of_module(net)
+    weights = layout.read(net).copy()
+    plan = Plan(round=1, max_steps=1, batch_size=len(data), learning_rate=1.0, seed=0)
+    clean = DPSGD(net, 0.1, 0.0, ClientOptimizer("sgd")).fit(weights, data, plan, noise_seed=3).delta
+    noisy = DPSGD(net, 0.1, 2.0, ClientOptimizer("sgd")).fit(weights, data, plan, noise_seed=3).delta
+    noise = (noisy - clean).astype(np.float64)
+    variance = (2.0 * 0.1 / len(data)) ** 2  # (z C / expected batch)², times lr² = 1
+    statistic = float(np.sum(noise**2)) / variance
+    assert stats.chi2.ppf(1e-6, noise.size) < statistic < stats.chi2.ppf(1 - 1e-6, noise.size)
+
+
+def test_site_epsilon_grows_with_steps_and_follows_the_accountant() -> None:
+    net = model(dropout=0.1)
+    data = windows(20)
+    layout = Layout.of_module(net)
+    weights = layout.read(net).copy()
+    dp = DPSGD(net, max_grad_norm=1.0, noise_multiplier=1.1)
+    accountant = record_accountant(len(data), delta=1e-5)
+    plan = Plan(round=1, epochs=1, batch_size=5, learning_rate=0.1, seed=0)
+    first = dp.fit(weights, data, plan, accountant, noise_seed=4)
+    second = dp.fit(weights, data, plan, accountant, noise_seed=5)
+    assert first.steps == 4 and first.sampling_rate == 0.25
+    assert first.epsilon is not None and second.epsilon is not None
+    assert 0 < first.epsilon < second.epsilon
+    direct = PrivacyAccountant("rdp", "poisson", len(data), 1e-5)
+    direct.spend(1.1, 0.25, steps=8)
+    assert second.epsilon == pytest.approx(direct.epsilon(), rel=1e-12)
+    assert np.isfinite(first.delta).all() and first.loss > 0
+    with pytest.raises(ConfigError, match="'poisson'"):
+        dp.fit(weights, data, plan, PrivacyAccountant("rdp", "fixed", len(data), 1e-5))
+
+
+def test_fit_is_reproducible_from_its_noise_seed_and_secret_without_one() -> None:
+    net = model()
+    data = windows(12)
+    weights = Layout.of_module(net).read(net).copy()
+    dp = DPSGD(net, max_grad_norm=1.0, noise_multiplier=1.0)
+    plan = Plan(round=1, batch_size=3, max_steps=3, learning_rate=0.1, seed=0)
+    a, b = dp.fit(weights, data, plan, noise_seed=9), dp.fit(weights, data, plan, noise_seed=9)
+    np.testing.assert_array_equal(a.delta, b.delta)
+    assert not np.array_equal(dp.fit(weights, data, plan).delta, dp.fit(weights, data, plan).delta)
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        DPSGD(net, max_grad_norm=0.0, noise_multiplier=1.0)
+
+
+def test_building_dp_sgd_leaves_logging_unconfigured() -> None:
+    # Opacus calls logging.basicConfig() on import; in a fresh process, DPSGD must leave no root handler.
+    code = (
+        "import logging\n"
+        "from confide.client.dpsgd import DPSGD\n"
+        "from confide.models import build_model\n"
+        "DPSGD(build_model('gpt', 97, layers=1, heads=1, width=8), 1.0, 1.0)\n"
+        "print(len(logging.root.handlers))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "0"
