@@ -156,6 +156,14 @@ class RichObserver:
             f"unigram baseline (always predict {runner.baseline.character!r}): "
             f"accuracy {runner.baseline.accuracy:.3f} on the held-out text of {len(runner.eval_sites)} sites"
         )
+        if runner.dp is not None:
+            console.print(runner.dp.describe())
+        if runner.config.privacy.record_dp:
+            p = runner.config.privacy
+            console.print(
+                f"record-level DP-SGD at every site: per-window clip {p.record_clip:g}, noise multiplier "
+                f"{p.record_noise:g}; each site's epsilon is for its own windows at delta 1/(10 x windows)"
+            )
         self.round_task = self.progress.add_task("rounds", total=self.rounds, completed=first_round - 1)
         self.site_task = self.progress.add_task("sites", total=1)
 
@@ -182,6 +190,16 @@ class RichObserver:
             f"{m['seconds']:5.1f}s  sent {human_bytes(m['bytes_sent'])}  "
             f"received {human_bytes(m['bytes_received'])}"
         )
+        if "epsilon" in m or "record_epsilon_max" in m:
+            parts = []
+            if "epsilon" in m:
+                parts.append(
+                    f"site-level epsilon {m['epsilon']:.3f} at delta {m['delta']:.1e} "
+                    f"(noise multiplier {m['noise_multiplier']:.3f}, clip norm {m['clip_norm']:.3g})"
+                )
+            if "record_epsilon_max" in m:
+                parts.append(f"record-level epsilon, worst site {m['record_epsilon_max']:.3f}")
+            console.print("            privacy: " + ";  ".join(parts))
         if "personal_accuracy" in m:
             console.print(
                 f"            personalized: accuracy {m['personal_accuracy']:.3f}  "
@@ -192,6 +210,9 @@ class RichObserver:
 
     def run_finished(self, runner: Any) -> None:
         pass
+
+    def stopped(self, reason: str) -> None:
+        console.print(f"[bold yellow]{reason}[/]")
 
 
 def _finish(runner: Any, write: bool) -> None:

@@ -136,6 +136,12 @@ class ServerConfig:
         "server optimizer on the averaged delta (Reddi et al. 2021); sgd with learning_rate 1 is FedAvg",
         choices=("sgd", "momentum", "adam", "yogi", "adagrad"),
     )
+    sampling: str = option(
+        "fixed",
+        "how a round's sites are drawn: 'fixed' (exactly sites_per_round, without replacement) or 'poisson' "
+        "(each site independently with rate sites_per_round / sites; what DP accounting likes best)",
+        choices=("fixed", "poisson"),
+    )
     strategy: str = option(
         "fedavg",
         "the federated algorithm: 'fedavg', 'fedprox' (proximal term, mu), 'scaffold' (control variates), "
@@ -171,6 +177,53 @@ class BackendConfig:
     threads: int = option(0, "torch threads; 0: torch's default", at_least(0), ">= 0")
 
 
+@dataclass(frozen=True)
+class PrivacyConfig:
+    dp: str = option(
+        "none",
+        "site-level DP-FedAvg: 'central' (the aggregator adds the noise) or 'distributed' (each site adds "
+        "its share; needs secure aggregation)",
+        choices=("none", "central", "distributed"),
+    )
+    clip_norm: float = option(1.0, "L2 norm each site's update is clipped to (C)", positive, "> 0")
+    noise_multiplier: float = option(
+        1.0, "z: the noise on the sum of updates has standard deviation z * C", at_least(0), ">= 0"
+    )
+    target_epsilon: float = option(
+        0.0, "privacy budget: stop before the round that would spend more; 0: no budget", at_least(0), ">= 0"
+    )
+    delta: float = option(
+        0.0, "the delta of (epsilon, delta); 0: 1 / (10 x number of sites)", lambda x: 0 <= x < 1, "in [0, 1)"
+    )
+    calibrate: bool = option(
+        False,
+        "set the noise multiplier from target_epsilon so that run.rounds rounds spend exactly the budget",
+    )
+    accounting: str = option(
+        "rdp",
+        "privacy accountant of dp-accounting: 'rdp' (Renyi DP) or 'pld' (tighter)",
+        choices=("rdp", "pld"),
+    )
+    adaptive_clip: bool = option(
+        False, "move the clip norm towards a quantile of the update norms (Andrew et al. 2021)"
+    )
+    target_quantile: float = option(
+        0.5, "adaptive clipping: the quantile of update norms to clip at", lambda x: 0 < x < 1, "in (0, 1)"
+    )
+    clip_learning_rate: float = option(
+        0.2, "adaptive clipping: step of the geometric update", positive, "> 0"
+    )
+    bits_noise: float = option(
+        0.0,
+        "adaptive clipping: std of the noise on the count of unclipped updates; 0: sites per round / 20",
+        at_least(0),
+        ">= 0",
+    )
+    record_dp: bool = option(False, "record-level DP-SGD at each site (Opacus), with each site's own epsilon")
+    record_clip: float = option(1.0, "DP-SGD: L2 norm each window's gradient is clipped to", positive, "> 0")
+    record_noise: float = option(1.0, "DP-SGD: noise multiplier of each step", at_least(0), ">= 0")
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
@@ -178,6 +231,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "eval": EvalConfig,
     "backend": BackendConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -191,6 +245,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -281,11 +336,54 @@ def check(config: Config) -> None:
             "client.personal_layers names FedRep's personal head; it needs client.personalization = 'fedrep' "
             f"(got {c.personalization!r})"
         )
+    _check_privacy(config)
     # The model's own options are checked by building it once (cheap for our models).
     from confide.models import build_model
 
     options = {k: v for k, v in config.model.items() if k != "kind"}
     build_model(config.model["kind"], vocab_size=97, **options)
+
+
+def _check_privacy(config: Config) -> None:
+    p, s, c = config.privacy, config.server, config.client
+    if p.dp == "none":
+        for key in ("target_epsilon", "adaptive_clip", "calibrate"):
+            if getattr(p, key):
+                raise ConfigError(
+                    f"privacy.{key} needs site-level differential privacy: set privacy.dp = 'central' or "
+                    "'distributed' (it is 'none')"
+                )
+    else:
+        if s.strategy in ("scaffold", "fednova"):
+            what = "control variates" if s.strategy == "scaffold" else "step counts and example weights"
+            raise ConfigError(
+                f"privacy.dp = {p.dp!r} cannot run with server.strategy = {s.strategy!r}: its {what} travel "
+                "beside the clipped update without noise; use 'fedavg' or 'fedprox'"
+            )
+        if p.calibrate and p.target_epsilon <= 0:
+            raise ConfigError("privacy.calibrate = true needs privacy.target_epsilon > 0 to calibrate to")
+        if p.adaptive_clip and p.dp != "central":
+            raise ConfigError(
+                "privacy.adaptive_clip needs privacy.dp = 'central': each site's clipping bit is noised by "
+                "the aggregator, which under distributed DP must not see it"
+            )
+        if p.dp == "distributed" and not getattr(p, "secure_aggregation", False):
+            raise ConfigError(
+                "privacy.dp = 'distributed' needs secure aggregation (privacy.secure_aggregation = true): "
+                "each site's update carries only its share of the noise, so the server may see only their "
+                "sum; without it use privacy.dp = 'central'"
+            )
+        if p.accounting == "pld" and s.sampling == "fixed":
+            raise ConfigError(
+                "privacy.accounting = 'pld' cannot account server.sampling = 'fixed' (dp-accounting has no "
+                "privacy loss distribution for sampling without replacement): use accounting = 'rdp', or "
+                "server.sampling = 'poisson'"
+            )
+    if p.record_dp and (s.strategy != "fedavg" or c.personalization == "fedrep"):
+        raise ConfigError(
+            "privacy.record_dp trains with plain DP-SGD steps, so it runs with server.strategy = 'fedavg' "
+            f"(got {s.strategy!r}) and without FedRep"
+        )
 
 
 def _build(cls: type, section: str, table: Mapping[str, Any]) -> Any:

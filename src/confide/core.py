@@ -145,6 +145,13 @@ class Plan:
     """Ditto: steps on the personal model; FedRep: steps on the head; finetune: fine-tuning steps."""
     personal_lambda: float = 0.0
     """Ditto: how strongly the personal model is pulled towards the global one (inf: it is the global one)."""
+    clip_norm: float = 0.0
+    """Site-level DP: the L2 norm to clip the update to this round (it moves under adaptive clipping); 0: the
+    clipping layer's own."""
+    record_clip: float = 0.0
+    """Record-level DP-SGD: the L2 norm each window's gradient is clipped to; 0: no DP-SGD."""
+    record_noise: float = 0.0
+    """Record-level DP-SGD: the noise multiplier of each step."""
 
     def local_steps(self, num_examples: int) -> int:
         """The number of optimizer steps this plan asks of a site with ``num_examples`` windows."""
@@ -197,3 +204,12 @@ class Layer(Protocol):
     def encode(self, update: Update, rng: np.random.Generator) -> Update: ...
 
     def decode(self, update: Update) -> Update: ...
+
+
+def configure_layers(layers: Iterable[Layer], plan: Plan) -> None:
+    """Give each site layer that wants it (a ``configure(plan)`` method) this round's plan, before encoding:
+    the server sends per-round settings, such as the adaptive clip norm, in the plan."""
+    for layer in layers:
+        configure = getattr(layer, "configure", None)
+        if configure is not None:
+            configure(plan)

@@ -199,9 +199,7 @@ class DPSGD:
             )
         n = len(windows)
         rate = min(1.0, plan.batch_size / n) if n else 1.0
-        steps = plan.epochs * math.ceil(n / plan.batch_size) if n else 0
-        if plan.max_steps is not None:
-            steps = min(steps, plan.max_steps)
+        steps = plan.local_steps(n)
 
         self.layout.write(self.model, weights)
         self.optimizer.state.clear()

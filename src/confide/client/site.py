@@ -14,17 +14,21 @@ The algorithms differ only in what the site adds to plain local training and wha
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from confide.client.dpsgd import DPSGD, record_accountant
 from confide.client.personalize import FEDREP_KEY, Personal, train_ditto, train_head
 from confide.client.state import MemorySiteState
-from confide.client.trainer import PLAIN, Objective, Trainer
-from confide.core import Layer, Plan, Update, Vector
+from confide.client.trainer import PLAIN, FitResult, Objective, Trainer
+from confide.core import Layer, Plan, Update, Vector, configure_layers
 from confide.errors import UpdateError
 
 LAYER_STREAM = 7
+DPSGD_STEPS_KEY = "dpsgd.steps"
+DPSGD_EPSILON_KEY = "dpsgd.epsilon"
 SCAFFOLD_KEY = "scaffold.control"
 CONTROL = "control"
 """Name of SCAFFOLD's server control variate among a task's extras."""
@@ -41,6 +45,38 @@ def fednova_normalizer(steps: int, momentum: float) -> float:
     return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
 
 
+def fit_private(
+    dpsgd: DPSGD,
+    site: str,
+    windows: np.ndarray,
+    weights: Vector,
+    plan: Plan,
+    personal: Personal,
+    metrics: dict[str, float],
+) -> FitResult:
+    """Local training with record-level DP-SGD; the site's epsilon for its own records goes into ``metrics``.
+
+    A site's sampling rate (batch size over its windows) and noise stay the same from round to round, so its
+    whole ledger is one number, the steps taken so far, kept in its state. Its delta is 1 / (10 x windows).
+    """
+    n = len(windows)
+    accountant = record_accountant(max(n, 1), 1.0 / (10 * max(n, 1)))
+    before = personal.state.get(site, DPSGD_STEPS_KEY)
+    taken = int(before[0]) if before is not None else 0
+    if taken and n:
+        accountant.spend(dpsgd.noise_multiplier, min(1.0, plan.batch_size / n), taken)
+    # The batch sampling and noise must be secret from the server in a deployment; in simulation they follow
+    # the plan's seed so that a resumed run is identical.
+    result = dpsgd.fit(
+        weights, windows, plan, accountant, noise_seed=zlib.crc32(f"{plan.seed}:dpsgd".encode())
+    )
+    personal.state.put(site, DPSGD_STEPS_KEY, plan.round, np.array([taken + result.steps], dtype=np.float32))
+    if result.epsilon is not None:
+        metrics["record_epsilon"] = result.epsilon
+        personal.state.put(site, DPSGD_EPSILON_KEY, plan.round, np.array([result.epsilon], dtype=np.float32))
+    return result
+
+
 def run_task(
     trainer: Trainer,
     site: str,
@@ -53,6 +89,7 @@ def run_task(
     extras: Mapping[str, Vector] | None = None,
     personal: Personal | None = None,
     shared: np.ndarray | None = None,
+    dpsgd: DPSGD | None = None,
 ) -> Update:
     """Train from ``weights`` on ``windows`` and return the encoded update (layers in stack order).
 
@@ -83,7 +120,12 @@ def run_task(
         mine = np.zeros_like(weights) if kept is None else kept
         objective = Objective(correction=control - mine)
 
-    result = trainer.fit(start, windows, plan, objective)
+    if plan.record_clip > 0:
+        if dpsgd is None:
+            raise UpdateError(f"site {site!r} was asked for DP-SGD but has no DP-SGD trainer")
+        result = fit_private(dpsgd, site, windows, start, plan, personal, metrics)
+    else:
+        result = trainer.fit(start, windows, plan, objective)
     seconds += result.seconds
     local = start + result.delta
     delta = local - weights
@@ -115,6 +157,7 @@ def run_task(
         payload=payload,
     )
     rng = np.random.default_rng([plan.seed, LAYER_STREAM])
+    configure_layers(layers, plan)
     for layer in layers:
         update = layer.encode(update, rng)
     return update

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from confide.core import Update, Vector
+from confide.core import Plan, Update, Vector
 from confide.errors import ConfigError, UpdateError
 
 NORM_METRIC = "update_norm"
@@ -112,6 +112,11 @@ class ClipLayer:
         self.clip_norm = float(clip_norm)
         self.report = report
 
+    def configure(self, plan: Plan) -> None:
+        """Take this round's clip norm from the plan (adaptive clipping moves it between rounds)."""
+        if plan.clip_norm > 0:
+            self.clip_norm = float(plan.clip_norm)
+
     def encode(self, update: Update, rng: np.random.Generator) -> Update:
         if update.vector is None:
             raise UpdateError(
@@ -175,6 +180,11 @@ class DistributedNoiseLayer:
     def effective_noise_multiplier(self, reported: int) -> float:
         """The noise multiplier of a sum of ``reported`` sites' updates: z·sqrt(reported / num_sites)."""
         return self.noise_multiplier * math.sqrt(reported / self.num_sites)
+
+    def configure(self, plan: Plan) -> None:
+        """Take this round's clip norm from the plan: the noise is in units of it."""
+        if plan.clip_norm > 0:
+            self.clip_norm = float(plan.clip_norm)
 
     def encode(self, update: Update, rng: np.random.Generator) -> Update:
         if update.vector is None:

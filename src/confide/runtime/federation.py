@@ -9,15 +9,19 @@ anything, so the local simulation and a real deployment run exactly this code.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
 
 from confide.core import Layer, Plan, Update, Vector
 from confide.errors import UpdateError
-from confide.server.strategy import CONTROL_KEY, Strategy
+from confide.privacy.policy import CLIP_KEY
+from confide.server.strategy import CONTROL_KEY, Strategy, rng_for
+
+NOISE_STREAM = 6
+"""The random stream of noise the server adds (central DP), derived from (seed, round) like every other."""
 
 PLAN_HEADER_BYTES = 64
 """What a task costs on the wire besides the weights: round, seed, epochs, batch size, learning rate."""
@@ -93,6 +97,8 @@ class RoundResult:
     """Time the sites spent in forward, backward and optimizer steps (their own report)."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """Sites whose update was refused this round, and why; the round went on without them."""
+    site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """What each accepted site reported (training loss, steps, clipping bit, record-level epsilon, ...)."""
 
 
 class Observer(Protocol):
@@ -110,12 +116,27 @@ class Federation:
         self.strategy = strategy
         self.layers = tuple(layers)
 
-    def round(self, state: ServerState, backend: Backend, observer: Observer | None = None) -> RoundResult:
-        """Run round ``state.round + 1`` and move ``state`` to its result, in place."""
+    def round(
+        self,
+        state: ServerState,
+        backend: Backend,
+        observer: Observer | None = None,
+        charge: Callable[[int, int], None] | None = None,
+    ) -> RoundResult:
+        """Run round ``state.round + 1`` and move ``state`` to its result, in place.
+
+        ``charge(round, reported)`` is called once every update is in and before the aggregate touches the
+        model, with the number of updates that reached it: the privacy accountant spends the round there, so
+        a crash can never leave a used result unaccounted. If it raises, the round is abandoned and ``state``
+        is unchanged.
+        """
         started = time.perf_counter()
         r = state.round + 1
         sites = self.strategy.select(r, backend.sites())
         plans = self.strategy.plans(r, sites)
+        clip = state.optimizer_state.get(CLIP_KEY)
+        if clip is not None:  # adaptive clipping: this round's clip norm travels in the plan
+            plans = {site: replace(plan, clip_norm=float(clip[0])) for site, plan in plans.items()}
         if observer is not None:
             observer.round_started(r, sites)
         extras = self.strategy.extras(state.optimizer_state)
@@ -131,6 +152,7 @@ class Federation:
         seen: set[str] = set()
         rejected: list[tuple[str, str]] = []
         examples, loss_sum, received, compute = 0, 0.0, 0, 0.0
+        reported: dict[str, dict[str, float]] = {}
         for update in backend.train(state.weights, tasks):
             received += update.nbytes
             try:
@@ -152,12 +174,15 @@ class Federation:
                 rejected.append((update.site, str(e)))
                 continue
             examples += update.num_examples
+            reported[update.site] = dict(update.metrics)
             loss_sum += update.metrics.get("train_loss", float("nan")) * update.num_examples
             compute += update.metrics.get("compute_seconds", 0.0)
             if observer is not None:
                 observer.site_done(r, update.site)
-        if examples > 0:
-            delta = aggregator.result(aggregate)
+        if charge is not None:
+            charge(r, len(reported))
+        if reported:
+            delta = aggregator.result(aggregate, rng_for(self.strategy.seed, r, NOISE_STREAM))
             if shared is not None:
                 full = np.zeros_like(state.weights)
                 full[shared] = delta
@@ -176,6 +201,7 @@ class Federation:
             seconds=time.perf_counter() - started,
             compute_seconds=compute,
             rejected=rejected,
+            site_metrics=reported,
         )
 
     @staticmethod

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from confide.client.dpsgd import DPSGD
 from confide.client.personalize import Personal, personal_weights
 from confide.client.site import run_task
 from confide.client.state import MemorySiteState
@@ -32,6 +33,7 @@ class LocalBackend:
         eval_batch_size: int = 256,
         personal: Personal | None = None,
         shared: np.ndarray | None = None,
+        dpsgd: DPSGD | None = None,
     ) -> None:
         self.dataset = dataset
         self.trainer = trainer
@@ -39,6 +41,7 @@ class LocalBackend:
         self.eval_batch_size = eval_batch_size
         self.personal = personal or Personal(MemorySiteState(), np.empty(0, dtype=np.int64))
         self.shared = shared
+        self.dpsgd = dpsgd
         self._by_name = {s.name: s for s in dataset.sites}
         self._eval_cache: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None
 
@@ -59,6 +62,7 @@ class LocalBackend:
                 extras=task.extras,
                 personal=self.personal,
                 shared=self.shared,
+                dpsgd=self.dpsgd,
             )
 
     def evaluate(

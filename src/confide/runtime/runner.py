@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from confide.client.dpsgd import DPSGD
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY, Personal
+from confide.client.site import DPSGD_EPSILON_KEY
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
 from confide.core import Layout
@@ -27,16 +29,20 @@ from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakesp
 from confide.data.text import load_text
 from confide.errors import DivergedError, StoreError
 from confide.models import CharModel, build_model, head_names
+from confide.privacy.accountant import LedgerEntry
+from confide.privacy.dp import CLIPPED_METRIC, AdaptiveClip
+from confide.privacy.policy import CLIP_KEY, BudgetExhausted, SiteDP, expected_bits_noise
 from confide.runtime.federation import Federation, RoundResult, ServerState, summarize
 from confide.runtime.local import LocalBackend
 from confide.runtime.store import Store, StoreSiteState
 from confide.server.optim import ServerOptimizer
-from confide.server.strategy import EVAL_STREAM, Strategy, rng_for
+from confide.server.strategy import EVAL_STREAM, Aggregator, Strategy, WeightedMean, rng_for
 
 log = logging.getLogger(__name__)
 
 MODEL_INIT_STREAM = 0
 DATA_STREAM = 4
+BITS_STREAM = 8
 
 
 class Observer(Protocol):
@@ -53,6 +59,10 @@ class Observer(Protocol):
     def evaluated(self, round: int, metrics: dict[str, Any]) -> None: ...
 
     def run_finished(self, runner: Runner) -> None: ...
+
+    def stopped(self, reason: str) -> None:
+        """The run stopped before its last round (its privacy budget is spent), for ``reason``."""
+        ...
 
 
 class NullObserver:
@@ -76,6 +86,9 @@ class NullObserver:
     def run_finished(self, runner: Runner) -> None:
         pass
 
+    def stopped(self, reason: str) -> None:
+        pass
+
 
 def build_model_for(config: Config, vocab_size: int) -> nn.Module:
     """The config's model with the run's seeded initial weights (the same in every process)."""
@@ -85,8 +98,10 @@ def build_model_for(config: Config, vocab_size: int) -> nn.Module:
         return build_model(config.model["kind"], vocab_size=vocab_size, **options)
 
 
-def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy:
-    c, s = config.client, config.server
+def build_strategy(
+    config: Config, shared: np.ndarray | None = None, aggregator: Aggregator | None = None
+) -> Strategy:
+    c, s, p = config.client, config.server, config.privacy
     return Strategy(
         sites_per_round=s.sites_per_round,
         epochs=c.epochs,
@@ -95,6 +110,8 @@ def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy
         learning_rate=c.learning_rate,
         optimizer=ServerOptimizer(s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau),
         seed=config.run.seed,
+        sampling=s.sampling,
+        aggregator=aggregator or WeightedMean(),
         algorithm=s.strategy,
         mu=s.mu,
         personalization=c.personalization,
@@ -102,8 +119,35 @@ def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy
         personal_lambda=c.ditto_lambda,
         stragglers=c.stragglers,
         min_work=c.min_work,
+        record_clip=p.record_clip if p.record_dp else 0.0,
+        record_noise=p.record_noise if p.record_dp else 0.0,
         shared=shared,
     )
+
+
+def build_site_dp(config: Config, population: int) -> SiteDP | None:
+    """The run's site-level DP policy, or None without ``privacy.dp``."""
+    p = config.privacy
+    if p.dp == "none":
+        return None
+    per_round = build_strategy(config).count(population)
+    adaptive = None
+    if p.adaptive_clip:
+        bits = p.bits_noise or expected_bits_noise(per_round)
+        adaptive = AdaptiveClip.init(p.clip_norm, p.target_quantile, p.clip_learning_rate, bits)
+    options: dict[str, Any] = {
+        "placement": p.dp,
+        "clip_norm": p.clip_norm,
+        "population": population,
+        "sites_per_round": per_round,
+        "sampling": config.server.sampling,
+        "accounting": p.accounting,
+        "delta": p.delta,
+        "adaptive": adaptive,
+    }
+    if p.calibrate:
+        return SiteDP.calibrated(p.target_epsilon, config.run.rounds, **options)
+    return SiteDP(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, **options)
 
 
 def personal_parts(
@@ -169,14 +213,23 @@ class Runner:
             torch.set_num_threads(config.backend.threads)
         self.model = build_model_for(config, dataset.vocab_size)
         self.layout = Layout.of_module(self.model)
-        c = config.client
-        trainer = Trainer(self.model, ClientOptimizer(c.optimizer, c.momentum, c.weight_decay))
+        c, p = config.client, config.privacy
+        optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
+        trainer = Trainer(self.model, optimizer)
         head, shared = personal_parts(config, self.model, self.layout)
         personal = Personal(StoreSiteState(store), self.layout.index(head), head)
+        self.dp = build_site_dp(config, len(dataset.sites))
+        dpsgd = DPSGD(self.model, p.record_clip, p.record_noise, optimizer) if p.record_dp else None
         self.backend = LocalBackend(
-            dataset, trainer, eval_batch_size=config.eval.batch_size, personal=personal, shared=shared
+            dataset,
+            trainer,
+            layers=self.dp.layers if self.dp else (),
+            eval_batch_size=config.eval.batch_size,
+            personal=personal,
+            shared=shared,
+            dpsgd=dpsgd,
         )
-        self.strategy = build_strategy(config, shared)
+        self.strategy = build_strategy(config, shared, self.dp.aggregator if self.dp else None)
         self.federation = Federation(self.strategy)
         self.eval_sites = self._eval_sites()
         self.baseline = unigram_baseline(dataset, self.eval_sites)
@@ -185,6 +238,10 @@ class Runner:
             weights=self.layout.read(self.model),
             optimizer_state=self.strategy.init_state(self.layout.size),
         )
+        if self.dp is not None and self.dp.adaptive is not None:
+            self.state.optimizer_state[CLIP_KEY] = np.array([self.dp.clip_norm], dtype=np.float32)
+        self.stopped: str | None = None
+        """Why the run stopped before its last round (the privacy budget), or None."""
 
     @classmethod
     def start(cls, config: Config) -> Runner:
@@ -215,6 +272,16 @@ class Runner:
             runner.layout.check(checkpoint.weights, "checkpoint's weights")
             runner.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
         store.rewind(runner.state.round)
+        if runner.dp is not None:
+            # The ledger up to the checkpoint; later entries stay in the store and are met again when their
+            # rounds are redone, so nothing spent is lost and nothing is counted twice.
+            runner.dp.replay(
+                [LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in store.ledger(runner.state.round)]
+            )
+            clip = runner.state.optimizer_state.get(CLIP_KEY)
+            if clip is not None and runner.dp.adaptive is not None:
+                runner.dp.adaptive = replace(runner.dp.adaptive, clip_norm=float(clip[0]))
+                runner.dp.set_clip_norm(float(clip[0]))
         store.event("resume", f"resumed after round {runner.state.round}", runner.state.round)
         return runner
 
@@ -234,7 +301,20 @@ class Runner:
         totals = self._totals()
         while self.state.round < config.run.rounds:
             r = self.state.round + 1
-            result = self.federation.round(self.state, self.backend, observer)
+            if self.dp is not None:
+                try:
+                    self.dp.check_budget(r)
+                except BudgetExhausted as e:
+                    self._stop(str(e), r - 1)
+                    observer.stopped(str(e))
+                    break
+            charge = self._charge if self.dp is not None else None
+            result = self.federation.round(self.state, self.backend, observer, charge)
+            if self.dp is not None and self.dp.adaptive is not None:
+                unclipped = sum(1.0 - m.get(CLIPPED_METRIC, 0.0) for m in result.site_metrics.values())
+                rng = rng_for(config.run.seed, r, BITS_STREAM)
+                clip = self.dp.adapt(unclipped, len(result.site_metrics), rng)
+                self.state.optimizer_state[CLIP_KEY][0] = clip
             for site, reason in result.rejected:
                 self.store.event("rejected", f"update of site {site} refused: {reason}", r)
             self.store.record_round(
@@ -256,9 +336,31 @@ class Runner:
                 observer.evaluated(r, metrics)
             if r % config.run.checkpoint_every == 0 or last:
                 self.store.save_checkpoint(r, self.state.weights, self.state.optimizer_state)
-        self.store.set_meta("status", "finished")
+        if self.stopped is None:
+            self.store.set_meta("status", "finished")
         observer.run_finished(self)
         return self.state
+
+    def _charge(self, round: int, reported: int) -> None:
+        assert self.dp is not None
+        spent = self.dp.charge(round, reported)
+        self.store.record_spend(round, tuple(spent.entry), spent.epsilon, self.dp.delta)  # type: ignore[arg-type]
+
+    def _stop(self, reason: str, last_round: int) -> None:
+        """Stop early (the privacy budget): evaluate and checkpoint the last round trained, say why."""
+        self.stopped = reason
+        if last_round > 0 and last_round not in {r for r, _ in self.store.evaluations()}:
+            rounds = self.store.rounds()
+            row = rounds[-1] if rounds else None
+            if row is not None:
+                result = RoundResult(
+                    last_round, row["sites"], row["num_examples"], row["train_loss"], 0, 0, 0.0
+                )
+                self.evaluate(result, self._totals())
+        if last_round > 0:
+            self.store.save_checkpoint(last_round, self.state.weights, self.state.optimizer_state)
+        self.store.event("budget", reason, last_round)
+        self.store.set_meta("status", "stopped: privacy budget spent")
 
     def evaluate(self, result: RoundResult, totals: dict[str, float]) -> dict[str, Any]:
         started = time.perf_counter()
@@ -302,9 +404,24 @@ class Runner:
             "eval_bytes_sent": eval_bytes,
             "eval_bytes_received": sum(e.nbytes for e in evaluations),
             "rejected_updates": len(result.rejected),
+            **self._privacy_metrics(),
         }
         self.store.record_evaluation(result.round, record, per_site, personal)
         return record
+
+    def _privacy_metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.dp is not None:
+            out.update(
+                epsilon=self.dp.epsilon(),
+                delta=self.dp.delta,
+                noise_multiplier=self.dp.noise_multiplier,
+                clip_norm=self.dp.clip_norm,
+            )
+        if self.config.privacy.record_dp:
+            worst = self.store.max_site_state(DPSGD_EPSILON_KEY)
+            out["record_epsilon_max"] = float("nan") if worst is None else worst
+        return out
 
     def _personalized_sites(self) -> int:
         """How many evaluated sites hold personal state (the others were never selected yet)."""

@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS personal_site_metrics (
 CREATE TABLE IF NOT EXISTS site_state (
   site TEXT NOT NULL, key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY (site, key, round));
+CREATE TABLE IF NOT EXISTS privacy_ledger (
+  round INTEGER PRIMARY KEY, noise_multiplier REAL NOT NULL, sampling TEXT NOT NULL, sample REAL NOT NULL,
+  steps INTEGER NOT NULL, epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
@@ -268,6 +271,46 @@ class Store:
             f"SELECT site, loss, accuracy, targets FROM {table} WHERE round = ? ORDER BY site", (round,)
         ).fetchall()
         return [(str(s), float(loss), float(acc), int(n)) for s, loss, acc, n in rows]
+
+    # -- privacy ledger ------------------------------------------------------------------------------------
+
+    def record_spend(
+        self, round: int, entry: tuple[float, str, float, int], epsilon: float, delta: float
+    ) -> None:
+        """Record what round ``round`` spent, committed before the round's result is used.
+
+        The ledger is never rewound: a resumed run that redoes a round finds its entry already there (the
+        redone round, drawn from the same seed, releases the same result), so nothing is counted twice and
+        nothing spent is ever forgotten.
+        """
+        noise, sampling, sample, steps = entry
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO privacy_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (round, noise, sampling, sample, steps, epsilon, delta, time.time()),
+            )
+
+    def ledger(self, up_to: int | None = None) -> list[tuple[int, float, str, float, int, float]]:
+        """(round, noise multiplier, sampling, sample, steps, epsilon after it), oldest first."""
+        query = "SELECT round, noise_multiplier, sampling, sample, steps, epsilon FROM privacy_ledger"
+        args: tuple[int, ...] = ()
+        if up_to is not None:
+            query += " WHERE round <= ?"
+            args = (up_to,)
+        return [
+            (int(r), float(z), str(s), float(q), int(k), float(e))
+            for r, z, s, q, k, e in self.db.execute(query + " ORDER BY round", args)
+        ]
+
+    def max_site_state(self, key: str) -> float | None:
+        """The largest first value of ``key`` over every site's newest state (e.g. record-level epsilon)."""
+        rows = self.db.execute(
+            """SELECT data FROM site_state s WHERE key = ? AND round = (
+                 SELECT MAX(round) FROM site_state t WHERE t.site = s.site AND t.key = s.key)""",
+            (key,),
+        ).fetchall()
+        values = [float(np.frombuffer(row[0], dtype=np.float32)[0]) for row in rows]
+        return max(values) if values else None
 
     # -- site state (simulation) ---------------------------------------------------------------------------
 

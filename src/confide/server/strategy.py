@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +37,24 @@ CONTROL_KEY = "scaffold.control"
 
 def rng_for(seed: int, round: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, round, stream])
+
+
+class Aggregator(Protocol):
+    """Folds updates into a running state as they arrive, then gives the round's aggregate delta.
+
+    ``rng`` serves aggregators that add noise (DP-FedAvg's central noise); the others ignore it.
+    ``needs_individual_updates`` is True for aggregators that must see each site's vector (robust ones),
+    which secure aggregation and encryption forbid.
+    """
+
+    name: str
+    needs_individual_updates: bool
+
+    def init(self, size: int) -> Any: ...
+
+    def add(self, state: Any, update: Update) -> None: ...
+
+    def result(self, state: Any, rng: np.random.Generator | None = None) -> Vector: ...
 
 
 @dataclass
@@ -70,7 +89,7 @@ class WeightedMean:
         state.weight += update.num_examples
         state.count += 1
 
-    def result(self, state: MeanState) -> Vector:
+    def result(self, state: MeanState, rng: np.random.Generator | None = None) -> Vector:
         if state.count == 0:
             raise UpdateError("no update arrived this round; there is nothing to aggregate")
         state.total /= np.float32(state.weight)
@@ -117,7 +136,7 @@ class NormalizedMean(WeightedMean):
         super().add(state, scaled)
         state.tau += update.num_examples * a
 
-    def result(self, state: MeanState) -> Vector:
+    def result(self, state: MeanState, rng: np.random.Generator | None = None) -> Vector:
         assert isinstance(state, NovaState)
         mean = super().result(state)
         mean *= np.float32(state.tau / state.weight)
@@ -178,8 +197,10 @@ class Strategy:
     batch_size: int = 10
     learning_rate: float = 0.1
     optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
-    aggregator: WeightedMean = field(default_factory=WeightedMean)
+    aggregator: Aggregator = field(default_factory=WeightedMean)
     seed: int = 0
+    sampling: str = "fixed"
+    """'fixed': exactly ``count`` sites without replacement; 'poisson': each site with rate count / sites."""
     algorithm: str = "fedavg"
     mu: float = 0.0
     personalization: str = "none"
@@ -189,6 +210,9 @@ class Strategy:
     """Fraction of each round's sites that do only part of the local work (systems heterogeneity)."""
     min_work: float = 0.1
     """A straggler does a fraction of the work drawn uniformly from [min_work, 1)."""
+    record_clip: float = 0.0
+    """Record-level DP-SGD at the sites: per-window gradient clip norm; 0 turns it off."""
+    record_noise: float = 0.0
     shared: np.ndarray | None = None
     """Positions of the parameters the federation shares (FedRep: the body); None: all of them."""
 
@@ -232,10 +256,14 @@ class Strategy:
         return min(int(self.sites_per_round), available)
 
     def select(self, round: int, sites: Sequence[str]) -> list[str]:
-        """The sites of round ``round``, drawn uniformly without replacement, in a stable order."""
-        chosen = rng_for(self.seed, round, SELECT_STREAM).choice(
-            len(sites), self.count(len(sites)), replace=False
-        )
+        """The sites of round ``round`` in a stable order: ``count`` drawn uniformly without replacement, or
+        under Poisson sampling each site independently with probability count / sites (so the number varies,
+        and may be zero)."""
+        rng = rng_for(self.seed, round, SELECT_STREAM)
+        if self.sampling == "poisson":
+            rate = self.count(len(sites)) / len(sites)
+            return [sites[int(i)] for i in np.flatnonzero(rng.random(len(sites)) < rate)]
+        chosen = rng.choice(len(sites), self.count(len(sites)), replace=False)
         return [sites[i] for i in np.sort(chosen)]
 
     def plans(self, round: int, sites: Sequence[str]) -> dict[str, Plan]:
@@ -263,4 +291,6 @@ class Strategy:
             personalization=self.personalization,
             personal_steps=self.personal_steps,
             personal_lambda=self.personal_lambda,
+            record_clip=self.record_clip,
+            record_noise=self.record_noise,
         )

@@ -1,0 +1,172 @@
+"""The server's side of site-level DP-FedAvg for a whole run: what each round adds, spends and may spend.
+
+:class:`SiteDP` ties the pieces of :mod:`confide.privacy.dp` and :mod:`confide.privacy.accountant` to a
+run: the site layers (clip, and the noise share under distributed DP), the aggregator (equal weights, central
+noise, a fixed denominator), the adaptive clip norm, and the accountant with its budget. It knows nothing of
+stores or backends: the runner persists what :meth:`SiteDP.charge` returns before the round's result is used.
+
+A round is one sampled Gaussian event on the population of sites: ``sampling = "fixed"`` (exactly m sites
+drawn without replacement, replace-one neighbours) or ``"poisson"`` (each site with rate q, add-or-remove
+neighbours), exactly as :meth:`confide.server.strategy.Strategy.select` draws them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from confide.core import Layer
+from confide.errors import ConfideError, ConfigError
+from confide.privacy.accountant import LedgerEntry, PrivacyAccountant, calibrate_noise, combined_noise
+from confide.privacy.dp import AdaptiveClip, CentralNoise, ClipLayer, DistributedNoiseLayer, DPMean
+
+CLIP_KEY = "dp.clip_norm"
+"""The adaptive clip norm in the server state (a one-value vector, so it is checkpointed with the model)."""
+
+
+class BudgetExhausted(ConfideError):
+    """The next round would spend more privacy than the run's budget allows."""
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one round spent: recorded in the store before the round's result is used."""
+
+    round: int
+    entry: LedgerEntry
+    epsilon: float
+    """Epsilon of the whole run so far, this round included."""
+
+
+class SiteDP:
+    """Site-level differential privacy for one run (McMahan et al. 2018, Andrew et al. 2021)."""
+
+    def __init__(
+        self,
+        placement: str,
+        clip_norm: float,
+        noise_multiplier: float,
+        population: int,
+        sites_per_round: int,
+        sampling: str = "fixed",
+        accounting: str = "rdp",
+        delta: float = 0.0,
+        target_epsilon: float = 0.0,
+        adaptive: AdaptiveClip | None = None,
+    ) -> None:
+        if placement not in ("central", "distributed"):
+            raise ConfigError(f"privacy.dp must be 'central' or 'distributed' (got {placement!r})")
+        self.placement = placement
+        self.population = population
+        self.sites_per_round = sites_per_round
+        self.sampling = sampling
+        self.sample: float = sites_per_round if sampling == "fixed" else sites_per_round / population
+        self.delta = delta or 1.0 / (10 * population)
+        self.target_epsilon = target_epsilon
+        self.noise_multiplier = noise_multiplier
+        self.adaptive = adaptive
+        self.accountant = PrivacyAccountant(accounting, sampling, population, self.delta)
+        # Under adaptive clipping the budget z is shared with the noised bits: the updates get z_delta.
+        update_noise = combined_noise(noise_multiplier, adaptive.bits_noise) if adaptive else noise_multiplier
+        self.update_noise = update_noise
+        self.clip = ClipLayer(clip_norm)
+        self.layers: tuple[Layer, ...] = (self.clip,)
+        self.central: CentralNoise | None = None
+        if placement == "central":
+            self.central = CentralNoise(clip_norm, update_noise)
+        else:
+            self.noise_share = DistributedNoiseLayer(clip_norm, update_noise, sites_per_round)
+            self.layers = (self.clip, self.noise_share)
+        self.aggregator = DPMean(self.central, expected_sites=float(sites_per_round))
+
+    @classmethod
+    def calibrated(cls, target_epsilon: float, rounds: int, **options: object) -> SiteDP:
+        """A policy whose noise multiplier spends exactly ``target_epsilon`` in ``rounds`` rounds."""
+        probe = cls(noise_multiplier=1.0, target_epsilon=target_epsilon, **options)  # type: ignore[arg-type]
+        z = calibrate_noise(
+            target_epsilon,
+            probe.delta,
+            rounds,
+            probe.sample,
+            probe.population,
+            probe.sampling,
+            probe.accountant.method,
+        )
+        return cls(noise_multiplier=z, target_epsilon=target_epsilon, **options)  # type: ignore[arg-type]
+
+    @property
+    def clip_norm(self) -> float:
+        return self.clip.clip_norm
+
+    def set_clip_norm(self, clip_norm: float) -> None:
+        """Use ``clip_norm`` from now on: at the sites and in the noise (adaptive clipping moves it)."""
+        self.clip.clip_norm = float(clip_norm)
+        if self.central is not None:
+            self.central.clip_norm = float(clip_norm)
+        if self.placement == "distributed":
+            self.noise_share.clip_norm = float(clip_norm)
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon()
+
+    def check_budget(self, round: int) -> None:
+        """Raise :class:`BudgetExhausted` if round ``round`` would take epsilon past the target."""
+        if self.target_epsilon <= 0:
+            return
+        after = self.accountant.epsilon_if(self.noise_multiplier, self.sample)
+        if after > self.target_epsilon:
+            raise BudgetExhausted(
+                f"stopped before round {round}: it would raise epsilon from {self.epsilon():.3f} to "
+                f"{after:.3f}, past the budget privacy.target_epsilon = {self.target_epsilon:g} "
+                f"(delta = {self.delta:.2e}). The model of round {round - 1} is the run's result; to train "
+                "longer, raise the budget or privacy.noise_multiplier"
+            )
+
+    def charge(self, round: int, reported: int) -> Charge:
+        """Spend round ``round`` on the accountant, given the number of updates that reached the sum.
+
+        Under distributed DP each site carries 1/m of the noise variance, so when fewer than m updates
+        arrive (dropouts, refused updates) the sum is noised less and the round costs more: it is charged
+        with the noise multiplier of what was actually added. Central noise does not depend on who reported.
+        """
+        z = self.noise_multiplier
+        if self.placement == "distributed" and reported < self.sites_per_round:
+            z = self.noise_share.effective_noise_multiplier(reported)
+        self.accountant.spend(z, self.sample)
+        entry = self.accountant.ledger()[-1]
+        return Charge(round, entry, self.accountant.epsilon())
+
+    def replay(self, entries: list[LedgerEntry]) -> None:
+        """Load the ledger of rounds already spent (a resumed run)."""
+        for e in entries:
+            self.accountant.spend(e.noise_multiplier, e.sample, e.steps)
+
+    def adapt(self, unclipped: float, reported: int, rng: np.random.Generator) -> float:
+        """Adaptive clipping after a round: move C from the noised count of unclipped updates."""
+        if self.adaptive is None:
+            return self.clip_norm
+        state = self.adaptive.update(unclipped, reported, rng, expected_sites=float(self.sites_per_round))
+        # Kept at float32 precision, as the checkpoint keeps it, so a resumed run goes on from the same C.
+        clip = float(np.float32(state.clip_norm))
+        self.adaptive = replace(state, clip_norm=clip)
+        self.set_clip_norm(clip)
+        return clip
+
+    def describe(self) -> str:
+        """One line for the progress display and the report."""
+        where = "the aggregator adds it" if self.placement == "central" else "each site adds its share"
+        clip = f"adaptive from C = {self.clip_norm:g}" if self.adaptive else f"C = {self.clip_norm:g}"
+        budget = f", budget epsilon {self.target_epsilon:g}" if self.target_epsilon > 0 else ""
+        sampling = "fixed-size" if self.sampling == "fixed" else "Poisson"
+        return (
+            f"site-level DP ({self.placement}: {where}): clip {clip}, noise multiplier "
+            f"{self.noise_multiplier:.3f}, {self.accountant.method.upper()} accounting of "
+            f"{sampling} sampling, delta {self.delta:.2e}{budget}"
+        )
+
+
+def expected_bits_noise(sites_per_round: int) -> float:
+    """Andrew et al. 2021's default noise on the sum of clipping bits: expected sites per round / 20."""
+    return max(sites_per_round / 20.0, math.ulp(1.0))

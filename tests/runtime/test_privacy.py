@@ -1,0 +1,159 @@
+"""Differential privacy in whole runs: the ledger, the budget stop, resume, calibration, adaptive clipping,
+record-level DP-SGD, and the configurations that are refused."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from confide import config
+from confide.errors import ConfigError
+from confide.privacy.accountant import PrivacyAccountant
+from confide.runtime.runner import Runner
+from confide.server.strategy import Strategy
+from tests.conftest import tiny_config
+from tests.runtime.test_runner import Crash, CrashAfter, metrics
+
+DP = ("privacy.dp=central", "privacy.noise_multiplier=1.1", "privacy.clip_norm=0.5")
+
+
+@pytest.fixture
+def path(tmp_path: Path, text_corpus: Path) -> Path:
+    p = tmp_path / "tiny.toml"
+    p.write_text(tiny_config(text_corpus, tmp_path / "runs"))
+    return p
+
+
+def start(path: Path, *overrides: str) -> Runner:
+    return Runner.start(config.load(path, list(overrides)))
+
+
+def test_epsilon_after_each_round_is_dp_accountings_for_the_rounds_spent(path: Path) -> None:
+    runner = start(path, *DP, "privacy.delta=1e-3")
+    runner.run()
+    rows = metrics(runner.store.run_dir)
+    # 6 sites, 3 drawn per round without replacement, z = 1.1: accounted directly with dp-accounting's RDP.
+    for r in rows:
+        direct = PrivacyAccountant("rdp", "fixed", 6, 1e-3)
+        direct.spend(1.1, 3, steps=r["round"])
+        assert r["epsilon"] == pytest.approx(direct.epsilon(), rel=1e-9)
+    assert [r["epsilon"] for r in rows] == sorted(r["epsilon"] for r in rows)
+    ledger = runner.store.ledger()
+    assert [row[0] for row in ledger] == [1, 2, 3, 4]
+    assert ledger[-1][-1] == pytest.approx(rows[-1]["epsilon"])
+
+
+def test_the_budget_stops_the_run_before_the_round_that_would_overspend(path: Path) -> None:
+    target = 5.0
+    accountant = PrivacyAccountant("rdp", "fixed", 6, 1e-3)
+    affordable = 0
+    while accountant.epsilon_if(3.0, 3) <= target:
+        accountant.spend(3.0, 3)
+        affordable += 1
+    assert 0 < affordable < 10
+    overrides = (*DP, "privacy.noise_multiplier=3", "privacy.delta=1e-3", f"privacy.target_epsilon={target}")
+    runner = start(path, *overrides, "run.rounds=10")
+    runner.run()
+    assert runner.state.round == affordable
+    assert runner.stopped is not None and f"stopped before round {affordable + 1}" in runner.stopped
+    assert len(runner.store.ledger()) == affordable
+    assert runner.store.meta("status") == "stopped: privacy budget spent"
+    rows = metrics(runner.store.run_dir)
+    assert rows[-1]["round"] == affordable and rows[-1]["epsilon"] <= target
+    assert runner.store.latest_checkpoint().round == affordable  # type: ignore[union-attr]
+    assert [e[2] for e in runner.store.events()][-1] == "budget"
+
+
+def test_the_ledger_survives_a_kill_and_resume_without_double_counting(path: Path) -> None:
+    reference = start(path, *DP, "run.name=whole", "privacy.adaptive_clip=true", "privacy.bits_noise=2")
+    reference.run()
+    expected = metrics(reference.store.run_dir)
+    assert len({r["clip_norm"] for r in expected}) > 1  # adaptive clipping moved C
+
+    killed = start(path, *DP, "run.name=killed", "privacy.adaptive_clip=true", "privacy.bits_noise=2")
+    with pytest.raises(Crash):
+        killed.run(CrashAfter(4, 3))  # after round 4's last site: its spend may or may not be recorded
+    killed.store.close()
+    spent_before = killed.store.run_dir / "run.sqlite"
+    before = sqlite3.connect(spent_before).execute("SELECT COUNT(*) FROM privacy_ledger").fetchone()[0]
+    assert before >= 3  # rounds 1-3 were charged, and none is forgotten by the rewind to checkpoint 2
+    resumed = Runner.resume(killed.store.run_dir)
+    resumed.run()
+    rows = metrics(resumed.store.run_dir)
+    keys = ("round", "epsilon", "clip_norm", "loss", "accuracy")
+    assert [tuple(r[k] for k in keys) for r in rows] == [tuple(r[k] for k in keys) for r in expected]
+    assert [row[0] for row in resumed.store.ledger()] == [1, 2, 3, 4]
+
+
+def test_calibrated_noise_spends_the_budget_in_the_planned_rounds(path: Path) -> None:
+    runner = start(path, *DP, "privacy.calibrate=true", "privacy.target_epsilon=8", "privacy.delta=1e-3")
+    runner.run()
+    assert runner.state.round == 4  # no early stop: the budget lasts exactly the planned rounds
+    final = metrics(runner.store.run_dir)[-1]["epsilon"]
+    assert 7.9 < final <= 8.0
+
+
+def test_poisson_sampling_draws_a_varying_number_of_sites_at_the_configured_rate() -> None:
+    strategy = Strategy(sites_per_round=10, sampling="poisson", seed=3)
+    sites = [f"s{k}" for k in range(100)]
+    counts = [len(strategy.select(r, sites)) for r in range(1, 201)]
+    assert len(set(counts)) > 5
+    assert np.mean(counts) == pytest.approx(10, abs=0.7)
+    assert strategy.select(7, sites) == strategy.select(7, sites)
+
+
+def test_record_level_dp_sgd_reports_each_sites_epsilon(path: Path) -> None:
+    runner = start(
+        path,
+        "privacy.record_dp=true",
+        "privacy.record_noise=1.0",
+        "client.optimizer=sgd",
+        "client.learning_rate=0.5",
+        "run.rounds=3",
+    )
+    runner.run()
+    rows = metrics(runner.store.run_dir)
+    worst = [r["record_epsilon_max"] for r in rows]
+    assert all(np.isfinite(w) and w > 0 for w in worst)
+    assert worst == sorted(worst)
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_central_dp_runs_with_poisson_sampling_and_pld(path: Path) -> None:
+    runner = start(path, *DP, "server.sampling=poisson", "privacy.accounting=pld", "privacy.delta=1e-3")
+    runner.run()
+    rows = metrics(runner.store.run_dir)
+    direct = PrivacyAccountant("pld", "poisson", 6, 1e-3)
+    direct.spend(1.1, 0.5, steps=4)
+    assert rows[-1]["epsilon"] == pytest.approx(direct.epsilon(), rel=1e-6)
+    entry = json.loads(json.dumps(runner.store.ledger()[0]))
+    assert entry[2] == "poisson" and entry[3] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("privacy.target_epsilon=3",), r"privacy.target_epsilon needs site-level differential privacy"),
+        (("privacy.dp=distributed",), r"needs secure aggregation"),
+        (("privacy.dp=central", "privacy.calibrate=true"), r"calibrate = true needs privacy.target_epsilon"),
+        (("privacy.dp=central", "privacy.accounting=pld"), r"'pld' cannot account server.sampling = 'fixed'"),
+        (
+            ("privacy.dp=central", "server.strategy=scaffold", "client.optimizer=sgd"),
+            r"cannot run with server.strategy = 'scaffold'",
+        ),
+        (("privacy.record_dp=true", "server.strategy=fedprox"), r"record_dp trains with plain DP-SGD"),
+        (
+            ("privacy.dp=distributed", "privacy.adaptive_clip=true", "privacy.bits_noise=2"),
+            r"adaptive_clip needs privacy.dp = 'central'",
+        ),
+    ],
+)
+def test_impossible_privacy_settings_are_refused(
+    path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, list(overrides))
