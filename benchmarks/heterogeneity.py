@@ -88,6 +88,7 @@ def base_config(args: argparse.Namespace, partition: str) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "max_steps": args.steps,
             "stragglers": args.stragglers,
+            "personal_learning_rate": args.personal_lr,
         },
         "server": {"sites_per_round": args.sites_per_round, "optimizer": "sgd", "learning_rate": 1.0},
         "eval": {"every": args.eval_every, "sites": 0, "samples": 0},
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adam-lr", type=float, default=0.01, help="FedAdam server learning rate")
     parser.add_argument("--adam-tau", type=float, default=1e-3, help="FedAdam tau (default 1e-3)")
     parser.add_argument("--ditto-lambda", type=float, default=0.1, help="Ditto lambda (default 0.1)")
+    parser.add_argument(
+        "--personal-lr", type=float, default=0.0, help="personal training's learning rate; 0: --lr (default)"
+    )
     parser.add_argument("--stragglers", type=float, default=0.0, help="fraction of sites doing partial work")
     parser.add_argument("--target", type=float, default=0.3, help="accuracy target (default 0.3)")
     parser.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -85,6 +86,21 @@ def _parser() -> argparse.ArgumentParser:
     text = data_sub.add_parser("text", help="sites and samples of your own text (folder or .jsonl)")
     text.add_argument("path", type=Path)
     text.set_defaults(func=cmd_data_text)
+
+    audit = sub.add_parser("audit", help="measure what a trained model leaks")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    can = audit_sub.add_parser(
+        "canaries",
+        help="plant secrets in some sites' text, train with and without DP, and measure their exposure",
+    )
+    can.add_argument("config", type=Path, help="a TOML config with privacy.dp set")
+    can.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    can.add_argument("--canaries", type=int, default=4, help="secrets to plant, one site each (default 4)")
+    can.add_argument("--repeats", type=int, default=20, help="copies of each secret in its site (default 20)")
+    can.add_argument(
+        "--candidates", type=int, default=2000, help="random secrets each canary is ranked against (2000)"
+    )
+    can.set_defaults(func=cmd_audit_canaries)
 
     cfg = sub.add_parser("config", help="list every config option with its default")
     cfg.set_defaults(func=cmd_config)
@@ -291,6 +307,64 @@ def cmd_report(args: argparse.Namespace) -> int:
         for i in range(2)
     ]
     console.print(f"report: {write_report(args.run_dir, samples)}")
+    return 0
+
+
+# -- audit ---------------------------------------------------------------------------------------------
+
+
+def cmd_audit_canaries(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.runtime.audit import audit_canaries
+
+    config = config_module.load(args.config, args.overrides)
+    observers: list[RichObserver] = []
+
+    def observer(label: str, runner: Any) -> RichObserver:
+        for previous in observers:  # one live display at a time
+            previous.__exit__(None, None, None)
+        observers.clear()
+        console.print(f"\n[bold]Training {label}[/]")
+        watcher = RichObserver(runner.config.run.rounds)
+        watcher.__enter__()
+        observers.append(watcher)
+        return watcher
+
+    try:
+        folder, runs = audit_canaries(config, args.canaries, args.repeats, args.candidates, observer)
+    finally:
+        for watcher in observers:
+            watcher.__exit__(None, None, None)
+    most = math.log2(args.candidates + 1)
+    table = Table(
+        title=f"Canary exposure in bits (at most {most:.1f} by rank among {args.candidates} candidates)"
+    )
+    table.add_column("secret")
+    table.add_column("site")
+    table.add_column("rounds its site trained", justify="right")
+    for run in runs:
+        table.add_column(f"exposure {run.label}", justify="right")
+        table.add_column(f"fitted {run.label}", justify="right")
+    for i, c in enumerate(runs[0].canaries):
+        row = [c.secret, c.site, str(c.rounds_trained)]
+        for run in runs:
+            row += [f"{run.canaries[i].exposure:.2f}", f"{run.canaries[i].fitted_exposure:.2f}"]
+        table.add_row(*row)
+    console.print(table)
+    for run in runs:
+        privacy = (
+            "no differential privacy"
+            if run.epsilon is None
+            else f"site-level epsilon {run.epsilon:.2f} at delta {run.delta:.1e}"
+        )
+        console.print(f"{run.label}: accuracy {run.accuracy:.3f}, {privacy}  ({run.run_dir})")
+    console.print(
+        "exposure = log2(candidates + 1) - log2(rank among them): about 1.4 for a secret the model never "
+        "saw, "
+        "the maximum for one it would complete first; 'fitted' extrapolates past the candidates (Carlini et "
+        "al. 2019, sec. 4.3)"
+    )
+    console.print(f"results: {folder / 'canaries.json'}")
     return 0
 
 

@@ -98,6 +98,12 @@ class ClientConfig:
         at_least(0),
         ">= 0",
     )
+    personal_learning_rate: float = option(
+        0.0,
+        "learning rate of personal training and fine-tuning; 0: client.learning_rate",
+        at_least(0),
+        ">= 0",
+    )
     ditto_lambda: float = option(
         0.1,
         "Ditto: pull of the personal model towards the global one (inf: the global model)",

@@ -143,6 +143,8 @@ class Plan:
     """'none', 'ditto', 'fedrep' or 'finetune': how the site makes a model of its own."""
     personal_steps: int = 0
     """Ditto: steps on the personal model; FedRep: steps on the head; finetune: fine-tuning steps."""
+    personal_learning_rate: float = 0.0
+    """Learning rate of personal training (0: the plan's learning_rate)."""
     personal_lambda: float = 0.0
     """Ditto: how strongly the personal model is pulled towards the global one (inf: it is the global one)."""
     clip_norm: float = 0.0

@@ -63,6 +63,55 @@ def write_report(run_dir: Path, samples: Sequence[tuple[str, str]] = ()) -> Path
     return path
 
 
+def write_canary_report(folder: Path, summary: Mapping[str, Any]) -> Path:
+    """``folder/canaries.html``: each canary's exposure with and without DP, as a chart and a table."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = summary["runs"]
+    most = math.log2(summary["candidates"] + 1)
+    fig = Figure(figsize=(7.0, 4.0), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    secrets = [c["secret"] for c in runs[0]["canaries"]]
+    width = 0.8 / len(runs)
+    colors = [_WORST, _POOLED, _SITE_MEAN]
+    for k, run in enumerate(runs):
+        xs = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(secrets))]
+        label = run["label"] + ("" if run["epsilon"] is None else f" (epsilon {run['epsilon']:.2f})")
+        ax.bar(xs, [c["exposure"] for c in run["canaries"]], width, label=label, color=colors[k % 3])
+    ax.axhline(most, color=_BASELINE, linestyle="--", linewidth=1, label="most measurable (ranked first)")
+    ax.axhline(
+        1 / math.log(2), color=_BASELINE, linestyle=":", linewidth=1, label="a secret never seen (mean)"
+    )
+    ax.set_xticks(
+        range(len(secrets)), [f"{s}\n{c['site']}" for s, c in zip(secrets, runs[0]["canaries"], strict=True)]
+    )
+    ax.set_ylabel("exposure (bits)")
+    ax.set_title(f"Exposure of planted secrets ({summary['repeats']} copies each)")
+    ax.legend(fontsize="small")
+    rows = "".join(
+        f"<tr><th>{_e(run['label'])}</th><td>{_num(run['accuracy'])}</td><td>"
+        + ("none" if run["epsilon"] is None else _e(f"{run['epsilon']:.3f} at delta {run['delta']:.1e}"))
+        + f"</td><td>{_num(sum(c['exposure'] for c in run['canaries']) / len(run['canaries']), 2)}</td></tr>"
+        for run in runs
+    )
+    page = (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>confide canary audit</title>'
+        f"<style>{_CSS}</style></head><body><h1>Canary audit</h1>"
+        f'<p>{len(secrets)} random secrets of the form "my secret number is NNNNNN" were planted in one site '
+        f"each, {summary['repeats']} times; the model was trained with and without differential privacy, "
+        f"and each secret ranked among {summary['candidates']} random ones by the model's likelihood "
+        "(Carlini et al. 2019). Exposure is log2(candidates + 1) − log2(rank).</p>"
+        f'<figure><img alt="exposure per canary" src="{_png(fig)}"></figure>'
+        '<table class="metrics"><tr><th>run</th><th>accuracy</th><th>site-level epsilon</th>'
+        f"<th>mean exposure</th></tr>{rows}</table></body></html>\n"
+    )
+    path = folder / "canaries.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
 # -- the page ----------------------------------------------------------------------------------------------
 
 

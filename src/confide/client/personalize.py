@@ -44,7 +44,8 @@ def personal_plan(plan: Plan) -> Plan:
     from a seed of its own so that it does not repeat the global training's batches."""
     steps = plan.personal_steps or plan.max_steps
     seed = zlib.crc32(f"{plan.seed}:personal".encode())
-    return replace(plan, max_steps=steps, seed=seed)
+    rate = plan.personal_learning_rate or plan.learning_rate
+    return replace(plan, max_steps=steps, seed=seed, learning_rate=rate)
 
 
 def train_ditto(

@@ -84,7 +84,8 @@ class SiteDP:
     @classmethod
     def calibrated(cls, target_epsilon: float, rounds: int, **options: object) -> SiteDP:
         """A policy whose noise multiplier spends exactly ``target_epsilon`` in ``rounds`` rounds."""
-        probe = cls(noise_multiplier=1.0, target_epsilon=target_epsilon, **options)  # type: ignore[arg-type]
+        plain = {**options, "adaptive": None}  # the probe only needs the sampling and delta
+        probe = cls(noise_multiplier=1.0, target_epsilon=target_epsilon, **plain)  # type: ignore[arg-type]
         z = calibrate_noise(
             target_epsilon,
             probe.delta,

@@ -117,6 +117,7 @@ def build_strategy(
         personalization=c.personalization,
         personal_steps=c.personal_steps,
         personal_lambda=c.ditto_lambda,
+        personal_learning_rate=c.personal_learning_rate,
         stragglers=c.stragglers,
         min_work=c.min_work,
         record_clip=p.record_clip if p.record_dp else 0.0,
@@ -244,8 +245,9 @@ class Runner:
         """Why the run stopped before its last round (the privacy budget), or None."""
 
     @classmethod
-    def start(cls, config: Config) -> Runner:
-        dataset = load_dataset(config)
+    def start(cls, config: Config, dataset: FederatedDataset | None = None) -> Runner:
+        """A new run of ``config`` (on ``dataset`` when given, else the config's data set)."""
+        dataset = dataset if dataset is not None else load_dataset(config)
         run_dir = Path(config.run.output) / config.run.name
         store = Store.create(run_dir, config.to_toml())
         store.add_sites([(s.name, s.group, s.num_train, s.num_test) for s in dataset.sites])

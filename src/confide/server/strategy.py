@@ -206,6 +206,7 @@ class Strategy:
     personalization: str = "none"
     personal_steps: int = 0
     personal_lambda: float = 0.0
+    personal_learning_rate: float = 0.0
     stragglers: float = 0.0
     """Fraction of each round's sites that do only part of the local work (systems heterogeneity)."""
     min_work: float = 0.1
@@ -291,6 +292,7 @@ class Strategy:
             personalization=self.personalization,
             personal_steps=self.personal_steps,
             personal_lambda=self.personal_lambda,
+            personal_learning_rate=self.personal_learning_rate,
             record_clip=self.record_clip,
             record_noise=self.record_noise,
         )

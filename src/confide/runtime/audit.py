@@ -1,0 +1,162 @@
+"""The canary audit: does the trained model give away a secret that one site's text held?
+
+``confide audit canaries CONFIG`` plants random canaries ("my secret number is 381907", Carlini et al. 2019)
+in the training text of a few seeded sites, trains the config twice on the same planted data (once with the
+config's differential privacy, once without any), and measures each canary's exposure in both models: how
+far up it ranks among every secret of its format. Without DP a canary seen often enough ranks near the top
+(exposure close to log2 of the secret space); with site-level DP its exposure should look like that of a
+secret the model never saw.
+
+Each planted copy is a window of its own that starts with the canary, as a line of text would; the model is
+scored on the secret's characters given the prefix, exactly as it saw them in training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from confide.audit.canaries import Canary, fitted_exposure, make_canaries, rank_exposure, score_with_model
+from confide.config import Config
+from confide.data import DEFAULT_TOKENIZER, FederatedDataset
+from confide.data.dataset import windows
+from confide.errors import ConfigError
+from confide.report import write_canary_report
+from confide.runtime.runner import Observer, Runner, load_dataset
+from confide.server.strategy import rng_for
+
+AUDIT_STREAM = 9
+
+
+@dataclass(frozen=True)
+class CanaryExposure:
+    secret: str
+    site: str
+    rounds_trained: int
+    """How many rounds the canary's site was selected in: a site never selected cannot leak."""
+    exposure: float
+    """log2(candidates + 1) - log2(rank) among the sampled candidates (at most log2 of their number + 1)."""
+    fitted_exposure: float
+    """-log2 of the canary's tail probability under a skew-normal fitted to the candidates' scores."""
+
+
+@dataclass(frozen=True)
+class AuditRun:
+    label: str
+    run_dir: str
+    epsilon: float | None
+    delta: float | None
+    accuracy: float
+    canaries: list[CanaryExposure]
+
+
+def plant(
+    dataset: FederatedDataset, canaries: list[Canary], sites: list[str], repeats: int
+) -> FederatedDataset:
+    """``dataset`` with ``repeats`` windows of each canary added to the training windows of its site."""
+    by_site = dict(zip(sites, canaries, strict=True))
+    out = []
+    for site in dataset.sites:
+        canary = by_site.get(site.name)
+        if canary is None:
+            out.append(site)
+            continue
+        window = windows(DEFAULT_TOKENIZER.encode(canary.text + "\n"))
+        planted = np.concatenate([site.train, np.repeat(window, repeats, axis=0)])
+        out.append(replace(site, train=planted))
+    return replace(dataset, sites=tuple(out))
+
+
+def audit_canaries(
+    config: Config,
+    num_canaries: int = 4,
+    repeats: int = 20,
+    candidates: int = 2000,
+    observer: Callable[[str, Runner], Observer] | None = None,
+) -> tuple[Path, list[AuditRun]]:
+    """Train ``config`` with and without its DP on data with planted canaries; measure their exposure.
+
+    Writes ``OUTPUT/NAME-canaries/`` with the two run directories and ``canaries.json``; returns that folder
+    and the two runs' results (without DP first).
+    """
+    if config.privacy.dp == "none":
+        raise ConfigError(
+            "the canary audit compares the config's differential privacy with none: set privacy.dp = "
+            "'central' (and its noise_multiplier or target_epsilon) in the config or with --set"
+        )
+    if num_canaries < 1 or repeats < 1 or candidates < 10:
+        raise ConfigError("the audit needs at least 1 canary, 1 repeat and 10 candidates")
+    rng = rng_for(config.run.seed, 0, AUDIT_STREAM)
+    dataset = load_dataset(config)
+    if num_canaries > len(dataset.sites):
+        raise ConfigError(
+            f"{num_canaries} canaries need as many sites; the data set has {len(dataset.sites)}"
+        )
+    canaries = make_canaries(num_canaries, rng)
+    chosen = [
+        dataset.sites[i].name for i in np.sort(rng.choice(len(dataset.sites), num_canaries, replace=False))
+    ]
+    planted = plant(dataset, canaries, chosen, repeats)
+    pools = [c.candidates(candidates, rng) for c in canaries]
+
+    folder = Path(config.run.output) / f"{config.run.name}-canaries"
+    runs = []
+    for label, privacy in (
+        (
+            "without DP",
+            replace(config.privacy, dp="none", target_epsilon=0.0, calibrate=False, adaptive_clip=False),
+        ),
+        ("with DP", config.privacy),
+    ):
+        name = "no-dp" if privacy.dp == "none" else "dp"
+        run_config = replace(config, privacy=privacy, run=replace(config.run, output=str(folder), name=name))
+        runner = Runner.start(run_config, planted)
+        try:
+            runner.run(observer(label, runner) if observer else None)
+            evaluations = runner.store.evaluations()
+            accuracy = float(evaluations[-1][1]["accuracy"]) if evaluations else math.nan
+            trained = {row_site: 0 for row_site in chosen}
+            for row in runner.store.rounds():
+                for site in row["sites"]:
+                    if site in trained:
+                        trained[site] += 1
+        finally:
+            runner.store.close()
+        runner.layout.write(runner.model, runner.state.weights)
+        results = []
+        for canary, site, pool in zip(canaries, chosen, pools, strict=True):
+            scores = score_with_model(runner.model, DEFAULT_TOKENIZER, [canary.text, *pool], canary.prefix)
+            results.append(
+                CanaryExposure(
+                    canary.secret,
+                    site,
+                    trained[site],
+                    rank_exposure(float(scores[0]), scores[1:]),
+                    fitted_exposure(float(scores[0]), scores[1:]),
+                )
+            )
+        dp = runner.dp
+        runs.append(
+            AuditRun(
+                label,
+                str(runner.store.run_dir),
+                dp.epsilon() if dp else None,
+                dp.delta if dp else None,
+                accuracy,
+                results,
+            )
+        )
+    summary = {
+        "repeats": repeats,
+        "candidates": candidates,
+        "secret_space": canaries[0].space_size,
+        "runs": [asdict(r) for r in runs],
+    }
+    (folder / "canaries.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_canary_report(folder, summary)
+    return folder, runs
