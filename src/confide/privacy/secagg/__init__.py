@@ -14,16 +14,44 @@ from confide.privacy.secagg.errors import (
 )
 from confide.privacy.secagg.fixedpoint import FixedPoint
 from confide.privacy.secagg.graph import default_neighbours, neighbour_graph
+from confide.privacy.secagg.messages import (
+    SERVER,
+    AdvertisedKeys,
+    AdvertiseKeys,
+    KeyBroadcast,
+    MaskedInput,
+    Message,
+    Setup,
+    ShareBroadcast,
+    ShareKeys,
+    Step,
+    UnmaskRequest,
+    UnmaskResponse,
+    decode,
+)
 from confide.privacy.secagg.params import SecAggParams
 
 __all__ = [
+    "SERVER",
+    "AdvertiseKeys",
+    "AdvertisedKeys",
     "FixedPoint",
+    "KeyBroadcast",
     "MalformedMessage",
+    "MaskedInput",
+    "Message",
     "MessageError",
     "SecAggAbort",
     "SecAggError",
     "SecAggParams",
+    "Setup",
+    "ShareBroadcast",
+    "ShareKeys",
+    "Step",
     "UnmaskRefused",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "decode",
     "default_neighbours",
     "neighbour_graph",
 ]
