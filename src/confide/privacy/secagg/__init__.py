@@ -1,8 +1,9 @@
 """Secure aggregation (Bonawitz et al. 2017) over a sparse neighbour graph (SecAgg+, Bell et al. 2020).
 
 The server learns the sum of the sites' updates and nothing else about any one of them. The primitives
-(``shamir``, ``prg``, ``keys``, ``fixedpoint``, ``graph``) are kept apart from the protocol, which is kept
-apart from any transport.
+(``shamir``, ``prg``, ``keys``, ``fixedpoint``, ``graph``) are apart from the protocol (``protocol``: one
+state machine per party; ``messages``: what they exchange), which is apart from any transport (``simulate``
+moves the messages in this process; the backends move the same bytes over their own channels).
 """
 
 from confide.privacy.secagg.errors import (
@@ -30,6 +31,8 @@ from confide.privacy.secagg.messages import (
     decode,
 )
 from confide.privacy.secagg.params import SecAggParams
+from confide.privacy.secagg.protocol import SecAggClient, SecAggResult, SecAggServer
+from confide.privacy.secagg.simulate import StepCost, Transcript, run_round
 
 __all__ = [
     "SERVER",
@@ -42,16 +45,22 @@ __all__ = [
     "Message",
     "MessageError",
     "SecAggAbort",
+    "SecAggClient",
     "SecAggError",
     "SecAggParams",
+    "SecAggResult",
+    "SecAggServer",
     "Setup",
     "ShareBroadcast",
     "ShareKeys",
     "Step",
+    "StepCost",
+    "Transcript",
     "UnmaskRefused",
     "UnmaskRequest",
     "UnmaskResponse",
     "decode",
     "default_neighbours",
     "neighbour_graph",
+    "run_round",
 ]
