@@ -1,6 +1,8 @@
-"""Differential privacy: clipping and Gaussian noise as layers, and the accountant that adds up their cost.
+"""Privacy layers: what keeps a site's data and its own update from the server and the other sites.
 
 ``dp`` holds the mechanisms of DP-FedAvg (McMahan et al. 2018): per-site clipping, noise added centrally or
-split across the sites, and adaptive clipping (Andrew et al. 2021). ``accountant`` turns what ran into an
-(epsilon, delta) guarantee with Google's dp-accounting. Both are pure: no files, clocks or printing.
+split across the sites, and adaptive clipping (Andrew et al. 2021); ``accountant`` turns what ran into an
+(epsilon, delta) guarantee with Google's dp-accounting; ``policy`` ties them to a run. ``secagg`` is secure
+aggregation (Bonawitz et al. 2017 with the SecAgg+ graph of Bell et al. 2020): primitives, the protocol's
+state machines and its messages. All of it is pure: no files, sockets, clocks or printing.
 """

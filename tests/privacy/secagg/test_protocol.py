@@ -1,0 +1,385 @@
+"""The protocol end to end: exact sums with and without dropouts, abandoned rounds, and every refusal."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from confide.errors import UpdateError
+from confide.privacy.secagg import (
+    SERVER,
+    AdvertiseKeys,
+    MaskedInput,
+    MessageError,
+    SecAggAbort,
+    SecAggClient,
+    SecAggParams,
+    Setup,
+    ShareKeys,
+    Step,
+    UnmaskRefused,
+    UnmaskRequest,
+    run_round,
+)
+from confide.privacy.secagg.keys import generate, generate_identity, public_bytes
+from confide.privacy.secagg.messages import AdvertisedKeys
+from tests.privacy.secagg.conftest import ROUND, Driver
+
+# Two graphs: the complete graph of Bonawitz et al. (n = 10, t = 6) and a SecAgg+ graph (n = 16, k = 8,
+# t = 5). Up to n - t (complete) or k + 1 - t (SecAgg+) sites may drop in ANY pattern: every site that must
+# be unmasked keeps at least t holders of its shares.
+GRAPHS = {"complete": (10, 0, 4), "secagg+": (16, 8, 4)}
+
+
+def vectors_for(sites: int, size: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"site{i:02d}": rng.uniform(-1, 1, size).astype(np.float32) for i in range(sites)}
+
+
+def exact_encoded_sum(params: SecAggParams, vectors: dict[str, np.ndarray], sites: list[str]) -> np.ndarray:
+    """The fixed-point encodings of ``sites`` summed as Python integers, reduced mod 2^b."""
+    fixed = params.fixed_point
+    total = sum(fixed.signed(fixed.encode(vectors[s])).astype(object) for s in sites)
+    return np.array([int(v) % (1 << fixed.modulus_bits) for v in total], dtype=np.uint64)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize(
+    "step",
+    [None, Step.ADVERTISE_KEYS, Step.SHARE_KEYS, Step.MASKED_INPUT, Step.UNMASKING, "mixed"],
+    ids=["none", "advertise", "share", "masked", "unmasking", "mixed"],
+)
+def test_unmasked_sum_is_the_exact_sum_of_the_encoded_updates(graph: str, step: Step | str | None) -> None:
+    sites, neighbours, most = GRAPHS[graph]
+    params = SecAggParams(sites=sites, neighbours=neighbours)
+    assert params.complete == (graph == "complete")
+    vectors = vectors_for(sites)
+    rng = np.random.default_rng(1)
+    gone = sorted(rng.choice(sorted(vectors), size=most, replace=False)) if step else []
+    # "mixed": one site drops at each of the four steps.
+    dropouts = dict(zip(gone, Step, strict=True)) if step == "mixed" else dict.fromkeys(gone, step)
+    total, transcript = run_round(vectors, params, dropouts, rng)
+    # A site that vanishes during unmasking had already sent its masked input: it is in the sum.
+    summed = sorted(s for s in vectors if dropouts.get(s, Step.UNMASKING) == Step.UNMASKING)
+    result = transcript.result
+    assert list(result.survivors) == summed
+    assert np.array_equal(result.encoded_sum.astype(np.uint64), exact_encoded_sum(params, vectors, summed))
+    assert transcript.refused == []
+    # And the float sum it decodes to is within n * 2^-f of the float sum.
+    float_sum = np.sum([vectors[s].astype(np.float64) for s in summed], axis=0)
+    assert total.dtype == np.float32
+    assert np.abs(total - float_sum).max() <= len(summed) * 2.0**-params.fractional_bits
+
+
+def test_updates_outside_the_range_are_clipped_and_counted() -> None:
+    driver = Driver(4, 8, clip_range=0.5)
+    driver.vectors["site00"][:3] = [3.0, -7.0, 0.25]
+    result = driver.run()
+    expected = sum(np.clip(driver.vectors[s].astype(np.float64), -0.5, 0.5) for s in driver.sites)
+    assert np.abs(result.vector - expected).max() <= 4 * 2.0**-20
+    assert driver.clients["site00"].clipped == 2 + int((np.abs(driver.vectors["site00"][3:]) > 0.5).sum())
+
+
+@pytest.mark.parametrize("step", [Step.MASKED_INPUT, Step.UNMASKING])
+def test_fewer_than_t_survivors_abandon_the_round(step: Step) -> None:
+    params = SecAggParams(sites=10)  # complete graph, t = 6: five may not drop
+    vectors = vectors_for(10)
+    dropouts = dict.fromkeys(sorted(vectors)[:5], step)
+    with pytest.raises(SecAggAbort, match=re.escape(f"abandoned at {step.label}")):
+        run_round(vectors, params, dropouts, np.random.default_rng(0))
+
+
+def test_an_abandoned_round_reveals_nothing_and_takes_nothing_more() -> None:
+    driver = Driver(10)
+    requests = driver.mask(driver.share(driver.advertise()))
+    responders = list(requests)[:5]  # t = 6 are needed
+    with pytest.raises(SecAggAbort, match=r"fewer than the threshold t = 6 .* nothing was revealed"):
+        driver.unmask(requests, skip=set(requests) - set(responders))
+    # The server kept neither the masked sum nor any share, and will not be talked into going on.
+    assert driver.server._total is None and not driver.server._self_shares and not driver.server._key_shares
+    with pytest.raises(SecAggAbort):
+        driver.server.finish()
+    late = driver.clients[list(requests)[7]].unmask(SERVER, requests[list(requests)[7]])
+    with pytest.raises(SecAggAbort, match="abandoned"):
+        driver.server.collect_unmask(list(requests)[7], late)
+
+
+def test_a_hollowed_out_neighbourhood_abandons_a_secagg_plus_round() -> None:
+    driver = Driver(16, neighbours=4)  # t = 3 of each site's 5 holders
+    victim = "site05"
+    gone = set(sorted(driver.server.graph[victim])[:3])
+    with pytest.raises(SecAggAbort, match=f"'{victim}' \\(2 of 5\\)"):
+        driver.advertise(skip=gone)
+
+
+def test_a_single_masked_update_looks_uniform() -> None:
+    """Chi-square over the bytes of one masked update whose input is a constant (the least random input there
+    is): with 32-bit words every byte value should be equally frequent. The unmasked encoding, as a control,
+    is nowhere near uniform, so the test can tell."""
+    driver = Driver(4, 50_000, clip_range=256.0)  # M = 2^28, n * M = 2^30: b = 32, so bytes are uniform
+    assert driver.params.fixed_point.modulus_bits == 32
+    driver.vectors["site00"][:] = 0.5
+    forwarded = driver.share(driver.advertise())
+    masked = (
+        driver.clients["site00"].masked_input(SERVER, forwarded["site00"], driver.vectors["site00"]).vector
+    )
+    counts = np.bincount(np.frombuffer(masked.tobytes(), dtype=np.uint8), minlength=256)
+    assert chisquare(counts).pvalue > 1e-3
+    plain = driver.params.fixed_point.encode(driver.vectors["site00"])
+    control = np.bincount(np.frombuffer(plain.tobytes(), dtype=np.uint8), minlength=256)
+    assert chisquare(control).pvalue < 1e-9
+
+
+def test_a_masked_update_is_uniform_in_a_smaller_ring_too() -> None:
+    driver = Driver(4, 50_000)  # defaults: b = 24, values in [0, 2^24)
+    bits = driver.params.fixed_point.modulus_bits
+    driver.vectors["site01"][:] = -0.25
+    forwarded = driver.share(driver.advertise())
+    masked = (
+        driver.clients["site01"].masked_input(SERVER, forwarded["site01"], driver.vectors["site01"]).vector
+    )
+    assert int(masked.max()) < 2**bits
+    for byte in (masked >> (bits - 8), masked & 0xFF):  # the top and the bottom 8 bits
+        assert chisquare(np.bincount(byte.astype(np.int64), minlength=256)).pvalue > 1e-3
+
+
+def test_a_tampered_or_misdelivered_ciphertext_is_refused_naming_its_sender() -> None:
+    driver = Driver(5)
+    forwarded = driver.share(driver.advertise())
+    message = forwarded["site01"]
+    origin, sealed = message.shares[0]
+    flipped = sealed[:20] + bytes([sealed[20] ^ 1]) + sealed[21:]
+    tampered = dataclasses.replace(message, shares=((origin, flipped), *message.shares[1:]))
+    client = driver.clients["site01"]
+    with pytest.raises(MessageError, match=f"shares from site '{origin}' failed authentication"):
+        client.masked_input(SERVER, tampered, driver.vectors["site01"])
+    # A ciphertext meant for site02, handed to site03 as if from the same sender: the AES-GCM associated data
+    # names the receiver, so it does not open.
+    sender = next(s for s, _ in forwarded["site02"].shares if s != "site03")
+    for_two = dict(forwarded["site02"].shares)[sender]
+    message = forwarded["site03"]
+    moved = dataclasses.replace(
+        message, shares=tuple((s, for_two if s == sender else c) for s, c in message.shares)
+    )
+    with pytest.raises(MessageError, match=f"shares from site '{sender}' failed authentication"):
+        driver.clients["site03"].masked_input(SERVER, moved, driver.vectors["site03"])
+
+
+def test_wrong_length_vectors_are_refused_on_both_sides() -> None:
+    driver = Driver(4, 10)
+    forwarded = driver.share(driver.advertise())
+    client = driver.clients["site00"]
+    with pytest.raises(UpdateError, match="vectors of 10 values; the update has 9"):
+        client.masked_input(SERVER, forwarded["site00"], np.zeros(9, dtype=np.float32))
+    with pytest.raises(UpdateError, match="flat float32"):
+        client.masked_input(SERVER, forwarded["site00"], np.zeros(10, dtype=np.float64))
+    with pytest.raises(UpdateError, match="NaN or infinite"):
+        client.masked_input(SERVER, forwarded["site00"], np.full(10, np.nan, dtype=np.float32))
+    # The failed attempts left the site where it was: the right vector still goes through.
+    good = client.masked_input(SERVER, forwarded["site00"], driver.vectors["site00"])
+    short = dataclasses.replace(good, vector=good.vector[:9])
+    with pytest.raises(MessageError, match="masked vector of 9 values; this round's vectors have 10"):
+        driver.server.collect_masked_input("site00", short)
+    wide = dataclasses.replace(good, vector=good.vector.astype(np.uint64))
+    with pytest.raises(MessageError, match="uint64; this round's are 32-bit"):
+        driver.server.collect_masked_input("site00", wide)
+    driver.server.collect_masked_input("site00", good)
+
+
+def test_replayed_and_out_of_order_messages_are_refused() -> None:
+    driver = Driver(5)
+    server = driver.server
+    advertised = driver.clients["site00"].advertise_keys()
+    server.collect_advertise("site00", advertised)
+    with pytest.raises(MessageError, match="already sent its message for step 1"):
+        server.collect_advertise("site00", advertised)
+    with pytest.raises(MessageError, match="for round 2, but this is round 3 \\(a replay\\?\\)"):
+        server.collect_advertise("site01", dataclasses.replace(advertised, sender="site01", round=ROUND - 1))
+    with pytest.raises(MessageError, match="marked step 2 \\(share keys\\), but the round is at step 1"):
+        server.collect_advertise(
+            "site01", dataclasses.replace(advertised, sender="site01", step=Step.SHARE_KEYS)
+        )
+    early = MaskedInput(sender="site01", round=ROUND, vector=np.zeros(64, dtype=np.uint32))
+    with pytest.raises(MessageError, match="out of order"):
+        server.receive("site01", early)
+    keys = {s: driver.clients[s].advertise_keys() for s in driver.sites[1:]}
+    for s, message in keys.items():
+        server.collect_advertise(s, message)
+    broadcasts = server.broadcast_keys()
+    with pytest.raises(MessageError, match="too late"):
+        server.collect_advertise("site01", keys["site01"])
+    # On the site's side: the same broadcast twice, and a message of a later step first.
+    client = driver.clients["site02"]
+    client.share_keys(SERVER, broadcasts["site02"])
+    with pytest.raises(MessageError, match="got a KeyBroadcast while at the masked input stage"):
+        client.share_keys(SERVER, broadcasts["site02"])
+    request = UnmaskRequest(sender=SERVER, round=ROUND, survivors=("site02",), dropped=())
+    with pytest.raises(MessageError, match="got a UnmaskRequest while at the masked input stage"):
+        client.unmask(SERVER, request)
+    with pytest.raises(MessageError, match="already advertised"):
+        client.advertise_keys()
+
+
+def test_a_site_cannot_speak_for_another() -> None:
+    driver = Driver(5)
+    server = driver.server
+    forged = driver.clients["site00"].advertise_keys()
+    with pytest.raises(MessageError, match="site 'site01' sent a message that claims to come from 'site00'"):
+        server.collect_advertise("site01", forged)
+    with pytest.raises(MessageError, match="not a site of round 3"):
+        server.collect_advertise("mallory", dataclasses.replace(forged, sender="mallory"))
+    # Nor speak for the server: a site-to-site "server message" is refused by the receiving site.
+    for s in driver.sites:
+        if s != "site00":
+            server.collect_advertise(s, driver.clients[s].advertise_keys())
+    server.collect_advertise("site00", forged)
+    broadcasts = server.broadcast_keys()
+    with pytest.raises(MessageError, match="got a server message from 'site03'"):
+        driver.clients["site02"].share_keys("site03", broadcasts["site02"])
+    with pytest.raises(MessageError, match="claims to come from 'site03'"):
+        driver.clients["site02"].share_keys(
+            SERVER, dataclasses.replace(broadcasts["site02"], sender="site03")
+        )
+    # A site that did not advertise keys cannot come back later.
+    late = Driver(5)
+    late.advertise(skip={"site04"})
+    with pytest.raises(MessageError, match="site 'site04' dropped out before step 2"):
+        late.server.collect_shares("site04", ShareKeys(sender="site04", round=ROUND, shares=()))
+
+
+def test_a_low_order_public_key_is_refused() -> None:
+    driver = Driver(4)
+    message = driver.clients["site00"].advertise_keys()
+    with pytest.raises(MessageError, match="site 'site00' advertised an invalid X25519 public key"):
+        driver.server.collect_advertise("site00", dataclasses.replace(message, mask_key=bytes(32)))
+    driver.server.collect_advertise("site00", message)
+
+
+def test_authenticated_round_sums_exactly() -> None:
+    driver = Driver(6, authenticated=True)
+    result = driver.run()
+    assert np.array_equal(result.encoded_sum.astype(np.uint64), driver.expected_sum(driver.sites))
+
+
+def substitute_mask_key(
+    broadcast_keys: tuple[AdvertisedKeys, ...], victim: str
+) -> tuple[AdvertisedKeys, ...]:
+    """What a man-in-the-middle server does: put its own public key in place of the victim's."""
+    attacker = public_bytes(generate())
+    return tuple(dataclasses.replace(k, mask_key=attacker) if k.site == victim else k for k in broadcast_keys)
+
+
+def test_a_server_substituting_a_key_is_caught_in_the_authenticated_mode() -> None:
+    driver = Driver(5, authenticated=True)
+    broadcasts = driver.advertise()
+    message = broadcasts["site00"]
+    forged = dataclasses.replace(message, keys=substitute_mask_key(message.keys, "site01"))
+    with pytest.raises(MessageError, match="keys advertised for site 'site01' do not carry its signature"):
+        driver.clients["site00"].share_keys(SERVER, forged)
+    # Without authentication the same substitution goes unnoticed: that is what the mode is for.
+    plain = Driver(5)
+    message = plain.advertise()["site00"]
+    plain.clients["site00"].share_keys(
+        SERVER, dataclasses.replace(message, keys=substitute_mask_key(message.keys, "site01"))
+    )
+
+
+def test_keys_signed_by_the_wrong_identity_or_downgraded_rounds_are_refused() -> None:
+    driver = Driver(4, authenticated=True)
+    impostor = SecAggClient(
+        "site01", SERVER, driver.setup, identity=generate_identity(), registry=driver.registry
+    )
+    with pytest.raises(MessageError, match="do not carry the signature of its registered identity"):
+        driver.server.collect_advertise("site01", impostor.advertise_keys())
+    unauthenticated = Driver(4).setup
+    with pytest.raises(MessageError, match="downgrade"):
+        SecAggClient(
+            "site01", SERVER, unauthenticated, identity=driver.identities["site01"], registry=driver.registry
+        )
+
+
+def test_a_site_refuses_to_give_both_shares_of_the_same_site() -> None:
+    driver = Driver(6)
+    requests = driver.mask(driver.share(driver.advertise()))
+    client = driver.clients["site00"]
+    honest = requests["site00"]
+    greedy = dataclasses.replace(honest, dropped=("site01",))
+    assert "site01" in greedy.survivors
+    with pytest.raises(
+        UnmaskRefused, match=r"both the self-mask share and the mask-key share of \['site01'\]"
+    ):
+        client.unmask(SERVER, greedy)
+    # Having refused, the site is out of the round: not even the honest request gets an answer now.
+    with pytest.raises(MessageError, match="failed stage"):
+        client.unmask(SERVER, honest)
+
+
+def test_a_site_refuses_requests_that_cannot_unmask_the_sum() -> None:
+    driver = Driver(6)  # complete graph, t = 4
+    requests = driver.mask(driver.share(driver.advertise()))
+    few = dataclasses.replace(
+        requests["site01"], survivors=("site01", "site02", "site03"), dropped=("site04", "site05", "site00")
+    )
+    with pytest.raises(UnmaskRefused, match="only 3 of its neighbourhood are said to survive"):
+        driver.clients["site01"].unmask(SERVER, few)
+    not_me = dataclasses.replace(
+        requests["site02"], survivors=("site00", "site01", "site03", "site04"), dropped=("site02",)
+    )
+    with pytest.raises(UnmaskRefused):
+        driver.clients["site02"].unmask(SERVER, not_me)
+
+
+def test_a_wrong_share_from_a_holder_is_caught_when_the_mask_key_is_rebuilt() -> None:
+    driver = Driver(6)
+    requests = driver.mask(driver.share(driver.advertise()), skip={"site05"})
+    for s, request in requests.items():
+        response = driver.clients[s].unmask(SERVER, request)
+        if s == "site00":
+            ((v, share),) = response.mask_key_shares
+            # (Not the lowest bits: X25519 ignores the three lowest bits of a private key.)
+            bad = share[:10] + bytes([share[10] ^ 0xFF]) + share[11:]
+            response = dataclasses.replace(response, mask_key_shares=((v, bad),))
+        driver.server.collect_unmask(s, response)
+    with pytest.raises(SecAggAbort, match=r"mask key of dropped site 'site05'.*does not match"):
+        driver.server.finish()
+
+
+def test_a_site_refuses_a_setup_it_cannot_trust() -> None:
+    setup = Driver(6).setup
+    weak = dataclasses.replace(setup, threshold=3)  # half of the 6 holders: two halves could unmask a site
+    with pytest.raises(MessageError, match="refusing the round's setup: threshold must be more than half"):
+        SecAggClient("site00", SERVER, weak)
+    with pytest.raises(MessageError, match="include this site 'site99'"):
+        SecAggClient("site99", SERVER, setup)
+    with pytest.raises(MessageError, match="expects round 4"):
+        SecAggClient("site00", SERVER, setup, expected_round=4)
+    with pytest.raises(MessageError, match="not from the server"):
+        SecAggClient("site00", "site01", setup)
+    assert isinstance(setup, Setup)
+
+
+def test_too_few_neighbours_make_the_site_give_up() -> None:
+    driver = Driver(6)  # t = 4: a site needs 3 neighbours with keys
+    broadcasts = driver.advertise()
+    thin = dataclasses.replace(broadcasts["site00"], keys=broadcasts["site00"].keys[:2])
+    with pytest.raises(SecAggAbort, match="only 2 of the 5 neighbours of site 'site00' advertised keys"):
+        driver.clients["site00"].share_keys(SERVER, thin)
+
+
+def test_transcript_counts_the_bytes_of_each_message() -> None:
+    params = SecAggParams(sites=5)
+    vectors = vectors_for(5, size=1000)
+    _, transcript = run_round(vectors, params, {}, np.random.default_rng(0))
+    masked = transcript.steps[Step.MASKED_INPUT].upload_bytes
+    header = MaskedInput(sender="site00", round=1, vector=np.zeros(0, dtype=np.uint32)).nbytes
+    assert masked == dict.fromkeys(vectors, header + 4 * 1000)
+    received, sent = transcript.server_bytes
+    assert received == sum(transcript.site_bytes(s)[0] for s in vectors)
+    assert sent == sum(transcript.site_bytes(s)[1] for s in vectors)
+    assert all(transcript.steps[Step.MASKED_INPUT].site_seconds[s] > 0 for s in vectors)
+    advertise = AdvertiseKeys(sender="site00", round=1, cipher_key=bytes(32), mask_key=bytes(32))
+    assert transcript.steps[Step.ADVERTISE_KEYS].upload_bytes["site00"] == advertise.nbytes
