@@ -181,6 +181,13 @@ class BackendConfig:
         "local", "who carries messages: 'local' runs every site in this process", choices=("local",)
     )
     threads: int = option(0, "torch threads; 0: torch's default", at_least(0), ">= 0")
+    dropout: float = option(
+        0.0,
+        "simulation: the fraction of each round's sites that vanish after the key exchange, before sending "
+        "their update",
+        lambda x: 0 <= x < 1,
+        "in [0, 1)",
+    )
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,38 @@ class PrivacyConfig:
         "adaptive clipping: std of the noise on the count of unclipped updates; 0: sites per round / 20",
         at_least(0),
         ">= 0",
+    )
+    secure_aggregation: bool = option(
+        False,
+        "SecAgg+ (Bonawitz et al. 2017, Bell et al. 2020): the server learns only the sum of the updates",
+    )
+    secagg_neighbours: int = option(
+        0,
+        "secure aggregation: neighbours each site shares with; 0: 2 log2(n) + 6 (n - 1: complete graph)",
+        at_least(0),
+        ">= 0",
+    )
+    secagg_threshold: int = option(
+        0,
+        "secure aggregation: shares needed to unmask a site; 0: a majority of its neighbours",
+        at_least(0),
+        ">= 0",
+    )
+    secagg_range: float = option(
+        0.0,
+        "secure aggregation: every coordinate is clipped to [-R, R] for fixed-point encoding; 0: the clip "
+        "norm plus room for the noise under DP, else 1",
+        at_least(0),
+        ">= 0",
+    )
+    secagg_bits: int = option(
+        20,
+        "secure aggregation: fractional bits of the fixed-point encoding",
+        lambda x: 1 <= x <= 40,
+        "1 to 40",
+    )
+    secagg_authenticated: bool = option(
+        False, "secure aggregation: sites sign their keys with registered Ed25519 identities"
     )
     record_dp: bool = option(False, "record-level DP-SGD at each site (Opacus), with each site's own epsilon")
     record_clip: float = option(1.0, "DP-SGD: L2 norm each window's gradient is clipped to", positive, "> 0")
@@ -373,7 +412,7 @@ def _check_privacy(config: Config) -> None:
                 "privacy.adaptive_clip needs privacy.dp = 'central': each site's clipping bit is noised by "
                 "the aggregator, which under distributed DP must not see it"
             )
-        if p.dp == "distributed" and not getattr(p, "secure_aggregation", False):
+        if p.dp == "distributed" and not p.secure_aggregation:
             raise ConfigError(
                 "privacy.dp = 'distributed' needs secure aggregation (privacy.secure_aggregation = true): "
                 "each site's update carries only its share of the noise, so the server may see only their "
@@ -385,6 +424,13 @@ def _check_privacy(config: Config) -> None:
                 "privacy loss distribution for sampling without replacement): use accounting = 'rdp', or "
                 "server.sampling = 'poisson'"
             )
+    if p.secure_aggregation and s.strategy in ("scaffold", "fednova"):
+        what = "control variate" if s.strategy == "scaffold" else "step count"
+        raise ConfigError(
+            f"privacy.secure_aggregation cannot run with server.strategy = {s.strategy!r}: the server needs "
+            f"each site's own {what} beside its update, and secure aggregation shows it only the sum; use "
+            "'fedavg' or 'fedprox'"
+        )
     if p.record_dp and (s.strategy != "fedavg" or c.personalization == "fedrep"):
         raise ConfigError(
             "privacy.record_dp trains with plain DP-SGD steps, so it runs with server.strategy = 'fedavg' "

@@ -281,6 +281,13 @@ class DPMean:
         state.total += update.vector
         state.count += 1
 
+    def add_sum(self, state: SumState, total: Vector, count: int) -> None:
+        """Fold in the sum of ``count`` clipped updates that arrived summed (secure aggregation)."""
+        if total.shape != state.total.shape:
+            raise UpdateError(f"a sum of {total.size} values arrived; the model has {state.total.size}")
+        state.total += total
+        state.count += count
+
     def result(self, state: SumState, rng: np.random.Generator | None = None) -> Vector:
         if self.noise is not None:
             if rng is None:

@@ -15,12 +15,24 @@ from typing import Protocol
 
 import numpy as np
 
+from confide.client.secure import MASKED
 from confide.core import Layer, Plan, Update, Vector
 from confide.errors import UpdateError
 from confide.privacy.policy import CLIP_KEY
+from confide.privacy.secagg import (
+    MessageError,
+    SecAggAbort,
+    SecAggParams,
+    SecAggServer,
+    decode,
+    default_neighbours,
+)
+from confide.privacy.secagg.messages import Message
 from confide.server.strategy import CONTROL_KEY, Strategy, rng_for
 
 NOISE_STREAM = 6
+SECAGG_STREAM = 10
+"""The public session value of a round's secure aggregation (it fixes the neighbour graph)."""
 """The random stream of noise the server adds (central DP), derived from (seed, round) like every other."""
 
 PLAN_HEADER_BYTES = 64
@@ -72,7 +84,31 @@ class Backend(Protocol):
         personalization is not 'none', each site evaluates its personalized model instead."""
         ...
 
+    def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
+        """Carry one protocol message to each named site; yield (site, answer) for each site that answers
+        with something. Multi-step protocols (secure aggregation) run over this in every backend."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation's settings for every round (see :class:`~confide.privacy.secagg.SecAggParams`)."""
+
+    neighbours: int = 0
+    threshold: int = 0
+    clip_range: float = 1.0
+    fractional_bits: int = 20
+    authenticated: bool = False
+    registry: Mapping[str, bytes] | None = None
+    """The sites' registered Ed25519 public keys (authenticated mode)."""
+
+    def params(self, sites: int) -> SecAggParams:
+        # A threshold set for more holders than a small round has is capped to that round's holders.
+        k = min(self.neighbours or default_neighbours(sites), sites - 1)
+        threshold = min(self.threshold, k + 1) if self.threshold else 0
+        return SecAggParams(sites, k, threshold, self.clip_range, self.fractional_bits, self.authenticated)
 
 
 @dataclass
@@ -97,6 +133,8 @@ class RoundResult:
     """Time the sites spent in forward, backward and optimizer steps (their own report)."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """Sites whose update was refused this round, and why; the round went on without them."""
+    abandoned: str | None = None
+    """Why the round was abandoned with the model unchanged (secure aggregation could not unmask the sum)."""
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """What each accepted site reported (training loss, steps, clipping bit, record-level epsilon, ...)."""
 
@@ -112,9 +150,12 @@ class Observer(Protocol):
 class Federation:
     """Runs rounds of a :class:`Strategy` over any :class:`Backend`, with a stack of layers."""
 
-    def __init__(self, strategy: Strategy, layers: Sequence[Layer] = ()) -> None:
+    def __init__(
+        self, strategy: Strategy, layers: Sequence[Layer] = (), secure: SecureAggregation | None = None
+    ) -> None:
         self.strategy = strategy
         self.layers = tuple(layers)
+        self.secure = secure
 
     def round(
         self,
@@ -152,13 +193,47 @@ class Federation:
         seen: set[str] = set()
         rejected: list[tuple[str, str]] = []
         examples, loss_sum, received, compute = 0, 0.0, 0, 0.0
+        protocol_sent = 0
         reported: dict[str, dict[str, float]] = {}
+        secure: SecAggServer | None = None
+        if self.secure is not None:
+            if len(sites) < 2:
+                return self._abandon(
+                    state,
+                    r,
+                    sites,
+                    started,
+                    "secure aggregation needs at least 2 sites and the round drew "
+                    f"{len(sites)}; the model is unchanged",
+                )
+            session = rng_for(self.strategy.seed, r, SECAGG_STREAM).bytes(32)
+            params = self.secure.params(len(sites))
+            secure = SecAggServer(params, sites, r, size, session=session, registry=self.secure.registry)
+            # Keys and encrypted shares go round before the sites train (they do not depend on the update).
+            setup = secure.setup().to_bytes()
+            sent, got = self._exchange(backend, secure, dict.fromkeys(sites, setup), rejected)
+            sent2, got2 = self._exchange(backend, secure, _bytes(secure.broadcast_keys()), rejected)
+            sent3, got3 = self._exchange(backend, secure, _bytes(secure.forward_shares()), rejected)
+            protocol_sent += sent + sent2 + sent3
+            received += got + got2 + got3
+        pending: dict[str, dict[str, float]] = {}
         for update in backend.train(state.weights, tasks):
             received += update.nbytes
             try:
                 self._check(update, r, expected, seen)
                 for layer in reversed(self.layers):
                     update = layer.decode(update)
+                if secure is not None:
+                    masked = update.payload.get(MASKED)
+                    if not isinstance(masked, np.ndarray):
+                        raise UpdateError(
+                            f"site {update.site!r} sent no masked input under secure aggregation"
+                        )
+                    secure.receive(update.site, decode(masked.tobytes()))
+                    pending[update.site] = {**update.metrics, "num_examples": float(update.num_examples)}
+                    if observer is not None:
+                        observer.site_done(r, update.site)
+                    continue
                 if update.vector is not None and not np.isfinite(update.vector).all():
                     raise UpdateError(
                         f"the update of site {update.site!r} holds NaN or infinite values "
@@ -179,6 +254,21 @@ class Federation:
             compute += update.metrics.get("compute_seconds", 0.0)
             if observer is not None:
                 observer.site_done(r, update.site)
+        if secure is not None:
+            try:
+                requests = _bytes(secure.request_unmasking())
+                sent, got = self._exchange(backend, secure, requests, rejected)
+                protocol_sent += sent
+                received += got
+                total = secure.finish()
+            except SecAggAbort as e:
+                return self._abandon(state, r, sites, started, str(e), rejected)
+            # Only the survivors' inputs are in the sum; their (clear) metrics are what the round reports.
+            reported = {site: pending[site] for site in total.survivors if site in pending}
+            examples = sum(int(m.get("num_examples", 0)) for m in reported.values())
+            loss_sum = sum(m.get("train_loss", 0.0) * m.get("num_examples", 0) for m in reported.values())
+            compute = sum(m.get("compute_seconds", 0.0) for m in reported.values())
+            aggregator.add_sum(aggregate, total.vector, len(total.survivors))
         if charge is not None:
             charge(r, len(reported))
         if reported:
@@ -196,12 +286,49 @@ class Federation:
             sites=sites,
             num_examples=examples,
             train_loss=loss_sum / examples if examples else float("nan"),
-            bytes_sent=sum(t.nbytes(state.weights, shared) for t in tasks),
+            bytes_sent=sum(t.nbytes(state.weights, shared) for t in tasks) + protocol_sent,
             bytes_received=received,
             seconds=time.perf_counter() - started,
             compute_seconds=compute,
             rejected=rejected,
             site_metrics=reported,
+        )
+
+    @staticmethod
+    def _exchange(
+        backend: Backend, secure: SecAggServer, messages: Mapping[str, bytes], rejected: list[tuple[str, str]]
+    ) -> tuple[int, int]:
+        """One step of secure aggregation over the backend: (bytes sent, bytes received). A site whose
+        answer is refused counts as dropped from that step on; the protocol decides if the round survives."""
+        received = 0
+        for site, answer in backend.exchange(messages):
+            received += len(answer)
+            try:
+                secure.receive(site, decode(answer))
+            except MessageError as e:
+                rejected.append((site, str(e)))
+        return sum(len(m) for m in messages.values()), received
+
+    @staticmethod
+    def _abandon(
+        state: ServerState,
+        round: int,
+        sites: list[str],
+        started: float,
+        reason: str,
+        rejected: list[tuple[str, str]] | None = None,
+    ) -> RoundResult:
+        state.round = round
+        return RoundResult(
+            round=round,
+            sites=sites,
+            num_examples=0,
+            train_loss=float("nan"),
+            bytes_sent=0,
+            bytes_received=0,
+            seconds=time.perf_counter() - started,
+            rejected=rejected or [],
+            abandoned=reason,
         )
 
     @staticmethod
@@ -247,3 +374,7 @@ def summarize(
         for e, lo, a, n in zip(evaluations, losses, accuracies, targets, strict=True)
     ]
     return dict(metrics), per_site
+
+
+def _bytes(messages: Mapping[str, Message]) -> dict[str, bytes]:
+    return {site: m.to_bytes() for site, m in messages.items()}

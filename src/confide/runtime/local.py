@@ -8,20 +8,30 @@ Layout.
 
 from __future__ import annotations
 
+import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.client.dpsgd import DPSGD
 from confide.client.personalize import Personal, personal_weights
+from confide.client.secure import SecureSite
 from confide.client.site import run_task
 from confide.client.state import MemorySiteState
 from confide.client.trainer import Trainer
 from confide.core import Layer, Plan, Update, Vector
 from confide.data import FederatedDataset
+from confide.errors import ConfideError
+from confide.privacy.secagg import Setup, decode
 from confide.runtime.federation import SiteEvaluation, Task
+from confide.server.strategy import rng_for
+
+log = logging.getLogger(__name__)
+
+DROPOUT_STREAM = 11
 
 
 class LocalBackend:
@@ -34,6 +44,10 @@ class LocalBackend:
         personal: Personal | None = None,
         shared: np.ndarray | None = None,
         dpsgd: DPSGD | None = None,
+        dropout: float = 0.0,
+        seed: int = 0,
+        identities: Mapping[str, Ed25519PrivateKey] | None = None,
+        registry: Mapping[str, bytes] | None = None,
     ) -> None:
         self.dataset = dataset
         self.trainer = trainer
@@ -42,6 +56,13 @@ class LocalBackend:
         self.personal = personal or Personal(MemorySiteState(), np.empty(0, dtype=np.int64))
         self.shared = shared
         self.dpsgd = dpsgd
+        self.dropout = dropout
+        self.seed = seed
+        self.identities = dict(identities or {})
+        self.registry = registry
+        self.secure_sites: dict[str, SecureSite] = {}
+        """Each simulated site's secure-aggregation state (what SecAggLayer masks with)."""
+        self._dropped: set[str] = set()
         self._by_name = {s.name: s for s in dataset.sites}
         self._eval_cache: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None
 
@@ -49,7 +70,15 @@ class LocalBackend:
         return self.dataset.site_names
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
+        self._dropped = set()
+        if self.dropout > 0 and tasks:
+            # Simulated dropouts: a site vanishes after the key exchange, before it sends its update, and
+            # answers nothing more this round (the hardest point for secure aggregation).
+            rng = rng_for(self.seed, tasks[0].plan.round, DROPOUT_STREAM)
+            self._dropped = {t.site for t in tasks if rng.random() < self.dropout}
         for task in tasks:
+            if task.site in self._dropped:
+                continue
             data = self._by_name[task.site]
             yield run_task(
                 self.trainer,
@@ -94,6 +123,25 @@ class LocalBackend:
             mine = personal_weights(self.trainer, site, data.train, weights, site_plan, self.personal)
             loss_sum, correct, targets = self.trainer.evaluate(mine, data.test, self.eval_batch_size).sum(0)
             yield SiteEvaluation(site, float(loss_sum), int(correct), int(targets))
+
+    def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
+        first = next(iter(messages.values()), b"")
+        if first and isinstance(decode(first), Setup):
+            self._dropped = set()  # a new round: last round's dropouts are back
+        for site, data in messages.items():
+            if site in self._dropped:
+                continue
+            state = self.secure_sites.get(site)
+            if state is None:
+                state = SecureSite(site, self.identities.get(site), self.registry)
+                self.secure_sites[site] = state
+            try:
+                answer = state.answer(data)
+            except ConfideError as e:  # the site gives up on this round; for the server it has dropped
+                log.info("site %s left the secure-aggregation round: %s", site, e)
+                continue
+            if answer:
+                yield site, answer
 
     def close(self) -> None:
         self._eval_cache = None

@@ -9,6 +9,7 @@ exactly as an uninterrupted run computes them.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -17,14 +18,16 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from confide.client.dpsgd import DPSGD
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY, Personal
+from confide.client.secure import SecAggLayer
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
-from confide.core import Layout
+from confide.core import Layer, Layout
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
 from confide.errors import DivergedError, StoreError
@@ -32,7 +35,8 @@ from confide.models import CharModel, build_model, head_names
 from confide.privacy.accountant import LedgerEntry
 from confide.privacy.dp import CLIPPED_METRIC, AdaptiveClip
 from confide.privacy.policy import CLIP_KEY, BudgetExhausted, SiteDP, expected_bits_noise
-from confide.runtime.federation import Federation, RoundResult, ServerState, summarize
+from confide.privacy.secagg import keys
+from confide.runtime.federation import Federation, RoundResult, SecureAggregation, ServerState, summarize
 from confide.runtime.local import LocalBackend
 from confide.runtime.store import Store, StoreSiteState
 from confide.server.optim import ServerOptimizer
@@ -124,6 +128,33 @@ def build_strategy(
         record_noise=p.record_noise if p.record_dp else 0.0,
         shared=shared,
     )
+
+
+def build_secure(
+    config: Config, sites: Sequence[str], dp: SiteDP | None
+) -> tuple[SecureAggregation | None, dict[str, Ed25519PrivateKey]]:
+    """Secure aggregation's settings (None when off) and, in the authenticated mode, each simulated site's
+    long-term identity (the registry of their public keys goes to the server and to every site)."""
+    p = config.privacy
+    if not p.secure_aggregation:
+        return None, {}
+    clip_range = p.secagg_range
+    if not clip_range:
+        # A clipped update has no coordinate above C; under distributed DP each share of the noise adds
+        # z C / sqrt(m) of standard deviation, and 8 of those leave essentially nothing to clip.
+        clip_range = 1.0
+        if dp is not None:
+            spread = dp.update_noise / math.sqrt(dp.sites_per_round) if dp.placement == "distributed" else 0.0
+            clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
+    identities: dict[str, Ed25519PrivateKey] = {}
+    registry = None
+    if p.secagg_authenticated:
+        identities = {site: keys.generate_identity() for site in sites}
+        registry = {site: keys.identity_public_bytes(key) for site, key in identities.items()}
+    settings = SecureAggregation(
+        p.secagg_neighbours, p.secagg_threshold, clip_range, p.secagg_bits, p.secagg_authenticated, registry
+    )
+    return settings, identities
 
 
 def build_site_dp(config: Config, population: int) -> SiteDP | None:
@@ -221,17 +252,25 @@ class Runner:
         personal = Personal(StoreSiteState(store), self.layout.index(head), head)
         self.dp = build_site_dp(config, len(dataset.sites))
         dpsgd = DPSGD(self.model, p.record_clip, p.record_noise, optimizer) if p.record_dp else None
+        secure, identities = build_secure(config, dataset.site_names, self.dp)
         self.backend = LocalBackend(
             dataset,
             trainer,
-            layers=self.dp.layers if self.dp else (),
             eval_batch_size=config.eval.batch_size,
             personal=personal,
             shared=shared,
             dpsgd=dpsgd,
+            dropout=config.backend.dropout,
+            seed=config.run.seed,
+            identities=identities,
+            registry=secure.registry if secure else None,
         )
+        layers: list[Layer] = list(self.dp.layers) if self.dp else []
+        if secure is not None:
+            layers.append(SecAggLayer(self.backend.secure_sites))
+        self.backend.layers = tuple(layers)
         self.strategy = build_strategy(config, shared, self.dp.aggregator if self.dp else None)
-        self.federation = Federation(self.strategy)
+        self.federation = Federation(self.strategy, secure=secure)
         self.eval_sites = self._eval_sites()
         self.baseline = unigram_baseline(dataset, self.eval_sites)
         self.state = ServerState(
@@ -319,6 +358,8 @@ class Runner:
                 self.state.optimizer_state[CLIP_KEY][0] = clip
             for site, reason in result.rejected:
                 self.store.event("rejected", f"update of site {site} refused: {reason}", r)
+            if result.abandoned is not None:
+                self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
             self.store.record_round(
                 r,
                 result.sites,

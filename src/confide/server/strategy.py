@@ -54,6 +54,11 @@ class Aggregator(Protocol):
 
     def add(self, state: Any, update: Update) -> None: ...
 
+    def add_sum(self, state: Any, total: Vector, count: int) -> None:
+        """Fold in the sum of ``count`` updates that only arrived summed (secure aggregation): each of those
+        sites weighs one, whatever its number of examples."""
+        ...
+
     def result(self, state: Any, rng: np.random.Generator | None = None) -> Vector: ...
 
 
@@ -88,6 +93,13 @@ class WeightedMean:
         torch.from_numpy(state.total).add_(torch.from_numpy(update.vector), alpha=float(update.num_examples))
         state.weight += update.num_examples
         state.count += 1
+
+    def add_sum(self, state: MeanState, total: Vector, count: int) -> None:
+        if total.shape != state.total.shape:
+            raise UpdateError(f"a sum of {total.size} values arrived; the model has {state.total.size}")
+        state.total += total
+        state.weight += count
+        state.count += count
 
     def result(self, state: MeanState, rng: np.random.Generator | None = None) -> Vector:
         if state.count == 0:
@@ -135,6 +147,9 @@ class NormalizedMean(WeightedMean):
         )
         super().add(state, scaled)
         state.tau += update.num_examples * a
+
+    def add_sum(self, state: MeanState, total: Vector, count: int) -> None:
+        raise UpdateError("FedNova needs each site's step count beside its update; it cannot use a bare sum")
 
     def result(self, state: MeanState, rng: np.random.Generator | None = None) -> Vector:
         assert isinstance(state, NovaState)

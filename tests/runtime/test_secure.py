@@ -1,0 +1,123 @@
+"""Secure aggregation inside federated rounds: the same model as plain aggregation to fixed-point precision,
+dropouts, abandoned rounds, the authenticated mode, distributed DP on top, and the refused combinations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from confide import config
+from confide.client.trainer import Trainer
+from confide.data.text import load_text
+from confide.errors import ConfigError
+from confide.models import build_model
+from confide.privacy.dp import DPMean
+from confide.runtime.federation import Federation, SecureAggregation, ServerState
+from confide.runtime.local import LocalBackend
+from confide.runtime.runner import Runner
+from confide.server.strategy import Strategy
+from tests.conftest import tiny_config
+from tests.runtime.test_runner import metrics
+
+
+def setup(text_corpus: Path, dropout: float = 0.0) -> tuple[LocalBackend, ServerState]:
+    dataset = load_text(text_corpus)
+    torch.manual_seed(0)
+    trainer = Trainer(build_model("lstm", 97, hidden=8))
+    backend = LocalBackend(dataset, trainer, dropout=dropout, seed=5)
+    state = ServerState(0, trainer.layout.read(trainer.model).copy())
+    return backend, state
+
+
+def run(backend: LocalBackend, state: ServerState, federation: Federation, rounds: int = 2) -> list[object]:
+    return [federation.round(state, backend) for _ in range(rounds)]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_secure_rounds_give_the_plain_mean_to_fixed_point_precision(
+    text_corpus: Path, dropout: float
+) -> None:
+    common = {"sites_per_round": 6, "max_steps": 2, "batch_size": 4, "learning_rate": 0.5, "seed": 2}
+    # Plain: every site weighs one, as under secure aggregation (which only ever sees the sum).
+    plain_backend, plain = setup(text_corpus, dropout)
+    plain_results = run(plain_backend, plain, Federation(Strategy(aggregator=DPMean(), **common)))
+    backend, secure = setup(text_corpus, dropout)
+    from confide.client.secure import SecAggLayer
+
+    backend.layers = (SecAggLayer(backend.secure_sites),)
+    federation = Federation(Strategy(**common), secure=SecureAggregation(fractional_bits=24))
+    results = run(backend, secure, federation)
+    for a, b in zip(plain_results, results, strict=True):
+        assert a.abandoned is None and b.abandoned is None  # type: ignore[attr-defined]
+        assert sorted(a.site_metrics) == sorted(b.site_metrics)  # type: ignore[attr-defined]
+    if dropout:
+        assert min(len(r.site_metrics) for r in results) < 6  # type: ignore[attr-defined]
+    # Each coordinate of the sum is rounded to 2^-24 per site; the mean moves by less than that.
+    np.testing.assert_allclose(secure.weights, plain.weights, rtol=0, atol=2 * 2.0**-24)
+    assert not np.array_equal(secure.weights, plain.weights)  # it really went through fixed point
+    # The masked updates and the protocol's messages are counted on the wire.
+    assert results[0].bytes_received > plain_results[0].bytes_received  # type: ignore[attr-defined]
+
+
+def test_fewer_survivors_than_the_threshold_abandon_the_round(text_corpus: Path) -> None:
+    from confide.client.secure import SecAggLayer
+
+    backend, state = setup(text_corpus, dropout=0.7)
+    backend.layers = (SecAggLayer(backend.secure_sites),)
+    before = state.weights.copy()
+    strategy = Strategy(sites_per_round=6, max_steps=1, batch_size=4, seed=2)
+    result = Federation(strategy, secure=SecureAggregation()).round(state, backend)
+    assert result.abandoned is not None and "fewer than the threshold" in result.abandoned
+    assert state.round == 1
+    np.testing.assert_array_equal(state.weights, before)
+
+
+def test_runs_with_authenticated_secure_aggregation_and_distributed_dp(
+    tmp_path: Path, text_corpus: Path
+) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "runs"))
+    overrides = [
+        "privacy.secure_aggregation=true",
+        "privacy.secagg_authenticated=true",
+        "privacy.dp=distributed",
+        "privacy.noise_multiplier=0.8",
+        "server.sites_per_round=5",
+        "backend.dropout=0.2",
+    ]
+    runner = Runner.start(config.load(path, overrides))
+    runner.run()
+    rows = metrics(runner.store.run_dir)
+    assert len(rows) == 4 and all(np.isfinite(r["epsilon"]) for r in rows)
+    ledger = runner.store.ledger()
+    # A round with dropouts carries less noise, and is charged at the noise it really had.
+    charged = {round: z for round, z, *_ in ledger}
+    events = [e for e in runner.store.events() if e[2] == "abandoned"]
+    assert all(z <= 0.8 + 1e-12 for z in charged.values())
+    assert any(z < 0.8 for z in charged.values()) or events
+    assert runner.federation.secure is not None and runner.federation.secure.registry is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("server.strategy=scaffold", "client.optimizer=sgd"),
+            r"secure_aggregation cannot run with .*'scaffold'",
+        ),
+        (
+            ("server.strategy=fednova", "client.optimizer=sgd"),
+            r"secure_aggregation cannot run with .*'fednova'",
+        ),
+    ],
+)
+def test_secure_aggregation_refuses_strategies_that_need_individual_values(
+    tmp_path: Path, text_corpus: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, ["privacy.secure_aggregation=true", *overrides])
