@@ -7,6 +7,7 @@ puts this folder on ``sys.path``, so they import this module as ``common``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import tempfile
@@ -25,6 +26,8 @@ from rich.table import Table
 from confide.config import Config, from_dict
 from confide.runtime.federation import RoundResult
 from confide.runtime.runner import NullObserver, Runner
+
+logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's harmless convergence notes
 
 console = Console(highlight=False)
 if not console.is_terminal:  # a log file: wide enough that the tables do not wrap

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20, help="copies of each canary in its site")
     parser.add_argument("--candidates", type=int, default=5000, help="random secrets a canary is ranked in")
     parser.add_argument("--no-audit", action="store_true", help="skip the canary audit")
+    parser.add_argument("--audit-only", action="store_true", help="run only the canary audit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="keep run directories here (default: a temporary folder)")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(q = {args.sites_per_round / sites:.4f}), {args.rounds} rounds, clip norm {args.clip:g}, "
             f"delta = 1/(10 x sites) = {delta:.1e}\n"
         )
-        for epsilon in [math.inf, *epsilons]:
+        for epsilon in [] if args.audit_only else [math.inf, *epsilons]:
             raw = (
                 base_config(args)
                 if math.isinf(epsilon)
@@ -135,20 +136,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{time.perf_counter() - t0:.0f}",
                 ]
             )
-        show(
-            f"Accuracy against epsilon ({sites} sites, {args.rounds} rounds, delta {delta:.1e})",
-            [
-                "run",
-                "noise multiplier z",
-                "epsilon spent",
-                "final clip norm",
-                "accuracy",
-                "worst decile",
-                "wall s",
-            ],
-            rows,
-            args.markdown,
-        )
+        if rows:
+            show(
+                f"Accuracy against epsilon ({sites} sites, {args.rounds} rounds, delta {delta:.1e})",
+                [
+                    "run",
+                    "noise multiplier z",
+                    "epsilon spent",
+                    "final clip norm",
+                    "accuracy",
+                    "worst decile",
+                    "wall s",
+                ],
+                rows,
+                args.markdown,
+            )
         if not args.no_audit:
             raw = merge(base_config(args), dp_overrides(args, min(epsilons)))
             config = build_config(raw, output, "audit")

@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO, format="%(message)s")
+    # dp-accounting's RDP logs through absl when an order fails to converge and is left out: that only
+    # makes epsilon larger (safe), and says nothing a user can act on.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return int(args.func(args) or 0)
     except ConfideError as e:
@@ -149,6 +152,8 @@ class RichObserver:
             transient=True,
         )
         self.round_task: TaskID | None = None
+        self.dp: Any = None
+        self.secure = False
         self.site_task: TaskID | None = None
         self.baseline = 0.0
 
@@ -163,6 +168,8 @@ class RichObserver:
         ds = runner.dataset
         model = runner.config.model["kind"]
         self.baseline = runner.baseline.accuracy
+        self.dp = runner.dp
+        self.secure = runner.federation.secure is not None
         console.print(
             f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
             f"{len(ds.sites)} sites ({ds.num_train:,} training windows), "
@@ -194,6 +201,16 @@ class RichObserver:
     def round_finished(self, result: Any) -> None:
         assert self.round_task is not None
         self.progress.advance(self.round_task)
+        if self.dp is not None or self.secure:
+            # With privacy layers on, every round's cost and spend is worth a line of its own.
+            spent = f"  epsilon {self.dp.epsilon():.3f}" if self.dp is not None else ""
+            console.print(
+                f"[dim]round {result.round:>4}  {len(result.site_metrics)} of {len(result.sites)} sites "
+                f"in the sum  sent {human_bytes(result.bytes_sent)}  "
+                f"received {human_bytes(result.bytes_received)}{spent}  {result.seconds:.1f}s[/]"
+            )
+        if result.abandoned:
+            console.print(f"[yellow]round {result.round} abandoned: {result.abandoned}[/]")
         if result.rejected:
             for site, reason in result.rejected:
                 console.print(f"[yellow]round {result.round}: refused the update of {site}: {reason}[/]")

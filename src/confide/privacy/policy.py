@@ -63,6 +63,15 @@ class SiteDP:
         self.sites_per_round = sites_per_round
         self.sampling = sampling
         self.sample: float = sites_per_round if sampling == "fixed" else sites_per_round / population
+        # Under distributed DP each site's share of the noise is sized so that the sum of `share_sites`
+        # updates carries the full noise. With fixed-size sampling that is the round's m sites; under Poisson
+        # sampling the count varies around m, so the shares are sized for m - 2 sqrt(m) (rarely undershot):
+        # a round with more sites than that carries more noise than planned, never less unless sites drop.
+        self.share_sites = (
+            sites_per_round
+            if sampling == "fixed"
+            else max(1, math.floor(sites_per_round - 2 * math.sqrt(sites_per_round)))
+        )
         self.delta = delta or 1.0 / (10 * population)
         self.target_epsilon = target_epsilon
         self.noise_multiplier = noise_multiplier
@@ -77,7 +86,7 @@ class SiteDP:
         if placement == "central":
             self.central = CentralNoise(clip_norm, update_noise)
         else:
-            self.noise_share = DistributedNoiseLayer(clip_norm, update_noise, sites_per_round)
+            self.noise_share = DistributedNoiseLayer(clip_norm, update_noise, self.share_sites)
             self.layers = (self.clip, self.noise_share)
         self.aggregator = DPMean(self.central, expected_sites=float(sites_per_round))
 
@@ -128,13 +137,16 @@ class SiteDP:
     def charge(self, round: int, reported: int) -> Charge:
         """Spend round ``round`` on the accountant, given the number of updates that reached the sum.
 
-        Under distributed DP each site carries 1/m of the noise variance, so when fewer than m updates
-        arrive (dropouts, refused updates) the sum is noised less and the round costs more: it is charged
-        with the noise multiplier of what was actually added. Central noise does not depend on who reported.
+        Under distributed DP each site carries 1/``share_sites`` of the noise variance, so when fewer updates
+        arrive (dropouts, refused updates, a small Poisson draw) the sum is noised less and the round costs
+        more: it is charged with the noise multiplier of what was actually added. A round with more updates
+        is charged at the planned multiplier. Central noise does not depend on who reported.
         """
         z = self.noise_multiplier
-        if self.placement == "distributed" and reported < self.sites_per_round:
-            z = self.noise_share.effective_noise_multiplier(reported)
+        if self.placement == "distributed" and reported < self.share_sites:
+            # Rounded down to 1/1000 (never in the run's favour), so that rounds with the same number of
+            # survivors are one event to the accountant and epsilon stays quick to compute.
+            z = math.floor(self.noise_share.effective_noise_multiplier(reported) * 1000) / 1000
         self.accountant.spend(z, self.sample)
         entry = self.accountant.ledger()[-1]
         return Charge(round, entry, self.accountant.epsilon())

@@ -144,7 +144,7 @@ def build_secure(
         # z C / sqrt(m) of standard deviation, and 8 of those leave essentially nothing to clip.
         clip_range = 1.0
         if dp is not None:
-            spread = dp.update_noise / math.sqrt(dp.sites_per_round) if dp.placement == "distributed" else 0.0
+            spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
             clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
     identities: dict[str, Ed25519PrivateKey] = {}
     registry = None
