@@ -52,3 +52,24 @@ def test_add_masks_refuses_bad_arguments() -> None:
         prg.add_masks(np.zeros(4, dtype=np.uint32), [bytes(32)], [1, 1])
     with pytest.raises(ValueError, match=r"\+1 or -1"):
         prg.add_masks(np.zeros(4, dtype=np.uint32), [bytes(32)], [2])
+
+
+@pytest.mark.parametrize("counter", [bytes(16), b"\xff" * 16])
+def test_masks_added_in_parallel_parts_equal_the_whole_masks(counter: bytes) -> None:
+    # Parts start mid-stream by advancing the CTR counter; near 2^128 it must wrap as AES-CTR does.
+    seeds = [bytes([i]) * 16 + counter for i in range(1, 5)]
+    signs = [1, -1, -1, 1]
+    size = 3 * prg.BLOCK_BYTES // 4 * 3 + 5  # several blocks, the last one short
+    whole = np.zeros(size, dtype=np.uint32)
+    for seed, sign in zip(seeds, signs, strict=True):
+        mask = prg.expand(seed, size, np.uint32)
+        whole = whole + mask if sign > 0 else whole - mask
+    for workers in (1, 3):
+        total = np.zeros(size, dtype=np.uint32)
+        original = prg.PARALLEL_BYTES
+        prg.PARALLEL_BYTES = 0  # take the threaded path even for this small vector
+        try:
+            prg.add_masks(total, seeds, signs, workers=workers)
+        finally:
+            prg.PARALLEL_BYTES = original
+        np.testing.assert_array_equal(total, whole)

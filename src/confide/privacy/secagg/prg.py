@@ -12,7 +12,9 @@ modulus of :mod:`~confide.privacy.secagg.fixedpoint`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
@@ -23,12 +25,20 @@ BLOCK_BYTES = 1 << 18
 makes :func:`add_masks` about 1.5x faster than expanding each whole mask and then adding it."""
 
 _AES_BLOCK = 16
+PARALLEL_BYTES = 16 << 20
+"""Below this much keystream in all, threads cost more than they save."""
 
 
-def _stream(seed: bytes) -> CipherContext:
+def _stream(seed: bytes, offset: int = 0) -> CipherContext:
+    """The keystream of ``seed`` from byte ``offset`` on (a multiple of the AES block): CTR mode can start
+    anywhere by advancing the counter, which lets parts of one mask be expanded in parallel."""
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
-    return Cipher(algorithms.AES128(seed[:16]), modes.CTR(seed[16:])).encryptor()
+    counter = seed[16:]
+    if offset:
+        start = (int.from_bytes(counter, "big") + offset // _AES_BLOCK) % (1 << 128)
+        counter = start.to_bytes(16, "big")
+    return Cipher(algorithms.AES128(seed[:16]), modes.CTR(counter)).encryptor()
 
 
 def expand(seed: bytes, size: int, dtype: np.dtype | str) -> np.ndarray:
@@ -38,10 +48,14 @@ def expand(seed: bytes, size: int, dtype: np.dtype | str) -> np.ndarray:
     return np.frombuffer(keystream, dtype=kind, count=size)
 
 
-def add_masks(total: np.ndarray, seeds: Sequence[bytes], signs: Sequence[int]) -> None:
+def add_masks(
+    total: np.ndarray, seeds: Sequence[bytes], signs: Sequence[int], workers: int | None = None
+) -> None:
     """total += sum_i signs[i] * expand(seeds[i]), in place, modulo 2^(8 * itemsize) (signs are +1 or -1).
 
-    Equivalent to adding each :func:`expand` in turn, but block by block over all the streams at once.
+    Equivalent to adding each :func:`expand` in turn, but block by block over all the streams at once, and
+    for large vectors in ``workers`` threads (default: one per core, up to 4), each over its own part of the
+    vector: AES in ``cryptography`` and numpy's additions release the GIL, so the parts run in parallel.
     """
     if len(seeds) != len(signs):
         raise ValueError("add_masks needs one sign per seed")
@@ -51,14 +65,33 @@ def add_masks(total: np.ndarray, seeds: Sequence[bytes], signs: Sequence[int]) -
         raise ValueError(f"masks add to a flat unsigned array, got {total.dtype} of shape {total.shape}")
     if not seeds or total.size == 0:
         return
-    streams = [(_stream(seed), sign) for seed, sign in zip(seeds, signs, strict=True)]
     kind = total.dtype.newbyteorder("<")
     block = max(1, BLOCK_BYTES // kind.itemsize)
+    if workers is None:
+        workers = min(os.cpu_count() or 1, 4)
+    parts = min(workers, -(-total.size // block))
+    if parts <= 1 or len(seeds) * total.nbytes < PARALLEL_BYTES:
+        _add_range(total, 0, total.size, seeds, signs, block)
+        return
+    # Whole blocks per part, so that every part starts on an AES block boundary.
+    per_part = -(-total.size // (parts * block)) * block
+    ranges = [(start, min(start + per_part, total.size)) for start in range(0, total.size, per_part)]
+    with ThreadPoolExecutor(len(ranges)) as pool:
+        for future in [pool.submit(_add_range, total, a, b, seeds, signs, block) for a, b in ranges]:
+            future.result()
+
+
+def _add_range(
+    total: np.ndarray, first: int, last: int, seeds: Sequence[bytes], signs: Sequence[int], block: int
+) -> None:
+    """total[first:last] += the masks' words first..last (first on an AES block boundary)."""
+    kind = total.dtype.newbyteorder("<")
+    streams = [(_stream(seed, first * kind.itemsize), sign) for seed, sign in zip(seeds, signs, strict=True)]
     zeros = memoryview(bytes(block * kind.itemsize))
     # update_into may write up to one AES block beyond the input's length.
     buffer = bytearray(block * kind.itemsize + _AES_BLOCK)
-    for start in range(0, total.size, block):
-        part = total[start : start + block]
+    for start in range(first, last, block):
+        part = total[start : min(start + block, last)]
         nbytes = part.size * kind.itemsize
         words = np.frombuffer(buffer, dtype=kind, count=part.size)
         for stream, sign in streams:
