@@ -179,6 +179,14 @@ class Update:
     metrics: dict[str, float] = field(default_factory=dict)
     payload: dict[str, Any] = field(default_factory=dict)
 
+    def readable(self, size: int) -> Vector:
+        """The update's vector, checked to hold ``size`` values (UpdateError for a protected or wrong one)."""
+        if self.vector is None:
+            raise UpdateError(f"the update of site {self.site!r} has no readable vector to aggregate")
+        if self.vector.shape != (size,):
+            raise UpdateError(f"site {self.site!r} sent {self.vector.size} values; the model has {size}")
+        return self.vector
+
     @property
     def nbytes(self) -> int:
         """Bytes this update occupies on the wire: its arrays plus a small fixed header."""

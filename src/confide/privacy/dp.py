@@ -272,13 +272,7 @@ class DPMean:
         return SumState(total=np.zeros(size, dtype=np.float32))
 
     def add(self, state: SumState, update: Update) -> None:
-        if update.vector is None:
-            raise UpdateError(f"the update of site {update.site!r} has no readable vector to aggregate")
-        if update.vector.shape != state.total.shape:
-            raise UpdateError(
-                f"site {update.site!r} sent {update.vector.size} values; the model has {state.total.size}"
-            )
-        state.total += update.vector
+        state.total += update.readable(state.total.size)
         state.count += 1
 
     def add_sum(self, state: SumState, total: Vector, count: int) -> None:

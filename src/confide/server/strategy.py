@@ -79,18 +79,13 @@ class WeightedMean:
         return MeanState(total=np.zeros(size, dtype=np.float32))
 
     def add(self, state: MeanState, update: Update) -> None:
-        if update.vector is None:
-            raise UpdateError(f"the update of site {update.site!r} has no readable vector to aggregate")
+        vector = update.readable(state.total.size)
         if update.num_examples <= 0:
             raise UpdateError(
                 f"site {update.site!r} reported {update.num_examples} examples; an update needs at least one"
             )
-        if update.vector.shape != state.total.shape:
-            raise UpdateError(
-                f"site {update.site!r} sent {update.vector.size} values; the model has {state.total.size}"
-            )
         # One fused pass (axpy) over memory: total += n·Δ, with no temporary array.
-        torch.from_numpy(state.total).add_(torch.from_numpy(update.vector), alpha=float(update.num_examples))
+        torch.from_numpy(state.total).add_(torch.from_numpy(vector), alpha=float(update.num_examples))
         state.weight += update.num_examples
         state.count += 1
 
@@ -136,13 +131,12 @@ class NormalizedMean(WeightedMean):
                 f"site {update.site!r} sent no valid FedNova normalizer (got {a}); it must report the "
                 "positive number of local steps it took"
             )
-        if update.vector is None:
-            raise UpdateError(f"the update of site {update.site!r} has no readable vector to aggregate")
+        vector = update.readable(state.total.size)
         scaled = Update(
             update.site,
             update.round,
             update.num_examples,
-            update.vector / np.float32(a),
+            vector / np.float32(a),
             update.model_version,
         )
         super().add(state, scaled)
