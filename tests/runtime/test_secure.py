@@ -121,3 +121,13 @@ def test_secure_aggregation_refuses_strategies_that_need_individual_values(
     path.write_text(tiny_config(text_corpus, tmp_path / "runs"))
     with pytest.raises(ConfigError, match=message):
         config.load(path, ["privacy.secure_aggregation=true", *overrides])
+
+
+def test_an_aggregator_that_needs_each_update_is_refused_under_secure_aggregation() -> None:
+    class Median(DPMean):
+        name = "median"
+        needs_individual_updates = True
+
+    with pytest.raises(ConfigError, match=r"'median' must see each site's update, but secure aggregation"):
+        Federation(Strategy(aggregator=Median()), secure=SecureAggregation())
+    Federation(Strategy(aggregator=Median()))  # without it, fine

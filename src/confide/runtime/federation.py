@@ -17,7 +17,7 @@ import numpy as np
 
 from confide.client.secure import MASKED
 from confide.core import Layer, Plan, Update, Vector
-from confide.errors import UpdateError
+from confide.errors import ConfigError, UpdateError
 from confide.privacy.policy import CLIP_KEY
 from confide.privacy.secagg import (
     MessageError,
@@ -156,6 +156,13 @@ class Federation:
         self.strategy = strategy
         self.layers = tuple(layers)
         self.secure = secure
+        hidden = secure is not None or any(not layer.reveals_individual_updates for layer in self.layers)
+        if hidden and getattr(strategy.aggregator, "needs_individual_updates", False):
+            raise ConfigError(
+                f"the aggregator {strategy.aggregator.name!r} must see each site's update, but secure "
+                "aggregation (or encryption) shows the server only their sum: use the mean, or an attested "
+                "aggregator that can run it inside an enclave"
+            )
 
     def round(
         self,
