@@ -135,7 +135,15 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
         _header(store, rounds, config_text),
         _final_metrics(rounds, evaluations, last_round, last),
         "<h2>Training curves</h2>",
-        _plots(evaluations, rounds, per_site, last_round, personal),
+        _plots(
+            evaluations,
+            rounds,
+            per_site,
+            last_round,
+            personal,
+            store.ledger(),
+            _privacy_settings(config_text),
+        ),
         _samples(samples),
         _config(config_text),
         _events(store.events()),
@@ -192,6 +200,19 @@ def _final_metrics(
         ),
         ("Sites evaluated", _count(last.get("eval_sites"))),
     ]
+    if "epsilon" in last:
+        rows += [
+            (
+                "Site-level epsilon spent (from the privacy ledger)",
+                _e(f"{last['epsilon']:.3f} at delta {last['delta']:.1e}"),
+            ),
+            (
+                "Noise multiplier and clip norm",
+                _e(f"{last['noise_multiplier']:.3f}, {last['clip_norm']:.3g}"),
+            ),
+        ]
+    if "record_epsilon_max" in last:
+        rows.append(("Record-level epsilon of the worst site (DP-SGD)", _num(last.get("record_epsilon_max"))))
     if "personal_accuracy" in last:
         rows += [
             ("Personalized accuracy (each site's own model, pooled)", _num(last.get("personal_accuracy"))),
@@ -213,6 +234,8 @@ def _plots(
     per_site: list[tuple[str, float, float, int]],
     last_round: int | None,
     personal: Sequence[tuple[str, float, float, int]] = (),
+    ledger: Sequence[tuple[int, float, str, float, int, float]] = (),
+    privacy: Mapping[str, Any] | None = None,
 ) -> str:
     if not evaluations:
         trained = len(rounds)
@@ -241,6 +264,8 @@ def _plots(
         figures.append(_spread_plot(figure(), per_site, last_round, baseline))
     if per_site and personal:
         figures.append(_personal_plot(figure(), per_site, personal, last_round))
+    if ledger:
+        figures.append(_privacy_plot(figure(), ledger, evaluations, privacy or {}))
     images = "".join(f'<figure><img alt="{_e(alt)}" src="{_png(fig)}"></figure>' for fig, alt in figures)
     note = (
         ""
@@ -408,6 +433,43 @@ def _spread_plot(
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     return fig, f"Histogram of per-site accuracy at round {last_round}"
+
+
+def _privacy_plot(
+    fig: Figure,
+    ledger: Sequence[tuple[int, float, str, float, int, float]],
+    evaluations: list[tuple[int, dict[str, Any]]],
+    privacy: Mapping[str, Any],
+) -> tuple[Figure, str]:
+    """Epsilon spent after each round (the ledger), the budget, and accuracy beside it: what privacy cost."""
+    ax = fig.add_subplot()
+    rounds = [r for r, *_ in ledger]
+    epsilons = [e for *_, e in ledger]
+    ax.plot(rounds, epsilons, color=_WORST, linewidth=1.8, label="epsilon spent (site-level)")
+    budget = privacy.get("target_epsilon") or 0
+    if budget:
+        ax.axhline(float(budget), color=_BASELINE, linestyle="--", linewidth=1.2, label=f"budget {budget:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon")
+    right = ax.twinx()
+    _line(right, _series(evaluations, "accuracy"), "accuracy (pooled)", _POOLED)
+    right.set_ylabel("accuracy")
+    delta = evaluations[-1][1].get("delta") if evaluations else None
+    where = f", delta {float(delta):.1e}" if isinstance(delta, int | float) else ""
+    ax.set_title(f"Privacy spent and accuracy per round{where}")
+    ax.grid(True, alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small", loc="center right")
+    return fig, "Epsilon spent per round, from the privacy ledger, beside accuracy"
+
+
+def _privacy_settings(config_text: str) -> dict[str, Any]:
+    try:
+        privacy = tomllib.loads(config_text).get("privacy", {})
+    except (tomllib.TOMLDecodeError, AttributeError):
+        return {}
+    return privacy if isinstance(privacy, dict) else {}
 
 
 def _personal_plot(

@@ -157,3 +157,16 @@ def test_impossible_privacy_settings_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(path, list(overrides))
+
+
+def test_the_report_of_a_dp_run_shows_the_privacy_spent(path: Path) -> None:
+    from confide.report import write_report
+
+    runner = start(path, *DP, "privacy.target_epsilon=100")
+    runner.run()
+    runner.store.close()
+    page = write_report(runner.store.run_dir).read_text(encoding="utf-8")
+    last = metrics(runner.store.run_dir)[-1]
+    assert "Site-level epsilon spent (from the privacy ledger)" in page
+    assert f"{last['epsilon']:.3f} at delta" in page
+    assert 'alt="Epsilon spent per round, from the privacy ledger, beside accuracy"' in page
