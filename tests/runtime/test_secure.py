@@ -131,3 +131,13 @@ def test_an_aggregator_that_needs_each_update_is_refused_under_secure_aggregatio
     with pytest.raises(ConfigError, match=r"'median' must see each site's update, but secure aggregation"):
         Federation(Strategy(aggregator=Median()), secure=SecureAggregation())
     Federation(Strategy(aggregator=Median()))  # without it, fine
+
+
+def test_coordinates_clipped_by_the_fixed_point_range_are_reported(tmp_path: Path, text_corpus: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "runs"))
+    overrides = ["privacy.secure_aggregation=true", "privacy.secagg_range=1e-6", "run.rounds=1"]
+    runner = Runner.start(config.load(path, overrides))
+    runner.run()
+    events = [e for e in runner.store.events() if e[2] == "secagg_clipped"]
+    assert len(events) == 1 and "raise privacy.secagg_range" in events[0][3]

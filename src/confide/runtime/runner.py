@@ -360,6 +360,17 @@ class Runner:
                 self.store.event("rejected", f"update of site {site} refused: {reason}", r)
             if result.abandoned is not None:
                 self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
+            clipped = sum(m.get("secagg_clipped", 0.0) for m in result.site_metrics.values())
+            if clipped:
+                assert self.federation.secure is not None
+                bound = self.federation.secure.clip_range
+                message = (
+                    f"round {r}: {int(clipped)} coordinates of the sites' updates lay outside the "
+                    f"fixed-point range [-{bound:g}, {bound:g}] of secure aggregation and were clipped; "
+                    "raise privacy.secagg_range"
+                )
+                self.store.event("secagg_clipped", message, r)
+                log.warning(message)
             self.store.record_round(
                 r,
                 result.sites,
