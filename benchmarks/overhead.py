@@ -1,7 +1,7 @@
 """What the framework costs on top of the work any federated run must do: two measurements in one run.
 
-a. Round overhead. Runs the demo config (examples/shakespeare.toml, or the same settings built in here when
-   that file is missing) for ``--rounds`` rounds, drops the first ``--warmup`` rounds, and compares each
+a. Round overhead. Runs the transformer demo config without privacy layers (examples/transformer.toml, the
+   foundation's demo, or the same settings built in here when that file is missing) for ``--rounds`` rounds, drops the first ``--warmup`` rounds, and compares each
    round's wall time (``RoundResult.seconds``: selection, every site's local training, decoding and
    aggregation, the server step) with the time the sites report for their forward, backward and optimizer
    steps (``RoundResult.compute_seconds``). Overhead = (wall - compute) / wall; the goal is under 5%. The
@@ -45,7 +45,7 @@ from confide.core import Plan, Update
 from confide.server.strategy import WeightedMean
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "examples" / "shakespeare.toml"
+DEMO = ROOT / "examples" / "transformer.toml"
 
 FALLBACK_DEMO: dict[str, Any] = {
     "data": {"dataset": "shakespeare", "partition": "natural"},
@@ -61,7 +61,7 @@ AGGREGATION_GOAL = 2.0
 def demo_config() -> tuple[dict[str, Any], str]:
     if DEMO.is_file():
         return tomllib.loads(DEMO.read_text(encoding="utf-8")), str(DEMO.relative_to(ROOT))
-    return FALLBACK_DEMO, "built-in copy of the demo settings (examples/shakespeare.toml not found)"
+    return FALLBACK_DEMO, "built-in copy of the demo settings (examples/transformer.toml not found)"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
