@@ -53,6 +53,8 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def dp_overrides(args: argparse.Namespace, epsilon: float) -> dict[str, Any]:
+    if epsilon == 0:  # clipping and equal weights, no noise: what DP-FedAvg costs besides its noise
+        return {"privacy": {"dp": "central", "clip_norm": args.clip, "noise_multiplier": 0.0}}
     return {
         "privacy": {
             "dp": "central",
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=5000, help="random secrets a canary is ranked in")
     parser.add_argument("--no-audit", action="store_true", help="skip the canary audit")
     parser.add_argument("--audit-only", action="store_true", help="run only the canary audit")
+    parser.add_argument(
+        "--clip-only", action="store_true", help="add a run with clipping and equal weights but no noise"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="keep run directories here (default: a temporary folder)")
@@ -111,15 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             f"(q = {args.sites_per_round / sites:.4f}), {args.rounds} rounds, clip norm {args.clip:g}, "
             f"delta = 1/(10 x sites) = {delta:.1e}\n"
         )
-        for epsilon in [] if args.audit_only else [math.inf, *epsilons]:
+        extra = [0.0] if args.clip_only else []
+        for epsilon in [] if args.audit_only else [math.inf, *extra, *epsilons]:
             raw = (
                 base_config(args)
                 if math.isinf(epsilon)
                 else merge(base_config(args), dp_overrides(args, epsilon))
             )
-            name = "no-dp" if math.isinf(epsilon) else f"eps-{epsilon:g}"
+            name = "no-dp" if math.isinf(epsilon) else f"eps-{epsilon:g}" if epsilon else "clip-only"
             config = build_config(raw, output, name)
-            label = "no DP" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
+            label = (
+                "no DP" if math.isinf(epsilon) else f"epsilon {epsilon:g}" if epsilon else "clip only, z = 0"
+            )
             console.print(f"[bold]{label}[/bold]")
             recorder = Recorder(echo=True, label=label)
             t0 = time.perf_counter()
