@@ -2,7 +2,8 @@
 
 a. Round overhead. Runs the transformer demo config without privacy layers (examples/transformer.toml, the
    foundation's demo, or the same settings built in here when that file is missing) for ``--rounds``
-   rounds, drops the first ``--warmup`` rounds, and compares each round's wall time (``RoundResult.seconds``: selection, every site's local training, decoding and
+   rounds, drops the first ``--warmup`` rounds, and compares each round's wall time
+   (``RoundResult.seconds``: selection, every site's local training, decoding and
    aggregation, the server step) with the time the sites report for their forward, backward and optimizer
    steps (``RoundResult.compute_seconds``). Overhead = (wall - compute) / wall; the goal is under 5%. The
    non-compute time is then broken down by timing the framework's own per-site and per-round calls
