@@ -141,3 +141,16 @@ def test_coordinates_clipped_by_the_fixed_point_range_are_reported(tmp_path: Pat
     runner.run()
     events = [e for e in runner.store.events() if e[2] == "secagg_clipped"]
     assert len(events) == 1 and "raise privacy.secagg_range" in events[0][3]
+
+
+def test_sites_that_diverge_under_secure_aggregation_drop_out_instead_of_crashing(text_corpus: Path) -> None:
+    from confide.client.secure import SecAggLayer
+
+    backend, state = setup(text_corpus)
+    backend.layers = (SecAggLayer(backend.secure_sites),)
+    before = state.weights.copy()
+    strategy = Strategy(sites_per_round=6, max_steps=3, batch_size=4, learning_rate=float("inf"), seed=2)
+    result = Federation(strategy, secure=SecureAggregation()).round(state, backend)
+    # Every site's update is NaN, which has no fixed-point value: no site can send, so no sum can be unmasked.
+    assert result.abandoned is not None
+    np.testing.assert_array_equal(state.weights, before)

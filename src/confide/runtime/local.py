@@ -24,7 +24,7 @@ from confide.client.state import MemorySiteState
 from confide.client.trainer import Trainer
 from confide.core import Layer, Plan, Update, Vector
 from confide.data import FederatedDataset
-from confide.errors import ConfideError
+from confide.errors import ConfideError, UpdateError
 from confide.privacy.secagg import Setup, decode
 from confide.runtime.federation import SiteEvaluation, Task
 from confide.server.strategy import rng_for
@@ -80,19 +80,27 @@ class LocalBackend:
             if task.site in self._dropped:
                 continue
             data = self._by_name[task.site]
-            yield run_task(
-                self.trainer,
-                task.site,
-                data.train,
-                weights,
-                task.plan,
-                task.model_version,
-                self.layers,
-                extras=task.extras,
-                personal=self.personal,
-                shared=self.shared,
-                dpsgd=self.dpsgd,
-            )
+            try:
+                update = run_task(
+                    self.trainer,
+                    task.site,
+                    data.train,
+                    weights,
+                    task.plan,
+                    task.model_version,
+                    self.layers,
+                    extras=task.extras,
+                    personal=self.personal,
+                    shared=self.shared,
+                    dpsgd=self.dpsgd,
+                )
+            except UpdateError as e:
+                # The site cannot send an update (say, it diverged and secure aggregation cannot encode NaN):
+                # to the server it has dropped out, as a deployed site that gives up would.
+                log.warning("site %s sends no update in round %d: %s", task.site, task.plan.round, e)
+                self._dropped.add(task.site)
+                continue
+            yield update
 
     def evaluate(
         self, weights: Vector, sites: Sequence[str], plan: Plan | None = None
