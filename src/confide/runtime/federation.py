@@ -216,11 +216,15 @@ class Federation:
             session = rng_for(self.strategy.seed, r, SECAGG_STREAM).bytes(32)
             params = self.secure.params(len(sites))
             secure = SecAggServer(params, sites, r, size, session=session, registry=self.secure.registry)
-            # Keys and encrypted shares go round before the sites train (they do not depend on the update).
-            setup = secure.setup().to_bytes()
-            sent, got = self._exchange(backend, secure, dict.fromkeys(sites, setup), rejected)
-            sent2, got2 = self._exchange(backend, secure, _bytes(secure.broadcast_keys()), rejected)
-            sent3, got3 = self._exchange(backend, secure, _bytes(secure.forward_shares()), rejected)
+            # Keys and encrypted shares go round before the sites train (they do not depend on the update);
+            # if too few sites take part in them, the round ends here, before anyone trains for nothing.
+            try:
+                setup = secure.setup().to_bytes()
+                sent, got = self._exchange(backend, secure, dict.fromkeys(sites, setup), rejected)
+                sent2, got2 = self._exchange(backend, secure, _bytes(secure.broadcast_keys()), rejected)
+                sent3, got3 = self._exchange(backend, secure, _bytes(secure.forward_shares()), rejected)
+            except SecAggAbort as e:
+                return self._abandon(state, r, sites, started, str(e), rejected)
             protocol_sent += sent + sent2 + sent3
             received += got + got2 + got3
         pending: dict[str, dict[str, float]] = {}
@@ -236,7 +240,10 @@ class Federation:
                         raise UpdateError(
                             f"site {update.site!r} sent no masked input under secure aggregation"
                         )
-                    secure.receive(update.site, decode(masked.tobytes()))
+                    try:
+                        secure.receive(update.site, decode(masked.tobytes()))
+                    except SecAggAbort as e:
+                        return self._abandon(state, r, sites, started, str(e), rejected)
                     pending[update.site] = {**update.metrics, "num_examples": float(update.num_examples)}
                     if observer is not None:
                         observer.site_done(r, update.site)
