@@ -60,11 +60,15 @@ class DataConfig:
     path: str = option(
         "", "for dataset = 'text': a folder with one .txt file or subfolder per site, or a .jsonl file"
     )
-    partition: str = option("natural", "how sites are formed", choices=("natural", "iid", "dirichlet"))
-    alpha: float = option(
-        0.5, "Dirichlet concentration for partition = 'dirichlet' (small: skewed)", positive, "> 0"
+    partition: str = option(
+        "natural",
+        "how sites are formed: 'natural', 'iid', 'dirichlet' (label skew), 'quantity' (size skew)",
+        choices=("natural", "iid", "dirichlet", "quantity"),
     )
-    num_sites: int = option(100, "number of sites for partition = 'dirichlet'", at_least(1), ">= 1")
+    alpha: float = option(
+        0.5, "Dirichlet concentration for 'dirichlet' and 'quantity' (small: skewed)", positive, "> 0"
+    )
+    num_sites: int = option(100, "number of sites for 'dirichlet' and 'quantity'", at_least(1), ">= 1")
     label: str = option("group", "label that Dirichlet skews over", choices=("group", "next_char"))
     min_lines: int = option(
         64, "Shakespeare: a role needs at least this many lines to be a site", at_least(1), ">= 1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from confide.data import PAD, WINDOW, FederatedDataset, SiteData, dirichlet, iid, natural, partition
+from confide.data import PAD, WINDOW, FederatedDataset, SiteData, dirichlet, iid, natural, partition, quantity
 from confide.errors import DataError
 
 NUM_GROUPS = 8
@@ -133,3 +133,18 @@ def test_partition_errors() -> None:
         dirichlet(ds, num_sites=0, alpha=1.0, seed=0)
     with pytest.raises(DataError, match="label must be one of group, next_char"):
         dirichlet(ds, num_sites=3, alpha=1.0, seed=0, label="play")
+
+
+def test_quantity_skew_deals_every_window_once_in_very_different_amounts() -> None:
+    ds = _dataset()
+    skewed = partition(ds, "quantity", seed=1, num_sites=10, alpha=0.2)
+    assert _same_windows(ds, skewed)
+    sizes = np.array([s.num_train for s in skewed.sites])
+    assert sizes.max() > 10 * max(sizes.min(), 1)  # very different sizes
+    even = quantity(ds, num_sites=10, alpha=1e6, seed=1)
+    even_sizes = np.array([s.num_train for s in even.sites])
+    assert even_sizes.max() - even_sizes.min() <= 2  # shares of 1/10 each, up to rounding
+    again = quantity(ds, num_sites=10, alpha=0.2, seed=1)
+    assert [s.num_train for s in again.sites] == list(sizes)
+    with pytest.raises(DataError, match="quantity: alpha must be a positive number"):
+        quantity(ds, num_sites=3, alpha=0, seed=0)

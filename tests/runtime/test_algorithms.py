@@ -169,3 +169,13 @@ def test_site_state_survives_a_resume(tmp_path: Path, text_corpus: Path, overrid
     rows_per_key = db.execute("SELECT COUNT(*) FROM site_state GROUP BY site, key").fetchall()
     assert rows_per_key and all(n == 1 for (n,) in rows_per_key)
     assert json.loads((resumed.store.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 4
+
+
+def test_the_config_reaches_the_quantity_skew_partition(tiny_config_path: Path) -> None:
+    from confide.runtime.runner import load_dataset
+
+    dataset = load_dataset(
+        config.load(tiny_config_path, ["data.partition=quantity", "data.num_sites=4", "data.alpha=0.3"])
+    )
+    assert dataset.name.endswith("quantity(sites=4,alpha=0.3)")
+    assert all(s.name.startswith("quantity-") for s in dataset.sites)

@@ -18,7 +18,7 @@ from confide.data.dataset import (
     split_text,
     windows,
 )
-from confide.data.partition import SCHEMES, dirichlet, iid, natural, partition
+from confide.data.partition import SCHEMES, dirichlet, iid, natural, partition, quantity
 from confide.data.text import load_text, read_sites
 from confide.data.tokenize import DEFAULT_TOKENIZER, CharTokenizer, Tokenizer
 
@@ -39,6 +39,7 @@ __all__ = [
     "make_site",
     "natural",
     "partition",
+    "quantity",
     "read_sites",
     "shakespeare",
     "split_text",

@@ -14,9 +14,9 @@ import numpy as np
 from confide.data.dataset import PAD, FederatedDataset, SiteData
 from confide.errors import DataError
 
-__all__ = ["LABELS", "SCHEMES", "dirichlet", "iid", "natural", "partition"]
+__all__ = ["LABELS", "SCHEMES", "dirichlet", "iid", "natural", "partition", "quantity"]
 
-SCHEMES = ("natural", "iid", "dirichlet")
+SCHEMES = ("natural", "iid", "dirichlet", "quantity")
 LABELS = ("group", "next_char")
 
 Seed = int | np.random.Generator
@@ -122,6 +122,36 @@ def dirichlet(
     return FederatedDataset(name=name, sites=sites, vocab_size=ds.vocab_size)
 
 
+def quantity(ds: FederatedDataset, num_sites: int, alpha: float, seed: Seed) -> FederatedDataset:
+    """Quantity skew (NIID-Bench, Li et al. 2022): the windows dealt at random, but in amounts that differ.
+
+    Site k gets a share q_k of the windows, drawn from Dirichlet(alpha) over the sites; train and test are
+    split with the same shares, each pooled and shuffled, so every site sees the same distribution of text
+    (no label skew) in very different amounts when alpha is small. Sites left with no train window are
+    dropped. New sites are named ``quantity-000``, ...
+    """
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int | np.integer) or num_sites < 1:
+        raise DataError(f"quantity: num_sites must be a positive integer, got {num_sites!r}")
+    if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and np.isfinite(alpha) and alpha > 0):
+        raise DataError(f"quantity: alpha must be a positive number, got {alpha!r}")
+    rng = np.random.default_rng(seed)
+    shares = rng.dirichlet(np.full(int(num_sites), float(alpha)))
+    pieces = {}
+    for part in ("train", "test"):
+        pooled = _stack(ds, part)
+        cuts = np.floor(np.cumsum(shares)[:-1] * pooled.shape[0]).astype(np.int64)
+        counts = np.diff(np.concatenate([[0], cuts, [pooled.shape[0]]]))
+        pieces[part] = _deal(pooled, rng.permutation(pooled.shape[0]), counts)
+    digits = max(3, len(str(num_sites - 1)))
+    sites = tuple(
+        SiteData(name=f"quantity-{k:0{digits}d}", group=f"quantity-{k:0{digits}d}", train=train, test=test)
+        for k, (train, test) in enumerate(zip(pieces["train"], pieces["test"], strict=True))
+        if train.shape[0] > 0
+    )
+    name = f"{ds.name}:quantity(sites={num_sites},alpha={float(alpha):g})"
+    return FederatedDataset(name=name, sites=sites, vocab_size=ds.vocab_size)
+
+
 def partition(ds: FederatedDataset, scheme: str, seed: Seed = 0, **options: Any) -> FederatedDataset:
     """Apply the named scheme: ``natural`` (no options), ``iid`` (none), or ``dirichlet``
     (``num_sites``, ``alpha``, optional ``label``)."""
@@ -131,6 +161,8 @@ def partition(ds: FederatedDataset, scheme: str, seed: Seed = 0, **options: Any)
         accepted = ()
     elif scheme == "dirichlet":
         accepted = ("num_sites", "alpha", "label")
+    elif scheme == "quantity":
+        accepted = ("num_sites", "alpha")
     else:
         raise DataError(f"unknown partition scheme {scheme!r}; accepted schemes: {', '.join(SCHEMES)}")
     unknown = sorted(set(options) - set(accepted))
@@ -145,5 +177,7 @@ def partition(ds: FederatedDataset, scheme: str, seed: Seed = 0, **options: Any)
         return iid(ds, seed)
     missing = [key for key in ("num_sites", "alpha") if key not in options]
     if missing:
-        raise DataError(f"partition scheme 'dirichlet' needs {' and '.join(missing)}")
+        raise DataError(f"partition scheme {scheme!r} needs {' and '.join(missing)}")
+    if scheme == "quantity":
+        return quantity(ds, seed=seed, **options)
     return dirichlet(ds, seed=seed, **options)

@@ -231,6 +231,8 @@ def load_dataset(config: Config) -> FederatedDataset:
     options: dict[str, Any] = {}
     if d.partition == "dirichlet":
         options = {"num_sites": d.num_sites, "alpha": d.alpha, "label": d.label}
+    elif d.partition == "quantity":
+        options = {"num_sites": d.num_sites, "alpha": d.alpha}
     return partition(dataset, d.partition, seed=config.run.seed, **options)
 
 
