@@ -75,3 +75,46 @@ def test_data_summary_of_user_text(text_corpus: Path) -> None:
     result = confide("data", "text", text_corpus)
     assert result.returncode == 0, result.stderr
     assert "6 sites" in result.stdout and "median" in result.stdout
+
+
+def test_a_run_with_secure_aggregation_and_distributed_dp_prints_its_spend(
+    tiny_config_path: Path, tmp_path: Path
+) -> None:
+    privacy = ["privacy.secure_aggregation=true", "privacy.dp=distributed", "privacy.noise_multiplier=2"]
+    result = confide("run", tiny_config_path, *[a for p in privacy for a in ("--set", p)], "--no-report")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.replace("\n", " ")
+    assert "site-level DP (distributed: each site adds its share)" in out
+    assert out.count("sites in the sum") == 4  # a line per round with its bytes and epsilon
+    rows = [
+        json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(r["epsilon"] > 0 for r in rows) and rows[-1]["epsilon"] > rows[0]["epsilon"]
+    assert f"site-level epsilon {rows[-1]['epsilon']:.3f}" in out
+
+
+def test_audit_canaries_command(tiny_config_path: Path, tmp_path: Path) -> None:
+    result = confide(
+        "audit",
+        "canaries",
+        tiny_config_path,
+        "--set",
+        "privacy.dp=central",
+        "--set",
+        "run.rounds=2",
+        "--canaries",
+        "2",
+        "--repeats",
+        "3",
+        "--candidates",
+        "40",
+    )
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "runs" / "tiny-canaries"
+    summary = json.loads((folder / "canaries.json").read_text())
+    for secret in (c["secret"] for c in summary["runs"][0]["canaries"]):
+        assert secret in result.stdout  # the table names every planted secret
+    assert "Training without DP" in result.stdout and "Training with DP" in result.stdout
+    assert (folder / "canaries.html").is_file()
+    refused = confide("audit", "canaries", tiny_config_path)
+    assert refused.returncode == 2 and "set privacy.dp = 'central'" in refused.stderr
