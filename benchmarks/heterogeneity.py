@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=128, help="LSTM units per layer (default 128)")
     parser.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (default 0.1)")
     parser.add_argument("--mu", type=float, default=0.01, help="FedProx mu (default 0.01)")
-    parser.add_argument("--adam-lr", type=float, default=0.01, help="FedAdam server learning rate")
+    parser.add_argument(
+        "--adam-lr",
+        type=float,
+        default=0.01,
+        help="FedAdam server learning rate (0.01, as first measured; 0.1 is best)",
+    )
     parser.add_argument("--adam-tau", type=float, default=1e-3, help="FedAdam tau (default 1e-3)")
     parser.add_argument("--ditto-lambda", type=float, default=0.1, help="Ditto lambda (default 0.1)")
     parser.add_argument(
