@@ -231,7 +231,10 @@ class RichObserver:
                     f"(noise multiplier {m['noise_multiplier']:.3f}, clip norm {m['clip_norm']:.3g})"
                 )
             if "record_epsilon_max" in m:
-                parts.append(f"record-level epsilon, worst site {m['record_epsilon_max']:.3f}")
+                parts.append(
+                    f"record-level epsilon of the {int(m['record_dp_sites'])} sites that trained: worst "
+                    f"{m['record_epsilon_max']:.3f}, median {m['record_epsilon_median']:.3f}"
+                )
             console.print("            privacy: " + ";  ".join(parts))
         if "personal_accuracy" in m:
             console.print(

@@ -212,7 +212,11 @@ def _final_metrics(
             ),
         ]
     if "record_epsilon_max" in last:
-        rows.append(("Record-level epsilon of the worst site (DP-SGD)", _num(last.get("record_epsilon_max"))))
+        rows += [
+            ("Record-level epsilon (DP-SGD), worst site", _num(last.get("record_epsilon_max"))),
+            ("Record-level epsilon (DP-SGD), median site", _num(last.get("record_epsilon_median"))),
+            ("Sites that trained with DP-SGD so far", _count(last.get("record_dp_sites"))),
+        ]
     if "personal_accuracy" in last:
         rows += [
             ("Personalized accuracy (each site's own model, pooled)", _num(last.get("personal_accuracy"))),

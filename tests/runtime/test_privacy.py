@@ -170,3 +170,13 @@ def test_the_report_of_a_dp_run_shows_the_privacy_spent(path: Path) -> None:
     assert "Site-level epsilon spent (from the privacy ledger)" in page
     assert f"{last['epsilon']:.3f} at delta" in page
     assert 'alt="Epsilon spent per round, from the privacy ledger, beside accuracy"' in page
+
+
+def test_each_sites_record_level_epsilon_is_kept_and_summarized(path: Path) -> None:
+    runner = start(path, "privacy.record_dp=true", "client.optimizer=sgd", "run.rounds=2")
+    runner.run()
+    per_site = runner.store.site_values("dpsgd.epsilon")
+    last = metrics(runner.store.run_dir)[-1]
+    assert 0 < len(per_site) <= 6 and last["record_dp_sites"] == len(per_site)
+    assert last["record_epsilon_max"] == pytest.approx(max(per_site.values()))
+    assert last["record_epsilon_median"] == pytest.approx(float(np.median(list(per_site.values()))))

@@ -475,8 +475,10 @@ class Runner:
                 clip_norm=self.dp.clip_norm,
             )
         if self.config.privacy.record_dp:
-            worst = self.store.max_site_state(DPSGD_EPSILON_KEY)
-            out["record_epsilon_max"] = float("nan") if worst is None else worst
+            spent = list(self.store.site_values(DPSGD_EPSILON_KEY).values())
+            out["record_epsilon_max"] = max(spent) if spent else float("nan")
+            out["record_epsilon_median"] = float(np.median(spent)) if spent else float("nan")
+            out["record_dp_sites"] = float(len(spent))
         return out
 
     def _personalized_sites(self) -> int:

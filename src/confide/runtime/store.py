@@ -302,15 +302,14 @@ class Store:
             for r, z, s, q, k, e in self.db.execute(query + " ORDER BY round", args)
         ]
 
-    def max_site_state(self, key: str) -> float | None:
-        """The largest first value of ``key`` over every site's newest state (e.g. record-level epsilon)."""
+    def site_values(self, key: str) -> dict[str, float]:
+        """The first value of ``key`` in every site's newest state (e.g. each site's record-level epsilon)."""
         rows = self.db.execute(
-            """SELECT data FROM site_state s WHERE key = ? AND round = (
+            """SELECT site, data FROM site_state s WHERE key = ? AND round = (
                  SELECT MAX(round) FROM site_state t WHERE t.site = s.site AND t.key = s.key)""",
             (key,),
         ).fetchall()
-        values = [float(np.frombuffer(row[0], dtype=np.float32)[0]) for row in rows]
-        return max(values) if values else None
+        return {str(site): float(np.frombuffer(data, dtype=np.float32)[0]) for site, data in rows}
 
     # -- site state (simulation) ---------------------------------------------------------------------------
 
