@@ -127,8 +127,9 @@ def run_task(
     else:
         result = trainer.fit(start, windows, plan, objective)
     seconds += result.seconds
-    local = start + result.delta
-    delta = local - weights
+    # The update is the trainer's delta as it is. Under FedRep the start differs from the global weights only
+    # in the head (trained first), which the body's training leaves frozen and the site never sends.
+    delta = result.delta
 
     if plan.algorithm == "scaffold" and result.steps > 0:
         # Option II: c_i+ = c_i - c + (x - y_i) / (K lr); the server needs only the change c_i+ - c_i.
@@ -138,7 +139,7 @@ def run_task(
     if plan.algorithm == "fednova":
         metrics["normalizer"] = fednova_normalizer(result.steps, trainer.config.momentum)
     if plan.personalization == "fedrep":
-        personal.state.put(site, FEDREP_KEY, plan.round, local[personal.head])
+        personal.state.put(site, FEDREP_KEY, plan.round, start[personal.head] + delta[personal.head])
     elif plan.personalization == "ditto":
         seconds += train_ditto(trainer, site, windows, weights, plan, personal)
 
