@@ -72,6 +72,8 @@ def test_fewer_survivors_than_the_threshold_abandon_the_round(text_corpus: Path)
     result = Federation(strategy, secure=SecureAggregation()).round(state, backend)
     assert result.abandoned is not None and "fewer than the threshold" in result.abandoned
     assert state.round == 1
+    # What went out before the round failed still crossed the wire, and is counted.
+    assert result.bytes_sent > state.weights.nbytes and result.bytes_received > 0
     np.testing.assert_array_equal(state.weights, before)
 
 

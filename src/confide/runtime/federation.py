@@ -112,6 +112,14 @@ class SecureAggregation:
 
 
 @dataclass
+class _Traffic:
+    """Bytes that crossed between the server and the sites in one round, each way."""
+
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass
 class ServerState:
     """Everything the server needs to continue: checkpointed after a round, restored on resume."""
 
@@ -199,93 +207,73 @@ class Federation:
         controls = scaffold.init(state.weights.size) if scaffold is not None else None
         seen: set[str] = set()
         rejected: list[tuple[str, str]] = []
-        examples, loss_sum, received, compute = 0, 0.0, 0, 0.0
-        protocol_sent = 0
-        reported: dict[str, dict[str, float]] = {}
+        traffic = _Traffic()
+        # Each site whose update counts: its number of examples and the metrics it reported.
+        accepted: dict[str, tuple[int, dict[str, float]]] = {}
         secure: SecAggServer | None = None
         if self.secure is not None:
             if len(sites) < 2:
-                return self._abandon(
-                    state,
-                    r,
-                    sites,
-                    started,
-                    "secure aggregation needs at least 2 sites and the round drew "
-                    f"{len(sites)}; the model is unchanged",
-                )
+                reason = f"secure aggregation needs at least 2 sites and the round drew {len(sites)}"
+                return self._abandon(state, r, sites, started, reason, rejected, traffic)
             session = rng_for(self.strategy.seed, r, SECAGG_STREAM).bytes(32)
             params = self.secure.params(len(sites))
             secure = SecAggServer(params, sites, r, size, session=session, registry=self.secure.registry)
             # Keys and encrypted shares go round before the sites train (they do not depend on the update);
             # if too few sites take part in them, the round ends here, before anyone trains for nothing.
             try:
-                setup = secure.setup().to_bytes()
-                sent, got = self._exchange(backend, secure, dict.fromkeys(sites, setup), rejected)
-                sent2, got2 = self._exchange(backend, secure, _bytes(secure.broadcast_keys()), rejected)
-                sent3, got3 = self._exchange(backend, secure, _bytes(secure.forward_shares()), rejected)
+                self._exchange(
+                    backend, secure, dict.fromkeys(sites, secure.setup().to_bytes()), rejected, traffic
+                )
+                self._exchange(backend, secure, _bytes(secure.broadcast_keys()), rejected, traffic)
+                self._exchange(backend, secure, _bytes(secure.forward_shares()), rejected, traffic)
             except SecAggAbort as e:
-                return self._abandon(state, r, sites, started, str(e), rejected)
-            protocol_sent += sent + sent2 + sent3
-            received += got + got2 + got3
-        pending: dict[str, dict[str, float]] = {}
+                return self._abandon(state, r, sites, started, str(e), rejected, traffic)
+        traffic.sent += sum(t.nbytes(state.weights, shared) for t in tasks)
         for update in backend.train(state.weights, tasks):
-            received += update.nbytes
+            traffic.received += update.nbytes
             try:
                 self._check(update, r, expected, seen)
                 for layer in reversed(self.layers):
                     update = layer.decode(update)
                 if secure is not None:
+                    # The masked input joins the secure sum; only survivors' inputs will be in it.
                     masked = update.payload.get(MASKED)
                     if not isinstance(masked, np.ndarray):
                         raise UpdateError(
                             f"site {update.site!r} sent no masked input under secure aggregation"
                         )
-                    try:
-                        secure.receive(update.site, decode(masked.tobytes()))
-                    except SecAggAbort as e:
-                        return self._abandon(state, r, sites, started, str(e), rejected)
-                    pending[update.site] = {**update.metrics, "num_examples": float(update.num_examples)}
-                    if observer is not None:
-                        observer.site_done(r, update.site)
-                    continue
-                if update.vector is not None and not np.isfinite(update.vector).all():
-                    raise UpdateError(
-                        f"the update of site {update.site!r} holds NaN or infinite values "
-                        "(its local training diverged, or it is hostile)"
-                    )
-                # Check everything before folding anything in, so a refused update leaves no trace.
-                change = scaffold.check(update, state.weights.size) if scaffold is not None else None
-                aggregator.add(aggregate, update)
-                if scaffold is not None and controls is not None:
-                    scaffold.add(controls, change)
+                    secure.receive(update.site, decode(masked.tobytes()))
+                else:
+                    if update.vector is not None and not np.isfinite(update.vector).all():
+                        raise UpdateError(
+                            f"the update of site {update.site!r} holds NaN or infinite values "
+                            "(its local training diverged, or it is hostile)"
+                        )
+                    # Check everything before folding anything in, so a refused update leaves no trace.
+                    change = scaffold.check(update, state.weights.size) if scaffold is not None else None
+                    aggregator.add(aggregate, update)
+                    if scaffold is not None and controls is not None:
+                        scaffold.add(controls, change)
             except UpdateError as e:
                 # A malformed or hostile update costs its site this round, never the run.
                 rejected.append((update.site, str(e)))
                 continue
-            examples += update.num_examples
-            reported[update.site] = dict(update.metrics)
-            loss_sum += update.metrics.get("train_loss", float("nan")) * update.num_examples
-            compute += update.metrics.get("compute_seconds", 0.0)
+            except SecAggAbort as e:
+                return self._abandon(state, r, sites, started, str(e), rejected, traffic)
+            accepted[update.site] = (update.num_examples, dict(update.metrics))
             if observer is not None:
                 observer.site_done(r, update.site)
         if secure is not None:
             try:
-                requests = _bytes(secure.request_unmasking())
-                sent, got = self._exchange(backend, secure, requests, rejected)
-                protocol_sent += sent
-                received += got
+                self._exchange(backend, secure, _bytes(secure.request_unmasking()), rejected, traffic)
                 total = secure.finish()
             except SecAggAbort as e:
-                return self._abandon(state, r, sites, started, str(e), rejected)
-            # Only the survivors' inputs are in the sum; their (clear) metrics are what the round reports.
-            reported = {site: pending[site] for site in total.survivors if site in pending}
-            examples = sum(int(m.get("num_examples", 0)) for m in reported.values())
-            loss_sum = sum(m.get("train_loss", 0.0) * m.get("num_examples", 0) for m in reported.values())
-            compute = sum(m.get("compute_seconds", 0.0) for m in reported.values())
+                return self._abandon(state, r, sites, started, str(e), rejected, traffic)
+            accepted = {site: accepted[site] for site in total.survivors if site in accepted}
             aggregator.add_sum(aggregate, total.vector, len(total.survivors))
         if charge is not None:
-            charge(r, len(reported))
-        if reported:
+            charge(r, len(accepted))
+        if accepted:
             delta = aggregator.result(aggregate, rng_for(self.strategy.seed, r, NOISE_STREAM))
             if shared is not None:
                 full = np.zeros_like(state.weights)
@@ -295,33 +283,38 @@ class Federation:
             if scaffold is not None and controls is not None:
                 scaffold.finish(state.optimizer_state[CONTROL_KEY], controls, len(backend.sites()))
         state.round = r
+        examples = sum(n for n, _ in accepted.values())
+        loss_sum = sum(n * m.get("train_loss", float("nan")) for n, m in accepted.values())
         return RoundResult(
             round=r,
             sites=sites,
             num_examples=examples,
             train_loss=loss_sum / examples if examples else float("nan"),
-            bytes_sent=sum(t.nbytes(state.weights, shared) for t in tasks) + protocol_sent,
-            bytes_received=received,
+            bytes_sent=traffic.sent,
+            bytes_received=traffic.received,
             seconds=time.perf_counter() - started,
-            compute_seconds=compute,
+            compute_seconds=sum(m.get("compute_seconds", 0.0) for _, m in accepted.values()),
             rejected=rejected,
-            site_metrics=reported,
+            site_metrics={site: m for site, (_, m) in accepted.items()},
         )
 
     @staticmethod
     def _exchange(
-        backend: Backend, secure: SecAggServer, messages: Mapping[str, bytes], rejected: list[tuple[str, str]]
-    ) -> tuple[int, int]:
-        """One step of secure aggregation over the backend: (bytes sent, bytes received). A site whose
-        answer is refused counts as dropped from that step on; the protocol decides if the round survives."""
-        received = 0
+        backend: Backend,
+        secure: SecAggServer,
+        messages: Mapping[str, bytes],
+        rejected: list[tuple[str, str]],
+        traffic: _Traffic,
+    ) -> None:
+        """One step of secure aggregation over the backend. A site whose answer is refused counts as dropped
+        from that step on; the protocol decides if the round survives."""
+        traffic.sent += sum(len(m) for m in messages.values())
         for site, answer in backend.exchange(messages):
-            received += len(answer)
+            traffic.received += len(answer)
             try:
                 secure.receive(site, decode(answer))
             except MessageError as e:
                 rejected.append((site, str(e)))
-        return sum(len(m) for m in messages.values()), received
 
     @staticmethod
     def _abandon(
@@ -330,19 +323,21 @@ class Federation:
         sites: list[str],
         started: float,
         reason: str,
-        rejected: list[tuple[str, str]] | None = None,
+        rejected: list[tuple[str, str]],
+        traffic: _Traffic,
     ) -> RoundResult:
+        """The round ends without a result: the model stays as it was, and what was sent is still counted."""
         state.round = round
         return RoundResult(
             round=round,
             sites=sites,
             num_examples=0,
             train_loss=float("nan"),
-            bytes_sent=0,
-            bytes_received=0,
+            bytes_sent=traffic.sent,
+            bytes_received=traffic.received,
             seconds=time.perf_counter() - started,
-            rejected=rejected or [],
-            abandoned=reason,
+            rejected=rejected,
+            abandoned=f"{reason}; the model is unchanged",
         )
 
     @staticmethod
