@@ -73,6 +73,29 @@ def _labels(ds: FederatedDataset, part: str, label: str) -> np.ndarray:
     return windows[np.arange(windows.shape[0]), last].astype(np.int64)
 
 
+def _check_split(scheme: str, num_sites: Any, alpha: Any) -> tuple[int, float]:
+    """``num_sites`` and ``alpha`` of a re-partition into new sites, checked."""
+    if isinstance(num_sites, bool) or not isinstance(num_sites, int | np.integer) or num_sites < 1:
+        raise DataError(f"{scheme}: num_sites must be a positive integer, got {num_sites!r}")
+    try:
+        concentration = float(alpha)
+    except (TypeError, ValueError):
+        concentration = float("nan")
+    if isinstance(alpha, bool) or not (np.isfinite(concentration) and concentration > 0):
+        raise DataError(f"{scheme}: alpha must be a positive number, got {alpha!r}")
+    return int(num_sites), concentration
+
+
+def _new_sites(scheme: str, pieces: dict[str, list[np.ndarray]]) -> tuple[SiteData, ...]:
+    """Sites ``SCHEME-000``, ... (name and group) from the dealt pieces, less those with no train window."""
+    digits = max(3, len(str(len(pieces["train"]) - 1)))
+    return tuple(
+        SiteData(name=f"{scheme}-{k:0{digits}d}", group=f"{scheme}-{k:0{digits}d}", train=train, test=test)
+        for k, (train, test) in enumerate(zip(pieces["train"], pieces["test"], strict=True))
+        if train.shape[0] > 0
+    )
+
+
 def dirichlet(
     ds: FederatedDataset, num_sites: int, alpha: float, seed: Seed, label: str = "group"
 ) -> FederatedDataset:
@@ -85,15 +108,7 @@ def dirichlet(
     as group; sites that end up with no train window are dropped, so fewer than ``num_sites`` may remain (and
     a kept site may have no test window).
     """
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int | np.integer) or num_sites < 1:
-        raise DataError(f"dirichlet: num_sites must be a positive integer, got {num_sites!r}")
-    try:
-        concentration = float(alpha)
-    except (TypeError, ValueError):
-        concentration = float("nan")
-    if isinstance(alpha, bool) or not (np.isfinite(concentration) and concentration > 0):
-        raise DataError(f"dirichlet: alpha must be a positive number, got {alpha!r}")
-    num_sites = int(num_sites)
+    num_sites, concentration = _check_split("dirichlet", num_sites, alpha)
     if label not in LABELS:
         raise DataError(f"dirichlet: label must be one of {', '.join(LABELS)}, got {label!r}")
     rng = np.random.default_rng(seed)
@@ -112,14 +127,8 @@ def dirichlet(
         windows = _stack(ds, part)
         order = np.argsort(assigned[part], kind="stable")
         pieces[part] = _deal(windows, order, np.bincount(assigned[part], minlength=num_sites))
-    digits = max(3, len(str(num_sites - 1)))
-    sites = tuple(
-        SiteData(name=f"dirichlet-{k:0{digits}d}", group=f"dirichlet-{k:0{digits}d}", train=train, test=test)
-        for k, (train, test) in enumerate(zip(pieces["train"], pieces["test"], strict=True))
-        if train.shape[0] > 0
-    )
     name = f"{ds.name}:dirichlet(sites={num_sites},alpha={concentration:g},label={label})"
-    return FederatedDataset(name=name, sites=sites, vocab_size=ds.vocab_size)
+    return FederatedDataset(name=name, sites=_new_sites("dirichlet", pieces), vocab_size=ds.vocab_size)
 
 
 def quantity(ds: FederatedDataset, num_sites: int, alpha: float, seed: Seed) -> FederatedDataset:
@@ -130,31 +139,22 @@ def quantity(ds: FederatedDataset, num_sites: int, alpha: float, seed: Seed) -> 
     (no label skew) in very different amounts when alpha is small. Sites left with no train window are
     dropped. New sites are named ``quantity-000``, ...
     """
-    if isinstance(num_sites, bool) or not isinstance(num_sites, int | np.integer) or num_sites < 1:
-        raise DataError(f"quantity: num_sites must be a positive integer, got {num_sites!r}")
-    if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and np.isfinite(alpha) and alpha > 0):
-        raise DataError(f"quantity: alpha must be a positive number, got {alpha!r}")
+    num_sites, concentration = _check_split("quantity", num_sites, alpha)
     rng = np.random.default_rng(seed)
-    shares = rng.dirichlet(np.full(int(num_sites), float(alpha)))
+    shares = rng.dirichlet(np.full(num_sites, concentration))
     pieces = {}
     for part in ("train", "test"):
         pooled = _stack(ds, part)
         cuts = np.floor(np.cumsum(shares)[:-1] * pooled.shape[0]).astype(np.int64)
         counts = np.diff(np.concatenate([[0], cuts, [pooled.shape[0]]]))
         pieces[part] = _deal(pooled, rng.permutation(pooled.shape[0]), counts)
-    digits = max(3, len(str(num_sites - 1)))
-    sites = tuple(
-        SiteData(name=f"quantity-{k:0{digits}d}", group=f"quantity-{k:0{digits}d}", train=train, test=test)
-        for k, (train, test) in enumerate(zip(pieces["train"], pieces["test"], strict=True))
-        if train.shape[0] > 0
-    )
-    name = f"{ds.name}:quantity(sites={num_sites},alpha={float(alpha):g})"
-    return FederatedDataset(name=name, sites=sites, vocab_size=ds.vocab_size)
+    name = f"{ds.name}:quantity(sites={num_sites},alpha={concentration:g})"
+    return FederatedDataset(name=name, sites=_new_sites("quantity", pieces), vocab_size=ds.vocab_size)
 
 
 def partition(ds: FederatedDataset, scheme: str, seed: Seed = 0, **options: Any) -> FederatedDataset:
-    """Apply the named scheme: ``natural`` (no options), ``iid`` (none), or ``dirichlet``
-    (``num_sites``, ``alpha``, optional ``label``)."""
+    """Apply the named scheme: ``natural`` (no options), ``iid`` (none), ``dirichlet`` (``num_sites``,
+    ``alpha``, optional ``label``) or ``quantity`` (``num_sites``, ``alpha``)."""
     if scheme == "natural":
         accepted: tuple[str, ...] = ()
     elif scheme == "iid":
