@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class SiteDP:
         self.population = population
         self.sites_per_round = sites_per_round
         self.sampling = sampling
-        self.sample: float = sites_per_round if sampling == "fixed" else sites_per_round / population
+        self.sample = sampled(sampling, sites_per_round, population)
         # Under distributed DP each site's share of the noise is sized so that the sum of `share_sites`
         # updates carries the full noise. With fixed-size sampling that is the round's m sites; under Poisson
         # sampling the count varies around m, so the shares are sized for m - 2 sqrt(m) (rarely undershot):
@@ -72,7 +73,7 @@ class SiteDP:
             if sampling == "fixed"
             else max(1, math.floor(sites_per_round - 2 * math.sqrt(sites_per_round)))
         )
-        self.delta = delta or 1.0 / (10 * population)
+        self.delta = delta or default_delta(population)
         self.target_epsilon = target_epsilon
         self.noise_multiplier = noise_multiplier
         self.adaptive = adaptive
@@ -91,20 +92,38 @@ class SiteDP:
         self.aggregator = DPMean(self.central, expected_sites=float(sites_per_round))
 
     @classmethod
-    def calibrated(cls, target_epsilon: float, rounds: int, **options: object) -> SiteDP:
+    def calibrated(
+        cls,
+        target_epsilon: float,
+        rounds: int,
+        *,
+        population: int,
+        sites_per_round: int,
+        sampling: str = "fixed",
+        accounting: str = "rdp",
+        delta: float = 0.0,
+        **options: Any,
+    ) -> SiteDP:
         """A policy whose noise multiplier spends exactly ``target_epsilon`` in ``rounds`` rounds."""
-        plain = {**options, "adaptive": None}  # the probe only needs the sampling and delta
-        probe = cls(noise_multiplier=1.0, target_epsilon=target_epsilon, **plain)  # type: ignore[arg-type]
         z = calibrate_noise(
             target_epsilon,
-            probe.delta,
+            delta or default_delta(population),
             rounds,
-            probe.sample,
-            probe.population,
-            probe.sampling,
-            probe.accountant.method,
+            sampled(sampling, sites_per_round, population),
+            population,
+            sampling,
+            accounting,
         )
-        return cls(noise_multiplier=z, target_epsilon=target_epsilon, **options)  # type: ignore[arg-type]
+        return cls(
+            noise_multiplier=z,
+            target_epsilon=target_epsilon,
+            population=population,
+            sites_per_round=sites_per_round,
+            sampling=sampling,
+            accounting=accounting,
+            delta=delta,
+            **options,
+        )
 
     @property
     def clip_norm(self) -> float:
@@ -182,4 +201,14 @@ class SiteDP:
 
 def expected_bits_noise(sites_per_round: int) -> float:
     """Andrew et al. 2021's default noise on the sum of clipping bits: expected sites per round / 20."""
-    return max(sites_per_round / 20.0, math.ulp(1.0))
+    return sites_per_round / 20.0
+
+
+def default_delta(population: int) -> float:
+    """The delta a run reports at unless it sets one: 1 / (10 x sites), below the usual 1 / sites."""
+    return 1.0 / (10 * population)
+
+
+def sampled(sampling: str, sites_per_round: int, population: int) -> float:
+    """What the accountant needs of a round's sampling: the sample size (fixed) or the rate (Poisson)."""
+    return sites_per_round if sampling == "fixed" else sites_per_round / population
