@@ -25,7 +25,6 @@ from confide.client.trainer import Trainer
 from confide.core import Layer, Plan, Update, Vector
 from confide.data import FederatedDataset
 from confide.errors import ConfideError, UpdateError
-from confide.privacy.secagg import Setup, decode
 from confide.runtime.federation import SiteEvaluation, Task
 from confide.server.strategy import rng_for
 
@@ -62,7 +61,6 @@ class LocalBackend:
         self.registry = registry
         self.secure_sites: dict[str, SecureSite] = {}
         """Each simulated site's secure-aggregation state (what SecAggLayer masks with)."""
-        self._dropped: set[str] = set()
         self._by_name = {s.name: s for s in dataset.sites}
         self._eval_cache: tuple[tuple[str, ...], np.ndarray, np.ndarray] | None = None
 
@@ -70,14 +68,15 @@ class LocalBackend:
         return self.dataset.site_names
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
-        self._dropped = set()
+        dropped: set[str] = set()
         if self.dropout > 0 and tasks:
-            # Simulated dropouts: a site vanishes after the key exchange, before it sends its update, and
-            # answers nothing more this round (the hardest point for secure aggregation).
+            # Simulated dropouts: a site vanishes after the key exchange, before it sends its update (the
+            # hardest point for secure aggregation). It is asked nothing more this round: the server asks
+            # only the sites whose input arrived to help unmask.
             rng = rng_for(self.seed, tasks[0].plan.round, DROPOUT_STREAM)
-            self._dropped = {t.site for t in tasks if rng.random() < self.dropout}
+            dropped = {t.site for t in tasks if rng.random() < self.dropout}
         for task in tasks:
-            if task.site in self._dropped:
+            if task.site in dropped:
                 continue
             data = self._by_name[task.site]
             try:
@@ -98,7 +97,6 @@ class LocalBackend:
                 # The site cannot send an update (say, it diverged and secure aggregation cannot encode NaN):
                 # to the server it has dropped out, as a deployed site that gives up would.
                 log.warning("site %s sends no update in round %d: %s", task.site, task.plan.round, e)
-                self._dropped.add(task.site)
                 continue
             yield update
 
@@ -133,12 +131,7 @@ class LocalBackend:
             yield SiteEvaluation(site, float(loss_sum), int(correct), int(targets))
 
     def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
-        first = next(iter(messages.values()), b"")
-        if first and isinstance(decode(first), Setup):
-            self._dropped = set()  # a new round: last round's dropouts are back
         for site, data in messages.items():
-            if site in self._dropped:
-                continue
             state = self.secure_sites.get(site)
             if state is None:
                 state = SecureSite(site, self.identities.get(site), self.registry)
