@@ -65,3 +65,26 @@ def test_plans_carry_distinct_seeds() -> None:
 def test_sites_per_round_must_be_count_or_fraction(bad: float) -> None:
     with pytest.raises(ConfigError, match="sites_per_round"):
         Strategy(sites_per_round=bad)
+
+
+def test_every_setting_the_strategy_shares_with_the_plan_reaches_the_plan() -> None:
+    from confide.server.strategy import PLAN_SETTINGS
+
+    settings = dict(
+        epochs=3,
+        max_steps=7,
+        batch_size=5,
+        learning_rate=0.3,
+        algorithm="fedprox",
+        mu=0.2,
+        personalization="ditto",
+        personal_steps=4,
+        personal_lambda=0.7,
+        personal_learning_rate=0.05,
+        record_clip=1.5,
+        record_noise=0.9,
+    )
+    assert set(settings) == set(PLAN_SETTINGS)
+    plan = Strategy(seed=11, **settings).plan(4, seed=99, work=0.5)  # type: ignore[arg-type]
+    assert (plan.round, plan.seed, plan.work) == (4, 99, 0.5)
+    assert {name: getattr(plan, name) for name in PLAN_SETTINGS} == settings

@@ -12,7 +12,7 @@ many sites report.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -288,20 +288,13 @@ class Strategy:
         }
 
     def plan(self, round: int, seed: int, work: float = 1.0) -> Plan:
+        """Site plan of round ``round``: every setting the strategy and the plan share, copied across."""
         return Plan(
-            round=round,
-            epochs=self.epochs,
-            max_steps=self.max_steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            seed=seed,
-            work=work,
-            algorithm=self.algorithm,
-            mu=self.mu,
-            personalization=self.personalization,
-            personal_steps=self.personal_steps,
-            personal_lambda=self.personal_lambda,
-            personal_learning_rate=self.personal_learning_rate,
-            record_clip=self.record_clip,
-            record_noise=self.record_noise,
+            round=round, seed=seed, work=work, **{name: getattr(self, name) for name in PLAN_SETTINGS}
         )
+
+
+PLAN_SETTINGS = tuple(
+    sorted({f.name for f in fields(Plan)} & {f.name for f in fields(Strategy)} - {"round", "seed", "work"})
+)
+"""The per-round settings a Strategy hands every site in its Plan (the strategy's ``seed`` is the run's)."""
