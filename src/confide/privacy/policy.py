@@ -19,16 +19,12 @@ from typing import Any
 import numpy as np
 
 from confide.core import Layer
-from confide.errors import ConfideError, ConfigError
+from confide.errors import ConfigError
 from confide.privacy.accountant import LedgerEntry, PrivacyAccountant, calibrate_noise, combined_noise
 from confide.privacy.dp import AdaptiveClip, CentralNoise, ClipLayer, DistributedNoiseLayer, DPMean
 
 CLIP_KEY = "dp.clip_norm"
 """The adaptive clip norm in the server state (a one-value vector, so it is checkpointed with the model)."""
-
-
-class BudgetExhausted(ConfideError):
-    """The next round would spend more privacy than the run's budget allows."""
 
 
 @dataclass(frozen=True)
@@ -140,18 +136,19 @@ class SiteDP:
     def epsilon(self) -> float:
         return self.accountant.epsilon()
 
-    def check_budget(self, round: int) -> None:
-        """Raise :class:`BudgetExhausted` if round ``round`` would take epsilon past the target."""
+    def over_budget(self, round: int) -> str | None:
+        """Why round ``round`` may not run (it would take epsilon past the target), or None if it may."""
         if self.target_epsilon <= 0:
-            return
+            return None
         after = self.accountant.epsilon_if(self.noise_multiplier, self.sample)
-        if after > self.target_epsilon:
-            raise BudgetExhausted(
-                f"stopped before round {round}: it would raise epsilon from {self.epsilon():.3f} to "
-                f"{after:.3f}, past the budget privacy.target_epsilon = {self.target_epsilon:g} "
-                f"(delta = {self.delta:.2e}). The model of round {round - 1} is the run's result; to train "
-                "longer, raise the budget or privacy.noise_multiplier"
-            )
+        if after <= self.target_epsilon:
+            return None
+        return (
+            f"stopped before round {round}: it would raise epsilon from {self.epsilon():.3f} to "
+            f"{after:.3f}, past the budget privacy.target_epsilon = {self.target_epsilon:g} "
+            f"(delta = {self.delta:.2e}). The model of round {round - 1} is the run's result; to train "
+            "longer, raise the budget or privacy.noise_multiplier"
+        )
 
     def charge(self, round: int, reported: int) -> Charge:
         """Spend round ``round`` on the accountant, given the number of updates that reached the sum.

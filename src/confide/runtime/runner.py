@@ -34,7 +34,7 @@ from confide.errors import DivergedError, StoreError
 from confide.models import CharModel, build_model, head_names
 from confide.privacy.accountant import LedgerEntry
 from confide.privacy.dp import CLIPPED_METRIC, AdaptiveClip
-from confide.privacy.policy import CLIP_KEY, BudgetExhausted, SiteDP, expected_bits_noise
+from confide.privacy.policy import CLIP_KEY, SiteDP, expected_bits_noise
 from confide.privacy.secagg import keys
 from confide.runtime.federation import Federation, RoundResult, SecureAggregation, ServerState, summarize
 from confide.runtime.local import LocalBackend
@@ -344,54 +344,30 @@ class Runner:
         totals = self._totals()
         while self.state.round < config.run.rounds:
             r = self.state.round + 1
-            if self.dp is not None:
-                try:
-                    self.dp.check_budget(r)
-                except BudgetExhausted as e:
-                    self._stop(str(e), r - 1)
-                    observer.stopped(str(e))
-                    break
+            if self.dp is not None and (reason := self.dp.over_budget(r)) is not None:
+                # Only when the budget cannot pay for the first round left: every other stop happens after
+                # the last affordable round, below, once it is evaluated and checkpointed.
+                self._stop(reason, r - 1, observer)
+                break
             charge = self._charge if self.dp is not None else None
             result = self.federation.round(self.state, self.backend, observer, charge)
-            if self.dp is not None and self.dp.adaptive is not None:
-                unclipped = sum(1.0 - m.get(CLIPPED_METRIC, 0.0) for m in result.site_metrics.values())
-                rng = rng_for(config.run.seed, r, BITS_STREAM)
-                clip = self.dp.adapt(unclipped, len(result.site_metrics), rng)
-                self.state.optimizer_state[CLIP_KEY][0] = clip
-            for site, reason in result.rejected:
-                self.store.event("rejected", f"update of site {site} refused: {reason}", r)
-            if result.abandoned is not None:
-                self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
-            clipped = sum(m.get("secagg_clipped", 0.0) for m in result.site_metrics.values())
-            if clipped:
-                assert self.federation.secure is not None
-                bound = self.federation.secure.clip_range
-                message = (
-                    f"round {r}: {int(clipped)} coordinates of the sites' updates lay outside the "
-                    f"fixed-point range [-{bound:g}, {bound:g}] of secure aggregation and were clipped; "
-                    "raise privacy.secagg_range"
-                )
-                self.store.event("secagg_clipped", message, r)
-                log.warning(message)
-            self.store.record_round(
-                r,
-                result.sites,
-                result.num_examples,
-                result.train_loss,
-                result.bytes_sent,
-                result.bytes_received,
-                result.seconds,
-            )
+            self._after_round(result)
             totals["seconds"] += result.seconds
             totals["bytes_sent"] += result.bytes_sent
             totals["bytes_received"] += result.bytes_received
             observer.round_finished(result)
-            last = r == config.run.rounds
+            stop = None
+            if self.dp is not None and r < config.run.rounds:
+                stop = self.dp.over_budget(r + 1)
+            last = r == config.run.rounds or stop is not None
             if r % config.eval.every == 0 or last:
                 metrics = self.evaluate(result, totals)
                 observer.evaluated(r, metrics)
             if r % config.run.checkpoint_every == 0 or last:
                 self.store.save_checkpoint(r, self.state.weights, self.state.optimizer_state)
+            if stop is not None:
+                self._stop(stop, r, observer)
+                break
         if self.stopped is None:
             self.store.set_meta("status", "finished")
         observer.run_finished(self)
@@ -402,21 +378,44 @@ class Runner:
         spent = self.dp.charge(round, reported)
         self.store.record_spend(round, tuple(spent.entry), spent.epsilon, self.dp.delta)  # type: ignore[arg-type]
 
-    def _stop(self, reason: str, last_round: int) -> None:
-        """Stop early (the privacy budget): evaluate and checkpoint the last round trained, say why."""
+    def _after_round(self, result: RoundResult) -> None:
+        """What the server does with a round's result besides the model: the adaptive clip norm, events for
+        what went wrong, and the round's row in the store."""
+        r = result.round
+        if self.dp is not None and self.dp.adaptive is not None:
+            unclipped = sum(1.0 - m.get(CLIPPED_METRIC, 0.0) for m in result.site_metrics.values())
+            rng = rng_for(self.config.run.seed, r, BITS_STREAM)
+            self.state.optimizer_state[CLIP_KEY][0] = self.dp.adapt(unclipped, len(result.site_metrics), rng)
+        for site, reason in result.rejected:
+            self.store.event("rejected", f"update of site {site} refused: {reason}", r)
+        if result.abandoned is not None:
+            self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
+        clipped = sum(m.get("secagg_clipped", 0.0) for m in result.site_metrics.values())
+        if clipped and self.federation.secure is not None:
+            bound = self.federation.secure.clip_range
+            message = (
+                f"round {r}: {int(clipped)} coordinates of the sites' updates lay outside the "
+                f"fixed-point range [-{bound:g}, {bound:g}] of secure aggregation and were clipped; "
+                "raise privacy.secagg_range"
+            )
+            self.store.event("secagg_clipped", message, r)
+            log.warning(message)
+        self.store.record_round(
+            r,
+            result.sites,
+            result.num_examples,
+            result.train_loss,
+            result.bytes_sent,
+            result.bytes_received,
+            result.seconds,
+        )
+
+    def _stop(self, reason: str, last_round: int, observer: Observer) -> None:
+        """Stop before the round that would overspend the privacy budget, and say why."""
         self.stopped = reason
-        if last_round > 0 and last_round not in {r for r, _ in self.store.evaluations()}:
-            rounds = self.store.rounds()
-            row = rounds[-1] if rounds else None
-            if row is not None:
-                result = RoundResult(
-                    last_round, row["sites"], row["num_examples"], row["train_loss"], 0, 0, 0.0
-                )
-                self.evaluate(result, self._totals())
-        if last_round > 0:
-            self.store.save_checkpoint(last_round, self.state.weights, self.state.optimizer_state)
         self.store.event("budget", reason, last_round)
         self.store.set_meta("status", "stopped: privacy budget spent")
+        observer.stopped(reason)
 
     def evaluate(self, result: RoundResult, totals: dict[str, float]) -> dict[str, Any]:
         started = time.perf_counter()
