@@ -8,6 +8,7 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -338,23 +339,14 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
     from confide.runtime.audit import audit_canaries
 
     config = config_module.load(args.config, args.overrides)
-    observers: list[RichObserver] = []
+    with contextlib.ExitStack() as live:
 
-    def observer(label: str, runner: Any) -> RichObserver:
-        for previous in observers:  # one live display at a time
-            previous.__exit__(None, None, None)
-        observers.clear()
-        console.print(f"\n[bold]Training {label}[/]")
-        watcher = RichObserver(runner.config.run.rounds)
-        watcher.__enter__()
-        observers.append(watcher)
-        return watcher
+        def observer(label: str, runner: Any) -> RichObserver:
+            live.close()  # one live display at a time: the previous training's ends here
+            console.print(f"\n[bold]Training {label}[/]")
+            return live.enter_context(RichObserver(runner.config.run.rounds))
 
-    try:
         folder, runs = audit_canaries(config, args.canaries, args.repeats, args.candidates, observer)
-    finally:
-        for watcher in observers:
-            watcher.__exit__(None, None, None)
     most = math.log2(args.candidates + 1)
     table = Table(
         title=f"Canary exposure in bits (at most {most:.1f} by rank among {args.candidates} candidates)"
