@@ -26,7 +26,6 @@ from confide.core import Plan, Vector
 
 DITTO_KEY = "ditto.model"
 FEDREP_KEY = "fedrep.head"
-METHODS = ("none", "ditto", "fedrep", "finetune")
 
 
 @dataclass(frozen=True)

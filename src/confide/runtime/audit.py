@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -120,11 +121,7 @@ def audit_canaries(
             runner.run(observer(label, runner) if observer else None)
             evaluations = runner.store.evaluations()
             accuracy = float(evaluations[-1][1]["accuracy"]) if evaluations else math.nan
-            trained = {row_site: 0 for row_site in chosen}
-            for row in runner.store.rounds():
-                for site in row["sites"]:
-                    if site in trained:
-                        trained[site] += 1
+            trained = Counter(site for row in runner.store.rounds() for site in row["sites"])
         finally:
             runner.store.close()
         runner.layout.write(runner.model, runner.state.weights)
