@@ -80,7 +80,7 @@ class SecureSite:
                 f"site {self.site!r} has no forwarded shares for this round, so it cannot mask its update"
             )
         message = client.masked_input(SERVER, self.forwarded, vector)
-        self.clipped = int(getattr(client, "clipped", 0))
+        self.clipped = client.clipped
         return message.to_bytes()
 
     def _client(self) -> SecAggClient:
