@@ -159,11 +159,17 @@ class Federation:
     """Runs rounds of a :class:`Strategy` over any :class:`Backend`, with a stack of layers."""
 
     def __init__(
-        self, strategy: Strategy, layers: Sequence[Layer] = (), secure: SecureAggregation | None = None
+        self,
+        strategy: Strategy,
+        layers: Sequence[Layer] = (),
+        secure: SecureAggregation | None = None,
+        min_updates: int = 0,
     ) -> None:
         self.strategy = strategy
         self.layers = tuple(layers)
         self.secure = secure
+        self.min_updates = min_updates
+        """A round with fewer updates than this is abandoned before anything is spent (0: never)."""
         hidden = secure is not None or any(not layer.reveals_individual_updates for layer in self.layers)
         if hidden and getattr(strategy.aggregator, "needs_individual_updates", False):
             raise ConfigError(
@@ -271,6 +277,12 @@ class Federation:
                 return self._abandon(state, r, sites, started, str(e), rejected, traffic)
             accepted = {site: accepted[site] for site in total.survivors if site in accepted}
             aggregator.add_sum(aggregate, total.vector, len(total.survivors))
+        if len(accepted) < self.min_updates:
+            reason = (
+                f"only {len(accepted)} of {len(sites)} sites sent an update; a round needs at least "
+                f"{self.min_updates}"
+            )
+            return self._abandon(state, r, sites, started, reason, rejected, traffic)
         if charge is not None:
             charge(r, len(accepted))
         if accepted:

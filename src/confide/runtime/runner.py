@@ -25,6 +25,7 @@ from confide.client.dpsgd import DPSGD
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY, Personal
 from confide.client.secure import SecAggLayer
 from confide.client.site import DPSGD_EPSILON_KEY
+from confide.client.state import SiteState
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
 from confide.core import Layer, Layout
@@ -36,7 +37,14 @@ from confide.privacy.accountant import LedgerEntry
 from confide.privacy.dp import CLIPPED_METRIC, AdaptiveClip
 from confide.privacy.policy import CLIP_KEY, SiteDP, expected_bits_noise
 from confide.privacy.secagg import keys
-from confide.runtime.federation import Federation, RoundResult, SecureAggregation, ServerState, summarize
+from confide.runtime.federation import (
+    Backend,
+    Federation,
+    RoundResult,
+    SecureAggregation,
+    ServerState,
+    summarize,
+)
 from confide.runtime.local import LocalBackend
 from confide.runtime.store import Store, StoreSiteState
 from confide.server.optim import ServerOptimizer
@@ -60,6 +68,10 @@ class Observer(Protocol):
 
     def round_finished(self, result: RoundResult) -> None: ...
 
+    def round_retried(self, round: int, reason: str) -> None:
+        """A deployment's round failed for too few answers and will be tried again."""
+        ...
+
     def evaluated(self, round: int, metrics: dict[str, Any]) -> None: ...
 
     def run_finished(self, runner: Runner) -> None: ...
@@ -82,6 +94,9 @@ class NullObserver:
         pass
 
     def round_finished(self, result: RoundResult) -> None:
+        pass
+
+    def round_retried(self, round: int, reason: str) -> None:
         pass
 
     def evaluated(self, round: int, metrics: dict[str, Any]) -> None:
@@ -194,6 +209,46 @@ def personal_parts(
 
 
 @dataclass(frozen=True)
+class SiteInfo:
+    """What the server knows of a site: its name, its group, and how many windows it trains and tests on."""
+
+    name: str
+    group: str
+    num_train: int
+    num_test: int
+
+
+def stored_sites(store: Store) -> list[SiteInfo]:
+    return [SiteInfo(*row) for row in store.db.execute("SELECT name, grp, num_train, num_test FROM sites")]
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """What a site trains with: one per process, whether it plays one site (a deployment) or all of them."""
+
+    trainer: Trainer
+    personal: Personal
+    shared: np.ndarray | None
+    dpsgd: DPSGD | None
+    layers: tuple[Layer, ...]
+    """The site layers of the run's privacy policy (clip, noise share); secure aggregation's masking is added
+    by whoever holds the sites' protocol state."""
+
+
+def build_site_kit(config: Config, model: nn.Module, dp: SiteDP | None, state: SiteState) -> SiteKit:
+    """The trainer, personal state, shared positions, DP-SGD and site layers of ``config`` for ``model``.
+    A deployed site builds exactly this from the config the server sends, so both sides agree."""
+    c, p = config.client, config.privacy
+    layout = Layout.of_module(model)
+    optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
+    trainer = Trainer(model, optimizer)
+    head, shared = personal_parts(config, model, layout)
+    personal = Personal(state, layout.index(head), head)
+    dpsgd = DPSGD(model, p.record_clip, p.record_noise, optimizer) if p.record_dp else None
+    return SiteKit(trainer, personal, shared, dpsgd, tuple(dp.layers) if dp is not None else ())
+
+
+@dataclass(frozen=True)
 class Baseline:
     """The unigram baseline: always predict the most frequent character of the training text."""
 
@@ -239,42 +294,61 @@ def load_dataset(config: Config) -> FederatedDataset:
 class Runner:
     """Runs (or resumes) one federated training run into its run directory."""
 
-    def __init__(self, config: Config, store: Store, dataset: FederatedDataset) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        dataset: FederatedDataset | None = None,
+        *,
+        sites: Sequence[SiteInfo] | None = None,
+        backend: Backend | None = None,
+        dp: SiteDP | None = None,
+    ) -> None:
+        """A run over ``dataset`` with every site simulated in this process (the local backend), or, with
+        ``backend``, over sites that live elsewhere and are described only by ``sites`` (a deployment)."""
         self.config = config
         self.store = store
         self.dataset = dataset
+        if dataset is not None:
+            sites = [SiteInfo(s.name, s.group, s.num_train, s.num_test) for s in dataset.sites]
+        if sites is None:
+            raise ValueError("a Runner needs a data set, or the sites of a deployment")
+        self.sites = tuple(sites)
         if config.backend.threads:
             torch.set_num_threads(config.backend.threads)
-        self.model = build_model_for(config, dataset.vocab_size)
+        self.model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
         self.layout = Layout.of_module(self.model)
-        c, p = config.client, config.privacy
-        optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
-        trainer = Trainer(self.model, optimizer)
-        head, shared = personal_parts(config, self.model, self.layout)
-        personal = Personal(StoreSiteState(store), self.layout.index(head), head)
-        self.dp = build_site_dp(config, len(dataset.sites))
-        dpsgd = DPSGD(self.model, p.record_clip, p.record_noise, optimizer) if p.record_dp else None
-        secure, identities = build_secure(config, dataset.site_names, self.dp)
-        self.backend = LocalBackend(
-            dataset,
-            trainer,
-            eval_batch_size=config.eval.batch_size,
-            personal=personal,
-            shared=shared,
-            dpsgd=dpsgd,
-            dropout=config.backend.dropout,
-            seed=config.run.seed,
-            identities=identities,
-            registry=secure.registry if secure else None,
-        )
-        layers: list[Layer] = list(self.dp.layers) if self.dp else []
-        if secure is not None:
-            layers.append(SecAggLayer(self.backend.secure_sites))
-        self.backend.layers = tuple(layers)
+        self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
+        secure, identities = build_secure(config, [s.name for s in self.sites], self.dp)
+        _, shared = personal_parts(config, self.model, self.layout)
+        if backend is None:
+            assert dataset is not None
+            kit = build_site_kit(config, self.model, self.dp, StoreSiteState(store))
+            local = LocalBackend(
+                dataset,
+                kit.trainer,
+                eval_batch_size=config.eval.batch_size,
+                personal=kit.personal,
+                shared=kit.shared,
+                dpsgd=kit.dpsgd,
+                dropout=config.backend.dropout,
+                seed=config.run.seed,
+                identities=identities,
+                registry=secure.registry if secure else None,
+            )
+            layers = list(kit.layers)
+            if secure is not None:
+                layers.append(SecAggLayer(local.secure_sites))
+            local.layers = tuple(layers)
+            backend = local
+        self.backend: Backend = backend
         self.strategy = build_strategy(config, shared, self.dp.aggregator if self.dp else None)
-        self.federation = Federation(self.strategy, secure=secure)
+        # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
+        self.deployed = not isinstance(backend, LocalBackend)
+        min_updates = config.deploy.min_updates if self.deployed else 0
+        self.federation = Federation(self.strategy, secure=secure, min_updates=min_updates)
         self.eval_sites = self._eval_sites()
-        self.baseline = unigram_baseline(dataset, self.eval_sites)
+        self.baseline = unigram_baseline(dataset, self.eval_sites) if dataset is not None else None
         self.state = ServerState(
             round=0,
             weights=self.layout.read(self.model),
@@ -289,48 +363,64 @@ class Runner:
     def start(cls, config: Config, dataset: FederatedDataset | None = None) -> Runner:
         """A new run of ``config`` (on ``dataset`` when given, else the config's data set)."""
         dataset = dataset if dataset is not None else load_dataset(config)
-        run_dir = Path(config.run.output) / config.run.name
-        store = Store.create(run_dir, config.to_toml())
-        store.add_sites([(s.name, s.group, s.num_train, s.num_test) for s in dataset.sites])
-        store.set_meta("status", "running")
-        store.event("start", f"run {config.run.name} started with {len(dataset.sites)} sites")
+        store = cls.create_store(
+            config, [SiteInfo(s.name, s.group, s.num_train, s.num_test) for s in dataset.sites]
+        )
         return cls(config, store, dataset)
 
+    @staticmethod
+    def create_store(config: Config, sites: Sequence[SiteInfo]) -> Store:
+        """The run directory of a new run of ``config`` over ``sites``."""
+        run_dir = Path(config.run.output) / config.run.name
+        store = Store.create(run_dir, config.to_toml())
+        store.add_sites([(s.name, s.group, s.num_train, s.num_test) for s in sites])
+        store.set_meta("status", "running")
+        store.event("start", f"run {config.run.name} started with {len(sites)} sites")
+        return store
+
     @classmethod
-    def resume(cls, run_dir: Path) -> Runner:
+    def resume(cls, run_dir: Path, *, backend: Backend | None = None, dp: SiteDP | None = None) -> Runner:
+        """Continue the run in ``run_dir`` from its last checkpoint: on the config's data set in this process,
+        or, with ``backend``, over a deployment's sites (as the run store lists them)."""
         from confide.config import load
 
         store = Store.open(run_dir)
         config = load(run_dir / "config.toml")
-        dataset = load_dataset(config)
-        known = {row[0] for row in store.db.execute("SELECT name FROM sites")}
-        if known != set(dataset.site_names):
-            raise StoreError(
-                f"the data set no longer has the sites this run was started with ({len(known)} then, "
-                f"{len(dataset.site_names)} now); a run resumes only on the same data"
-            )
-        runner = cls(config, store, dataset)
+        if backend is None:
+            dataset = load_dataset(config)
+            known = {row[0] for row in store.db.execute("SELECT name FROM sites")}
+            if known != set(dataset.site_names):
+                raise StoreError(
+                    f"the data set no longer has the sites this run was started with ({len(known)} then, "
+                    f"{len(dataset.site_names)} now); a run resumes only on the same data"
+                )
+            runner = cls(config, store, dataset)
+        else:
+            runner = cls(config, store, sites=stored_sites(store), backend=backend, dp=dp)
+        runner.restore()
+        return runner
+
+    def restore(self) -> None:
+        """Move to the store's last checkpoint, with the privacy ledger and the adaptive clip norm."""
+        store = self.store
         checkpoint = store.latest_checkpoint()
         if checkpoint is not None:
-            runner.layout.check(checkpoint.weights, "checkpoint's weights")
-            runner.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
-        store.rewind(runner.state.round)
-        if runner.dp is not None:
+            self.layout.check(checkpoint.weights, "checkpoint's weights")
+            self.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
+        store.rewind(self.state.round)
+        if self.dp is not None:
             # The ledger up to the checkpoint; later entries stay in the store and are met again when their
             # rounds are redone, so nothing spent is lost and nothing is counted twice.
-            runner.dp.replay(
-                [LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in store.ledger(runner.state.round)]
-            )
-            clip = runner.state.optimizer_state.get(CLIP_KEY)
-            if clip is not None and runner.dp.adaptive is not None:
-                runner.dp.adaptive = replace(runner.dp.adaptive, clip_norm=float(clip[0]))
-                runner.dp.set_clip_norm(float(clip[0]))
-        store.event("resume", f"resumed after round {runner.state.round}", runner.state.round)
-        return runner
+            self.dp.replay([LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in store.ledger(self.state.round)])
+            clip = self.state.optimizer_state.get(CLIP_KEY)
+            if clip is not None and self.dp.adaptive is not None:
+                self.dp.adaptive = replace(self.dp.adaptive, clip_norm=float(clip[0]))
+                self.dp.set_clip_norm(float(clip[0]))
+        store.event("resume", f"resumed after round {self.state.round}", self.state.round)
 
     def _eval_sites(self) -> list[str]:
         # A site with no held-out window (possible after a skewed re-partition) has nothing to evaluate on.
-        names = [s.name for s in self.dataset.sites if s.num_test > 0]
+        names = [s.name for s in self.sites if s.num_test > 0]
         k = self.config.eval.sites
         if k == 0 or k >= len(names):
             return names
@@ -342,6 +432,7 @@ class Runner:
         config = self.config
         observer.run_started(self, self.state.round + 1)
         totals = self._totals()
+        retries = 0
         while self.state.round < config.run.rounds:
             r = self.state.round + 1
             if self.dp is not None and (reason := self.dp.over_budget(r)) is not None:
@@ -351,6 +442,20 @@ class Runner:
                 break
             charge = self._charge if self.dp is not None else None
             result = self.federation.round(self.state, self.backend, observer, charge)
+            if result.abandoned is not None and self.deployed and retries < config.deploy.round_retries:
+                # Too few sites answered (or secure aggregation could not finish): nothing was applied or
+                # spent, so the same round is tried again once the sites have had time to come back.
+                retries += 1
+                self.state.round = r - 1
+                message = (
+                    f"round {r} failed ({result.abandoned}); retry {retries} of {config.deploy.round_retries}"
+                )
+                self.store.event("retry", message, r)
+                log.warning("%s", message)
+                observer.round_retried(r, result.abandoned)
+                time.sleep(config.deploy.retry_wait)
+                continue
+            retries = 0
             self._after_round(result)
             totals["seconds"] += result.seconds
             totals["bytes_sent"] += result.bytes_sent
@@ -447,7 +552,7 @@ class Runner:
             **metrics,
             **personal_metrics,
             "train_loss": result.train_loss,
-            "unigram_accuracy": self.baseline.accuracy,
+            "unigram_accuracy": self.baseline.accuracy if self.baseline else float("nan"),
             "seconds": result.seconds,
             "compute_seconds": result.compute_seconds,
             "eval_seconds": time.perf_counter() - started,
