@@ -273,6 +273,51 @@ class PrivacyConfig:
     record_noise: float = option(1.0, "DP-SGD: noise multiplier of each step", at_least(0), ">= 0")
 
 
+@dataclass(frozen=True)
+class DeployConfig:
+    """`confide server`: how long to wait for sites, when to give up on one, and how sites authenticate."""
+
+    auth: str = option(
+        "token",
+        "how sites prove who they are: 'token' (issued by `confide enroll`, stored hashed) or 'mtls' "
+        "(a site certificate from `confide enroll --certificate`)",
+        choices=("token", "mtls"),
+    )
+    min_sites: int = option(
+        0,
+        "sites that must have joined before the first round (and after a restart); 0: every enrolled site",
+        at_least(0),
+        ">= 0",
+    )
+    join_timeout: float = option(
+        600.0, "seconds to wait for min_sites to join before giving up", positive, "> 0"
+    )
+    min_updates: int = option(
+        1,
+        "a round completes only with at least this many updates; with fewer it is retried",
+        at_least(1),
+        ">= 1",
+    )
+    round_retries: int = option(3, "how often a round with too few updates is retried", at_least(0), ">= 0")
+    retry_wait: float = option(5.0, "seconds between a failed round and its retry", at_least(0), ">= 0")
+    task_timeout: float = option(
+        600.0, "seconds a site has for one piece of work (training, evaluation)", positive, "> 0"
+    )
+    heartbeat_seconds: float = option(
+        5.0, "how often a site says it is alive while it works", positive, "> 0"
+    )
+    heartbeat_timeout: float = option(
+        20.0, "a site not heard from for this long is dropped from the current step", positive, "> 0"
+    )
+    max_message_mb: float = option(
+        1024.0, "the largest message (weights or update) either side accepts, in MB", positive, "> 0"
+    )
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
@@ -281,6 +326,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "backend": BackendConfig,
     "privacy": PrivacyConfig,
+    "deploy": DeployConfig,
 }
 
 
@@ -295,13 +341,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
 
 
-def load(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read, override (``section.key=value``) and validate a TOML config."""
+def load(path: Path | str, overrides: list[str] | tuple[str, ...] = (), stamp: bool = True) -> Config:
+    """Read, override (``section.key=value``) and validate a TOML config. Without a run.name the run is named
+    after the file, with the time when ``stamp`` (a server names it after the file alone, so that a restart
+    finds the run again)."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -317,9 +366,8 @@ def load(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Confi
     if not config.run.name:
         import time
 
-        config = replace(
-            config, run=replace(config.run, name=f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        )
+        name = f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}" if stamp else path.stem
+        config = replace(config, run=replace(config.run, name=name))
     return config
 
 

@@ -30,3 +30,11 @@ class DivergedError(ConfideError):
 
 class StoreError(ConfideError):
     """A run directory is missing, damaged, or does not belong to the run being resumed."""
+
+
+class DeploymentError(ConfideError):
+    """A deployment cannot go on: missing certificates, a refused site, a server that cannot be reached."""
+
+
+class WireError(ConfideError):
+    """A message on the wire is malformed, truncated, oversized, or of a version this side does not speak."""
