@@ -55,7 +55,7 @@ def tiny_config(corpus: Path, output: Path, model: dict[str, str] | None = None,
         sections["model"] = model
     for key, value in extra.items():
         section, name = key.split("__")
-        sections[section][name] = value
+        sections.setdefault(section, {})[name] = value
     return "".join(
         f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in table.items()) for s, table in sections.items()
     )

@@ -1,4 +1,4 @@
-"""The ``confide`` command: run, generate, report, data, config.
+"""The ``confide`` command: run, server, client, certs, enroll, generate, report, audit, data, config.
 
 The command line owns everything a person sees: rich progress, one summary line per evaluated round, and exit
 codes. A :class:`~confide.errors.ConfideError` is printed as one line (exit 2); any other exception is a bug
@@ -106,6 +106,62 @@ def _parser() -> argparse.ArgumentParser:
     )
     can.set_defaults(func=cmd_audit_canaries)
 
+    srv = sub.add_parser("server", help="serve a run to enrolled sites over gRPC with TLS (a deployment)")
+    srv.add_argument("--config", type=Path, required=True, help="the run's TOML config")
+    srv.add_argument("--listen", default="0.0.0.0:7443", metavar="HOST:PORT", help="where to listen (7443)")
+    srv.add_argument(
+        "--dir", type=Path, default=Path("deploy"), help="certificates and enrollments (`confide certs`)"
+    )
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    srv.add_argument("--ready-file", type=Path, help="write the port here once listening (for scripts)")
+    srv.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    srv.set_defaults(func=cmd_server)
+
+    cli = sub.add_parser("client", help="take part in a deployed run as one site")
+    cli.add_argument("--server", required=True, metavar="HOST:PORT", help="the server to dial")
+    cli.add_argument("--site", required=True, help="this site's name, as enrolled")
+    cli.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="the site's text: a .txt file, or a folder / .jsonl holding it",
+    )
+    cli.add_argument("--credentials", type=Path, required=True, help="the file `confide enroll` wrote")
+    cli.add_argument("--threads", type=int, default=0, help="torch threads (0: the run's setting)")
+    cli.add_argument(
+        "--give-up-after", type=float, default=900.0, help="seconds without the server before giving up"
+    )
+    cli.set_defaults(func=cmd_client)
+
+    certs = sub.add_parser("certs", help="create a development CA and TLS certificates for a deployment")
+    certs.add_argument("--dir", type=Path, default=Path("deploy"))
+    certs.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="a name or IP address the server is reached at (repeatable; default localhost and 127.0.0.1)",
+    )
+    certs.add_argument("--days", type=int, default=365)
+    certs.add_argument("--overwrite", action="store_true", help="replace an existing server certificate")
+    certs.set_defaults(func=cmd_certs)
+
+    enroll = sub.add_parser("enroll", help="admit a site to deployments: issue its credentials file")
+    enroll.add_argument("site", nargs="?", help="the site's name")
+    enroll.add_argument("--dir", type=Path, default=Path("deploy"))
+    enroll.add_argument("--server", default="", metavar="HOST:PORT", help="recorded in the credentials file")
+    enroll.add_argument(
+        "--out", type=Path, help="where to write the credentials (default DIR/sites/SITE.json)"
+    )
+    enroll.add_argument(
+        "--certificate",
+        action="store_true",
+        help="a site certificate (deploy.auth = 'mtls') instead of a token",
+    )
+    enroll.add_argument("--revoke", action="store_true", help="revoke the site: it is refused from now on")
+    enroll.add_argument("--list", action="store_true", help="list enrolled and revoked sites")
+    enroll.set_defaults(func=cmd_enroll)
+
     cfg = sub.add_parser("config", help="list every config option with its default")
     cfg.set_defaults(func=cmd_config)
     return parser
@@ -156,7 +212,7 @@ class RichObserver:
         self.dp: Any = None
         self.secure = False
         self.site_task: TaskID | None = None
-        self.baseline = 0.0
+        self.baseline: float | None = None
 
     def __enter__(self) -> RichObserver:
         self.progress.start()
@@ -166,20 +222,21 @@ class RichObserver:
         self.progress.stop()
 
     def run_started(self, runner: Any, first_round: int) -> None:
-        ds = runner.dataset
         model = runner.config.model["kind"]
-        self.baseline = runner.baseline.accuracy
+        sites = runner.sites
         self.dp = runner.dp
         self.secure = runner.federation.secure is not None
         console.print(
             f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
-            f"{len(ds.sites)} sites ({ds.num_train:,} training windows), "
-            f"{runner.strategy.count(len(ds.sites))} sites per round, {runner.config.run.rounds} rounds"
+            f"{len(sites)} sites ({sum(s.num_train for s in sites):,} training windows), "
+            f"{runner.strategy.count(len(sites))} sites per round, {runner.config.run.rounds} rounds"
         )
-        console.print(
-            f"unigram baseline (always predict {runner.baseline.character!r}): "
-            f"accuracy {runner.baseline.accuracy:.3f} on the held-out text of {len(runner.eval_sites)} sites"
-        )
+        if runner.baseline is not None:
+            self.baseline = runner.baseline.accuracy
+            console.print(
+                f"unigram baseline (always predict {runner.baseline.character!r}): accuracy "
+                f"{runner.baseline.accuracy:.3f} on the held-out text of {len(runner.eval_sites)} sites"
+            )
         if runner.dp is not None:
             console.print(runner.dp.describe())
         if runner.config.privacy.record_dp:
@@ -216,10 +273,14 @@ class RichObserver:
             for site, reason in result.rejected:
                 console.print(f"[yellow]round {result.round}: refused the update of {site}: {reason}[/]")
 
+    def round_retried(self, round: int, reason: str) -> None:
+        console.print(f"[yellow]round {round} failed and will be retried: {reason}[/]")
+
     def evaluated(self, round: int, m: dict[str, Any]) -> None:
         console.print(
-            f"round {round:>4}  accuracy {m['accuracy']:.3f} (unigram {self.baseline:.3f})  "
-            f"loss {m['loss']:.3f}  perplexity {m['perplexity']:6.2f}  "
+            f"round {round:>4}  accuracy {m['accuracy']:.3f}"
+            + (f" (unigram {self.baseline:.3f})  " if self.baseline is not None else "  ")
+            + f"loss {m['loss']:.3f}  perplexity {m['perplexity']:6.2f}  "
             f"worst-decile site accuracy {m['site_accuracy_p10']:.3f}  "
             f"{m['seconds']:5.1f}s  sent {human_bytes(m['bytes_sent'])}  "
             f"received {human_bytes(m['bytes_received'])}"
@@ -267,6 +328,123 @@ def _finish(runner: Any, write: bool) -> None:
         path = write_report(runner.store.run_dir, samples)
         console.print(f"\nreport: {path}")
     console.print(f"run directory: {runner.store.run_dir}")
+
+
+# -- deployment ------------------------------------------------------------------------------------------
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.runtime.grpc.deployment import Deployment
+
+    config = config_module.load(args.config, args.overrides, stamp=False)
+    deployment = Deployment(config, args.dir, args.listen)
+    reason = "the server stopped"
+    try:
+        port = deployment.start()
+        host = args.listen.rsplit(":", 1)[0]
+        console.print(
+            f"listening on {host}:{port} (TLS, {config.deploy.auth} authentication) for "
+            f"{len(deployment.population)} enrolled sites; run directory {deployment.run_dir}"
+        )
+        if args.ready_file is not None:
+            args.ready_file.write_text(str(port), encoding="utf-8")
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+        ) as progress:
+            task = progress.add_task("sites joined", total=None)
+            deployment.wait_for_sites(
+                lambda joined, need: progress.update(task, completed=joined, total=need)
+            )
+        runner = deployment.prepare()
+        if deployment.resuming:
+            console.print(f"Resuming {deployment.run_dir} after round {runner.state.round}")
+        with RichObserver(config.run.rounds) as observer:
+            deployment.run(observer)
+        reason = "the run is finished"
+        _finish(runner, write=not args.no_report)
+    except KeyboardInterrupt:
+        reason = "the server was stopped; it resumes the run when started again"
+        raise
+    finally:
+        deployment.close(reason)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from confide.runtime.grpc.client import SiteClient, load_site_data
+    from confide.runtime.grpc.security import Credentials
+
+    credentials = Credentials.load(args.credentials)
+    data = load_site_data(args.data, args.site)
+    client = SiteClient(
+        args.server,
+        credentials,
+        data,
+        threads=args.threads,
+        give_up_after=args.give_up_after,
+        on_status=lambda message: console.print(message),
+    )
+    console.print(
+        f"site {args.site}: {data.num_train:,} training and {data.num_test:,} test windows; "
+        f"dialing {args.server}"
+    )
+    reason = client.run()
+    console.print(f"site {args.site}: {reason} ({client.done} pieces of work done)")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from confide.runtime.grpc.security import create_certificates
+
+    hosts = args.hosts or ["localhost", "127.0.0.1"]
+    create_certificates(args.dir, hosts, days=args.days, overwrite=args.overwrite)
+    console.print(
+        f"development CA and server certificate for {', '.join(hosts)} in {args.dir}; "
+        "they are for development: a real deployment should use its organisation's CA"
+    )
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from confide.runtime.grpc.security import Enrollment, issue_site_credentials
+
+    if args.list:
+        with Enrollment.open(args.dir) as enrollment:
+            table = Table("site", "method", "enrolled", "revoked")
+            for record in enrollment.sites():
+                table.add_row(
+                    record.site,
+                    record.method,
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(record.enrolled_at)),
+                    time.strftime("%Y-%m-%d %H:%M", time.localtime(record.revoked_at))
+                    if record.revoked_at
+                    else "",
+                )
+            console.print(table)
+        return 0
+    if not args.site:
+        raise ConfideError("name the site to enroll or revoke, e.g. `confide enroll hospital-a`")
+    if args.revoke:
+        with Enrollment.open(args.dir) as enrollment:
+            enrollment.revoke(args.site)
+        console.print(f"site {args.site} is revoked: the server refuses it from its next call")
+        return 0
+    credentials = issue_site_credentials(
+        args.dir, args.site, server=args.server, certificate=args.certificate
+    )
+    out = args.out or args.dir / "sites" / f"{args.site}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    credentials.save(out)
+    how = "a site certificate" if args.certificate else "a token (the server keeps only its hash)"
+    console.print(
+        f"site {args.site} enrolled with {how}; give {out} to the site, privately (it is its password)"
+    )
+    return 0
 
 
 # -- generate, report ----------------------------------------------------------------------------------

@@ -1,0 +1,329 @@
+"""The site side of a deployment: dial the server, join, and do the work it posts until the run ends.
+
+A site never listens. It joins with its credentials (a token or a certificate, always over TLS), builds its
+trainer and privacy layers from the run config the server sends, and then loops: poll for work, do it on its
+own data, submit the result. A background thread sends heartbeats so the server knows a long training step is
+alive. When the server cannot be reached (it restarted, the network went away) the site waits with
+exponential backoff and joins again; the work it was doing is posted again by the server, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import tomllib
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+import confide
+from confide.client.personalize import personal_weights
+from confide.client.secure import SecAggLayer, SecureSite
+from confide.client.site import run_task
+from confide.client.state import MemorySiteState
+from confide.config import Config, from_dict
+from confide.core import Layer, Layout
+from confide.data import DEFAULT_TOKENIZER
+from confide.data.dataset import WINDOW, SiteData, has_test_window, make_site, split_text
+from confide.data.text import read_sites
+from confide.errors import ConfideError, DataError, DeploymentError, UpdateError, WireError
+from confide.runtime.federation import SiteEvaluation, Task
+from confide.runtime.grpc import confide_pb2 as pb
+from confide.runtime.grpc import confide_pb2_grpc as pb_grpc
+from confide.runtime.grpc import wire
+from confide.runtime.grpc.security import Credentials
+from confide.runtime.grpc.server import channel_options
+from confide.runtime.runner import SiteKit, build_model_for, build_site_dp, build_site_kit
+
+log = logging.getLogger(__name__)
+
+REFUSED = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+"""Answers that waiting will not change: the site stops and says why."""
+
+
+def load_site_data(path: Path, site: str) -> SiteData:
+    """The site's own windows: from a .txt file (the site's text), or its part of a folder or .jsonl file."""
+    source = Path(path).expanduser()
+    if source.is_file() and source.suffix == ".txt":
+        try:
+            text = source.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{source} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from e
+        text = "\n".join(text.splitlines()) + "\n"
+    else:
+        texts = read_sites(source)
+        if site not in texts:
+            shown = ", ".join(list(texts)[:5])
+            raise DataError(
+                f"{source} has no site {site!r} (it has: {shown}{', ...' if len(texts) > 5 else ''})"
+            )
+        text = texts[site]
+    if not has_test_window(split_text(text)[1]):
+        raise DataError(
+            f"the text of site {site!r} in {source} is too short: its last ~20% must hold at least "
+            f"{WINDOW + 1} characters for evaluation"
+        )
+    return make_site(site, site, text, DEFAULT_TOKENIZER)
+
+
+@dataclass
+class _Setup:
+    """What a site builds from the server's join reply; rebuilt only when the run changes."""
+
+    key: tuple[str, int]
+    config: Config
+    layout: Layout
+    kit: SiteKit
+    layers: tuple[Layer, ...]
+
+
+class _Rejoin(Exception):
+    """The server no longer knows this site's session: join again at once."""
+
+
+class SiteClient:
+    """One site's connection to a confide server. ``run`` returns when the server says the run is over."""
+
+    def __init__(
+        self,
+        server: str,
+        credentials: Credentials,
+        data: SiteData,
+        *,
+        threads: int = 0,
+        poll_seconds: float = 20.0,
+        backoff: tuple[float, float] = (0.2, 10.0),
+        give_up_after: float = 900.0,
+        on_status: Callable[[str], None] | None = None,
+    ) -> None:
+        if credentials.site != data.name:
+            raise DeploymentError(
+                f"the credentials are for site {credentials.site!r}, but the data is site {data.name!r}"
+            )
+        self.server = server
+        self.credentials = credentials
+        self.data = data
+        self.site = data.name
+        self.threads = threads
+        self.poll_seconds = poll_seconds
+        self.backoff = backoff
+        self.give_up_after = give_up_after
+        self.on_status = on_status or (lambda message: log.info("%s", message))
+        self.state = MemorySiteState()
+        """The site's own state (control variates, personal models): kept for the life of the process,
+        across reconnections and server restarts."""
+        self.secure: dict[str, SecureSite] = {}
+        self.setup: _Setup | None = None
+        self.limit = 0
+        self.done = 0
+        """Pieces of work done, for progress displays and tests."""
+        self.heartbeat_seconds = 5.0
+        self._metadata = credentials.call_metadata()
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return at its next chance (another thread's way to end a site)."""
+        self._stop.set()
+
+    def run(self) -> str:
+        """Take part until the server ends the run; returns the server's reason. Raises DeploymentError
+        when the server refuses the site, or cannot be reached for ``give_up_after`` seconds."""
+        delay = self.backoff[0]
+        last_contact = time.monotonic()
+        while not self._stop.is_set():
+            channel = grpc.secure_channel(
+                self.server, self.credentials.channel_credentials(), options=channel_options(0)
+            )
+            try:
+                stub = pb_grpc.FederationStub(channel)
+                session = self._join(stub)
+                last_contact = time.monotonic()
+                delay = self.backoff[0]
+                return self._serve(stub, session)
+            except _Rejoin:
+                self.on_status(
+                    f"site {self.site}: the server forgot this session (it restarted); joining again"
+                )
+                continue
+            except grpc.RpcError as e:
+                code = e.code()
+                details = e.details()
+                if code in REFUSED:
+                    raise DeploymentError(f"the server refused site {self.site!r}: {details}") from None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    continue  # the session is gone: join again now
+                silent = time.monotonic() - last_contact
+                if silent > self.give_up_after:
+                    raise DeploymentError(
+                        f"site {self.site!r} could not reach the server at {self.server} for {silent:.0f} s "
+                        f"(last error: {code.name}: {details}); is it running, and is the address right?"
+                    ) from None
+                self.on_status(
+                    f"site {self.site}: server unreachable ({code.name}); retrying in {delay:.1f} s"
+                )
+                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.backoff[1])
+            finally:
+                channel.close()
+        return "stopped by the site"
+
+    # -- one connection -------------------------------------------------------------------------------------
+
+    def _join(self, stub: pb_grpc.FederationStub) -> bytes:
+        request = pb.JoinRequest(
+            version=wire.VERSION,
+            site=self.site,
+            num_train=self.data.num_train,
+            num_test=self.data.num_test,
+            software=f"confide {confide.__version__}",
+        )
+        reply = stub.Join(request, metadata=self._metadata, timeout=30)
+        self.limit = reply.max_message_bytes
+        self._prepare(reply)
+        self.on_status(f"site {self.site} joined run {reply.run}")
+        self.heartbeat_seconds = reply.heartbeat_seconds
+        return bytes(reply.session)
+
+    def _prepare(self, reply: pb.JoinReply) -> None:
+        key = (reply.config_toml, int(reply.population))
+        if self.setup is not None and self.setup.key == key:
+            return
+        try:
+            config = from_dict(tomllib.loads(reply.config_toml))
+        except (tomllib.TOMLDecodeError, ConfideError) as e:
+            raise DeploymentError(f"the server sent a run config this site cannot use: {e}") from e
+        threads = self.threads or config.backend.threads
+        if threads:
+            torch.set_num_threads(threads)
+        model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
+        dp = build_site_dp(config, int(reply.population))
+        kit = build_site_kit(config, model, dp, self.state)
+        layers = list(kit.layers)
+        if config.privacy.secure_aggregation:
+            registry = dict(reply.registry) or None
+            self.secure = {self.site: SecureSite(self.site, None, registry)}
+            layers.append(SecAggLayer(self.secure))
+        self.setup = _Setup(key, config, Layout.of_module(model), kit, tuple(layers))
+
+    def _serve(self, stub: pb_grpc.FederationStub, session: bytes) -> str:
+        forgotten = threading.Event()
+        beating = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeats, args=(stub, session, forgotten, beating), daemon=True
+        )
+        beat.start()
+        try:
+            while not self._stop.is_set():
+                if forgotten.is_set():
+                    raise _Rejoin
+                stream = stub.Poll(
+                    pb.PollRequest(version=wire.VERSION, session=session, wait_seconds=self.poll_seconds),
+                    metadata=self._metadata,
+                    timeout=self.poll_seconds + 60,
+                )
+                try:
+                    message = wire.assemble(stream, self.limit)
+                except WireError as e:
+                    # A broken message from the server: say so and ask again (the work is posted again).
+                    log.warning("site %s received a malformed message: %s", self.site, e)
+                    continue
+                kind = message.kind
+                if kind == "idle":
+                    continue
+                if kind == "stop":
+                    return message.header.stop.reason
+                header, tensors = self._work(message, session)
+                reply = stub.Submit(wire.chunks(header, tensors), metadata=self._metadata, timeout=600)
+                if not reply.accepted:
+                    log.warning("site %s: the server did not take its %s: %s", self.site, kind, reply.reason)
+                self.done += 1
+            return "stopped by the site"
+        finally:
+            # The heartbeat thread must be out of its call before the channel closes: a gRPC call still in
+            # flight when the interpreter exits aborts the process.
+            beating.set()
+            beat.join()
+
+    def _heartbeats(
+        self, stub: pb_grpc.FederationStub, session: bytes, forgotten: threading.Event, done: threading.Event
+    ) -> None:
+        while not done.wait(self.heartbeat_seconds):
+            try:
+                reply = stub.Heartbeat(
+                    pb.Beat(version=wire.VERSION, session=session), metadata=self._metadata, timeout=10
+                )
+            except grpc.RpcError:
+                continue  # the main loop notices a dead server on its own
+            if not reply.known:
+                forgotten.set()
+                return
+
+    def _work(self, message: wire.Message, session: bytes) -> tuple[pb.Header, list[tuple[str, np.ndarray]]]:
+        """Do one piece of work; a failure the site can name is reported, not raised."""
+        ticket = message.header.ticket
+        try:
+            return self._do(message, ticket, session)
+        except (ConfideError, ValueError) as e:
+            log.warning("site %s cannot do its %s work: %s", self.site, message.kind, e)
+            return wire.failure_message(ticket, session, f"{type(e).__name__}: {e}"), []
+
+    def _do(
+        self, message: wire.Message, ticket: int, session: bytes
+    ) -> tuple[pb.Header, list[tuple[str, np.ndarray]]]:
+        setup = self.setup
+        assert setup is not None
+        kit = setup.kit
+        kind = message.kind
+        if kind == "train":
+            body = message.header.train
+            plan = wire.plan_from_proto(body.plan)
+            weights = message.tensor("weights", np.float32, setup.layout.size)
+            extras = {name: t for name, t in message.tensors.items() if name != "weights"}
+            task = Task(self.site, plan, body.model_version, extras)
+            update = run_task(
+                kit.trainer,
+                self.site,
+                self.data.train,
+                weights,
+                task.plan,
+                task.model_version,
+                setup.layers,
+                extras=task.extras,
+                personal=kit.personal,
+                shared=kit.shared,
+                dpsgd=kit.dpsgd,
+            )
+            return wire.update_message(ticket, session, update)
+        if kind == "evaluate":
+            body = message.header.evaluate
+            weights = message.tensor("weights", np.float32, setup.layout.size)
+            batch = setup.config.eval.batch_size
+            if body.personal:
+                plan = wire.plan_from_proto(body.plan)
+                site_plan = replace(plan, seed=zlib.crc32(f"{plan.seed}:{self.site}".encode()))
+                weights = personal_weights(
+                    kit.trainer, self.site, self.data.train, weights, site_plan, kit.personal
+                )
+            loss_sum, correct, targets = kit.trainer.evaluate(weights, self.data.test, batch).sum(0)
+            evaluation = SiteEvaluation(self.site, float(loss_sum), int(correct), int(targets))
+            return wire.evaluation_message(ticket, session, evaluation), []
+        if kind == "exchange":
+            state = self.secure.get(self.site)
+            if state is None:
+                raise UpdateError(
+                    "this run has no secure aggregation, yet the server sent a protocol message"
+                )
+            answer = state.answer(message.tensor("message", np.uint8).tobytes())
+            return wire.answer_message(ticket, session, answer)
+        raise WireError(f"the server sent work of an unknown kind {kind!r}")

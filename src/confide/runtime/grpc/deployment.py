@@ -1,0 +1,217 @@
+"""`confide server`: the run of a config served over gRPC to enrolled sites, with restart from the run store.
+
+The federation, the strategy, the privacy accounting and the run store are the very ones of a simulation; only
+the backend differs. A deployment adds what a simulation does not need: it waits for the sites to join, it
+checkpoints after every round, it retries a round that too few sites answered, and when started again on the
+same run directory it resumes after the last checkpointed round, with the privacy ledger as it was (the
+ledger is written before a round's result is applied, and never rewound).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from confide.config import Config
+from confide.errors import ConfigError, DeploymentError
+from confide.privacy.policy import SiteDP
+from confide.runtime.federation import RoundResult
+from confide.runtime.grpc import confide_pb2 as pb
+from confide.runtime.grpc import wire
+from confide.runtime.grpc.security import Authenticator, AuthError, Enrollment, server_credentials
+from confide.runtime.grpc.server import GrpcBackend, Hub, Servicer, start_server
+from confide.runtime.runner import NullObserver, Observer, Runner, SiteInfo, build_site_dp, stored_sites
+from confide.runtime.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def site_config(config: Config, dp: SiteDP | None) -> Config:
+    """The config the sites receive: the server's, with DP's noise already calibrated (a site need not
+    repeat the calibration, and cannot disagree with it)."""
+    if dp is not None and config.privacy.calibrate:
+        privacy = replace(config.privacy, calibrate=False, noise_multiplier=dp.noise_multiplier)
+        config = replace(config, privacy=privacy)
+    return config
+
+
+class Deployment:
+    """One `confide server`: the gRPC service, its hub, and the runner that drives rounds through it."""
+
+    def __init__(self, config: Config, directory: Path, listen: str) -> None:
+        if config.privacy.secagg_authenticated:
+            raise ConfigError(
+                "privacy.secagg_authenticated is not available in a deployment yet: sites are already "
+                "authenticated to the server by TLS and their credentials; set it to false"
+            )
+        # Every round is checkpointed: a restarted server loses at most the round in flight.
+        self.config = replace(config, run=replace(config.run, checkpoint_every=1))
+        self.directory = Path(directory)
+        self.listen = listen
+        self.run_dir = Path(config.run.output) / config.run.name
+        self.enrollment = Enrollment.open(self.directory)
+        self.store: Store | None = None
+        self.resuming = (self.run_dir / "run.sqlite").exists()
+        if self.resuming:
+            self.store = Store.open(self.run_dir)
+            stored = (self.run_dir / "config.toml").read_text(encoding="utf-8")
+            if stored != self.config.to_toml():
+                self.store.close()
+                raise ConfigError(
+                    f"{self.run_dir} holds a run of another config; restart the server with the config it "
+                    "was started with, or give this run another run.name"
+                )
+            self.population = [s.name for s in stored_sites(self.store)]
+        else:
+            self.population = self.enrollment.active_sites()
+            if not self.population:
+                raise DeploymentError(
+                    f"no site is enrolled in {self.directory}; enroll each with `confide enroll SITE "
+                    f"--dir {self.directory}`"
+                )
+        self.dp = build_site_dp(self.config, len(self.population))
+        self.hub = Hub(config.deploy.heartbeat_timeout, config.deploy.task_timeout)
+        self.backend = GrpcBackend(self.hub, self.population)
+        self._reply = pb.JoinReply(
+            version=wire.VERSION,
+            run=config.run.name,
+            config_toml=site_config(self.config, self.dp).to_toml(),
+            population=len(self.population),
+            heartbeat_seconds=config.deploy.heartbeat_seconds,
+            max_message_bytes=config.deploy.max_message_bytes,
+        )
+        self.authenticator = Authenticator(self.enrollment, config.deploy.auth)
+        self.server: grpc.Server | None = None
+        self.port = 0
+        self.runner: Runner | None = None
+
+    def _identify(self, context: grpc.ServicerContext) -> str:
+        try:
+            return self.authenticator.identify(context.invocation_metadata(), context.auth_context())
+        except AuthError as e:
+            self.hub.record("refused", f"a caller from {context.peer()} was refused: {e}")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+            raise  # abort raises; this line is for type checkers
+
+    def _join_reply(self) -> pb.JoinReply:
+        reply = pb.JoinReply()
+        reply.CopyFrom(self._reply)
+        return reply
+
+    def start(self) -> int:
+        """Listen; returns the port (useful with port 0)."""
+        credentials = server_credentials(self.directory, self.config.deploy.auth == "mtls")
+        servicer = Servicer(
+            self.hub, self._identify, self.population, self._join_reply, self.config.deploy.max_message_bytes
+        )
+        self.server, self.port = start_server(servicer, self.listen, credentials, len(self.population))
+        return self.port
+
+    def wait_for_sites(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Block until ``deploy.min_sites`` sites (0: all) have joined; returns the sites that have."""
+        d = self.config.deploy
+        need = min(d.min_sites or len(self.population), len(self.population))
+        end = time.monotonic() + d.join_timeout
+        members = set(self.population)
+        while True:
+            joined = sorted(members & set(self.hub.sessions()))
+            if progress is not None:
+                progress(len(joined), need)
+            if len(joined) >= need:
+                return joined
+            if time.monotonic() > end:
+                missing = sorted(members - set(joined))
+                raise DeploymentError(
+                    f"only {len(joined)} of the {need} sites needed joined within {d.join_timeout:g} s "
+                    f"(missing: {', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}); start "
+                    "their clients, or lower deploy.min_sites"
+                )
+            time.sleep(0.2)
+
+    def prepare(self) -> Runner:
+        """The runner: a new run over the sites that joined, or the stored run, resumed."""
+        if self.store is not None:
+            runner = Runner(
+                self.config, self.store, sites=stored_sites(self.store), backend=self.backend, dp=self.dp
+            )
+            runner.restore()
+        else:
+            sessions = self.hub.sessions()
+            sites = []
+            for name in self.population:
+                s = sessions.get(name)
+                sites.append(SiteInfo(name, name, s.num_train if s else 0, s.num_test if s else 0))
+            self.store = Runner.create_store(self.config, sites)
+            runner = Runner(self.config, self.store, sites=sites, backend=self.backend, dp=self.dp)
+        self.runner = runner
+        return runner
+
+    def run(self, observer: Observer | None = None) -> Runner:
+        runner = self.runner or self.prepare()
+        runner.run(_Recording(observer or NullObserver(), self))
+        self.flush_events()
+        return runner
+
+    def flush_events(self) -> None:
+        """Write what the gRPC threads noted (refusals, drops) into the run store, from this thread."""
+        round = self.runner.state.round if self.runner is not None else None
+        while not self.hub.events.empty():
+            kind, message = self.hub.events.get()
+            if self.store is not None:
+                self.store.event(kind, message, round)
+
+    def close(self, reason: str, grace: float = 3.0) -> None:
+        """Tell the sites the run is over, give them ``grace`` seconds to hear it, then stop listening."""
+        self.hub.stop(reason)
+        if self.server is not None:
+            end = time.monotonic() + grace
+            while time.monotonic() < end and self.hub.sessions() and not self._all_told():
+                time.sleep(0.1)
+            self.server.stop(grace=1.0).wait()
+        self.flush_events()
+        if self.store is not None:
+            self.store.close()
+        self.enrollment.close()
+
+    def _all_told(self) -> bool:
+        return self.hub.told_to_stop() >= set(self.hub.sessions())
+
+
+class _Recording:
+    """Passes progress on to the display, and after each round writes the hub's events into the store."""
+
+    def __init__(self, inner: Observer, deployment: Deployment) -> None:
+        self.inner = inner
+        self.deployment = deployment
+
+    def run_started(self, runner: Any, first_round: int) -> None:
+        self.inner.run_started(runner, first_round)
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None:
+        self.inner.round_started(round, sites)
+
+    def site_done(self, round: int, site: str) -> None:
+        self.inner.site_done(round, site)
+
+    def round_finished(self, result: RoundResult) -> None:
+        self.deployment.flush_events()
+        self.inner.round_finished(result)
+
+    def round_retried(self, round: int, reason: str) -> None:
+        self.deployment.flush_events()
+        self.inner.round_retried(round, reason)
+
+    def evaluated(self, round: int, metrics: dict[str, Any]) -> None:
+        self.inner.evaluated(round, metrics)
+
+    def run_finished(self, runner: Any) -> None:
+        self.inner.run_finished(runner)
+
+    def stopped(self, reason: str) -> None:
+        self.inner.stopped(reason)

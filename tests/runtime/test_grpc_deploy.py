@@ -1,0 +1,121 @@
+"""A deployment end to end: a real `confide server` and real `confide client` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from confide import config
+from confide.runtime.grpc import confide_pb2 as pb
+from confide.runtime.grpc import confide_pb2_grpc as pb_grpc
+from confide.runtime.grpc import wire
+from confide.runtime.grpc.security import Credentials
+from confide.runtime.runner import Runner
+from tests.conftest import tiny_config
+from tests.runtime.grpc_harness import Cluster, enroll, metrics, query
+
+SITES = [f"site{i}" for i in range(6)]
+KEYS = (
+    "loss",
+    "accuracy",
+    "site_accuracy_mean",
+    "site_loss_p90",
+    "train_loss",
+    "bytes_sent",
+    "bytes_received",
+)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, text_corpus: Path):
+    made: list[Cluster] = []
+
+    def make(config_text: str, overrides: list[str] | None = None) -> Cluster:
+        path = tmp_path / "run.toml"
+        path.write_text(config_text)
+        c = Cluster(tmp_path, path, tmp_path / "deploy", overrides)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def local_metrics(config_text: str, tmp: Path) -> list[dict]:
+    path = tmp / "local.toml"
+    path.write_text(config_text.replace(str(tmp / "runs"), str(tmp / "local-runs")))
+    runner = Runner.start(config.load(path))
+    runner.run()
+    runner.store.close()
+    return metrics(runner.store.run_dir)
+
+
+def assert_same(deployed: list[dict], local: list[dict]) -> None:
+    assert [m["round"] for m in deployed] == [m["round"] for m in local]
+    for a, b in zip(deployed, local, strict=True):
+        for key in KEYS:
+            # The same training at every site; only the order in which updates are summed differs.
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["round"], key)
+
+
+@pytest.mark.parametrize(
+    "secure, auth",
+    [(False, "token"), (True, "token"), (False, "mtls")],
+    ids=["plain", "secure-aggregation", "mutual-tls"],
+)
+def test_a_deployed_run_gives_the_metrics_of_the_simulation(
+    cluster, tmp_path, text_corpus, secure, auth
+) -> None:
+    extra = {"privacy__secure_aggregation": "true"} if secure else {}
+    text = tiny_config(text_corpus, tmp_path / "runs", run__rounds="3", **extra)
+    credentials = enroll(tmp_path / "deploy", SITES, certificate=auth == "mtls")
+    c = cluster(text, [f"deploy.auth='{auth}'"])
+    c.start_server()
+    for site in SITES:
+        c.start_client(site, credentials[site], text_corpus)
+    assert c.wait_server() == 0, c.log("server")
+    assert set(c.wait_clients().values()) == {0}, c.log("site0")
+    assert "the run is finished" in c.log("site0")
+    assert f"TLS, {auth} authentication" in (c.logs / "server.log").read_text()
+    # Nobody was dropped (that would change the metrics for a reason other than the transport).
+    assert query(tmp_path / "runs" / "tiny", "SELECT message FROM events WHERE kind = 'dropped'") == []
+    assert_same(metrics(tmp_path / "runs" / "tiny"), local_metrics(text, tmp_path))
+
+
+def test_refused_credentials_and_plaintext(cluster, tmp_path, text_corpus) -> None:
+    text = tiny_config(text_corpus, tmp_path / "runs", run__rounds="1")
+    credentials = enroll(tmp_path / "deploy", SITES[:2])
+    c = cluster(text, ["deploy.join_timeout=30"])
+    c.start_server()
+    # A token that was never issued.
+    good = Credentials.load(credentials["site0"])
+    forged = tmp_path / "forged.json"
+    Credentials(site="site0", ca_pem=good.ca_pem, token="cfd_" + "A" * 43).save(forged)
+    assert c.start_client("site0", forged, text_corpus).wait(60) == 2
+    assert "refused" in c.log("site0")
+    # Plaintext to the TLS port: the handshake never completes.
+    with grpc.insecure_channel(f"127.0.0.1:{c.port}") as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.FederationStub(channel).Join(
+                pb.JoinRequest(version=wire.VERSION, site="site0"), timeout=5
+            )
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    # A site's credentials cannot join as another site.
+    with grpc.secure_channel(f"localhost:{c.port}", good.channel_credentials()) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            pb_grpc.FederationStub(channel).Join(
+                pb.JoinRequest(version=wire.VERSION, site="site1"), metadata=good.call_metadata(), timeout=5
+            )
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A revoked site is refused from its next call.
+    from confide.cli import main
+
+    assert main(["enroll", "site1", "--revoke", "--dir", str(tmp_path / "deploy")]) == 0
+    assert c.start_client("site1", credentials["site1"], text_corpus).wait(60) == 2
+    assert "revoked" in c.log("site1")
+    c.close()
+    assert c.log("server").count("refused") >= 2  # each refusal is logged, without the token
+    assert "cfd_AAAA" not in c.log("server")
