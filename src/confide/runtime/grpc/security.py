@@ -65,7 +65,9 @@ AUTH_MODES = ("token", "mtls")
 CA_DAYS = 10 * 365
 """A new CA outlives the certificates it signs, so that site certificates added later are still valid."""
 
-_SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # 64: the longest common name a certificate can carry
+MAX_DAYS = 100 * 365
+"""The longest validity accepted (datetime ends in the year 9999; no deployment needs a century)."""
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
 
@@ -78,7 +80,7 @@ def check_site_name(site: str) -> str:
     """``site`` if it is a valid site name (it becomes a file name and a certificate's common name)."""
     if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
         raise DeploymentError(
-            f"the site name {site!r} is not valid: use 1 to 128 letters, digits, '-', '_' or '.'"
+            f"the site name {site!r} is not valid: use 1 to 64 letters, digits, '-', '_' or '.'"
         )
     return site
 
@@ -148,8 +150,8 @@ def create_certificates(
     if not hosts and not paths.server_certificate.exists():
         raise DeploymentError("the server certificate needs at least one host name or IP address")
     names = list(dict.fromkeys(_host_name(h) for h in hosts))
-    if days < 1:
-        raise DeploymentError(f"certificates must be valid for at least 1 day (got days={days})")
+    if not 1 <= days <= MAX_DAYS:
+        raise DeploymentError(f"certificates must be valid for 1 to {MAX_DAYS} days (got days={days})")
     if not overwrite:
         server = [paths.server_certificate, paths.server_key] if hosts else []
         existing = [p for p in server if p.exists()]
@@ -178,6 +180,8 @@ def create_certificates(
     if hosts:
         key = ec.generate_private_key(ec.SECP256R1())
         common_name = next((h for h in hosts if not _is_ip(h)), hosts[0]).strip()
+        if len(common_name) > 64:  # clients check the SubjectAltNames; the common name is only a label
+            common_name = "confide server"
         certificate = _sign(authority, common_name, key, days, ExtendedKeyUsageOID.SERVER_AUTH, names)
         _write(paths.server_key, _private_pem(key), private=True)
         _write(paths.server_certificate, certificate.public_bytes(serialization.Encoding.PEM))
