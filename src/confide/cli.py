@@ -24,6 +24,8 @@ from rich.table import Table
 from confide.errors import ConfideError
 from confide.report import human_bytes
 
+log = logging.getLogger(__name__)
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -117,17 +119,35 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     srv.set_defaults(func=cmd_server)
 
-    cli = sub.add_parser("client", help="take part in a deployed run as one site")
+    cli = sub.add_parser("client", help="take part in a deployed run as one site (or several)")
     cli.add_argument("--server", required=True, metavar="HOST:PORT", help="the server to dial")
-    cli.add_argument("--site", required=True, help="this site's name, as enrolled")
+    cli.add_argument(
+        "--site",
+        dest="sites",
+        action="append",
+        required=True,
+        help="this site's name, as enrolled; repeat it to host several sites in this process (they share "
+        "one model and take turns, as in a simulation)",
+    )
     cli.add_argument(
         "--data",
         type=Path,
         required=True,
-        help="the site's text: a .txt file, or a folder / .jsonl holding it",
+        help="the site's text: a .txt file, or a folder / .jsonl holding it (and the other sites' texts)",
     )
-    cli.add_argument("--credentials", type=Path, required=True, help="the file `confide enroll` wrote")
+    cli.add_argument(
+        "--credentials",
+        type=Path,
+        required=True,
+        help="the file `confide enroll` wrote; with several sites, a folder of SITE.json files",
+    )
     cli.add_argument("--threads", type=int, default=0, help="torch threads (0: the run's setting)")
+    cli.add_argument(
+        "--connection-per-site",
+        action="store_true",
+        help="with several sites, open a TLS connection for each (as separate machines would) instead of "
+        "sharing one",
+    )
     cli.add_argument(
         "--give-up-after", type=float, default=900.0, help="seconds without the server before giving up"
     )
@@ -377,10 +397,13 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_client(args: argparse.Namespace) -> int:
     from confide.runtime.grpc.client import SiteClient, load_site_data
-    from confide.runtime.grpc.security import Credentials
 
-    credentials = Credentials.load(args.credentials)
-    data = load_site_data(args.data, args.site)
+    sites = list(dict.fromkeys(args.sites))
+    if len(sites) > 1:
+        return _client_group(args, sites)
+    site = sites[0]
+    credentials = _site_credentials(args.credentials, site)
+    data = load_site_data(args.data, site)
     client = SiteClient(
         args.server,
         credentials,
@@ -390,12 +413,74 @@ def cmd_client(args: argparse.Namespace) -> int:
         on_status=lambda message: console.print(message),
     )
     console.print(
-        f"site {args.site}: {data.num_train:,} training and {data.num_test:,} test windows; "
-        f"dialing {args.server}"
+        f"site {site}: {data.num_train:,} training and {data.num_test:,} test windows; dialing {args.server}"
     )
     reason = client.run()
-    console.print(f"site {args.site}: {reason} ({client.done} pieces of work done)")
+    console.print(f"site {site}: {reason} ({client.done} pieces of work done)")
     return 0
+
+
+def _site_credentials(path: Path, site: str) -> Any:
+    from confide.runtime.grpc.security import Credentials
+
+    return Credentials.load(path / f"{site}.json" if path.is_dir() else path)
+
+
+def _client_group(args: argparse.Namespace, sites: list[str]) -> int:
+    """Several sites in this process: one thread each, one shared model, turns at work."""
+    import threading
+
+    from confide.runtime.grpc.client import SiteClient, SiteGroup, load_site_data
+
+    if not args.credentials.is_dir():
+        raise ConfideError(
+            f"{len(sites)} sites need a folder of credentials files (SITE.json each), not the file "
+            f"{args.credentials}"
+        )
+    group = SiteGroup(share_connection=not args.connection_per_site)
+    clients = [
+        SiteClient(
+            args.server,
+            _site_credentials(args.credentials, site),
+            load_site_data(args.data, site),
+            threads=args.threads,
+            give_up_after=args.give_up_after,
+            on_status=lambda message: log.info("%s", message),
+            group=group,
+        )
+        for site in sites
+    ]
+    outcomes: dict[str, str] = {}
+
+    def serve(client: SiteClient) -> None:
+        try:
+            outcomes[client.site] = client.run()
+        except ConfideError as e:
+            outcomes[client.site] = f"error: {e}"
+
+    console.print(f"{len(clients)} sites in this process; dialing {args.server}")
+    threads = [threading.Thread(target=serve, args=(c,), name=c.site, daemon=True) for c in clients]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        for client in clients:
+            client.stop()
+        raise
+    finally:
+        group.close()
+    failed = {site: why for site, why in outcomes.items() if why.startswith("error:")}
+    reasons = sorted({why for why in outcomes.values() if not why.startswith("error:")})
+    done = sum(c.done for c in clients)
+    console.print(
+        f"{len(clients) - len(failed)} of {len(clients)} sites: {'; '.join(reasons) or 'none finished'} "
+        f"({done} pieces of work done)"
+    )
+    for site, why in sorted(failed.items()):
+        console.print(f"[red]site {site}: {why}[/]")
+    return 2 if failed else 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

@@ -313,9 +313,21 @@ class DeployConfig:
         1024.0, "the largest message (weights or update) either side accepts, in MB", positive, "> 0"
     )
 
+    receive_buffer_mb: float = option(
+        2048.0,
+        "the server reads sites' updates at once only while they fit in this many MB; the others wait their "
+        "turn (a single larger update is still read, alone)",
+        positive,
+        "> 0",
+    )
+
     @property
     def max_message_bytes(self) -> int:
         return int(self.max_message_mb * 2**20)
+
+    @property
+    def receive_buffer_bytes(self) -> int:
+        return int(self.receive_buffer_mb * 2**20)
 
 
 SECTIONS: dict[str, type] = {

@@ -2,9 +2,10 @@
 
 A site never listens. It joins with its credentials (a token or a certificate, always over TLS), builds its
 trainer and privacy layers from the run config the server sends, and then loops: poll for work, do it on its
-own data, submit the result. A background thread sends heartbeats so the server knows a long training step is
-alive. When the server cannot be reached (it restarted, the network went away) the site waits with
-exponential backoff and joins again; the work it was doing is posted again by the server, so nothing is lost.
+own data, submit the result. While a poll is open the server knows the site is alive (gRPC tells it at once
+when the connection breaks); while the site works, a background thread sends heartbeats instead. When the
+server cannot be reached (it restarted, the network went away) the site waits with exponential backoff and
+joins again; the work it was doing is posted again by the server, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import time
 import tomllib
 import zlib
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -43,6 +46,8 @@ from confide.runtime.grpc.server import channel_options
 from confide.runtime.runner import SiteKit, build_model_for, build_site_dp, build_site_kit
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 REFUSED = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -88,6 +93,86 @@ class _Setup:
     layers: tuple[Layer, ...]
 
 
+class SiteGroup:
+    """Sites hosted by one process (a rehearsal with many sites, a load test, an organisation serving several
+    data holders): they build one model and trainer between them and take turns to work on it, as the local
+    backend's sites do. A site takes its turn when a piece of work's header arrives, before the weights are
+    read, and gives it up when the work is done, before its answer is uploaded: the process reads one model at
+    a time however many sites it hosts (the server waits meanwhile, held back by gRPC's flow control, and the
+    sites' heartbeats keep them in the round), while uploads overlap the next site's download and training."""
+
+    def __init__(self, share_connection: bool = True) -> None:
+        self.turn = threading.Lock()
+        self.state = MemorySiteState()
+        self.share_connection = share_connection
+        """Sites with tokens send their calls over one connection (gRPC multiplexes them; each call still
+        carries its own site's token). Each gRPC channel costs a thread that polls it, and hundreds of those
+        starve the sites' training of the interpreter. Sites with certificates always need their own."""
+        self._kits: dict[tuple[str, int], tuple[Layout, SiteKit]] = {}
+        self._channels: dict[tuple[str, bytes], grpc.Channel] = {}
+        self._lock = threading.Lock()
+        self._worker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="confide-sites")
+        """Every site's work runs on this one thread. torch's OpenMP gives each thread that computes its own
+        pool of threads, which then spin when idle: hundreds of site threads computing in turn would leave
+        hundreds of pools spinning and slow the training several times over."""
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the group's compute thread."""
+        return self._worker.submit(fn, *args).result()
+
+    def kit(
+        self, key: tuple[str, int], build: Callable[[], tuple[Layout, SiteKit]]
+    ) -> tuple[Layout, SiteKit]:
+        with self._lock:
+            if key not in self._kits:
+                self._kits[key] = build()
+            return self._kits[key]
+
+    def channel(self, server: str, credentials: Credentials) -> grpc.Channel | None:
+        """The group's connection to ``server`` for a site with ``credentials``; None when the site needs a
+        connection of its own (a client certificate, or sharing turned off)."""
+        if not self.share_connection or credentials.cert_pem is not None:
+            return None
+        key = (server, credentials.ca_pem)
+        with self._lock:
+            if key not in self._channels:
+                self._channels[key] = grpc.secure_channel(
+                    server, credentials.channel_credentials(), options=channel_options(0)
+                )
+            return self._channels[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+        self._worker.shutdown()
+
+
+class _Turn:
+    """A site's hold on its group's model for one piece of work (nothing to hold for a site on its own)."""
+
+    def __init__(self, group: SiteGroup | None) -> None:
+        self.group = group
+        self.held = False
+
+    def take(self, header: pb.Header) -> None:
+        # Secure aggregation's exchanges hold no model and each site has its own protocol state: they run at
+        # once, each in its site's thread, so their round trips overlap.
+        if self.group is not None and header.WhichOneof("body") in ("train", "evaluate"):
+            self.group.turn.acquire()
+            self.held = True
+
+    def __enter__(self) -> _Turn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.held = False
+            assert self.group is not None
+            self.group.turn.release()
+
+
 class _Rejoin(Exception):
     """The server no longer knows this site's session: join again at once."""
 
@@ -106,6 +191,7 @@ class SiteClient:
         backoff: tuple[float, float] = (0.2, 10.0),
         give_up_after: float = 900.0,
         on_status: Callable[[str], None] | None = None,
+        group: SiteGroup | None = None,
     ) -> None:
         if credentials.site != data.name:
             raise DeploymentError(
@@ -120,7 +206,8 @@ class SiteClient:
         self.backoff = backoff
         self.give_up_after = give_up_after
         self.on_status = on_status or (lambda message: log.info("%s", message))
-        self.state = MemorySiteState()
+        self.group = group
+        self.state = group.state if group is not None else MemorySiteState()
         """The site's own state (control variates, personal models): kept for the life of the process,
         across reconnections and server restarts."""
         self.secure: dict[str, SecureSite] = {}
@@ -131,6 +218,7 @@ class SiteClient:
         self.heartbeat_seconds = 5.0
         self._metadata = credentials.call_metadata()
         self._stop = threading.Event()
+        self._working = threading.Event()
 
     def stop(self) -> None:
         """Ask ``run`` to return at its next chance (another thread's way to end a site)."""
@@ -142,7 +230,8 @@ class SiteClient:
         delay = self.backoff[0]
         last_contact = time.monotonic()
         while not self._stop.is_set():
-            channel = grpc.secure_channel(
+            shared = self.group.channel(self.server, self.credentials) if self.group is not None else None
+            channel = shared or grpc.secure_channel(
                 self.server, self.credentials.channel_credentials(), options=channel_options(0)
             )
             try:
@@ -175,7 +264,8 @@ class SiteClient:
                 self._stop.wait(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, self.backoff[1])
             finally:
-                channel.close()
+                if shared is None:
+                    channel.close()
         return "stopped by the site"
 
     # -- one connection -------------------------------------------------------------------------------------
@@ -203,22 +293,27 @@ class SiteClient:
             config = from_dict(tomllib.loads(reply.config_toml))
         except (tomllib.TOMLDecodeError, ConfideError) as e:
             raise DeploymentError(f"the server sent a run config this site cannot use: {e}") from e
-        threads = self.threads or config.backend.threads
-        if threads:
-            torch.set_num_threads(threads)
-        model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
-        dp = build_site_dp(config, int(reply.population))
-        kit = build_site_kit(config, model, dp, self.state)
+
+        def build() -> tuple[Layout, SiteKit]:
+            threads = self.threads or config.backend.threads
+            if threads:
+                torch.set_num_threads(threads)
+            model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
+            dp = build_site_dp(config, int(reply.population))
+            return Layout.of_module(model), build_site_kit(config, model, dp, self.state)
+
+        layout, kit = self.group.kit(key, build) if self.group is not None else build()
         layers = list(kit.layers)
         if config.privacy.secure_aggregation:
             registry = dict(reply.registry) or None
             self.secure = {self.site: SecureSite(self.site, None, registry)}
             layers.append(SecAggLayer(self.secure))
-        self.setup = _Setup(key, config, Layout.of_module(model), kit, tuple(layers))
+        self.setup = _Setup(key, config, layout, kit, tuple(layers))
 
     def _serve(self, stub: pb_grpc.FederationStub, session: bytes) -> str:
         forgotten = threading.Event()
         beating = threading.Event()
+        self._working.clear()
         beat = threading.Thread(
             target=self._heartbeats, args=(stub, session, forgotten, beating), daemon=True
         )
@@ -230,21 +325,31 @@ class SiteClient:
                 stream = stub.Poll(
                     pb.PollRequest(version=wire.VERSION, session=session, wait_seconds=self.poll_seconds),
                     metadata=self._metadata,
-                    timeout=self.poll_seconds + 60,
+                    # In a group, a site may wait for its turn with the work's stream open.
+                    timeout=self.poll_seconds + (3600 if self.group is not None else 60),
                 )
+                with _Turn(self.group) as turn:
+                    try:
+                        message = wire.assemble(stream, self.limit, turn.take)
+                    except WireError as e:
+                        # A broken message from the server: say so and ask again (the work is posted again).
+                        log.warning("site %s received a malformed message: %s", self.site, e)
+                        continue
+                    kind = message.kind
+                    if kind == "idle":
+                        continue
+                    if kind == "stop":
+                        return message.header.stop.reason
+                    self._working.set()  # no poll is open now: heartbeats say the site is alive
+                    if self.group is not None and kind in ("train", "evaluate"):
+                        header, tensors = self.group.run(self._work, message, session)
+                    else:
+                        header, tensors = self._work(message, session)
+                # The turn ends with the work: the upload overlaps the next site's download and training.
                 try:
-                    message = wire.assemble(stream, self.limit)
-                except WireError as e:
-                    # A broken message from the server: say so and ask again (the work is posted again).
-                    log.warning("site %s received a malformed message: %s", self.site, e)
-                    continue
-                kind = message.kind
-                if kind == "idle":
-                    continue
-                if kind == "stop":
-                    return message.header.stop.reason
-                header, tensors = self._work(message, session)
-                reply = stub.Submit(wire.chunks(header, tensors), metadata=self._metadata, timeout=600)
+                    reply = stub.Submit(wire.chunks(header, tensors), metadata=self._metadata, timeout=600)
+                finally:
+                    self._working.clear()
                 if not reply.accepted:
                     log.warning("site %s: the server did not take its %s: %s", self.site, kind, reply.reason)
                 self.done += 1
@@ -259,6 +364,8 @@ class SiteClient:
         self, stub: pb_grpc.FederationStub, session: bytes, forgotten: threading.Event, done: threading.Event
     ) -> None:
         while not done.wait(self.heartbeat_seconds):
+            if not self._working.is_set():
+                continue  # the open poll tells the server this site is alive
             try:
                 reply = stub.Heartbeat(
                     pb.Beat(version=wire.VERSION, session=session), metadata=self._metadata, timeout=10

@@ -107,8 +107,14 @@ class Deployment:
     def start(self) -> int:
         """Listen; returns the port (useful with port 0)."""
         credentials = server_credentials(self.directory, self.config.deploy.auth == "mtls")
+        d = self.config.deploy
         servicer = Servicer(
-            self.hub, self._identify, self.population, self._join_reply, self.config.deploy.max_message_bytes
+            self.hub,
+            self._identify,
+            self.population,
+            self._join_reply,
+            d.max_message_bytes,
+            d.receive_buffer_bytes,
         )
         self.server, self.port = start_server(servicer, self.listen, credentials, len(self.population))
         return self.port

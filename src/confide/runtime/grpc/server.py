@@ -96,10 +96,15 @@ class Hub:
         self.heartbeat_timeout = heartbeat_timeout
         self.task_timeout = task_timeout
         self.clock = clock
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._wake: dict[str, threading.Condition] = {}
+        """Per site, on the same lock: a post wakes only the site it is for (not every waiting poll)."""
         self._sessions: dict[bytes, Session] = {}
         self._current: dict[str, Session] = {}
         self._seen: dict[str, float] = {}
+        self._polling: dict[str, int] = {}
+        """Open polls per site: a site waiting on one is alive, however long since it last called."""
         self._pending: dict[str, Work] = {}
         self._results: queue.SimpleQueue[Result] = queue.SimpleQueue()
         self._tickets = itertools.count(1)
@@ -119,8 +124,15 @@ class Hub:
             self._sessions[session.id] = session
             self._current[site] = session
             self._seen[site] = self.clock()
-            self._cond.notify_all()
+            self._wake_site(site)  # an older session's poll ends
         return session
+
+    def _wake_site(self, site: str) -> None:
+        """Wake the polls of ``site`` (the caller holds the lock)."""
+        wake = self._wake.get(site)
+        if wake is None:
+            wake = self._wake[site] = threading.Condition(self._lock)
+        wake.notify_all()
 
     def session(self, session_id: bytes, site: str) -> Session:
         """The live session ``session_id`` of ``site``; SessionGone when it is not (or not the site's)."""
@@ -155,7 +167,7 @@ class Hub:
                 remaining = end - self.clock()
                 if remaining <= 0:
                     return None
-                self._cond.wait(min(remaining, 1.0))
+                self._wake[session.site].wait(remaining)
 
     def submit(self, site: str, ticket: int, value: Any = None, failure: str | None = None) -> str | None:
         """File ``site``'s answer to ``ticket``; the reason it is refused, or None."""
@@ -170,6 +182,16 @@ class Hub:
             del self._pending[site]
         self._results.put(Result(work, value, failure))
         return None
+
+    def poll_opened(self, site: str) -> None:
+        with self._cond:
+            self._polling[site] = self._polling.get(site, 0) + 1
+
+    def poll_closed(self, site: str) -> None:
+        """A poll ended: answered, timed out, or its connection broke (gRPC says so at once)."""
+        with self._cond:
+            self._polling[site] = max(self._polling.get(site, 0) - 1, 0)
+            self._seen[site] = self.clock()
 
     def told_to_stop(self) -> set[str]:
         """The sites that have heard that the run is over."""
@@ -194,7 +216,7 @@ class Hub:
         work = Work(header.ticket, site, header, tensors, now, now + self.task_timeout)
         with self._cond:
             self._pending[site] = work
-            self._cond.notify_all()
+            self._wake_site(site)
         return work
 
     def collect(self, works: Sequence[Work]) -> Iterator[Result]:
@@ -213,7 +235,7 @@ class Hub:
             now = self.clock()
             with self._cond:
                 for ticket, w in list(open_.items()):
-                    seen = self._seen.get(w.site, 0.0)
+                    seen = now if self._polling.get(w.site) else self._seen.get(w.site, 0.0)
                     # A connected site gets the full timeout from the posting; one without a session (given up
                     # earlier, or never joined) is measured from when it was last heard of, so a dead site
                     # costs the run one timeout, not one per step.
@@ -238,12 +260,13 @@ class Hub:
         session = self._current.pop(site, None)
         if session is not None:
             self._sessions.pop(session.id, None)
-            self._cond.notify_all()
+            self._wake_site(site)
 
     def stop(self, reason: str) -> None:
         with self._cond:
             self.stopped = reason
-            self._cond.notify_all()
+            for wake in self._wake.values():
+                wake.notify_all()
 
 
 # -- the gRPC service ---------------------------------------------------------------------------------------
@@ -251,6 +274,29 @@ class Hub:
 
 Identify = Callable[[grpc.ServicerContext], str]
 """Who is calling: the authenticated site, or a refusal (the context is aborted with UNAUTHENTICATED)."""
+
+
+class ByteBudget:
+    """Bytes of messages being read at once. A reader waits while its message would overrun the budget, and
+    gRPC's flow control holds its sender back meanwhile; a message larger than the whole budget is read when
+    nothing else is, so every message is read eventually."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def take(self, n: int) -> int:
+        n = min(n, self.capacity)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.capacity)
+            self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
 
 
 class Servicer(pb_grpc.FederationServicer):
@@ -263,12 +309,14 @@ class Servicer(pb_grpc.FederationServicer):
         population: Iterable[str],
         reply: Callable[[], pb.JoinReply],
         limit: int,
+        buffer: int = 2 << 30,
     ) -> None:
         self.hub = hub
         self.identify = identify
         self.population = frozenset(population)
         self.reply = reply
         self.limit = limit
+        self.budget = ByteBudget(buffer)
 
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         site = self.identify(context)
@@ -302,6 +350,9 @@ class Servicer(pb_grpc.FederationServicer):
 
     def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         site = self.identify(context)
+        self.hub.poll_opened(site)
+        if not context.add_callback(lambda: self.hub.poll_closed(site)):
+            self.hub.poll_closed(site)  # the call already ended
         try:
             session = self.hub.session(request.session, site)
             work = self.hub.next_work(session, min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS))
@@ -318,8 +369,26 @@ class Servicer(pb_grpc.FederationServicer):
 
     def Submit(self, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext) -> pb.SubmitReply:
         site = self.identify(context)
+        taken = 0
+
+        def admit(header: pb.Header) -> None:
+            nonlocal taken
+            taken = self.budget.take(wire.declared_bytes(header))
+
         try:
-            message = wire.assemble(request_iterator, self.limit)
+            return self._submit(site, request_iterator, context, admit)
+        finally:
+            self.budget.give(taken)
+
+    def _submit(
+        self,
+        site: str,
+        request_iterator: Iterator[pb.Chunk],
+        context: grpc.ServicerContext,
+        admit: Callable[[pb.Header], None],
+    ) -> pb.SubmitReply:
+        try:
+            message = wire.assemble(request_iterator, self.limit, admit)
         except WireError as e:
             self._fail(site, getattr(e, "header", None), f"a malformed message: {e}")
             code = (

@@ -11,7 +11,7 @@ that sends more or less than it declared. Nothing is ever unpickled; every value
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -24,7 +24,7 @@ from confide.runtime.grpc import confide_pb2 as pb
 VERSION = 1
 """The wire version this code speaks; a peer that sends another is refused with a message saying both."""
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 """Bytes of tensor data per chunk: well under gRPC's default 4 MB message limit."""
 
 GRPC_MESSAGE_LIMIT = 8 << 20
@@ -101,11 +101,15 @@ def declared_bytes(header: pb.Header) -> int:
     return total
 
 
-def assemble(stream: Iterable[pb.Chunk], limit: int) -> Message:
+def assemble(
+    stream: Iterable[pb.Chunk], limit: int, on_header: Callable[[pb.Header], None] | None = None
+) -> Message:
     """Read one message from ``stream``: a header, then exactly the data it declares, at most ``limit`` bytes.
 
     Raises :class:`WireError` for anything else: no header, a second header, another wire version, an unknown
     dtype, a declared size above ``limit``, more data than declared, or a stream that ends early.
+    ``on_header`` sees the checked header before any data is read (and may block: until it returns, gRPC's
+    flow control holds the sender back, which is how a receiver bounds the memory its messages take).
     """
     iterator = iter(stream)
     first = next(iterator, None)
@@ -115,13 +119,18 @@ def assemble(stream: Iterable[pb.Chunk], limit: int) -> Message:
         raise WireError("the message must start with a header, not with data")
     header = first.header
     try:
-        return _read_body(header, iterator, limit)
+        return _read_body(header, iterator, limit, on_header)
     except WireError as e:
         e.header = header  # type: ignore[attr-defined]  # lets the server end the sender's open work at once
         raise
 
 
-def _read_body(header: pb.Header, iterator: Iterator[pb.Chunk], limit: int) -> Message:
+def _read_body(
+    header: pb.Header,
+    iterator: Iterator[pb.Chunk],
+    limit: int,
+    on_header: Callable[[pb.Header], None] | None,
+) -> Message:
     if header.version != VERSION:
         raise WireError(f"the message is of wire version {header.version}; this side speaks {VERSION}")
     total = declared_bytes(header)
@@ -130,6 +139,8 @@ def _read_body(header: pb.Header, iterator: Iterator[pb.Chunk], limit: int) -> M
             f"the message declares {total:,} bytes of tensors; the limit is {limit:,} "
             "(raise deploy.max_message_mb on both sides if the model really is this large)"
         )
+    if on_header is not None:
+        on_header(header)
     buffer = np.empty(total, dtype=np.uint8)
     filled = 0
     for chunk in iterator:
