@@ -141,3 +141,19 @@ def wait_for(condition: Callable[[], Any], what: str, cluster: Cluster, timeout:
             raise AssertionError(f"no {what} within {timeout} s:\n{cluster.log('server')}")
         time.sleep(0.05)
     return value
+
+
+def many_sites(directory: Path, data: Path, count: int, lines: list[str]) -> list[str]:
+    """``count`` enrolled sites with a small text each in ``data`` and their credentials as
+    ``directory/credentials/SITE.json`` (quicker than ``count`` `confide enroll` commands)."""
+    from confide.runtime.grpc.security import create_certificates, issue_site_credentials
+
+    create_certificates(directory, ["localhost", "127.0.0.1"])
+    data.mkdir(parents=True, exist_ok=True)
+    (directory / "credentials").mkdir()
+    sites = [f"site{i:04d}" for i in range(count)]
+    for i, site in enumerate(sites):
+        text = "\n".join(lines[(i + j) % len(lines)] for j in range(8)) + "\n"
+        (data / f"{site}.txt").write_text(text)
+        issue_site_credentials(directory, site).save(directory / "credentials" / f"{site}.json")
+    return sites
