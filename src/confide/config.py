@@ -312,7 +312,6 @@ class DeployConfig:
     max_message_mb: float = option(
         1024.0, "the largest message (weights or update) either side accepts, in MB", positive, "> 0"
     )
-
     receive_buffer_mb: float = option(
         2048.0,
         "the server reads sites' updates at once only while they fit in this many MB; the others wait their "

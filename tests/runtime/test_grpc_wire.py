@@ -161,3 +161,24 @@ def test_arbitrary_bytes_give_a_message_or_a_wire_error_and_nothing_else(blobs) 
             parts.append(pb.Chunk(data=blob))
     with contextlib.suppress(WireError):
         wire.assemble(parts, 1 << 16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.sampled_from([127, 128, 16383, 16384, 2**21]).map(bytes)))
+def test_a_data_chunk_is_encoded_as_protobuf_would_and_read_back_without_a_copy(data) -> None:
+    encoded = wire.encode_chunk(wire.DataChunk(memoryview(data)))
+    assert encoded == pb.Chunk(data=data).SerializeToString()
+    decoded = wire.decode_chunk(encoded)
+    assert isinstance(decoded, wire.DataChunk) and bytes(decoded.data) == data
+    assert decoded.data.obj is encoded  # a view of the received bytes
+
+
+def test_other_chunks_go_through_protobuf_and_garbage_is_a_wire_error() -> None:
+    header = pb.Chunk(header=pb.Header(version=wire.VERSION, ticket=3, idle=pb.Idle()))
+    decoded = wire.decode_chunk(wire.encode_chunk(header))
+    assert isinstance(decoded, pb.Chunk) and decoded.header.ticket == 3
+    # A data field followed by more fields is not the fast path's shape: protobuf reads it.
+    mixed = pb.Chunk(data=b"abc").SerializeToString() + pb.Chunk(data=b"de").SerializeToString()
+    assert isinstance(wire.decode_chunk(mixed), pb.Chunk) and wire.decode_chunk(mixed).data == b"de"
+    with pytest.raises(WireError, match="not a valid protobuf"):
+        wire.decode_chunk(b"\x12\x05ab")  # declares 5 bytes, holds 2

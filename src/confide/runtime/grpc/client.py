@@ -39,10 +39,9 @@ from confide.data.text import read_sites
 from confide.errors import ConfideError, DataError, DeploymentError, UpdateError, WireError
 from confide.runtime.federation import SiteEvaluation, Task
 from confide.runtime.grpc import confide_pb2 as pb
-from confide.runtime.grpc import confide_pb2_grpc as pb_grpc
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.security import Credentials
-from confide.runtime.grpc.server import channel_options
+from confide.runtime.grpc.server import FederationClient, channel_options
 from confide.runtime.runner import SiteKit, build_model_for, build_site_dp, build_site_kit
 
 log = logging.getLogger(__name__)
@@ -235,7 +234,7 @@ class SiteClient:
                 self.server, self.credentials.channel_credentials(), options=channel_options(0)
             )
             try:
-                stub = pb_grpc.FederationStub(channel)
+                stub = FederationClient(channel)
                 session = self._join(stub)
                 last_contact = time.monotonic()
                 delay = self.backoff[0]
@@ -270,7 +269,7 @@ class SiteClient:
 
     # -- one connection -------------------------------------------------------------------------------------
 
-    def _join(self, stub: pb_grpc.FederationStub) -> bytes:
+    def _join(self, stub: FederationClient) -> bytes:
         request = pb.JoinRequest(
             version=wire.VERSION,
             site=self.site,
@@ -310,7 +309,7 @@ class SiteClient:
             layers.append(SecAggLayer(self.secure))
         self.setup = _Setup(key, config, layout, kit, tuple(layers))
 
-    def _serve(self, stub: pb_grpc.FederationStub, session: bytes) -> str:
+    def _serve(self, stub: FederationClient, session: bytes) -> str:
         forgotten = threading.Event()
         beating = threading.Event()
         self._working.clear()
@@ -361,7 +360,7 @@ class SiteClient:
             beat.join()
 
     def _heartbeats(
-        self, stub: pb_grpc.FederationStub, session: bytes, forgotten: threading.Event, done: threading.Event
+        self, stub: FederationClient, session: bytes, forgotten: threading.Event, done: threading.Event
     ) -> None:
         while not done.wait(self.heartbeat_seconds):
             if not self._working.is_set():

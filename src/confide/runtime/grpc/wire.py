@@ -25,7 +25,7 @@ VERSION = 1
 """The wire version this code speaks; a peer that sends another is refused with a message saying both."""
 
 CHUNK_BYTES = 4 << 20
-"""Bytes of tensor data per chunk: well under gRPC's default 4 MB message limit."""
+"""Bytes of tensor data per chunk: half the message limit both sides set (GRPC_MESSAGE_LIMIT)."""
 
 GRPC_MESSAGE_LIMIT = 8 << 20
 """What either side lets one gRPC message (a chunk, or a header with its metrics) be."""
@@ -65,7 +65,60 @@ class Message:
         return array
 
 
-def chunks(header: pb.Header, tensors: Sequence[tuple[str, np.ndarray]] = ()) -> Iterator[pb.Chunk]:
+_DATA_TAG = b"\x12"  # Chunk field 2 (data), wire type 2 (length-delimited)
+
+
+class DataChunk:
+    """A data chunk without the protobuf runtime: on the way out its encoding is built with one copy of the
+    tensor's bytes, and on the way in ``data`` is a view of the received buffer. Encoded, it is exactly the
+    ``Chunk`` message with ``data`` set, so either side may use the generated protobuf classes instead."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview | bytes) -> None:
+        self.data = data
+
+    def WhichOneof(self, group: str) -> str:
+        return "data"
+
+    def encode(self) -> bytes:
+        n = len(self.data)
+        prefix = bytearray(_DATA_TAG)
+        while n >= 0x80:
+            prefix.append((n & 0x7F) | 0x80)
+            n >>= 7
+        prefix.append(n)
+        return b"".join((prefix, self.data))
+
+
+Part = pb.Chunk | DataChunk
+
+
+def encode_chunk(chunk: Part) -> bytes:
+    """A chunk's bytes on the wire (the serializer both sides give gRPC)."""
+    return chunk.encode() if isinstance(chunk, DataChunk) else chunk.SerializeToString()
+
+
+def decode_chunk(raw: bytes) -> Part:
+    """The chunk in ``raw``: a data chunk as a view of ``raw``, anything else through protobuf."""
+    if raw[:1] == _DATA_TAG:
+        n, shift, i = 0, 0, 1
+        while i < len(raw) and i <= 10:
+            byte = raw[i]
+            n |= (byte & 0x7F) << shift
+            i += 1
+            if not byte & 0x80:
+                if i + n == len(raw):
+                    return DataChunk(memoryview(raw)[i:])
+                break
+            shift += 7
+    try:
+        return pb.Chunk.FromString(raw)
+    except Exception as e:  # protobuf's DecodeError, or worse: the message is not a Chunk
+        raise WireError(f"a chunk that is not a valid protobuf Chunk message ({len(raw)} bytes)") from e
+
+
+def chunks(header: pb.Header, tensors: Sequence[tuple[str, np.ndarray]] = ()) -> Iterator[Part]:
     """``header`` (with the version and the tensors' descriptions filled in) and then the tensors' bytes."""
     header.version = VERSION
     del header.tensors[:]
@@ -78,9 +131,9 @@ def chunks(header: pb.Header, tensors: Sequence[tuple[str, np.ndarray]] = ()) ->
         arrays.append(np.ascontiguousarray(array, dtype=dtype))
     yield pb.Chunk(header=header)
     for array in arrays:
-        data = array.reshape(-1).view(np.uint8)  # a view: the bytes are copied once, into each chunk
-        for start in range(0, data.size, CHUNK_BYTES):
-            yield pb.Chunk(data=data[start : start + CHUNK_BYTES].tobytes())
+        data = memoryview(array.reshape(-1).view(np.uint8).data)  # copied once, when a chunk is encoded
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield DataChunk(data[start : start + CHUNK_BYTES])
 
 
 def declared_bytes(header: pb.Header) -> int:
@@ -102,7 +155,7 @@ def declared_bytes(header: pb.Header) -> int:
 
 
 def assemble(
-    stream: Iterable[pb.Chunk], limit: int, on_header: Callable[[pb.Header], None] | None = None
+    stream: Iterable[Part], limit: int, on_header: Callable[[pb.Header], None] | None = None
 ) -> Message:
     """Read one message from ``stream``: a header, then exactly the data it declares, at most ``limit`` bytes.
 
@@ -115,7 +168,7 @@ def assemble(
     first = next(iterator, None)
     if first is None:
         raise WireError("the message is empty: it must start with a header")
-    if first.WhichOneof("part") != "header":
+    if first.WhichOneof("part") != "header" or not isinstance(first, pb.Chunk):
         raise WireError("the message must start with a header, not with data")
     header = first.header
     try:
@@ -127,7 +180,7 @@ def assemble(
 
 def _read_body(
     header: pb.Header,
-    iterator: Iterator[pb.Chunk],
+    iterator: Iterator[Part],
     limit: int,
     on_header: Callable[[pb.Header], None] | None,
 ) -> Message:
@@ -146,10 +199,11 @@ def _read_body(
     for chunk in iterator:
         if chunk.WhichOneof("part") != "data":
             raise WireError("a message has one header; a second one arrived")
-        n = len(chunk.data)
+        data = chunk.data
+        n = len(data)
         if filled + n > total:
             raise WireError(f"the message sends more than the {total:,} bytes its header declares")
-        buffer[filled : filled + n] = np.frombuffer(chunk.data, dtype=np.uint8)
+        buffer[filled : filled + n] = np.frombuffer(data, dtype=np.uint8)
         filled += n
     if filled != total:
         raise WireError(f"the message is truncated: {filled:,} of the {total:,} bytes it declares arrived")
