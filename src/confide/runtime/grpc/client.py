@@ -110,6 +110,7 @@ class SiteGroup:
         self._kits: dict[tuple[str, int], tuple[Layout, SiteKit]] = {}
         self._channels: dict[tuple[str, bytes], grpc.Channel] = {}
         self._lock = threading.Lock()
+        _calm_grpc_waits()
         self._worker = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="confide-sites")
         """Every site's work runs on this one thread. torch's OpenMP gives each thread that computes its own
         pool of threads, which then spin when idle: hundreds of site threads computing in turn would leave
@@ -146,6 +147,23 @@ class SiteGroup:
                 channel.close()
             self._channels.clear()
         self._worker.shutdown()
+
+
+GRPC_WAIT_SLICE = 2.0
+"""Seconds a thread blocked in a gRPC call sleeps between checks, in a process hosting a group of sites."""
+
+
+def _calm_grpc_waits() -> None:
+    """gRPC's synchronous Python API wakes every thread blocked in a call ten times a second (so that a signal
+    reaches the main thread promptly). A process hosting hundreds of sites has hundreds of polls blocked at
+    once, and those wakeups take the interpreter from the one thread that trains: the demo's rounds, with 755
+    sites in one process, ran a quarter slower (benchmarks/transport.py). Here no thread that waits in gRPC
+    is the main thread, so the slice is raised. The setting is grpc's own module constant; a grpc release
+    without it leaves this a no-op."""
+    import grpc._common as grpc_common
+
+    if isinstance(getattr(grpc_common, "MAXIMUM_WAIT_TIMEOUT", None), float):
+        grpc_common.MAXIMUM_WAIT_TIMEOUT = max(grpc_common.MAXIMUM_WAIT_TIMEOUT, GRPC_WAIT_SLICE)
 
 
 class _Turn:
