@@ -43,7 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e}", markup=True, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted; continue a run with `confide run --resume RUN_DIR`")
+        hints = {
+            "server": "interrupted; the same `confide server` command resumes the run after its last round",
+            "client": "interrupted; the server goes on without this site until it is started again",
+        }
+        default = "interrupted; continue a run with `confide run --resume RUN_DIR`"
+        err_console.print(hints.get(str(getattr(args, "command", "")), default))
         return 130
 
 

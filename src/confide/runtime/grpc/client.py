@@ -102,6 +102,8 @@ class SiteGroup:
 
     def __init__(self, share_connection: bool = True) -> None:
         self.turn = threading.Lock()
+        self.uploads = threading.BoundedSemaphore(UPLOADS_IN_FLIGHT)
+        """A site leaves its turn only once it may upload: answers waiting for the server never pile up."""
         self.state = MemorySiteState()
         self.share_connection = share_connection
         """Sites with tokens send their calls over one connection (gRPC multiplexes them; each call still
@@ -149,6 +151,10 @@ class SiteGroup:
         self._worker.shutdown()
 
 
+UPLOADS_IN_FLIGHT = 2
+"""Answers a site group uploads at once while its next site downloads and trains: the group holds at most
+this many answers beside the model it works on, however slowly the server takes them."""
+
 GRPC_WAIT_SLICE = 2.0
 """Seconds a thread blocked in a gRPC call sleeps between checks, in a process hosting a group of sites."""
 
@@ -166,19 +172,29 @@ def _calm_grpc_waits() -> None:
         grpc_common.MAXIMUM_WAIT_TIMEOUT = max(grpc_common.MAXIMUM_WAIT_TIMEOUT, GRPC_WAIT_SLICE)
 
 
-class _Turn:
-    """A site's hold on its group's model for one piece of work (nothing to hold for a site on its own)."""
+class _Busy(Exception):
+    """Work arrived for a site whose group's model is in use: the site hangs up and waits for its turn."""
 
-    def __init__(self, group: SiteGroup | None) -> None:
+
+class _Turn:
+    """A site's hold on its group's model for one piece of work (nothing to hold for a site on its own).
+
+    A site whose work arrives while another site has the model does not read the work's weights: it hangs up
+    (the work stays posted), waits for its turn, and polls again. gRPC reads ahead on an open stream, so a
+    hundred sites each holding a stream open would each buffer much of a model's weights."""
+
+    def __init__(self, group: SiteGroup | None, held: bool = False) -> None:
         self.group = group
-        self.held = False
+        self.held = held
 
     def take(self, header: pb.Header) -> None:
         # Secure aggregation's exchanges hold no model and each site has its own protocol state: they run at
         # once, each in its site's thread, so their round trips overlap.
-        if self.group is not None and header.WhichOneof("body") in ("train", "evaluate"):
-            self.group.turn.acquire()
-            self.held = True
+        if self.held or self.group is None or header.WhichOneof("body") not in ("train", "evaluate"):
+            return
+        if not self.group.turn.acquire(blocking=False):
+            raise _Busy
+        self.held = True
 
     def __enter__(self) -> _Turn:
         return self
@@ -335,25 +351,39 @@ class SiteClient:
             target=self._heartbeats, args=(stub, session, forgotten, beating), daemon=True
         )
         beat.start()
+        uploading = False
+        held = False  # the group's turn, taken after work arrived while another site had it
         try:
             while not self._stop.is_set():
                 if forgotten.is_set():
                     raise _Rejoin
                 stream = stub.Poll(
-                    pb.PollRequest(version=wire.VERSION, session=session, wait_seconds=self.poll_seconds),
+                    # Holding the turn, the site only fetches the work it was told of: it must not sit on the
+                    # turn through a long poll if that work was withdrawn meanwhile.
+                    pb.PollRequest(
+                        version=wire.VERSION, session=session, wait_seconds=0 if held else self.poll_seconds
+                    ),
                     metadata=self._metadata,
-                    # In a group, a site may wait for its turn with the work's stream open.
-                    timeout=self.poll_seconds + (3600 if self.group is not None else 60),
+                    timeout=self.poll_seconds + 60,
                 )
-                with _Turn(self.group) as turn:
+                with _Turn(self.group, held) as turn:
+                    held = False
                     try:
                         message = wire.assemble(stream, self.limit, turn.take)
+                    except _Busy:
+                        stream.cancel()
+                        assert self.group is not None
+                        self._working.set()  # no poll is open while it waits: heartbeats say it is alive
+                        self.group.turn.acquire()
+                        held = True
+                        continue
                     except WireError as e:
                         # A broken message from the server: say so and ask again (the work is posted again).
                         log.warning("site %s received a malformed message: %s", self.site, e)
                         continue
                     kind = message.kind
                     if kind == "idle":
+                        self._working.clear()
                         continue
                     if kind == "stop":
                         return message.header.stop.reason
@@ -362,11 +392,19 @@ class SiteClient:
                         header, tensors = self.group.run(self._work, message, session)
                     else:
                         header, tensors = self._work(message, session)
+                    if turn.held:
+                        assert self.group is not None
+                        self.group.uploads.acquire()
+                        uploading = True
                 # The turn ends with the work: the upload overlaps the next site's download and training.
                 try:
                     reply = stub.Submit(wire.chunks(header, tensors), metadata=self._metadata, timeout=600)
                 finally:
                     self._working.clear()
+                    if uploading:
+                        uploading = False
+                        assert self.group is not None
+                        self.group.uploads.release()
                 if not reply.accepted:
                     log.warning("site %s: the server did not take its %s: %s", self.site, kind, reply.reason)
                 self.done += 1
@@ -376,6 +414,9 @@ class SiteClient:
             # flight when the interpreter exits aborts the process.
             beating.set()
             beat.join()
+            if held:  # the call that was to use it failed: give the turn back to the group
+                assert self.group is not None
+                self.group.turn.release()
 
     def _heartbeats(
         self, stub: FederationClient, session: bytes, forgotten: threading.Event, done: threading.Event
