@@ -405,6 +405,9 @@ class SiteClient:
                         uploading = False
                         assert self.group is not None
                         self.group.uploads.release()
+                # Let go of the weights and the answer now, not at the next work: a site waits most of the
+                # time, and in a group of a hundred sites these would be two models each.
+                del message, header, tensors
                 if not reply.accepted:
                     log.warning("site %s: the server did not take its %s: %s", self.site, kind, reply.reason)
                 self.done += 1
