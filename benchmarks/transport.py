@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from common import Recorder, build_config, console, machine, merge, show
+from common import Recorder, build_config, console, machine, merge, run, show
 from confide.config import Config
 from confide.core import Plan, Update
 from confide.data import shakespeare
@@ -52,7 +52,6 @@ from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.deployment import Deployment
 from confide.runtime.grpc.security import create_certificates, issue_site_credentials
-from confide.runtime.runner import Runner
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "shakespeare.toml"
@@ -83,11 +82,7 @@ def write_sites(folder: Path, texts: dict[str, str]) -> None:
 
 def local_rounds(config: Config) -> Recorder:
     recorder = Recorder()
-    runner = Runner.start(config)
-    try:
-        runner.run(recorder)
-    finally:
-        runner.store.close()
+    run(config, recorder)
     return recorder
 
 

@@ -14,7 +14,7 @@ from confide.runtime.grpc import wire
 from confide.runtime.grpc.security import Credentials
 from confide.runtime.runner import Runner
 from tests.conftest import tiny_config
-from tests.runtime.grpc_harness import Cluster, enroll, metrics, query
+from tests.runtime.grpc_harness import enroll, metrics, query
 
 SITES = [f"site{i}" for i in range(6)]
 KEYS = (
@@ -26,22 +26,6 @@ KEYS = (
     "bytes_sent",
     "bytes_received",
 )
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, text_corpus: Path):
-    made: list[Cluster] = []
-
-    def make(config_text: str, overrides: list[str] | None = None) -> Cluster:
-        path = tmp_path / "run.toml"
-        path.write_text(config_text)
-        c = Cluster(tmp_path, path, tmp_path / "deploy", overrides)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def local_metrics(config_text: str, tmp: Path) -> list[dict]:

@@ -10,28 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_config
-from tests.runtime.grpc_harness import Cluster, enroll, metrics, query, wait_for
+from tests.runtime.grpc_harness import enroll, metrics, query, wait_for
 from tests.runtime.test_grpc_deploy import assert_same, local_metrics
 
 SITES = [f"site{i}" for i in range(6)]
 QUICK_DROP = ["deploy.heartbeat_timeout=4"]
 """A killed site is noticed after 4 s of silence."""
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):
-    made: list[Cluster] = []
-
-    def make(config_text: str, overrides: list[str] | None = None) -> Cluster:
-        path = tmp_path / "run.toml"
-        path.write_text(config_text)
-        c = Cluster(tmp_path, path, tmp_path / "deploy", overrides)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
 
 
 def events(run_dir: Path, kind: str) -> list[str]:
