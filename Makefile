@@ -1,5 +1,5 @@
 # `make demo` and `make test` set everything up from nothing: a virtual environment in .venv with the
-# project and its dev extras, reinstalled whenever pyproject.toml or constraints.txt change.
+# project and its dev extras, reinstalled whenever pyproject.toml, constraints.txt or the wire protocol change.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py src/confide/runtime/grpc/confide.proto
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'

@@ -10,13 +10,14 @@ joins again; the work it was doing is posted again by the server, so nothing is 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
 import time
 import tomllib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,6 +93,10 @@ class _Setup:
     layers: tuple[Layer, ...]
 
 
+_Kit = tuple[Config, Layout, SiteKit]
+"""What a site builds from the run config: the parsed config, the model's layout, and its trainer kit."""
+
+
 class SiteGroup:
     """Sites hosted by one process (a rehearsal with many sites, a load test, an organisation serving several
     data holders): they build one model and trainer between them and take turns to work on it, as the local
@@ -109,7 +114,7 @@ class SiteGroup:
         """Sites with tokens send their calls over one connection (gRPC multiplexes them; each call still
         carries its own site's token). Each gRPC channel costs a thread that polls it, and hundreds of those
         starve the sites' training of the interpreter. Sites with certificates always need their own."""
-        self._kits: dict[tuple[str, int], tuple[Layout, SiteKit]] = {}
+        self._kits: dict[tuple[str, int], _Kit] = {}
         self._channels: dict[tuple[str, bytes], grpc.Channel] = {}
         self._lock = threading.Lock()
         _calm_grpc_waits()
@@ -122,9 +127,7 @@ class SiteGroup:
         """``fn(*args)`` on the group's compute thread."""
         return self._worker.submit(fn, *args).result()
 
-    def kit(
-        self, key: tuple[str, int], build: Callable[[], tuple[Layout, SiteKit]]
-    ) -> tuple[Layout, SiteKit]:
+    def kit(self, key: tuple[str, int], build: Callable[[], _Kit]) -> _Kit:
         with self._lock:
             if key not in self._kits:
                 self._kits[key] = build()
@@ -172,29 +175,21 @@ def _calm_grpc_waits() -> None:
         grpc_common.MAXIMUM_WAIT_TIMEOUT = max(grpc_common.MAXIMUM_WAIT_TIMEOUT, GRPC_WAIT_SLICE)
 
 
-class _Busy(Exception):
-    """Work arrived for a site whose group's model is in use: the site hangs up and waits for its turn."""
-
-
 class _Turn:
     """A site's hold on its group's model for one piece of work (nothing to hold for a site on its own).
 
-    A site whose work arrives while another site has the model does not read the work's weights: it hangs up
-    (the work stays posted), waits for its turn, and polls again. gRPC reads ahead on an open stream, so a
-    hundred sites each holding a stream open would each buffer much of a model's weights."""
+    In a group a site polls for headers only; when training or evaluation is announced it waits for the
+    model, and only then fetches the weights, so the process reads one model at a time however many sites it
+    hosts."""
 
-    def __init__(self, group: SiteGroup | None, held: bool = False) -> None:
+    def __init__(self, group: SiteGroup | None) -> None:
         self.group = group
-        self.held = held
+        self.held = False
 
-    def take(self, header: pb.Header) -> None:
-        # Secure aggregation's exchanges hold no model and each site has its own protocol state: they run at
-        # once, each in its site's thread, so their round trips overlap.
-        if self.held or self.group is None or header.WhichOneof("body") not in ("train", "evaluate"):
-            return
-        if not self.group.turn.acquire(blocking=False):
-            raise _Busy
-        self.held = True
+    def take(self) -> None:
+        if self.group is not None:
+            self.group.turn.acquire()
+            self.held = True
 
     def __enter__(self) -> _Turn:
         return self
@@ -322,20 +317,21 @@ class SiteClient:
         key = (reply.config_toml, int(reply.population))
         if self.setup is not None and self.setup.key == key:
             return
-        try:
-            config = from_dict(tomllib.loads(reply.config_toml))
-        except (tomllib.TOMLDecodeError, ConfideError) as e:
-            raise DeploymentError(f"the server sent a run config this site cannot use: {e}") from e
 
-        def build() -> tuple[Layout, SiteKit]:
+        def build() -> _Kit:
+            # Parsing checks the config by building its model: in a group, once for all the sites.
+            try:
+                config = from_dict(tomllib.loads(reply.config_toml))
+            except (tomllib.TOMLDecodeError, ConfideError) as e:
+                raise DeploymentError(f"the server sent a run config this site cannot use: {e}") from e
             threads = self.threads or config.backend.threads
             if threads:
                 torch.set_num_threads(threads)
             model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
             dp = build_site_dp(config, int(reply.population))
-            return Layout.of_module(model), build_site_kit(config, model, dp, self.state)
+            return config, Layout.of_module(model), build_site_kit(config, model, dp, self.state)
 
-        layout, kit = self.group.kit(key, build) if self.group is not None else build()
+        config, layout, kit = self.group.kit(key, build) if self.group is not None else build()
         layers = list(kit.layers)
         if config.privacy.secure_aggregation:
             registry = dict(reply.registry) or None
@@ -352,38 +348,31 @@ class SiteClient:
         )
         beat.start()
         uploading = False
-        held = False  # the group's turn, taken after work arrived while another site had it
         try:
             while not self._stop.is_set():
                 if forgotten.is_set():
                     raise _Rejoin
                 stream = stub.Poll(
-                    # Holding the turn, the site only fetches the work it was told of: it must not sit on the
-                    # turn through a long poll if that work was withdrawn meanwhile.
                     pb.PollRequest(
-                        version=wire.VERSION, session=session, wait_seconds=0 if held else self.poll_seconds
+                        version=wire.VERSION,
+                        session=session,
+                        wait_seconds=self.poll_seconds,
+                        header_only=self.group is not None,
                     ),
                     metadata=self._metadata,
                     timeout=self.poll_seconds + 60,
                 )
-                with _Turn(self.group, held) as turn:
-                    held = False
+                with _Turn(self.group) as turn:
                     try:
-                        message = wire.assemble(stream, self.limit, turn.take)
-                    except _Busy:
-                        stream.cancel()
-                        assert self.group is not None
-                        self._working.set()  # no poll is open while it waits: heartbeats say it is alive
-                        self.group.turn.acquire()
-                        held = True
-                        continue
+                        message = self._receive(stub, session, stream, turn)
                     except WireError as e:
                         # A broken message from the server: say so and ask again (the work is posted again).
                         log.warning("site %s received a malformed message: %s", self.site, e)
                         continue
+                    if message is None:
+                        continue  # the announced work was withdrawn before the site fetched it
                     kind = message.kind
                     if kind == "idle":
-                        self._working.clear()
                         continue
                     if kind == "stop":
                         return message.header.stop.reason
@@ -417,9 +406,30 @@ class SiteClient:
             # flight when the interpreter exits aborts the process.
             beating.set()
             beat.join()
-            if held:  # the call that was to use it failed: give the turn back to the group
-                assert self.group is not None
-                self.group.turn.release()
+
+    def _receive(
+        self, stub: FederationClient, session: bytes, stream: Iterator[wire.Part], turn: _Turn
+    ) -> wire.Message | None:
+        """The polled message. After a header-only poll announced training or evaluation, the site takes its
+        group's turn and fetches the work whole; None when it was withdrawn meanwhile."""
+        if self.group is None:
+            return wire.assemble(stream, self.limit)
+        first = next(iter(stream), None)
+        if first is None or not isinstance(first, pb.Chunk) or first.WhichOneof("part") != "header":
+            return wire.assemble([] if first is None else itertools.chain([first], stream), self.limit)
+        kind = first.header.WhichOneof("body")
+        if kind not in ("train", "evaluate"):
+            return wire.assemble(itertools.chain([first], stream), self.limit)
+        self._working.set()  # no poll is open while it waits for the model: heartbeats say it is alive
+        turn.take()
+        request = pb.FetchRequest(version=wire.VERSION, session=session, ticket=first.header.ticket)
+        try:
+            return wire.assemble(stub.Fetch(request, metadata=self._metadata, timeout=600), self.limit)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND and "ticket" in (e.details() or ""):
+                self._working.clear()
+                return None
+            raise
 
     def _heartbeats(
         self, stub: FederationClient, session: bytes, forgotten: threading.Event, done: threading.Event

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 MAX_POLL_SECONDS = 30.0
 """The longest a poll is held open before the site is told to poll again (keeps proxies from cutting it)."""
 
+HEADER_ONLY = ("train", "evaluate")
+"""Work a header-only poll announces without its tensors (the kinds that carry the model)."""
+
 SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 """confide.v1.Federation, as confide.proto names it."""
 
@@ -195,6 +198,12 @@ class Hub:
         with self._cond:
             self._polling[site] = max(self._polling.get(site, 0) - 1, 0)
             self._seen[site] = self.clock()
+
+    def open_work(self, site: str, ticket: int) -> Work | None:
+        """``site``'s posted work if its ticket is ``ticket``."""
+        with self._cond:
+            work = self._pending.get(site)
+            return work if work is not None and work.ticket == ticket else None
 
     def told_to_stop(self) -> set[str]:
         """The sites that have heard that the run is over."""
@@ -368,7 +377,28 @@ class Servicer(pb_grpc.FederationServicer):
         else:
             header = pb.Header()
             header.CopyFrom(work.header)
-            yield from wire.chunks(header, work.tensors)
+            parts = wire.chunks(header, work.tensors)
+            if request.header_only and work.kind in HEADER_ONLY:
+                yield next(parts)  # the header, describing the tensors a Fetch will bring
+            else:
+                yield from parts
+
+    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[wire.Part]:
+        site = self.identify(context)
+        try:
+            self.hub.session(request.session, site)
+        except SessionGone:
+            context.abort(grpc.StatusCode.NOT_FOUND, "this session is no longer known; join again")
+        work = self.hub.open_work(site, request.ticket)
+        if work is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"ticket {request.ticket} is not open for this site (answered or given up); poll again",
+            )
+            return
+        header = pb.Header()
+        header.CopyFrom(work.header)
+        yield from wire.chunks(header, work.tensors)
 
     def Submit(self, request_iterator: Iterator[wire.Part], context: grpc.ServicerContext) -> pb.SubmitReply:
         site = self.identify(context)
@@ -525,6 +555,9 @@ def rpc_handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
             "Poll": grpc.unary_stream_rpc_method_handler(
                 servicer.Poll, pb.PollRequest.FromString, wire.encode_chunk
             ),
+            "Fetch": grpc.unary_stream_rpc_method_handler(
+                servicer.Fetch, pb.FetchRequest.FromString, wire.encode_chunk
+            ),
             "Submit": grpc.stream_unary_rpc_method_handler(
                 servicer.Submit, wire.decode_chunk, pb.SubmitReply.SerializeToString
             ),
@@ -544,6 +577,9 @@ class FederationClient:
             path + "Heartbeat", pb.Beat.SerializeToString, pb.BeatReply.FromString
         )
         self.Poll = channel.unary_stream(path + "Poll", pb.PollRequest.SerializeToString, wire.decode_chunk)
+        self.Fetch = channel.unary_stream(
+            path + "Fetch", pb.FetchRequest.SerializeToString, wire.decode_chunk
+        )
         self.Submit = channel.stream_unary(path + "Submit", wire.encode_chunk, pb.SubmitReply.FromString)
 
 
