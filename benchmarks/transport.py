@@ -20,7 +20,7 @@ c. Loopback transfer rate. ``--megabytes`` of float32 sent through the real gRPC
 
 Run from the repository root:
 
-    .venv/bin/python benchmarks/transport.py             # everything but 100M x 100 sites; ~10 minutes
+    .venv/bin/python benchmarks/transport.py             # everything; about 15 minutes, 5 GB of RAM
     .venv/bin/python benchmarks/transport.py --quick     # a minute: 1M and 10M, 10 sites, 64 MB, 2 rounds
     .venv/bin/python benchmarks/transport.py --only wire # just the transfer rates
 """
@@ -353,7 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--megabytes", type=int, default=256, help="bytes per transfer, in MiB")
     parser.add_argument("--repeats", type=int, default=5, help="transfers per path (best counts)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
-    parser.add_argument("--huge", action="store_true", help="include 100M parameters with 100 sites")
     parser.add_argument("--json", type=Path, help="write the measurements to this file")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -417,12 +416,6 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for size in args.sizes:
                 for sites in args.sites:
-                    if size == "100M" and sites >= 100 and not args.huge:
-                        console.print(
-                            "[yellow]GPT 100M with 100 sites left out: the client process hosting them grows "
-                            "past 24 GB (benchmarks/RESULTS.md, section 6c); --huge runs it anyway[/yellow]"
-                        )
-                        continue
                     console.print(f"[dim]GPT {size}, {sites} sites ...[/dim]")
                     rows.append(sized(size, sites, args.rounds, tmp))
                     show("Time per round, local against deployed", columns, round_rows(rows[-1:]), False)
