@@ -42,7 +42,7 @@ from confide.runtime.federation import SiteEvaluation, Task
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.security import Credentials
-from confide.runtime.grpc.server import FederationClient, channel_options
+from confide.runtime.grpc.server import MODEL_WORK, FederationClient, channel_options
 from confide.runtime.runner import SiteKit, build_model_for, build_site_dp, build_site_kit
 
 log = logging.getLogger(__name__)
@@ -100,10 +100,10 @@ _Kit = tuple[Config, Layout, SiteKit]
 class SiteGroup:
     """Sites hosted by one process (a rehearsal with many sites, a load test, an organisation serving several
     data holders): they build one model and trainer between them and take turns to work on it, as the local
-    backend's sites do. A site takes its turn when a piece of work's header arrives, before the weights are
-    read, and gives it up when the work is done, before its answer is uploaded: the process reads one model at
-    a time however many sites it hosts (the server waits meanwhile, held back by gRPC's flow control, and the
-    sites' heartbeats keep them in the round), while uploads overlap the next site's download and training."""
+    backend's sites do. Their polls ask for headers only; a site announced training or evaluation waits for
+    the model, then fetches the weights, and gives the model up when the work is done, before its answer is
+    uploaded. So the process reads one model's weights at a time however many sites it hosts (heartbeats keep
+    the waiting sites in the round), while uploads overlap the next site's download and training."""
 
     def __init__(self, share_connection: bool = True) -> None:
         self.turn = threading.Lock()
@@ -377,7 +377,7 @@ class SiteClient:
                     if kind == "stop":
                         return message.header.stop.reason
                     self._working.set()  # no poll is open now: heartbeats say the site is alive
-                    if self.group is not None and kind in ("train", "evaluate"):
+                    if self.group is not None and kind in MODEL_WORK:
                         header, tensors = self.group.run(self._work, message, session)
                     else:
                         header, tensors = self._work(message, session)
@@ -418,7 +418,7 @@ class SiteClient:
         if first is None or not isinstance(first, pb.Chunk) or first.WhichOneof("part") != "header":
             return wire.assemble([] if first is None else itertools.chain([first], stream), self.limit)
         kind = first.header.WhichOneof("body")
-        if kind not in ("train", "evaluate"):
+        if kind not in MODEL_WORK:
             return wire.assemble(itertools.chain([first], stream), self.limit)
         self._working.set()  # no poll is open while it waits for the model: heartbeats say it is alive
         turn.take()

@@ -5,9 +5,9 @@ hospital needs no inbound port. The :class:`Hub` is the meeting point of the two
 thread, through :class:`GrpcBackend`) posts at most one piece of work per site at a time and collects the
 answers; the gRPC threads hand each site its work and file its answers. A piece of work stays posted until it
 is answered or given up, so a site whose connection broke, or whose process was restarted, simply gets it
-again at its next poll. A site is given up for the current step when it has not been heard from (poll,
-heartbeat or submit) for ``heartbeat_timeout`` seconds, or when the step's deadline passes; the federation
-then goes on without it, as with a dropout in simulation.
+again at its next poll. A site waiting in an open poll is alive; otherwise it is given up for the current step
+when it has not been heard from (a call or a heartbeat) for ``heartbeat_timeout`` seconds, or when the step's
+deadline passes, and the federation goes on without it, as with a dropout in simulation.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 MAX_POLL_SECONDS = 30.0
 """The longest a poll is held open before the site is told to poll again (keeps proxies from cutting it)."""
 
-HEADER_ONLY = ("train", "evaluate")
-"""Work a header-only poll announces without its tensors (the kinds that carry the model)."""
+MODEL_WORK = ("train", "evaluate")
+"""The work that carries the model: a header-only poll announces it without its tensors, and a site group does
+it on its shared model, one site at a time."""
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 """confide.v1.Federation, as confide.proto names it."""
@@ -378,7 +379,7 @@ class Servicer(pb_grpc.FederationServicer):
             header = pb.Header()
             header.CopyFrom(work.header)
             parts = wire.chunks(header, work.tensors)
-            if request.header_only and work.kind in HEADER_ONLY:
+            if request.header_only and work.kind in MODEL_WORK:
                 yield next(parts)  # the header, describing the tensors a Fetch will bring
             else:
                 yield from parts
