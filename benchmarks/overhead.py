@@ -43,6 +43,7 @@ import numpy as np
 
 from common import Recorder, build_config, console, machine, merge, output_folder, run, show
 from confide.core import Plan, Update
+from confide.randomness import SecretRandomness
 from confide.server.strategy import WeightedMean
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,7 +184,7 @@ def round_overhead(args: argparse.Namespace, output: Path) -> float:
     per_round = [
         ("Strategy.select + plans", lambda: strategy.plans(1, strategy.select(1, sites))),
         ("WeightedMean.init", lambda: aggregator.init(layout.size)),
-        ("WeightedMean.result", lambda: aggregator.result(unit)),
+        ("WeightedMean.result", lambda: aggregator.result(unit, SecretRandomness())),
         (
             f"server step ({strategy.optimizer.name})",
             lambda: strategy.optimizer.step(scratch, delta, optimizer_state),
@@ -261,7 +262,7 @@ def aggregation(args: argparse.Namespace) -> float:
         state = agg.init(size)
         for u in updates:
             agg.add(state, u)
-        return agg.result(state)
+        return agg.result(state, SecretRandomness())
 
     def numpy_sum() -> np.ndarray:
         acc = stacked[0].copy()

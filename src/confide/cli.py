@@ -250,7 +250,7 @@ class RichObserver:
         model = runner.config.model["kind"]
         sites = runner.sites
         self.dp = runner.dp
-        self.secure = runner.federation.secure is not None
+        self.secure = runner.secure is not None
         console.print(
             f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
             f"{len(sites)} sites ({sum(s.num_train for s in sites):,} training windows), "

@@ -271,6 +271,11 @@ class PrivacyConfig:
     record_dp: bool = option(False, "record-level DP-SGD at each site (Opacus), with each site's own epsilon")
     record_clip: float = option(1.0, "DP-SGD: L2 norm each window's gradient is clipped to", positive, "> 0")
     record_noise: float = option(1.0, "DP-SGD: noise multiplier of each step", at_least(0), ">= 0")
+    insecure_reproducible_noise: bool = option(
+        False,
+        "simulation only and insecure: DP noise and DP-SGD sampling are drawn from the run's seed so that "
+        "runs repeat exactly; anyone who knows the seed can remove the noise. A deployment refuses it",
+    )
 
 
 @dataclass(frozen=True)

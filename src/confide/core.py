@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 import torch
@@ -177,7 +177,12 @@ class Update:
     vector: Vector | None
     model_version: int
     metrics: dict[str, float] = field(default_factory=dict)
+    """What the site reports about itself in clear (its loss, steps, clipping bit, ...). A layer that hides
+    the update from the server (secure aggregation) removes them: they would tell it about one site."""
     payload: dict[str, Any] = field(default_factory=dict)
+    sums: dict[str, float] = field(default_factory=dict)
+    """Values the server needs only summed over the round's sites (:data:`SUMMED`): under secure aggregation
+    they travel inside the masked vector, otherwise in clear beside it."""
 
     def readable(self, size: int) -> Vector:
         """The update's vector, checked to hold ``size`` values (UpdateError for a protected or wrong one)."""
@@ -198,28 +203,32 @@ class Update:
         return total
 
 
-@runtime_checkable
-class Layer(Protocol):
-    """One transform of an update: ``encode`` runs on the site, ``decode`` on the server.
-
-    Site layers run in stack order (clip, noise, compress, protect) and server layers in the reverse order.
-    ``reveals_individual_updates`` tells the federation whether the server can still see each site's vector
-    after ``decode``; secure aggregation and encryption set it to False, which is what forbids robust
-    aggregation after them.
-    """
-
-    name: str
-    reveals_individual_updates: bool
-
-    def encode(self, update: Update, rng: np.random.Generator) -> Update: ...
-
-    def decode(self, update: Update) -> Update: ...
+EXAMPLES = "examples"
+LOSS_SUM = "loss_sum"
+STEPS = "steps"
+COMPUTE_SECONDS = "compute_seconds"
+SUMMED = (EXAMPLES, LOSS_SUM, STEPS, COMPUTE_SECONDS)
+"""The sums every round reports: the sites' examples (from each update's ``num_examples``), their training
+loss times their examples, optimizer steps and seconds of computation (from each update's ``sums``). Layers
+may add their own (the clipping bit)."""
 
 
-def configure_layers(layers: Iterable[Layer], plan: Plan) -> None:
-    """Give each site layer that wants it (a ``configure(plan)`` method) this round's plan, before encoding:
-    the server sends per-round settings, such as the adaptive clip norm, in the plan."""
-    for layer in layers:
-        configure = getattr(layer, "configure", None)
-        if configure is not None:
-            configure(plan)
+@dataclass(frozen=True)
+class Task:
+    """What the server sends one site for one round: the plan, and with the global weights (carried by the
+    backend, shared by all tasks of the round) any extra vectors the algorithm needs (SCAFFOLD's c)."""
+
+    site: str
+    plan: Plan
+    model_version: int
+    extras: Mapping[str, Vector] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """A site's evaluation of a model on its held-out windows, as sums that add up across sites."""
+
+    site: str
+    loss_sum: float
+    correct: int
+    targets: int

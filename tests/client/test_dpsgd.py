@@ -14,6 +14,7 @@ from confide.core import Layout, Plan
 from confide.errors import ConfigError
 from confide.models import build_model
 from confide.privacy.accountant import PrivacyAccountant
+from confide.randomness import SecretRandomness, SeededRandomness
 
 # torch.func has no batching rule for the fused attention and LSTM kernels and loops there, and says so.
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -61,7 +62,7 @@ def test_noise_free_step_is_the_mean_of_hand_clipped_gradients(kind: str) -> Non
     dp = DPSGD(net, max_grad_norm=clip_norm, noise_multiplier=0.0, optimizer=ClientOptimizer("sgd"))
     # batch_size = N makes the Poisson rate 1: every window is in the batch, and the mean is over N.
     plan = Plan(round=1, max_steps=1, batch_size=len(data), learning_rate=0.5, seed=0)
-    result = dp.fit(weights, data, plan, noise_seed=1)
+    result = dp.fit(weights, data, plan, SeededRandomness(1))
     assert result.steps == 1 and result.sampling_rate == 1.0
     np.testing.assert_allclose(result.delta, -0.5 * clipped.mean(axis=0), rtol=1e-4, atol=1e-7)
 
@@ -82,8 +83,8 @@ def test_noise_on_the_step_has_std_z_c_over_the_expected_batch() -> None:
     layout = Layout.of_module(net)
     weights = layout.read(net).copy()
     plan = Plan(round=1, max_steps=1, batch_size=len(data), learning_rate=1.0, seed=0)
-    clean = DPSGD(net, 0.1, 0.0, ClientOptimizer("sgd")).fit(weights, data, plan, noise_seed=3).delta
-    noisy = DPSGD(net, 0.1, 2.0, ClientOptimizer("sgd")).fit(weights, data, plan, noise_seed=3).delta
+    clean = DPSGD(net, 0.1, 0.0, ClientOptimizer("sgd")).fit(weights, data, plan, SeededRandomness(3)).delta
+    noisy = DPSGD(net, 0.1, 2.0, ClientOptimizer("sgd")).fit(weights, data, plan, SeededRandomness(3)).delta
     noise = (noisy - clean).astype(np.float64)
     variance = (2.0 * 0.1 / len(data)) ** 2  # (z C / expected batch)², times lr² = 1
     statistic = float(np.sum(noise**2)) / variance
@@ -98,8 +99,8 @@ def test_site_epsilon_grows_with_steps_and_follows_the_accountant() -> None:
     dp = DPSGD(net, max_grad_norm=1.0, noise_multiplier=1.1)
     accountant = record_accountant(len(data), delta=1e-5)
     plan = Plan(round=1, epochs=1, batch_size=5, learning_rate=0.1, seed=0)
-    first = dp.fit(weights, data, plan, accountant, noise_seed=4)
-    second = dp.fit(weights, data, plan, accountant, noise_seed=5)
+    first = dp.fit(weights, data, plan, SeededRandomness(4), accountant)
+    second = dp.fit(weights, data, plan, SeededRandomness(5), accountant)
     assert first.steps == 4 and first.sampling_rate == 0.25
     assert first.epsilon is not None and second.epsilon is not None
     assert 0 < first.epsilon < second.epsilon
@@ -108,18 +109,19 @@ def test_site_epsilon_grows_with_steps_and_follows_the_accountant() -> None:
     assert second.epsilon == pytest.approx(direct.epsilon(), rel=1e-12)
     assert np.isfinite(first.delta).all() and first.loss > 0
     with pytest.raises(ConfigError, match="'poisson'"):
-        dp.fit(weights, data, plan, PrivacyAccountant("rdp", "fixed", len(data), 1e-5))
+        dp.fit(weights, data, plan, SecretRandomness(), PrivacyAccountant("rdp", "fixed", len(data), 1e-5))
 
 
-def test_fit_is_reproducible_from_its_noise_seed_and_secret_without_one() -> None:
+def test_fit_repeats_only_with_insecure_seeded_noise_and_is_secret_otherwise() -> None:
     net = model()
     data = windows(12)
     weights = Layout.of_module(net).read(net).copy()
     dp = DPSGD(net, max_grad_norm=1.0, noise_multiplier=1.0)
     plan = Plan(round=1, batch_size=3, max_steps=3, learning_rate=0.1, seed=0)
-    a, b = dp.fit(weights, data, plan, noise_seed=9), dp.fit(weights, data, plan, noise_seed=9)
+    a, b = dp.fit(weights, data, plan, SeededRandomness(9)), dp.fit(weights, data, plan, SeededRandomness(9))
     np.testing.assert_array_equal(a.delta, b.delta)
-    assert not np.array_equal(dp.fit(weights, data, plan).delta, dp.fit(weights, data, plan).delta)
+    secret = [dp.fit(weights, data, plan, SecretRandomness()).delta for _ in range(2)]
+    assert not np.array_equal(*secret)
     with pytest.raises(ConfigError, match="max_grad_norm"):
         DPSGD(net, max_grad_norm=0.0, noise_multiplier=1.0)
 

@@ -11,7 +11,7 @@ import pytest
 
 from confide import config
 from confide.client.personalize import FEDREP_KEY, Personal
-from confide.client.site import SCAFFOLD_KEY
+from confide.client.site import SCAFFOLD_KEY, SiteKit
 from confide.client.state import MemorySiteState
 from confide.client.trainer import Trainer
 from confide.data.text import load_text
@@ -20,7 +20,8 @@ from confide.models import build_model, head_names
 from confide.runtime.federation import Federation, ServerState
 from confide.runtime.local import LocalBackend
 from confide.runtime.runner import Runner
-from confide.server.strategy import CONTROL_KEY, NormalizedMean, Strategy
+from confide.server.scaffold import CONTROL_KEY
+from confide.server.strategy import NormalizedMean, Strategy
 from tests.conftest import tiny_config
 from tests.quadratic import optimum, quadratic_problem
 from tests.runtime.test_runner import Crash, CrashAfter, metrics
@@ -30,10 +31,11 @@ def run_quadratic(rounds: int, **options: object) -> tuple[np.ndarray, MemorySit
     model, dataset, _, _ = quadratic_problem()
     trainer = Trainer(model)
     state_store = MemorySiteState()
-    backend = LocalBackend(dataset, trainer, personal=Personal(state_store, np.empty(0, dtype=np.int64)))
+    kit = SiteKit(trainer, Personal(state_store, np.empty(0, dtype=np.int64)))
+    backend = LocalBackend(dataset, kit)
     strategy = Strategy(sites_per_round=4, batch_size=8, epochs=100, seed=1, **options)  # type: ignore[arg-type]
-    state = ServerState(0, trainer.layout.read(model).copy(), strategy.init_state(trainer.layout.size))
     federation = Federation(strategy)
+    state = ServerState(0, trainer.layout.read(model).copy(), federation.init_state(trainer.layout.size))
     for _ in range(rounds):
         federation.round(state, backend)
     return state.weights, state_store, state
@@ -90,7 +92,7 @@ def test_fedrep_shares_only_the_body_and_keeps_each_head_at_its_site(text_corpus
     shared = layout.index(n for n in layout.names if n not in head)
     head_index = layout.index(head)
     sites = MemorySiteState()
-    backend = LocalBackend(dataset, trainer, personal=Personal(sites, head_index, head), shared=shared)
+    backend = LocalBackend(dataset, SiteKit(trainer, Personal(sites, head_index, head), shared=shared))
     strategy = Strategy(
         sites_per_round=3,
         max_steps=3,

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from confide.core import Update, Vector
+from confide.errors import ConfigError
+from confide.pipeline import Layer, RoundAbandoned, RoundContext, Traits
 from confide.runtime.federation import Federation, ServerState, SiteEvaluation, Task, summarize
 from confide.server.strategy import Strategy
 
@@ -90,28 +92,106 @@ def test_a_round_where_every_update_is_refused_leaves_the_model_unchanged() -> N
     np.testing.assert_array_equal(s.weights, np.full(4, 3, np.float32))
 
 
-class Tag:
-    """A layer that records the order in which it runs."""
-
-    reveals_individual_updates = True
+class Tag(Layer):
+    """A layer that records the order in which its hooks run."""
 
     def __init__(self, name: str, log: list[str]) -> None:
-        self.name, self.log = name, log
+        self.tag, self.log = name, log
 
-    def encode(self, update: Update, rng: np.random.Generator) -> Update:
-        self.log.append(f"encode {self.name}")
+    def begin(self, round: RoundContext) -> None:
+        self.log.append(f"begin {self.tag}")
+
+    def decode(self, update: Update, round: RoundContext) -> Update | None:
+        self.log.append(f"decode {self.tag}")
         return update
 
-    def decode(self, update: Update) -> Update:
-        self.log.append(f"decode {self.name}")
-        return update
+    def accept(self, update: Update, round: RoundContext) -> None:
+        self.log.append(f"accept {self.tag}")
+
+    def close(self, round: RoundContext) -> None:
+        self.log.append(f"close {self.tag}")
+
+    def finish(self, round: RoundContext) -> None:
+        self.log.append(f"finish {self.tag}")
 
 
-def test_server_decodes_layers_in_reverse_order() -> None:
+def test_server_runs_layers_in_stack_order_and_decodes_in_reverse() -> None:
     log: list[str] = []
     layers = [Tag("clip", log), Tag("protect", log)]
     Federation(Strategy(sites_per_round=1), layers).round(state(), ScriptedSites(honest))
-    assert log == ["decode protect", "decode clip"]
+    assert log == [
+        "begin clip",
+        "begin protect",
+        "decode protect",
+        "decode clip",
+        "accept clip",
+        "accept protect",
+        "close protect",
+        "close clip",
+        "finish clip",
+        "finish protect",
+    ]
+
+
+class Keep(Layer):
+    """A layer that keeps every update and adds their sum in close(), as secure aggregation does."""
+
+    name = "keep"
+    traits = Traits(hides_updates=True)
+
+    def __init__(self) -> None:
+        self.kept: list[Update] = []
+
+    def decode(self, update: Update, round: RoundContext) -> Update | None:
+        self.kept.append(update)
+        return None
+
+    def close(self, round: RoundContext) -> None:
+        total = np.sum([u.vector for u in self.kept], axis=0).astype(np.float32)
+        round.add_sum(total, [u.site for u in self.kept], {"examples": 99.0})
+
+
+def test_a_layer_that_keeps_updates_adds_only_their_sum_with_equal_weights() -> None:
+    s = state()
+    result = Federation(Strategy(sites_per_round=5), [Keep()]).round(s, ScriptedSites(honest))
+    np.testing.assert_allclose(s.weights, np.full(4, 15 / 5), rtol=1e-6)  # (1 + ... + 5) / 5 sites
+    assert result.participants == SITES and result.site_metrics == {} and result.num_examples == 99
+
+
+class Abandon(Layer):
+    name = "abandon"
+
+    def close(self, round: RoundContext) -> None:
+        raise RoundAbandoned("the protocol failed")
+
+
+def test_a_layer_that_abandons_the_round_leaves_the_model_and_charges_nothing() -> None:
+    s = state()
+    charged: list[int] = []
+    result = Federation(Strategy(sites_per_round=5), [Abandon()]).round(
+        s, ScriptedSites(honest), charge=lambda r, sites: charged.append(r)
+    )
+    assert result.abandoned == "the protocol failed; the model is unchanged"
+    assert charged == [] and s.round == 1
+    np.testing.assert_array_equal(s.weights, np.zeros(4, np.float32))
+
+
+def test_the_stack_check_names_the_layers_that_contradict_each_other() -> None:
+    class Needy(Layer):
+        name = "needy"
+        traits = Traits(needs_individual_updates=True)
+
+    class Fragile(Layer):
+        name = "fragile"
+        traits = Traits(needs_hidden_updates=True)
+
+    with pytest.raises(ConfigError, match=r"'needy' must see each site's own update, but 'keep'"):
+        Federation(Strategy(), [Needy(), Keep()])
+    with pytest.raises(ConfigError, match=r"'fragile' is safe only if .* add secure aggregation"):
+        Federation(Strategy(), [Fragile()])
+    with pytest.raises(ConfigError, match=r"'fragile' is safe only if"):
+        Federation(Strategy(), [Keep(), Fragile()])  # the hiding layer must come after it
+    Federation(Strategy(), [Fragile(), Keep()])
 
 
 def test_summary_pools_characters_and_reports_the_worst_decile() -> None:

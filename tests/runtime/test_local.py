@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from confide.client.site import SiteKit
 from confide.client.trainer import Trainer
 from confide.data.text import load_text
 from confide.models import build_model
@@ -26,7 +27,7 @@ def test_one_site_fedavg_round_equals_local_training(text_corpus: Path) -> None:
     weights = t.layout.read(t.model).copy()
     strategy = Strategy(sites_per_round=1, epochs=2, batch_size=4, learning_rate=0.2, seed=3)
     state = ServerState(round=0, weights=weights.copy())
-    Federation(strategy).round(state, LocalBackend(dataset, t))
+    Federation(strategy).round(state, LocalBackend(dataset, SiteKit(t)))
 
     (site,) = strategy.select(1, dataset.site_names)
     plan = strategy.plans(1, [site])[site]
@@ -40,7 +41,7 @@ def test_batched_evaluation_equals_site_by_site(text_corpus: Path) -> None:
     dataset = load_text(text_corpus)
     t = trainer()
     weights = t.layout.read(t.model).copy()
-    backend = LocalBackend(dataset, t, eval_batch_size=7)
+    backend = LocalBackend(dataset, SiteKit(t, eval_batch_size=7))
     sites = list(dataset.site_names)[1:4]
     for evaluation in backend.evaluate(weights, sites):
         scores = t.evaluate(weights, dataset.by_name(evaluation.site).test).sum(0)

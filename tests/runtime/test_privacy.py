@@ -68,13 +68,17 @@ def test_the_budget_stops_the_run_before_the_round_that_would_overspend(path: Pa
     assert [e[2] for e in runner.store.events()][-1] == "budget"
 
 
-def test_the_ledger_survives_a_kill_and_resume_without_double_counting(path: Path) -> None:
-    reference = start(path, *DP, "run.name=whole", "privacy.adaptive_clip=true", "privacy.bits_noise=2")
+REPRODUCIBLE = ("privacy.insecure_reproducible_noise=true",)
+
+
+def test_a_reproducible_simulation_resumes_exactly_without_double_counting(path: Path) -> None:
+    options = (*DP, *REPRODUCIBLE, "privacy.adaptive_clip=true", "privacy.bits_noise=2")
+    reference = start(path, *options, "run.name=whole")
     reference.run()
     expected = metrics(reference.store.run_dir)
     assert len({r["clip_norm"] for r in expected}) > 1  # adaptive clipping moved C
 
-    killed = start(path, *DP, "run.name=killed", "privacy.adaptive_clip=true", "privacy.bits_noise=2")
+    killed = start(path, *options, "run.name=killed")
     with pytest.raises(Crash):
         killed.run(CrashAfter(4, 3))  # after round 4's last site: its spend may or may not be recorded
     killed.store.close()
@@ -87,6 +91,24 @@ def test_the_ledger_survives_a_kill_and_resume_without_double_counting(path: Pat
     keys = ("round", "epsilon", "clip_norm", "loss", "accuracy")
     assert [tuple(r[k] for k in keys) for r in rows] == [tuple(r[k] for k in keys) for r in expected]
     assert [row[0] for row in resumed.store.ledger()] == [1, 2, 3, 4]
+
+
+def test_with_secret_noise_a_redone_round_is_charged_again(path: Path) -> None:
+    """A round redone after a crash draws fresh noise, so the server has seen two releases of it: both are
+    charged (the ledger keeps every charge, and the resumed accountant replays them all)."""
+    reference = start(path, *DP, "run.name=whole")
+    reference.run()
+    killed = start(path, *DP, "run.name=killed")
+    with pytest.raises(Crash):
+        killed.run(CrashAfter(4, 3))
+    # Round 3 was released after checkpoint 2; round 4 crashed before its charge, so it released nothing.
+    assert [row[0] for row in killed.store.ledger()] == [1, 2, 3]
+    killed.store.close()
+    resumed = Runner.resume(killed.store.run_dir)
+    resumed.run()
+    rounds = [row[0] for row in resumed.store.ledger()]
+    assert rounds == [1, 2, 3, *range(3, resumed.state.round + 1)]  # round 3 charged twice
+    assert metrics(resumed.store.run_dir)[-1]["epsilon"] > metrics(reference.store.run_dir)[-1]["epsilon"]
 
 
 def test_calibrated_noise_spends_the_budget_in_the_planned_rounds(path: Path) -> None:

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from confide import config
+from confide.client.site import SiteKit
 from confide.client.trainer import Trainer
 from confide.data.text import load_text
 from confide.errors import ConfigError
 from confide.models import build_model
-from confide.privacy.dp import DPMean
-from confide.runtime.federation import Federation, SecureAggregation, ServerState
+from confide.pipeline import Layer, Traits
+from confide.privacy.dp import EqualMean
+from confide.privacy.secure import SecAggLayer, SecureAggregation
+from confide.runtime.federation import Federation, ServerState
 from confide.runtime.local import LocalBackend
 from confide.runtime.runner import Runner
 from confide.server.strategy import Strategy
@@ -23,13 +26,19 @@ from tests.conftest import tiny_config
 from tests.runtime.test_runner import metrics
 
 
-def setup(text_corpus: Path, dropout: float = 0.0) -> tuple[LocalBackend, ServerState]:
+def setup(
+    text_corpus: Path, dropout: float = 0.0, layers: tuple[Layer, ...] = ()
+) -> tuple[LocalBackend, ServerState]:
     dataset = load_text(text_corpus)
     torch.manual_seed(0)
     trainer = Trainer(build_model("lstm", 97, hidden=8))
-    backend = LocalBackend(dataset, trainer, dropout=dropout, seed=5)
+    backend = LocalBackend(dataset, SiteKit(trainer, layers=layers), dropout=dropout, seed=5)
     state = ServerState(0, trainer.layout.read(trainer.model).copy())
     return backend, state
+
+
+def secure(settings: SecureAggregation | None = None) -> tuple[Layer, ...]:
+    return (SecAggLayer(settings or SecureAggregation()),)
 
 
 def run(backend: LocalBackend, state: ServerState, federation: Federation, rounds: int = 2) -> list[object]:
@@ -43,33 +52,31 @@ def test_secure_rounds_give_the_plain_mean_to_fixed_point_precision(
     common = {"sites_per_round": 6, "max_steps": 2, "batch_size": 4, "learning_rate": 0.5, "seed": 2}
     # Plain: every site weighs one, as under secure aggregation (which only ever sees the sum).
     plain_backend, plain = setup(text_corpus, dropout)
-    plain_results = run(plain_backend, plain, Federation(Strategy(aggregator=DPMean(), **common)))
-    backend, secure = setup(text_corpus, dropout)
-    from confide.client.secure import SecAggLayer
-
-    backend.layers = (SecAggLayer(backend.secure_sites),)
-    federation = Federation(Strategy(**common), secure=SecureAggregation(fractional_bits=24))
-    results = run(backend, secure, federation)
+    plain_results = run(plain_backend, plain, Federation(Strategy(aggregator=EqualMean(), **common)))
+    layers = secure(SecureAggregation(fractional_bits=24))
+    backend, hidden = setup(text_corpus, dropout, layers)
+    federation = Federation(Strategy(aggregator=EqualMean(), **common), layers)
+    results = run(backend, hidden, federation)
     for a, b in zip(plain_results, results, strict=True):
         assert a.abandoned is None and b.abandoned is None  # type: ignore[attr-defined]
-        assert sorted(a.site_metrics) == sorted(b.site_metrics)  # type: ignore[attr-defined]
+        assert a.participants == b.participants  # type: ignore[attr-defined]
+        assert b.site_metrics == {}  # type: ignore[attr-defined]  # nothing about one site in clear
+        # The sums travelled inside the masked vector: the same numbers, to fixed-point precision.
+        assert b.num_examples == a.num_examples  # type: ignore[attr-defined]
     if dropout:
-        assert min(len(r.site_metrics) for r in results) < 6  # type: ignore[attr-defined]
+        assert min(len(r.participants) for r in results) < 6  # type: ignore[attr-defined]
     # Each coordinate of the sum is rounded to 2^-24 per site; the mean moves by less than that.
-    np.testing.assert_allclose(secure.weights, plain.weights, rtol=0, atol=2 * 2.0**-24)
-    assert not np.array_equal(secure.weights, plain.weights)  # it really went through fixed point
+    np.testing.assert_allclose(hidden.weights, plain.weights, rtol=0, atol=2 * 2.0**-24)
+    assert not np.array_equal(hidden.weights, plain.weights)  # it really went through fixed point
     # The masked updates and the protocol's messages are counted on the wire.
     assert results[0].bytes_received > plain_results[0].bytes_received  # type: ignore[attr-defined]
 
 
 def test_fewer_survivors_than_the_threshold_abandon_the_round(text_corpus: Path) -> None:
-    from confide.client.secure import SecAggLayer
-
-    backend, state = setup(text_corpus, dropout=0.7)
-    backend.layers = (SecAggLayer(backend.secure_sites),)
+    backend, state = setup(text_corpus, dropout=0.7, layers=secure())
     before = state.weights.copy()
     strategy = Strategy(sites_per_round=6, max_steps=1, batch_size=4, seed=2)
-    result = Federation(strategy, secure=SecureAggregation()).round(state, backend)
+    result = Federation(strategy, backend.kit.layers).round(state, backend)
     assert result.abandoned is not None and "fewer than the threshold" in result.abandoned
     assert state.round == 1
     # What went out before the round failed still crossed the wire, and is counted.
@@ -100,7 +107,7 @@ def test_runs_with_authenticated_secure_aggregation_and_distributed_dp(
     events = [e for e in runner.store.events() if e[2] == "abandoned"]
     assert all(z <= 0.8 + 1e-12 for z in charged.values())
     assert any(z < 0.8 for z in charged.values()) or events
-    assert runner.federation.secure is not None and runner.federation.secure.registry is not None
+    assert runner.secure is not None and runner.secure.registry is not None
 
 
 @pytest.mark.parametrize(
@@ -126,12 +133,12 @@ def test_secure_aggregation_refuses_strategies_that_need_individual_values(
 
 
 def test_an_aggregator_that_needs_each_update_is_refused_under_secure_aggregation() -> None:
-    class Median(DPMean):
+    class Median(EqualMean):
         name = "median"
-        needs_individual_updates = True
+        traits = Traits(needs_individual_updates=True)
 
-    with pytest.raises(ConfigError, match=r"'median' must see each site's update, but secure aggregation"):
-        Federation(Strategy(aggregator=Median()), secure=SecureAggregation())
+    with pytest.raises(ConfigError, match=r"aggregator 'median' must see each site's own update, but 'sec"):
+        Federation(Strategy(aggregator=Median()), secure())
     Federation(Strategy(aggregator=Median()))  # without it, fine
 
 
@@ -146,13 +153,10 @@ def test_coordinates_clipped_by_the_fixed_point_range_are_reported(tmp_path: Pat
 
 
 def test_sites_that_diverge_under_secure_aggregation_drop_out_instead_of_crashing(text_corpus: Path) -> None:
-    from confide.client.secure import SecAggLayer
-
-    backend, state = setup(text_corpus)
-    backend.layers = (SecAggLayer(backend.secure_sites),)
+    backend, state = setup(text_corpus, layers=secure())
     before = state.weights.copy()
     strategy = Strategy(sites_per_round=6, max_steps=3, batch_size=4, learning_rate=float("inf"), seed=2)
-    result = Federation(strategy, secure=SecureAggregation()).round(state, backend)
+    result = Federation(strategy, backend.kit.layers).round(state, backend)
     # Every site's update is NaN, which has no fixed-point value: no site can send, so no sum can be unmasked.
     assert result.abandoned is not None
     np.testing.assert_array_equal(state.weights, before)

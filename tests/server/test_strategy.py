@@ -5,6 +5,7 @@ import pytest
 
 from confide.core import Update
 from confide.errors import ConfigError, UpdateError
+from confide.randomness import SecretRandomness
 from confide.server.strategy import Strategy, WeightedMean
 
 
@@ -22,7 +23,7 @@ def test_fedavg_equals_example_weighted_mean() -> None:
     state = agg.init(1001)
     for u in ups:
         agg.add(state, u)
-    got = agg.result(state)
+    got = agg.result(state, SecretRandomness())
     weights = np.array([u.num_examples for u in ups], dtype=np.float64)
     expected = (np.stack([u.vector for u in ups]).astype(np.float64) * weights[:, None]).sum(
         0
@@ -39,7 +40,7 @@ def test_aggregator_refuses_wrong_size_and_empty_rounds() -> None:
     with pytest.raises(UpdateError, match="at least one"):
         agg.add(state, Update("a", 1, 0, np.zeros(4, np.float32), 0))
     with pytest.raises(UpdateError, match="no update arrived"):
-        agg.result(state)
+        agg.result(state, SecretRandomness())
 
 
 def test_selection_is_seeded_per_round_and_sized() -> None:

@@ -21,15 +21,15 @@ kernels and loops over the windows there (with a one-time "performance drop" war
 step measured about 2x (GPT) and 12x (LSTM) the time of a plain one.
 
 Threat model: the update leaving the site is DP for the site's records only if the batch sampling and the
-noise are unknown to the receiver. They are drawn from ``noise_seed``; without one, from the ``secrets``
-module. Never derive it from the plan's seed in a deployment: the server chooses that seed.
+noise are unknown to the receiver. Both are drawn from the site's secret randomness
+(:class:`~confide.randomness.SecretRandomness`), never from the plan's seed, which the server chooses; Opacus'
+own noise generator is replaced by it (see :func:`_dp_optimizer`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +43,7 @@ from confide.client.trainer import ClientOptimizer, FitResult, split_window
 from confide.core import Layout, Plan, Vector
 from confide.errors import ConfigError
 from confide.privacy.accountant import PrivacyAccountant
+from confide.randomness import Randomness
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
@@ -56,11 +57,29 @@ def _dp_optimizer(
     # logging, so the import is undone here, where Opacus is first needed.
     handlers = list(logging.root.handlers)
     from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     logging.root.handlers[:] = handlers
+
+    class SecretNoiseDPOptimizer(DPOptimizer):
+        """Opacus' DP optimizer with its noise drawn from confide's randomness. Opacus draws from a torch
+        generator, whose state a seed determines; its secure mode needs torchcsprng, which no longer
+        builds. The clipping, accumulation and scaling stay Opacus' own."""
+
+        randomness: Randomness | None = None
+
+        def add_noise(self) -> None:
+            assert self.randomness is not None, "set the optimizer's randomness before a step"
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = self.randomness.normal(p.summed_grad.numel(), std)
+                p.grad = (p.summed_grad + torch.from_numpy(noise).view_as(p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
     # loss_reduction="mean": the noised sum of clipped gradients is divided by the *expected* batch size,
     # which Poisson sampling needs (the actual size is random, and dividing by it would leak it).
-    return DPOptimizer(
+    return SecretNoiseDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
@@ -149,11 +168,11 @@ class DPSGD:
         self._local = self.layout.zeros()
 
     def step_batch(
-        self, inputs: Tensor, targets: Tensor, expected_batch_size: float, generator: torch.Generator
+        self, inputs: Tensor, targets: Tensor, expected_batch_size: float, randomness: Randomness
     ) -> Tensor:
         """One DP-SGD step on a sampled batch (B, T), which may be empty; the per-window losses (B,).
 
-        ``generator`` draws the noise; ``expected_batch_size`` (q·n) divides the noised sum.
+        ``randomness`` draws the noise; ``expected_batch_size`` (q·n) divides the noised sum.
         """
         if len(inputs) > 0:
             gradients, losses = self.gradients(inputs, targets)
@@ -172,7 +191,7 @@ class DPSGD:
             seen.add(id(sample))
             param.grad_sample = sample  # type: ignore[attr-defined]
         self.dp_optimizer.expected_batch_size = expected_batch_size
-        self.dp_optimizer.generator = generator
+        self.dp_optimizer.randomness = randomness
         self.dp_optimizer.step()
         self.dp_optimizer.zero_grad(set_to_none=True)
         return losses
@@ -182,15 +201,15 @@ class DPSGD:
         weights: Vector,
         windows: np.ndarray,
         plan: Plan,
+        randomness: Randomness,
         accountant: PrivacyAccountant | None = None,
-        noise_seed: int | None = None,
     ) -> DPFitResult:
         """Train from ``weights`` on ``windows`` (N, T+1) with DP-SGD; return local − global and the privacy.
 
         As many steps as the Trainer would take (``epochs`` × ceil(N / batch_size), at most ``max_steps``),
         each on a Poisson sample of expected size ``batch_size``. The steps are spent on ``accountant`` (a
         site's :func:`record_accountant`, kept across rounds) when one is given. Dropout follows the plan's
-        seed; batch sampling and noise follow ``noise_seed`` (fresh secret entropy when None).
+        seed; batch sampling and noise come from ``randomness`` (the site's secret randomness).
         """
         if accountant is not None and accountant.sampling != "poisson":
             raise ConfigError(
@@ -206,16 +225,14 @@ class DPSGD:
         for group in self.optimizer.param_groups:
             group["lr"] = plan.learning_rate
         self.model.train()
-        seed = secrets.randbits(63) if noise_seed is None else noise_seed
-        generator = torch.Generator().manual_seed(seed)
         loss_total, counted = 0.0, 0
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.seed)  # dropout draws from the global generator: scope it to this fit
             for _ in range(steps):
-                chosen = torch.rand(n, generator=generator) < rate
-                inputs, targets = split_window(windows[chosen.numpy()])
-                losses = self.step_batch(inputs, targets, rate * n, generator)
+                chosen = randomness.uniform(n) < rate
+                inputs, targets = split_window(windows[chosen])
+                losses = self.step_batch(inputs, targets, rate * n, randomness)
                 loss_total += float(losses.sum())
                 counted += len(losses)
         seconds = time.perf_counter() - started

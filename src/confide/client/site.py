@@ -1,5 +1,10 @@
-"""What one site does with a task: train on its own windows as the plan's algorithm says, keep its own state,
-then pass its update through the site layers.
+"""One site: the one implementation of "a site answers a task" that every backend uses unchanged.
+
+A :class:`Site` trains on its own windows as the plan's algorithm says, keeps its own state, passes its
+update through the layers of the run's stack (clip, noise, mask), evaluates models on its held-out windows,
+and answers the protocol messages of layers that have them (secure aggregation). The local backend plays
+many Sites in one process; a deployed client is one Site behind a gRPC connection. A backend only moves what
+a Site takes and gives.
 
 The algorithms differ only in what the site adds to plain local training and what it sends besides its delta:
 
@@ -15,25 +20,35 @@ The algorithms differ only in what the site adds to plain local training and wha
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from confide.client.dpsgd import DPSGD, record_accountant
-from confide.client.personalize import FEDREP_KEY, Personal, train_ditto, train_head
+from confide.client.personalize import FEDREP_KEY, Personal, personal_weights, train_ditto, train_head
 from confide.client.state import MemorySiteState
 from confide.client.trainer import PLAIN, FitResult, Objective, Trainer
-from confide.core import Layer, Plan, Update, Vector, configure_layers
+from confide.core import (
+    COMPUTE_SECONDS,
+    LOSS_SUM,
+    STEPS,
+    Plan,
+    SiteEvaluation,
+    Task,
+    Update,
+    Vector,
+)
+from confide.data.dataset import SiteData
 from confide.errors import UpdateError
+from confide.pipeline import Layer, SiteContext
+from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream
+from confide.server.scaffold import CONTROL, CONTROL_DELTA
 
-LAYER_STREAM = 7
 DPSGD_STEPS_KEY = "dpsgd.steps"
 DPSGD_EPSILON_KEY = "dpsgd.epsilon"
 SCAFFOLD_KEY = "scaffold.control"
-CONTROL = "control"
-"""Name of SCAFFOLD's server control variate among a task's extras."""
-CONTROL_DELTA = "control_delta"
-"""Name of SCAFFOLD's control-variate change in an update's payload."""
+"""A site's own SCAFFOLD control variate c_i in its state."""
 
 
 def fednova_normalizer(steps: int, momentum: float) -> float:
@@ -53,6 +68,7 @@ def fit_private(
     plan: Plan,
     personal: Personal,
     metrics: dict[str, float],
+    randomness: Randomness,
 ) -> FitResult:
     """Local training with record-level DP-SGD; the site's epsilon for its own records goes into ``metrics``.
 
@@ -65,11 +81,8 @@ def fit_private(
     taken = int(before[0]) if before is not None else 0
     if taken and n:
         accountant.spend(dpsgd.noise_multiplier, min(1.0, plan.batch_size / n), taken)
-    # The batch sampling and noise must be secret from the server in a deployment; in simulation they follow
-    # the plan's seed so that a resumed run is identical.
-    result = dpsgd.fit(
-        weights, windows, plan, accountant, noise_seed=zlib.crc32(f"{plan.seed}:dpsgd".encode())
-    )
+    # The batch sampling and noise are secret from the server, which chose the plan's seed.
+    result = dpsgd.fit(weights, windows, plan, randomness, accountant)
     personal.state.put(site, DPSGD_STEPS_KEY, plan.round, np.array([taken + result.steps], dtype=np.float32))
     if result.epsilon is not None:
         metrics["record_epsilon"] = result.epsilon
@@ -84,18 +97,19 @@ def run_task(
     weights: Vector,
     plan: Plan,
     model_version: int,
-    layers: Sequence[Layer] = (),
     *,
     extras: Mapping[str, Vector] | None = None,
     personal: Personal | None = None,
     shared: np.ndarray | None = None,
     dpsgd: DPSGD | None = None,
+    randomness: Randomness | None = None,
 ) -> Update:
-    """Train from ``weights`` on ``windows`` and return the encoded update (layers in stack order).
+    """Train from ``weights`` on ``windows`` and return the update before any layer (the delta, its sums and
+    metrics, and what the algorithm sends besides).
 
     ``extras`` are the vectors the server sent with the task (SCAFFOLD's control variate); ``personal`` is the
     site's own state; ``shared`` the positions of the parameters the federation shares (FedRep sends only
-    those).
+    those); ``randomness`` the site's secret randomness (DP-SGD draws its batches and noise from it).
     """
     personal = personal or Personal(MemorySiteState(), np.empty(0, dtype=np.int64))
     extras = extras or {}
@@ -123,7 +137,9 @@ def run_task(
     if plan.record_clip > 0:
         if dpsgd is None:
             raise UpdateError(f"site {site!r} was asked for DP-SGD but has no DP-SGD trainer")
-        result = fit_private(dpsgd, site, windows, start, plan, personal, metrics)
+        result = fit_private(
+            dpsgd, site, windows, start, plan, personal, metrics, randomness or SecretRandomness()
+        )
     else:
         result = trainer.fit(start, windows, plan, objective)
     seconds += result.seconds
@@ -143,7 +159,7 @@ def run_task(
     elif plan.personalization == "ditto":
         seconds += train_ditto(trainer, site, windows, weights, plan, personal)
 
-    update = Update(
+    return Update(
         site=site,
         round=plan.round,
         num_examples=result.num_examples,
@@ -156,9 +172,101 @@ def run_task(
             **metrics,
         },
         payload=payload,
+        sums={
+            LOSS_SUM: result.num_examples * result.loss,
+            STEPS: float(result.steps),
+            COMPUTE_SECONDS: seconds,
+        },
     )
-    rng = np.random.default_rng([plan.seed, LAYER_STREAM])
-    configure_layers(layers, plan)
-    for layer in layers:
-        update = layer.encode(update, rng)
-    return update
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """What a site trains with: one per process, whether it plays one site (a deployment) or all of them."""
+
+    trainer: Trainer
+    personal: Personal = field(default_factory=lambda: Personal(MemorySiteState(), np.empty(0, np.int64)))
+    shared: np.ndarray | None = None
+    dpsgd: DPSGD | None = None
+    layers: tuple[Layer, ...] = ()
+    """The run's layer stack (clip, noise share, secure aggregation), as the config builds it on both
+    sides."""
+    eval_batch_size: int = 256
+    insecure_seed: int | None = None
+    """Only under ``privacy.insecure_reproducible_noise``: the run's seed, from which (with each plan's seed)
+    the site's noise is drawn so that a simulation repeats. None (always in a deployment): secret noise."""
+
+    def randomness(self, plan: Plan, stream: Stream) -> Randomness:
+        """The site's randomness for ``plan``: secret, unless the run is an insecure simulation."""
+        if self.insecure_seed is None:
+            return SecretRandomness()
+        return SeededRandomness([plan.seed, int(stream)])
+
+
+class Site:
+    """One site: its name, data, kit and protocol sessions; it answers tasks and protocol messages."""
+
+    def __init__(self, name: str, data: SiteData, kit: SiteKit) -> None:
+        self.name = name
+        self.data = data
+        self.kit = kit
+        self.sessions: dict[str, object] = {}
+        """Protocol state of the layers that keep one (secure aggregation), by layer name."""
+
+    def train(self, weights: Vector, task: Task) -> Update:
+        """Train on the task and return the update, encoded by every layer of the stack in order."""
+        kit, plan = self.kit, task.plan
+        update = run_task(
+            kit.trainer,
+            self.name,
+            self.data.train,
+            weights,
+            plan,
+            task.model_version,
+            extras=task.extras,
+            personal=kit.personal,
+            shared=kit.shared,
+            dpsgd=kit.dpsgd,
+            randomness=kit.randomness(plan, Stream.DPSGD),
+        )
+        context = SiteContext(self.name, plan, kit.randomness(plan, Stream.SITE_NOISE), self.sessions)
+        for layer in kit.layers:
+            update = layer.encode(update, context)
+        return update
+
+    def evaluate(self, weights: Vector, plan: Plan | None = None) -> SiteEvaluation:
+        """Sums of loss, correct predictions and targets of ``weights`` (or, with a personalizing ``plan``,
+        of this site's personalization of them) on the site's held-out windows."""
+        kit = self.kit
+        if plan is not None and plan.personalization != "none":
+            site_plan = replace(plan, seed=zlib.crc32(f"{plan.seed}:{self.name}".encode()))
+            weights = personal_weights(
+                kit.trainer, self.name, self.data.train, weights, site_plan, kit.personal
+            )
+        loss_sum, correct, targets = kit.trainer.evaluate(weights, self.data.test, kit.eval_batch_size).sum(0)
+        return SiteEvaluation(self.name, float(loss_sum), int(correct), int(targets))
+
+    def answer(self, data: bytes) -> bytes:
+        """The answer to one protocol message from the server (empty when none is due)."""
+        for layer in self.kit.layers:
+            answer: Callable[[bytes, str, dict[str, object]], bytes] | None = getattr(layer, "answer", None)
+            if answer is not None:
+                return answer(data, self.name, self.sessions)
+        raise UpdateError(
+            f"site {self.name!r} got a protocol message, but its run has no layer that exchanges messages"
+        )
+
+
+def evaluate_many(kit: SiteKit, sites: Sequence[Site], weights: Vector) -> list[SiteEvaluation]:
+    """Every site's evaluation of the same global ``weights``, computed in large batches across the sites and
+    split back per site: the sums equal each site's own :meth:`Site.evaluate`, much faster in one process."""
+    parts = [site.data.test for site in sites]
+    if not parts:
+        return []
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    scores = kit.trainer.evaluate(weights, np.concatenate(parts), kit.eval_batch_size)
+    sums = np.add.reduceat(scores, starts, axis=0)
+    return [
+        SiteEvaluation(site.name, float(loss_sum), int(correct), int(targets))
+        for site, (loss_sum, correct, targets) in zip(sites, sums, strict=True)
+    ]

@@ -7,9 +7,9 @@ from :mod:`confide.privacy.accountant`. The unit of privacy is a whole site, wit
 
 Where the noise is added decides whom it protects against:
 
-* **central** (:class:`CentralNoise`, :class:`DPMean`): the aggregator sees every clipped update and adds
-  N(0, (zC)²) to their sum. It protects the released models against everyone but the aggregator, which is
-  trusted.
+* **central** (:class:`CentralDP` around :class:`EqualMean`): the aggregator sees every clipped update and
+  adds N(0, (zC)²) to their sum. It protects the released models against everyone but the aggregator, which
+  is trusted.
 * **distributed** (:class:`DistributedNoiseLayer`): each of n sites adds N(0, (zC)²/n) to its own clipped
   update, so the sum carries the full N(0, (zC)²). One site's vector carries only 1/√n of the noise and is
   *not* protected by itself, so distributed noise must be followed by a layer that shows the server only
@@ -17,31 +17,30 @@ Where the noise is added decides whom it protects against:
 
 Aggregation must weight the sites equally. FedAvg weights each update by its number of examples, which
 would let one large site move the mean by more than C / (number of sites) and break the sensitivity
-bound. :class:`DPMean` is the aggregator to use: the unweighted sum, noised, over a fixed denominator.
+bound. :class:`EqualMean` is the aggregator to use: the unweighted sum, noised, over a fixed denominator.
 
 Adaptive clipping (Andrew et al. 2021, :class:`AdaptiveClip`) moves C towards a quantile of the update norms
 from a noised count of the sites whose update was not clipped; the noise on that count is part of the
 budget (see :func:`confide.privacy.accountant.combined_noise`).
 
-Threat-model notes the runtime must honour:
-
-* Noise is only as secret as its generator. Noise drawn from a seed the server knows (the plan's seed) can be
-  regenerated and subtracted by the server. That is fine in simulation; in a deployment, distributed noise
-  must come from the site's own entropy (``DistributedNoiseLayer(..., secret_seed=True)``).
-* Noise is added in float32, and floating-point Gaussian samplers leak through their low bits (Mironov 2012);
-  this module does not defend against that.
+Threat model: every noise here is drawn from secret randomness (:mod:`confide.randomness`), never from
+the run's seed, so no one who knows the config can regenerate it; only the insecure simulation setting
+``privacy.insecure_reproducible_noise`` seeds it. Noise is added in float32, and floating-point Gaussian
+samplers leak through their low bits (Mironov 2012); this module does not defend against that.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from confide.core import Plan, Update, Vector
 from confide.errors import ConfigError, UpdateError
+from confide.pipeline import Aggregator, Layer, RoundContext, SiteContext, Traits
+from confide.randomness import Randomness
 
 NORM_METRIC = "update_norm"
 """Metric key of an update's L2 norm before clipping."""
@@ -92,51 +91,60 @@ def clip(vector: Vector, clip_norm: float, out: Vector | None = None) -> tuple[V
     return result, norm
 
 
-class ClipLayer:
-    """Site side of DP-FedAvg: clip the update to ``clip_norm`` in place; the server side does nothing.
+UNCLIPPED = "unclipped"
+"""Sum key of the adaptive-clipping bit b_i = 1 when the update was no longer than the clip norm."""
 
-    With ``report`` the update's metrics carry its norm before clipping (:data:`NORM_METRIC`) and the clipping
-    bit (:data:`CLIPPED_METRIC`), for adaptive clipping and for monitoring. Metrics travel in clear: under
-    central DP the aggregator is trusted and sees each update anyway, but with distributed noise they must not
-    reach the server (:class:`DistributedNoiseLayer` removes them).
 
-    ``clip_norm`` may be set between rounds (adaptive clipping). Aggregate clipped updates with equal weights
-    (:class:`DPMean`), not by number of examples.
+class ClipLayer(Layer):
+    """Site-level DP's clipping: the site clips its update to ``clip_norm``; the server, where it can read
+    each update (central DP), clips it again, so a site that skips clipping still moves the sum by at most
+    C: the sensitivity bound must not rest on the sites' good will.
+
+    The site reports its norm before clipping and the clipping bit (:data:`NORM_METRIC`,
+    :data:`CLIPPED_METRIC`) as metrics, and the bit b_i = [norm <= C] as a sum (:data:`UNCLIPPED`) for
+    adaptive clipping. Metrics travel in clear only where the aggregator is trusted (central DP); under
+    distributed DP the noise layer removes them and secure aggregation carries only the sum of the bits.
+
+    The clip norm of a round comes in the plan (adaptive clipping moves it between rounds). Aggregate
+    clipped updates with equal weights (:class:`EqualMean`), not by number of examples.
     """
 
     name = "clip"
-    reveals_individual_updates = True
 
     def __init__(self, clip_norm: float, report: bool = True) -> None:
         _check_positive("clip_norm", clip_norm)
         self.clip_norm = float(clip_norm)
         self.report = report
 
-    def configure(self, plan: Plan) -> None:
-        """Take this round's clip norm from the plan (adaptive clipping moves it between rounds)."""
-        if plan.clip_norm > 0:
-            self.clip_norm = float(plan.clip_norm)
+    def _norm_for(self, plan: Plan) -> float:
+        return float(plan.clip_norm) if plan.clip_norm > 0 else self.clip_norm
 
-    def encode(self, update: Update, rng: np.random.Generator) -> Update:
+    def encode(self, update: Update, site: SiteContext) -> Update:
         if update.vector is None:
             raise UpdateError(
                 f"site {update.site!r}: clipping needs the update's vector, but a layer before it replaced "
                 "the vector by a protected payload; put clip first in the layer stack"
             )
-        _, norm = clip(update.vector, self.clip_norm, out=update.vector)
+        clip_norm = self._norm_for(site.plan)
+        _, norm = clip(update.vector, clip_norm, out=update.vector)
         if self.report:
             update.metrics[NORM_METRIC] = norm
-            update.metrics[CLIPPED_METRIC] = float(norm > self.clip_norm)
+            update.metrics[CLIPPED_METRIC] = float(norm > clip_norm)
+        update.sums[UNCLIPPED] = float(norm <= clip_norm)
         return update
 
-    def decode(self, update: Update) -> Update:
+    def decode(self, update: Update, round: RoundContext) -> Update | None:
+        if update.vector is not None:
+            task = round.tasks.get(update.site)
+            clip_norm = self._norm_for(task.plan) if task is not None else self.clip_norm
+            clip(update.vector, clip_norm, out=update.vector)
         return update
 
     def __repr__(self) -> str:
         return f"ClipLayer(clip_norm={self.clip_norm}, report={self.report})"
 
 
-class DistributedNoiseLayer:
+class DistributedNoiseLayer(Layer):
     """Each site adds N(0, (z·C)² / num_sites) to its clipped update, so the sum of num_sites updates carries
     N(0, (z·C)²), the noise of central DP-FedAvg.
 
@@ -144,23 +152,19 @@ class DistributedNoiseLayer:
     the sum carries the noise of multiplier :meth:`effective_noise_multiplier` (k) and must be accounted so.
     Set ``num_sites`` to the fewest sites that can complete a round, not to the number asked.
 
-    The server must see only the sum: ``requires_hidden_updates`` asks the configuration check for a layer
-    after this one whose ``reveals_individual_updates`` is False (secure aggregation). Secure aggregation
-    works on integers; quantising the noised vector to its field rounds the noise too, which the
-    secure-aggregation layer must account for (or use the discrete Gaussian, Kairouz et al. 2021).
+    The server must see only the sum, so the stack check asks for a later layer that hides updates (secure
+    aggregation). Secure aggregation works on integers; quantising the noised vector to its field rounds the
+    noise too, which the secure-aggregation layer must account for (or use the discrete Gaussian, Kairouz et
+    al. 2021).
 
-    The noise comes from the ``rng`` the site passes to :meth:`encode`, which is reproducible in simulation.
-    A deployment must use ``secret_seed=True``: each encode then draws from a generator seeded by the
-    ``secrets`` module, so that no one who knows the plan's seed can subtract the noise.
+    Threat model: the noise is drawn from the site's secret randomness (:mod:`confide.randomness`), so the
+    server, which chose every seed of the run, cannot regenerate and subtract it.
     """
 
     name = "distributed_noise"
-    reveals_individual_updates = True
-    requires_hidden_updates = True
+    traits = Traits(needs_hidden_updates=True)
 
-    def __init__(
-        self, clip_norm: float, noise_multiplier: float, num_sites: int, secret_seed: bool = False
-    ) -> None:
+    def __init__(self, clip_norm: float, noise_multiplier: float, num_sites: int) -> None:
         _check_positive("clip_norm", clip_norm)
         _check_noise(noise_multiplier)
         if isinstance(num_sites, bool) or not isinstance(num_sites, int) or num_sites < 1:
@@ -170,23 +174,17 @@ class DistributedNoiseLayer:
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.num_sites = num_sites
-        self.secret_seed = secret_seed
 
-    @property
-    def std(self) -> float:
+    def std(self, clip_norm: float | None = None) -> float:
         """Standard deviation of one site's share of the noise, per coordinate."""
-        return self.noise_multiplier * self.clip_norm / math.sqrt(self.num_sites)
+        c = self.clip_norm if clip_norm is None else clip_norm
+        return self.noise_multiplier * c / math.sqrt(self.num_sites)
 
     def effective_noise_multiplier(self, reported: int) -> float:
         """The noise multiplier of a sum of ``reported`` sites' updates: z·sqrt(reported / num_sites)."""
         return self.noise_multiplier * math.sqrt(reported / self.num_sites)
 
-    def configure(self, plan: Plan) -> None:
-        """Take this round's clip norm from the plan: the noise is in units of it."""
-        if plan.clip_norm > 0:
-            self.clip_norm = float(plan.clip_norm)
-
-    def encode(self, update: Update, rng: np.random.Generator) -> Update:
+    def encode(self, update: Update, site: SiteContext) -> Update:
         if update.vector is None:
             raise UpdateError(
                 f"site {update.site!r}: distributed noise needs the update's vector, but a layer before it "
@@ -195,32 +193,27 @@ class DistributedNoiseLayer:
         # The server may be curious under distributed DP: a clear norm or clipping bit would bypass the noise.
         update.metrics.pop(NORM_METRIC, None)
         update.metrics.pop(CLIPPED_METRIC, None)
-        if self.secret_seed:
-            rng = np.random.default_rng(secrets.randbits(128))
-        noise = rng.standard_normal(update.vector.size, dtype=np.float32)
-        noise *= np.float32(self.std)
-        update.vector += noise
-        return update
-
-    def decode(self, update: Update) -> Update:
+        clip_norm = float(site.plan.clip_norm) if site.plan.clip_norm > 0 else self.clip_norm
+        update.vector += site.randomness.normal(update.vector.size, self.std(clip_norm))
         return update
 
     def __repr__(self) -> str:
         return (
             f"DistributedNoiseLayer(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier}, "
-            f"num_sites={self.num_sites}, secret_seed={self.secret_seed})"
+            f"num_sites={self.num_sites})"
         )
 
 
 class CentralNoise:
-    """The aggregator's noise: N(0, (z·C)²) on the SUM of the clipped updates.
+    """The aggregator's noise: N(0, (z·C)²) on the SUM of the clipped updates, which on a result that one
+    site moves by at most ``sensitivity`` is N(0, (z·sensitivity)²).
 
     Divide the noised sum by a fixed denominator, the expected number of sites per round (McMahan et al.
     2018's fixed-denominator estimator f̃_f): the mean then moves by at most C / denominator when one site is
     added or removed, and the noise scales with it. Dividing by the number of sites that actually reported
     keeps the guarantee only when that number is no secret, as with fixed-size sampling (every round draws
     the same count, and sites that drop out only make the sum smaller); under Poisson sampling the count
-    itself depends on who took part, so use the expected count (as :class:`DPMean` does when given one).
+    itself depends on who took part, so use the expected count (as :class:`EqualMean` does when given one).
     """
 
     def __init__(self, clip_norm: float, noise_multiplier: float) -> None:
@@ -233,13 +226,6 @@ class CentralNoise:
     def std(self) -> float:
         return self.noise_multiplier * self.clip_norm
 
-    def add(self, sum_vector: Vector, rng: np.random.Generator) -> Vector:
-        """Add the noise to ``sum_vector`` in place, and return it."""
-        noise = rng.standard_normal(sum_vector.size, dtype=np.float32)
-        noise *= np.float32(self.std)
-        sum_vector += noise
-        return sum_vector
-
     def __repr__(self) -> str:
         return f"CentralNoise(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier})"
 
@@ -250,22 +236,21 @@ class SumState:
     count: int = 0
 
 
-class DPMean:
-    """DP-FedAvg's aggregator: the equally weighted sum of clipped updates, noised, over a denominator.
+class EqualMean:
+    """DP-FedAvg's aggregator: the equally weighted sum of clipped updates over a denominator.
 
-    Same shape as :class:`confide.server.strategy.WeightedMean` (``init``, ``add``, ``result``), but every
-    site weighs 1 whatever its number of examples, and ``result`` adds the central noise (when given) to the
-    sum before dividing. ``expected_sites`` is the fixed denominator (sites per round, or q × population);
-    None divides by the number of updates that arrived (see :class:`CentralNoise` for when that is safe).
+    Every site weighs 1 whatever its number of examples (an example-weighted mean would let one large site
+    move the result by more than C / sites). ``expected_sites`` is the fixed denominator (sites per round,
+    or q × population); None divides by the number of updates that arrived (see :class:`CentralNoise` for
+    when that is safe).
     """
 
-    name = "dp_mean"
-    needs_individual_updates = False
+    name = "equal_mean"
+    traits = Traits()
 
-    def __init__(self, noise: CentralNoise | None = None, expected_sites: float | None = None) -> None:
+    def __init__(self, expected_sites: float | None = None) -> None:
         if expected_sites is not None:
             _check_positive("expected_sites", expected_sites)
-        self.noise = noise
         self.expected_sites = expected_sites
 
     def init(self, size: int) -> SumState:
@@ -282,16 +267,55 @@ class DPMean:
         state.total += total
         state.count += count
 
-    def result(self, state: SumState, rng: np.random.Generator | None = None) -> Vector:
-        if self.noise is not None:
-            if rng is None:
-                raise ValueError("DPMean.result adds central noise and needs a random generator")
-            self.noise.add(state.total, rng)
+    def result(self, state: SumState, randomness: Randomness) -> Vector:
         denominator = self.expected_sites if self.expected_sites is not None else state.count
         if denominator == 0:
             raise UpdateError("no update arrived this round; there is nothing to aggregate")
         state.total /= np.float32(denominator)
         return state.total
+
+    def sensitivity(self, clip_norm: float) -> float | None:
+        return clip_norm / self.expected_sites if self.expected_sites is not None else None
+
+
+class CentralDP:
+    """Central DP around any aggregator whose sensitivity is bounded: its result plus Gaussian noise of
+    standard deviation z times that sensitivity, drawn from the server's secret randomness.
+
+    Threat model: the aggregator sees every clipped update and is trusted; the noise protects the released
+    models against everyone else (sites, and whoever receives the model). Because the noise is added after
+    aggregation, validation and robust aggregation run before it, on the clear updates.
+    """
+
+    def __init__(self, inner: Aggregator, noise: CentralNoise) -> None:
+        if inner.sensitivity(1.0) is None:
+            raise ConfigError(
+                f"central DP needs an aggregator whose result one site moves by a bounded amount; "
+                f"{inner.name!r} weighs sites unequally: use equal weights with a fixed denominator"
+            )
+        self.inner = inner
+        self.noise = noise
+        self.name = f"central_dp({inner.name})"
+        self.traits = inner.traits
+
+    def init(self, size: int) -> Any:
+        return self.inner.init(size)
+
+    def add(self, state: Any, update: Update) -> None:
+        self.inner.add(state, update)
+
+    def add_sum(self, state: Any, total: Vector, count: int) -> None:
+        self.inner.add_sum(state, total, count)
+
+    def result(self, state: Any, randomness: Randomness) -> Vector:
+        result = self.inner.result(state, randomness)
+        sensitivity = self.inner.sensitivity(self.noise.clip_norm)
+        assert sensitivity is not None
+        result += randomness.normal(result.size, self.noise.noise_multiplier * sensitivity)
+        return result
+
+    def sensitivity(self, clip_norm: float) -> float | None:
+        return self.inner.sensitivity(clip_norm)
 
 
 @dataclass(frozen=True)
@@ -338,11 +362,12 @@ class AdaptiveClip:
         self,
         sum_of_bits: float,
         num_sites: int,
-        rng: np.random.Generator,
+        randomness: Randomness,
         expected_sites: float | None = None,
     ) -> AdaptiveClip:
-        """The next state, from the clear sum of the ``num_sites`` bits of this round (central placement)."""
-        noised = sum_of_bits + rng.normal(0.0, self.bits_noise)
+        """The next state, from the clear sum of the ``num_sites`` bits of this round (central placement):
+        the aggregator adds N(0, sigma_b²) from its secret randomness."""
+        noised = sum_of_bits + float(randomness.normal(1, self.bits_noise)[0])
         return self.update_noised(noised, num_sites, expected_sites)
 
     def update_noised(

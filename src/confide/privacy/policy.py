@@ -18,10 +18,18 @@ from typing import Any
 
 import numpy as np
 
-from confide.core import Layer
 from confide.errors import ConfigError
+from confide.pipeline import Aggregator, Layer
 from confide.privacy.accountant import LedgerEntry, PrivacyAccountant, calibrate_noise, combined_noise
-from confide.privacy.dp import AdaptiveClip, CentralNoise, ClipLayer, DistributedNoiseLayer, DPMean
+from confide.privacy.dp import (
+    AdaptiveClip,
+    CentralDP,
+    CentralNoise,
+    ClipLayer,
+    DistributedNoiseLayer,
+    EqualMean,
+)
+from confide.randomness import Randomness
 
 CLIP_KEY = "dp.clip_norm"
 """The adaptive clip norm in the server state (a one-value vector, so it is checkpointed with the model)."""
@@ -85,7 +93,8 @@ class SiteDP:
         else:
             self.noise_share = DistributedNoiseLayer(clip_norm, update_noise, self.share_sites)
             self.layers = (self.clip, self.noise_share)
-        self.aggregator = DPMean(self.central, expected_sites=float(sites_per_round))
+        mean = EqualMean(expected_sites=float(sites_per_round))
+        self.aggregator: Aggregator = mean if self.central is None else CentralDP(mean, self.central)
 
     @classmethod
     def calibrated(
@@ -172,11 +181,13 @@ class SiteDP:
         for e in entries:
             self.accountant.spend(e.noise_multiplier, e.sample, e.steps)
 
-    def adapt(self, unclipped: float, reported: int, rng: np.random.Generator) -> float:
+    def adapt(self, unclipped: float, reported: int, randomness: Randomness) -> float:
         """Adaptive clipping after a round: move C from the noised count of unclipped updates."""
         if self.adaptive is None:
             return self.clip_norm
-        state = self.adaptive.update(unclipped, reported, rng, expected_sites=float(self.sites_per_round))
+        state = self.adaptive.update(
+            unclipped, reported, randomness, expected_sites=float(self.sites_per_round)
+        )
         # Kept at float32 precision, as the checkpoint keeps it, so a resumed run goes on from the same C.
         clip = float(np.float32(state.clip_norm))
         self.adaptive = replace(state, clip_norm=clip)

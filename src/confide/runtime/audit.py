@@ -27,11 +27,9 @@ from confide.config import Config
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset
 from confide.data.dataset import windows
 from confide.errors import ConfigError
+from confide.randomness import Stream, public_rng
 from confide.report import write_canary_report
 from confide.runtime.runner import Observer, Runner, load_dataset
-from confide.server.strategy import rng_for
-
-AUDIT_STREAM = 9
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ def audit_canaries(
         )
     if num_canaries < 1 or repeats < 1 or candidates < 10:
         raise ConfigError("the audit needs at least 1 canary, 1 repeat and 10 candidates")
-    rng = rng_for(config.run.seed, 0, AUDIT_STREAM)
+    rng = public_rng(config.run.seed, 0, Stream.AUDIT)
     dataset = load_dataset(config)
     if num_canaries > len(dataset.sites):
         raise ConfigError(

@@ -1,69 +1,33 @@
 """The round as messages: the one federation logic that every backend drives.
 
-The server side of a round is: select sites, send each a :class:`Task` with the global weights, take their
-updates as they arrive, undo the layers (in reverse stack order), fold each into the aggregator, and take
-one server-optimizer step. A backend only carries tasks to sites and updates back; it never decides
-anything, so the local simulation and a real deployment run exactly this code.
+The server side of a round is: select sites, let each layer begin the round (adjust the tasks, run the
+exchanges that precede training), send each site a :class:`~confide.core.Task` with the global weights,
+take their updates as they arrive through the layers in reverse stack order into the aggregator, let each
+layer close the round (secure aggregation unmasks the sum there), charge the privacy ledger, and take one
+server-optimizer step. A backend only carries tasks to sites and updates back; it never decides anything,
+so the local simulation and a real deployment run exactly this code. The federation knows no layer by name
+(:mod:`confide.pipeline`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from confide.client.secure import MASKED
-from confide.core import Layer, Plan, Update, Vector
-from confide.errors import ConfigError, UpdateError
-from confide.privacy.policy import CLIP_KEY
-from confide.privacy.secagg import (
-    MessageError,
-    SecAggAbort,
-    SecAggParams,
-    SecAggServer,
-    decode,
-    default_neighbours,
-)
-from confide.privacy.secagg.messages import Message
-from confide.server.strategy import CONTROL_KEY, Strategy, rng_for
-
-NOISE_STREAM = 6
-SECAGG_STREAM = 10
-"""The public session value of a round's secure aggregation (it fixes the neighbour graph)."""
-"""The random stream of noise the server adds (central DP), derived from (seed, round) like every other."""
+from confide.core import COMPUTE_SECONDS, EXAMPLES, LOSS_SUM, Plan, SiteEvaluation, Task, Update, Vector
+from confide.errors import UpdateError
+from confide.pipeline import Aggregator, Layer, RoundAbandoned, RoundContext, check_stack
+from confide.randomness import Randomness, SecretRandomness
+from confide.server.strategy import Strategy
+from confide.server.validate import ValidateLayer
 
 PLAN_HEADER_BYTES = 64
 """What a task costs on the wire besides the weights: round, seed, epochs, batch size, learning rate."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """What the server sends one site for one round: the plan, and with the global weights (carried by the
-    backend, shared by all tasks of the round) any extra vectors the algorithm needs (SCAFFOLD's c)."""
-
-    site: str
-    plan: Plan
-    model_version: int
-    extras: Mapping[str, Vector] = field(default_factory=dict)
-
-    def nbytes(self, weights: Vector, shared: np.ndarray | None = None) -> int:
-        sent = weights.nbytes if shared is None else shared.size * weights.itemsize
-        return sent + sum(v.nbytes for v in self.extras.values()) + PLAN_HEADER_BYTES
-
-
-@dataclass(frozen=True)
-class SiteEvaluation:
-    """A site's evaluation of a model on its held-out windows, as sums that add up across sites."""
-
-    site: str
-    loss_sum: float
-    correct: int
-    targets: int
-
-    nbytes: int = 48
+EVALUATION_BYTES = 48
 
 
 class Backend(Protocol):
@@ -90,25 +54,6 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SecureAggregation:
-    """Secure aggregation's settings for every round (see :class:`~confide.privacy.secagg.SecAggParams`)."""
-
-    neighbours: int = 0
-    threshold: int = 0
-    clip_range: float = 1.0
-    fractional_bits: int = 20
-    authenticated: bool = False
-    registry: Mapping[str, bytes] | None = None
-    """The sites' registered Ed25519 public keys (authenticated mode)."""
-
-    def params(self, sites: int) -> SecAggParams:
-        # A threshold set for more holders than a small round has is capped to that round's holders.
-        k = min(self.neighbours or default_neighbours(sites), sites - 1)
-        threshold = min(self.threshold, k + 1) if self.threshold else 0
-        return SecAggParams(sites, k, threshold, self.clip_range, self.fractional_bits, self.authenticated)
 
 
 @dataclass
@@ -142,9 +87,14 @@ class RoundResult:
     rejected: list[tuple[str, str]] = field(default_factory=list)
     """Sites whose update was refused this round, and why; the round went on without them."""
     abandoned: str | None = None
-    """Why the round was abandoned with the model unchanged (secure aggregation could not unmask the sum)."""
+    """Why the round was abandoned with the model unchanged (too few updates, a failed protocol)."""
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    """What each accepted site reported (training loss, steps, clipping bit, record-level epsilon, ...)."""
+    """What each site whose update the server could read reported (training loss, steps, clipping bit);
+    empty under secure aggregation, which shows the server only sums."""
+    participants: list[str] = field(default_factory=list)
+    """The sites whose updates are in the aggregate."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """The round's sums of what the sites reported (examples, steps, clipping bits, ...)."""
 
 
 class Observer(Protocol):
@@ -155,214 +105,201 @@ class Observer(Protocol):
     def site_done(self, round: int, site: str) -> None: ...
 
 
+Charge = Callable[[int, Sequence[str]], None]
+"""Spends a round on the privacy ledger, given the sites whose updates reached the aggregate."""
+
+
 class Federation:
-    """Runs rounds of a :class:`Strategy` over any :class:`Backend`, with a stack of layers."""
+    """Runs rounds of a :class:`Strategy` over any :class:`Backend`, through a stack of layers."""
 
     def __init__(
         self,
         strategy: Strategy,
-        layers: Sequence[Layer] = (),
-        secure: SecureAggregation | None = None,
+        layers: Sequence[Layer] | None = None,
+        aggregator: Aggregator | None = None,
         min_updates: int = 0,
+        randomness: Callable[[int], Randomness] | None = None,
     ) -> None:
+        """``layers``: the stack (default: the strategy's algorithm layers and validation); ``aggregator``
+        replaces the strategy's (central DP wraps it); ``randomness(round)`` is the server's secret
+        randomness for a round (seeded only in an insecure simulation)."""
         self.strategy = strategy
+        if layers is None:
+            layers = [*strategy.layers(), ValidateLayer()]
         self.layers = tuple(layers)
-        self.secure = secure
+        self.aggregator = aggregator or strategy.aggregator
         self.min_updates = min_updates
         """A round with fewer updates than this is abandoned before anything is spent (0: never)."""
-        hidden = secure is not None or any(not layer.reveals_individual_updates for layer in self.layers)
-        if hidden and getattr(strategy.aggregator, "needs_individual_updates", False):
-            raise ConfigError(
-                f"the aggregator {strategy.aggregator.name!r} must see each site's update, but secure "
-                "aggregation (or encryption) shows the server only their sum: use the mean, or an attested "
-                "aggregator that can run it inside an enclave"
-            )
+        self.randomness = randomness or (lambda round: SecretRandomness())
+        check_stack(self.layers, self.aggregator)
+
+    def init_state(self, size: int) -> dict[str, Vector]:
+        """The server state of a fresh run: the optimizer's and every layer's."""
+        state = self.strategy.init_state(size)
+        for layer in self.layers:
+            state.update(layer.init_state(size))
+        return state
 
     def round(
         self,
         state: ServerState,
         backend: Backend,
         observer: Observer | None = None,
-        charge: Callable[[int, int], None] | None = None,
+        charge: Charge | None = None,
+        population: int | None = None,
     ) -> RoundResult:
         """Run round ``state.round + 1`` and move ``state`` to its result, in place.
 
-        ``charge(round, reported)`` is called once every update is in and before the aggregate touches the
-        model, with the number of updates that reached it: the privacy accountant spends the round there, so
-        a crash can never leave a used result unaccounted. If it raises, the round is abandoned and ``state``
-        is unchanged.
+        ``charge(round, participants)`` is called once every update is in and before the aggregate touches
+        the model: the privacy accountant spends the round there, so a crash can never leave a used result
+        unaccounted. If it raises, the round is abandoned and ``state`` is unchanged.
         """
         started = time.perf_counter()
         r = state.round + 1
-        sites = self.strategy.select(r, backend.sites())
+        available = backend.sites()
+        sites = self.strategy.select(r, available)
         plans = self.strategy.plans(r, sites)
-        clip = state.optimizer_state.get(CLIP_KEY)
-        if clip is not None:  # adaptive clipping: this round's clip norm travels in the plan
-            plans = {site: replace(plan, clip_norm=float(clip[0])) for site, plan in plans.items()}
         if observer is not None:
             observer.round_started(r, sites)
-        extras = self.strategy.extras(state.optimizer_state)
-        tasks = [Task(site, plans[site], model_version=state.round, extras=extras) for site in sites]
-        expected = {t.site for t in tasks}
+        traffic = _Traffic()
         shared = self.strategy.shared
         size = state.weights.size if shared is None else shared.size
 
-        aggregator = self.strategy.aggregator
-        aggregate = aggregator.init(size)
-        scaffold = self.strategy.scaffold
-        controls = scaffold.init(state.weights.size) if scaffold is not None else None
-        seen: set[str] = set()
-        rejected: list[tuple[str, str]] = []
-        traffic = _Traffic()
-        # Each site whose update counts: its number of examples and the metrics it reported.
-        accepted: dict[str, tuple[int, dict[str, float]]] = {}
-        secure: SecAggServer | None = None
-        if self.secure is not None:
-            if len(sites) < 2:
-                reason = f"secure aggregation needs at least 2 sites and the round drew {len(sites)}"
-                return self._abandon(state, r, sites, started, reason, rejected, traffic)
-            session = rng_for(self.strategy.seed, r, SECAGG_STREAM).bytes(32)
-            params = self.secure.params(len(sites))
-            secure = SecAggServer(params, sites, r, size, session=session, registry=self.secure.registry)
-            # Keys and encrypted shares go round before the sites train (they do not depend on the update);
-            # if too few sites take part in them, the round ends here, before anyone trains for nothing.
-            try:
-                self._exchange(
-                    backend, secure, dict.fromkeys(sites, secure.setup().to_bytes()), rejected, traffic
+        def exchange(messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
+            traffic.sent += sum(len(m) for m in messages.values())
+            for site, answer in backend.exchange(messages):
+                traffic.received += len(answer)
+                yield site, answer
+
+        ctx = RoundContext(
+            round=r,
+            sites=sites,
+            tasks={site: Task(site, plans[site], model_version=state.round) for site in sites},
+            weights=state.weights,
+            server_state=state.optimizer_state,
+            exchange=exchange,
+            min_updates=self.min_updates,
+            randomness=self.randomness(r),
+            population=population if population is not None else len(available),
+            aggregator=self.aggregator,
+            aggregate=self.aggregator.init(size),
+            shared=shared,
+        )
+        try:
+            self._run(ctx, state, backend, traffic, observer)
+            reported = len(ctx.participants)
+            if reported < self.min_updates:
+                raise RoundAbandoned(
+                    f"only {reported} of {len(sites)} sites sent an update; a round needs at least "
+                    f"{self.min_updates}"
                 )
-                self._exchange(backend, secure, _bytes(secure.broadcast_keys()), rejected, traffic)
-                self._exchange(backend, secure, _bytes(secure.forward_shares()), rejected, traffic)
-            except SecAggAbort as e:
-                return self._abandon(state, r, sites, started, str(e), rejected, traffic)
-        traffic.sent += sum(t.nbytes(state.weights, shared) for t in tasks)
-        for update in backend.train(state.weights, tasks):
-            traffic.received += update.nbytes
-            try:
-                self._check(update, r, expected, seen)
-                for layer in reversed(self.layers):
-                    update = layer.decode(update)
-                if secure is not None:
-                    # The masked input joins the secure sum; only survivors' inputs will be in it.
-                    masked = update.payload.get(MASKED)
-                    if not isinstance(masked, np.ndarray):
-                        raise UpdateError(
-                            f"site {update.site!r} sent no masked input under secure aggregation"
-                        )
-                    secure.receive(update.site, decode(masked.tobytes()))
-                else:
-                    if update.vector is not None and not np.isfinite(update.vector).all():
-                        raise UpdateError(
-                            f"the update of site {update.site!r} holds NaN or infinite values "
-                            "(its local training diverged, or it is hostile)"
-                        )
-                    # Check everything before folding anything in, so a refused update leaves no trace.
-                    change = scaffold.check(update, state.weights.size) if scaffold is not None else None
-                    aggregator.add(aggregate, update)
-                    if scaffold is not None and controls is not None:
-                        scaffold.add(controls, change)
-            except UpdateError as e:
-                # A malformed or hostile update costs its site this round, never the run.
-                rejected.append((update.site, str(e)))
-                continue
-            except SecAggAbort as e:
-                return self._abandon(state, r, sites, started, str(e), rejected, traffic)
-            accepted[update.site] = (update.num_examples, dict(update.metrics))
-            if observer is not None:
-                observer.site_done(r, update.site)
-        if secure is not None:
-            try:
-                self._exchange(backend, secure, _bytes(secure.request_unmasking()), rejected, traffic)
-                total = secure.finish()
-            except SecAggAbort as e:
-                return self._abandon(state, r, sites, started, str(e), rejected, traffic)
-            accepted = {site: accepted[site] for site in total.survivors if site in accepted}
-            aggregator.add_sum(aggregate, total.vector, len(total.survivors))
-        if len(accepted) < self.min_updates:
-            reason = (
-                f"only {len(accepted)} of {len(sites)} sites sent an update; a round needs at least "
-                f"{self.min_updates}"
-            )
-            return self._abandon(state, r, sites, started, reason, rejected, traffic)
+        except RoundAbandoned as e:
+            return _abandoned(state, ctx, started, str(e), traffic)
         if charge is not None:
-            charge(r, len(accepted))
-        if accepted:
-            delta = aggregator.result(aggregate, rng_for(self.strategy.seed, r, NOISE_STREAM))
+            charge(r, ctx.participants)
+        if ctx.participants:
+            delta = self.aggregator.result(ctx.aggregate, ctx.randomness)
             if shared is not None:
                 full = np.zeros_like(state.weights)
                 full[shared] = delta
                 delta = full
+            ctx.delta = delta
             self.strategy.optimizer.step(state.weights, delta, state.optimizer_state)
-            if scaffold is not None and controls is not None:
-                scaffold.finish(state.optimizer_state[CONTROL_KEY], controls, len(backend.sites()))
+            for layer in self.layers:
+                layer.finish(ctx)
         state.round = r
-        examples = sum(n for n, _ in accepted.values())
-        loss_sum = sum(n * m.get("train_loss", float("nan")) for n, m in accepted.values())
-        return RoundResult(
-            round=r,
-            sites=sites,
-            num_examples=examples,
-            train_loss=loss_sum / examples if examples else float("nan"),
-            bytes_sent=traffic.sent,
-            bytes_received=traffic.received,
-            seconds=time.perf_counter() - started,
-            compute_seconds=sum(m.get("compute_seconds", 0.0) for _, m in accepted.values()),
-            rejected=rejected,
-            site_metrics={site: m for site, (_, m) in accepted.items()},
-        )
+        return _result(ctx, started, traffic)
 
-    @staticmethod
-    def _exchange(
-        backend: Backend,
-        secure: SecAggServer,
-        messages: Mapping[str, bytes],
-        rejected: list[tuple[str, str]],
-        traffic: _Traffic,
-    ) -> None:
-        """One step of secure aggregation over the backend. A site whose answer is refused counts as dropped
-        from that step on; the protocol decides if the round survives."""
-        traffic.sent += sum(len(m) for m in messages.values())
-        for site, answer in backend.exchange(messages):
-            traffic.received += len(answer)
-            try:
-                secure.receive(site, decode(answer))
-            except MessageError as e:
-                rejected.append((site, str(e)))
+    def _decode(self, update: Update, ctx: RoundContext) -> Update | None:
+        """The update through the layers in reverse stack order; None when a layer keeps it (secure
+        aggregation: it reaches the aggregate only summed, in close())."""
+        decoded: Update | None = update
+        for layer in reversed(self.layers):
+            if decoded is None:
+                break
+            decoded = layer.decode(decoded, ctx)
+        return decoded
 
-    @staticmethod
-    def _abandon(
+    def _run(
+        self,
+        ctx: RoundContext,
         state: ServerState,
-        round: int,
-        sites: list[str],
-        started: float,
-        reason: str,
-        rejected: list[tuple[str, str]],
+        backend: Backend,
         traffic: _Traffic,
-    ) -> RoundResult:
-        """The round ends without a result: the model stays as it was, and what was sent is still counted."""
-        state.round = round
-        return RoundResult(
-            round=round,
-            sites=sites,
-            num_examples=0,
-            train_loss=float("nan"),
-            bytes_sent=traffic.sent,
-            bytes_received=traffic.received,
-            seconds=time.perf_counter() - started,
-            rejected=rejected,
-            abandoned=f"{reason}; the model is unchanged",
+        observer: Observer | None,
+    ) -> None:
+        """The round up to its aggregate: begin, every update through the layers, close."""
+        for layer in self.layers:
+            layer.begin(ctx)
+        tasks = [ctx.tasks[site] for site in ctx.sites]
+        weights = state.weights if ctx.shared is None else state.weights[ctx.shared]
+        traffic.sent += sum(
+            weights.nbytes + sum(v.nbytes for v in t.extras.values()) + PLAN_HEADER_BYTES for t in tasks
         )
+        seen: set[str] = set()
+        for update in backend.train(state.weights, tasks):
+            traffic.received += update.nbytes
+            try:
+                _check(update, ctx.round, ctx.tasks, seen)
+                decoded = self._decode(update, ctx)
+                if decoded is not None:
+                    ctx.add(decoded)
+                    for layer in self.layers:
+                        layer.accept(decoded, ctx)
+            except UpdateError as e:
+                # A malformed or hostile update costs its site this round, never the run.
+                ctx.rejected.append((update.site, str(e)))
+                continue
+            if observer is not None:
+                observer.site_done(ctx.round, update.site)
+        for layer in reversed(self.layers):
+            layer.close(ctx)
 
-    @staticmethod
-    def _check(update: Update, round: int, expected: set[str], seen: set[str]) -> None:
-        if update.site not in expected:
-            raise UpdateError(
-                f"an update came from site {update.site!r}, which was not asked in round {round}"
-            )
-        if update.site in seen:
-            raise UpdateError(f"site {update.site!r} sent a second update in round {round}")
-        if update.round != round:
-            raise UpdateError(f"site {update.site!r} sent an update for round {update.round}, not {round}")
-        seen.add(update.site)
+
+def _check(update: Update, round: int, tasks: Mapping[str, Task], seen: set[str]) -> None:
+    if update.site not in tasks:
+        raise UpdateError(f"an update came from site {update.site!r}, which was not asked in round {round}")
+    if update.site in seen:
+        raise UpdateError(f"site {update.site!r} sent a second update in round {round}")
+    if update.round != round:
+        raise UpdateError(f"site {update.site!r} sent an update for round {update.round}, not {round}")
+    seen.add(update.site)
+
+
+def _result(ctx: RoundContext, started: float, traffic: _Traffic) -> RoundResult:
+    examples = ctx.sums.get(EXAMPLES, 0.0)
+    return RoundResult(
+        round=ctx.round,
+        sites=ctx.sites,
+        num_examples=round(examples),
+        train_loss=ctx.sums.get(LOSS_SUM, float("nan")) / examples if examples else float("nan"),
+        bytes_sent=traffic.sent,
+        bytes_received=traffic.received,
+        seconds=time.perf_counter() - started,
+        compute_seconds=ctx.sums.get(COMPUTE_SECONDS, 0.0),
+        rejected=ctx.rejected,
+        site_metrics=ctx.accepted,
+        participants=ctx.participants,
+        sums=dict(ctx.sums),
+    )
+
+
+def _abandoned(
+    state: ServerState, ctx: RoundContext, started: float, reason: str, traffic: _Traffic
+) -> RoundResult:
+    """The round ends without a result: the model stays as it was, and what was sent is still counted."""
+    state.round = ctx.round
+    return RoundResult(
+        round=ctx.round,
+        sites=ctx.sites,
+        num_examples=0,
+        train_loss=float("nan"),
+        bytes_sent=traffic.sent,
+        bytes_received=traffic.received,
+        seconds=time.perf_counter() - started,
+        rejected=ctx.rejected,
+        abandoned=f"{reason}; the model is unchanged",
+    )
 
 
 def summarize(
@@ -397,5 +334,3 @@ def summarize(
     return dict(metrics), per_site
 
 
-def _bytes(messages: Mapping[str, Message]) -> dict[str, bytes]:
-    return {site: m.to_bytes() for site, m in messages.items()}

@@ -9,7 +9,6 @@ exactly as an uninterrupted run computes them.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -18,43 +17,55 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
-from confide.client.dpsgd import DPSGD
-from confide.client.personalize import DITTO_KEY, FEDREP_KEY, Personal
-from confide.client.secure import SecAggLayer
+from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
-from confide.client.state import SiteState
-from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
-from confide.core import Layer, Layout
+from confide.core import Layout
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
 from confide.errors import DivergedError, StoreError
-from confide.models import CharModel, build_model, head_names
+from confide.models import CharModel
 from confide.privacy.accountant import LedgerEntry
-from confide.privacy.dp import CLIPPED_METRIC, AdaptiveClip
-from confide.privacy.policy import CLIP_KEY, SiteDP, expected_bits_noise
-from confide.privacy.secagg import keys
+from confide.privacy.policy import CLIP_KEY, SiteDP
+from confide.privacy.secure import SECAGG_CLIPPED
+from confide.randomness import Stream, public_rng
 from confide.runtime.federation import (
+    EVALUATION_BYTES,
     Backend,
     Federation,
     RoundResult,
-    SecureAggregation,
     ServerState,
     summarize,
 )
 from confide.runtime.local import LocalBackend
+from confide.runtime.stack import (
+    build_layers,
+    build_model_for,
+    build_secure,
+    build_site_dp,
+    build_site_kit,
+    build_strategy,
+    personal_parts,
+    server_randomness,
+)
 from confide.runtime.store import Store, StoreSiteState
-from confide.server.optim import ServerOptimizer
-from confide.server.strategy import EVAL_STREAM, Aggregator, Strategy, WeightedMean, rng_for
 
 log = logging.getLogger(__name__)
 
-MODEL_INIT_STREAM = 0
-DATA_STREAM = 4
-BITS_STREAM = 8
+__all__ = [
+    "Baseline",
+    "NullObserver",
+    "Observer",
+    "Runner",
+    "SiteInfo",
+    "build_model_for",
+    "build_site_dp",
+    "generate_text",
+    "load_dataset",
+    "stored_sites",
+]
 
 
 class Observer(Protocol):
@@ -109,105 +120,6 @@ class NullObserver:
         pass
 
 
-def build_model_for(config: Config, vocab_size: int) -> nn.Module:
-    """The config's model with the run's seeded initial weights (the same in every process)."""
-    options = {k: v for k, v in config.model.items() if k != "kind"}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(rng_for(config.run.seed, 0, MODEL_INIT_STREAM).integers(2**31 - 1)))
-        return build_model(config.model["kind"], vocab_size=vocab_size, **options)
-
-
-def build_strategy(
-    config: Config, shared: np.ndarray | None = None, aggregator: Aggregator | None = None
-) -> Strategy:
-    c, s, p = config.client, config.server, config.privacy
-    return Strategy(
-        sites_per_round=s.sites_per_round,
-        epochs=c.epochs,
-        max_steps=c.max_steps or None,
-        batch_size=c.batch_size,
-        learning_rate=c.learning_rate,
-        optimizer=ServerOptimizer(s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau),
-        seed=config.run.seed,
-        sampling=s.sampling,
-        aggregator=aggregator or WeightedMean(),
-        algorithm=s.strategy,
-        mu=s.mu,
-        personalization=c.personalization,
-        personal_steps=c.personal_steps,
-        personal_lambda=c.ditto_lambda,
-        personal_learning_rate=c.personal_learning_rate,
-        stragglers=c.stragglers,
-        min_work=c.min_work,
-        record_clip=p.record_clip if p.record_dp else 0.0,
-        record_noise=p.record_noise if p.record_dp else 0.0,
-        shared=shared,
-    )
-
-
-def build_secure(
-    config: Config, sites: Sequence[str], dp: SiteDP | None
-) -> tuple[SecureAggregation | None, dict[str, Ed25519PrivateKey]]:
-    """Secure aggregation's settings (None when off) and, in the authenticated mode, each simulated site's
-    long-term identity (the registry of their public keys goes to the server and to every site)."""
-    p = config.privacy
-    if not p.secure_aggregation:
-        return None, {}
-    clip_range = p.secagg_range
-    if not clip_range:
-        # A clipped update has no coordinate above C; under distributed DP each share of the noise adds
-        # z C / sqrt(m) of standard deviation, and 8 of those leave essentially nothing to clip.
-        clip_range = 1.0
-        if dp is not None:
-            spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
-            clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
-    identities: dict[str, Ed25519PrivateKey] = {}
-    registry = None
-    if p.secagg_authenticated:
-        identities = {site: keys.generate_identity() for site in sites}
-        registry = {site: keys.identity_public_bytes(key) for site, key in identities.items()}
-    settings = SecureAggregation(
-        p.secagg_neighbours, p.secagg_threshold, clip_range, p.secagg_bits, p.secagg_authenticated, registry
-    )
-    return settings, identities
-
-
-def build_site_dp(config: Config, population: int) -> SiteDP | None:
-    """The run's site-level DP policy, or None without ``privacy.dp``."""
-    p = config.privacy
-    if p.dp == "none":
-        return None
-    per_round = build_strategy(config).count(population)
-    adaptive = None
-    if p.adaptive_clip:
-        bits = p.bits_noise or expected_bits_noise(per_round)
-        adaptive = AdaptiveClip.init(p.clip_norm, p.target_quantile, p.clip_learning_rate, bits)
-    options: dict[str, Any] = {
-        "placement": p.dp,
-        "clip_norm": p.clip_norm,
-        "population": population,
-        "sites_per_round": per_round,
-        "sampling": config.server.sampling,
-        "accounting": p.accounting,
-        "delta": p.delta,
-        "adaptive": adaptive,
-    }
-    if p.calibrate:
-        return SiteDP.calibrated(p.target_epsilon, config.run.rounds, **options)
-    return SiteDP(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, **options)
-
-
-def personal_parts(
-    config: Config, model: nn.Module, layout: Layout
-) -> tuple[frozenset[str], np.ndarray | None]:
-    """FedRep's head (parameter names) and the positions of the shared body; without FedRep, no head."""
-    if config.client.personalization != "fedrep":
-        return frozenset(), None
-    prefixes = tuple(p.strip() for p in config.client.personal_layers.split(",") if p.strip())
-    head = head_names(model, prefixes)
-    return head, layout.index(n for n in layout.names if n not in head)
-
-
 @dataclass(frozen=True)
 class SiteInfo:
     """What the server knows of a site: its name, its group, and how many windows it trains and tests on."""
@@ -220,32 +132,6 @@ class SiteInfo:
 
 def stored_sites(store: Store) -> list[SiteInfo]:
     return [SiteInfo(*row) for row in store.db.execute("SELECT name, grp, num_train, num_test FROM sites")]
-
-
-@dataclass(frozen=True)
-class SiteKit:
-    """What a site trains with: one per process, whether it plays one site (a deployment) or all of them."""
-
-    trainer: Trainer
-    personal: Personal
-    shared: np.ndarray | None
-    dpsgd: DPSGD | None
-    layers: tuple[Layer, ...]
-    """The site layers of the run's privacy policy (clip, noise share); secure aggregation's masking is added
-    by whoever holds the sites' protocol state."""
-
-
-def build_site_kit(config: Config, model: nn.Module, dp: SiteDP | None, state: SiteState) -> SiteKit:
-    """The trainer, personal state, shared positions, DP-SGD and site layers of ``config`` for ``model``.
-    A deployed site builds exactly this from the config the server sends, so both sides agree."""
-    c, p = config.client, config.privacy
-    layout = Layout.of_module(model)
-    optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
-    trainer = Trainer(model, optimizer)
-    head, shared = personal_parts(config, model, layout)
-    personal = Personal(state, layout.index(head), head)
-    dpsgd = DPSGD(model, p.record_clip, p.record_noise, optimizer) if p.record_dp else None
-    return SiteKit(trainer, personal, shared, dpsgd, tuple(dp.layers) if dp is not None else ())
 
 
 @dataclass(frozen=True)
@@ -280,7 +166,7 @@ def load_dataset(config: Config) -> FederatedDataset:
         dataset = load_text(Path(d.path))
     if d.max_sites and d.max_sites < len(dataset.sites):
         keep = np.sort(
-            rng_for(config.run.seed, 0, DATA_STREAM).choice(len(dataset.sites), d.max_sites, replace=False)
+            public_rng(config.run.seed, 0, Stream.DATA).choice(len(dataset.sites), d.max_sites, replace=False)
         )
         dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
     options: dict[str, Any] = {}
@@ -320,42 +206,32 @@ class Runner:
         self.layout = Layout.of_module(self.model)
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
         secure, identities = build_secure(config, [s.name for s in self.sites], self.dp)
+        self.secure = secure
+        layers = build_layers(config, self.dp, secure, identities)
         _, shared = personal_parts(config, self.model, self.layout)
         if backend is None:
             assert dataset is not None
-            kit = build_site_kit(config, self.model, self.dp, StoreSiteState(store))
-            local = LocalBackend(
-                dataset,
-                kit.trainer,
-                eval_batch_size=config.eval.batch_size,
-                personal=kit.personal,
-                shared=kit.shared,
-                dpsgd=kit.dpsgd,
-                dropout=config.backend.dropout,
-                seed=config.run.seed,
-                identities=identities,
-                registry=secure.registry if secure else None,
-            )
-            layers = list(kit.layers)
-            if secure is not None:
-                layers.append(SecAggLayer(local.secure_sites))
-            local.layers = tuple(layers)
-            backend = local
+            kit = build_site_kit(config, self.model, layers, StoreSiteState(store))
+            backend = LocalBackend(dataset, kit, dropout=config.backend.dropout, seed=config.run.seed)
         self.backend: Backend = backend
-        self.strategy = build_strategy(config, shared, self.dp.aggregator if self.dp else None)
+        self.strategy = build_strategy(config, shared)
         # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
         self.deployed = not isinstance(backend, LocalBackend)
         min_updates = config.deploy.min_updates if self.deployed else 0
-        self.federation = Federation(self.strategy, secure=secure, min_updates=min_updates)
+        self.federation = Federation(
+            self.strategy,
+            layers,
+            aggregator=self.dp.aggregator if self.dp is not None else None,
+            min_updates=min_updates,
+            randomness=server_randomness(config),
+        )
         self.eval_sites = self._eval_sites()
         self.baseline = unigram_baseline(dataset, self.eval_sites) if dataset is not None else None
         self.state = ServerState(
             round=0,
             weights=self.layout.read(self.model),
-            optimizer_state=self.strategy.init_state(self.layout.size),
+            optimizer_state=self.federation.init_state(self.layout.size),
         )
-        if self.dp is not None and self.dp.adaptive is not None:
-            self.state.optimizer_state[CLIP_KEY] = np.array([self.dp.clip_norm], dtype=np.float32)
         self.stopped: str | None = None
         """Why the run stopped before its last round (the privacy budget), or None."""
 
@@ -409,9 +285,13 @@ class Runner:
             self.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
         store.rewind(self.state.round)
         if self.dp is not None:
-            # The ledger up to the checkpoint; later entries stay in the store and are met again when their
-            # rounds are redone, so nothing spent is lost and nothing is counted twice.
-            self.dp.replay([LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in store.ledger(self.state.round)])
+            # Every charge stays spent. With secret noise each release is a new one, so rounds after the
+            # checkpoint that were released before the crash stay charged and are charged again when they are
+            # redone. Only the insecure reproducible simulation redoes a round with the very same result,
+            # which then counts once (its entry is met again when the round is redone).
+            reproducible = self.config.privacy.insecure_reproducible_noise
+            up_to = self.state.round if reproducible else None
+            self.dp.replay([LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in store.ledger(up_to)])
             clip = self.state.optimizer_state.get(CLIP_KEY)
             if clip is not None and self.dp.adaptive is not None:
                 self.dp.adaptive = replace(self.dp.adaptive, clip_norm=float(clip[0]))
@@ -424,7 +304,7 @@ class Runner:
         k = self.config.eval.sites
         if k == 0 or k >= len(names):
             return names
-        chosen = rng_for(self.config.run.seed, 0, EVAL_STREAM).choice(len(names), k, replace=False)
+        chosen = public_rng(self.config.run.seed, 0, Stream.EVAL).choice(len(names), k, replace=False)
         return [names[i] for i in np.sort(chosen)]
 
     def run(self, observer: Observer | None = None) -> ServerState:
@@ -441,7 +321,7 @@ class Runner:
                 self._stop(reason, r - 1, observer)
                 break
             charge = self._charge if self.dp is not None else None
-            result = self.federation.round(self.state, self.backend, observer, charge)
+            result = self.federation.round(self.state, self.backend, observer, charge, len(self.sites))
             if result.abandoned is not None and self.deployed and retries < config.deploy.round_retries:
                 # Too few sites answered (or secure aggregation could not finish): nothing was applied or
                 # spent, so the same round is tried again once the sites have had time to come back.
@@ -478,29 +358,32 @@ class Runner:
         observer.run_finished(self)
         return self.state
 
-    def _charge(self, round: int, reported: int) -> None:
+    def _charge(self, round: int, participants: Sequence[str]) -> None:
         assert self.dp is not None
-        spent = self.dp.charge(round, reported)
-        self.store.record_spend(round, tuple(spent.entry), spent.epsilon, self.dp.delta)  # type: ignore[arg-type]
+        spent = self.dp.charge(round, len(participants))
+        self.store.record_spend(
+            round,
+            tuple(spent.entry),  # type: ignore[arg-type]
+            spent.epsilon,
+            self.dp.delta,
+            participants,
+            once_per_round=self.config.privacy.insecure_reproducible_noise,
+        )
 
     def _after_round(self, result: RoundResult) -> None:
-        """What the server does with a round's result besides the model: the adaptive clip norm, events for
-        what went wrong, and the round's row in the store."""
+        """What the server records of a round's result besides the model: events for what went wrong, and the
+        round's row in the store."""
         r = result.round
-        if self.dp is not None and self.dp.adaptive is not None:
-            unclipped = sum(1.0 - m.get(CLIPPED_METRIC, 0.0) for m in result.site_metrics.values())
-            rng = rng_for(self.config.run.seed, r, BITS_STREAM)
-            self.state.optimizer_state[CLIP_KEY][0] = self.dp.adapt(unclipped, len(result.site_metrics), rng)
         for site, reason in result.rejected:
             self.store.event("rejected", f"update of site {site} refused: {reason}", r)
         if result.abandoned is not None:
             self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
-        clipped = sum(m.get("secagg_clipped", 0.0) for m in result.site_metrics.values())
-        if clipped and self.federation.secure is not None:
-            bound = self.federation.secure.clip_range
+        clipped = round(result.sums.get(SECAGG_CLIPPED, 0.0))
+        if clipped and self.secure is not None:
+            bound = self.secure.clip_range
             message = (
-                f"round {r}: {int(clipped)} coordinates of the sites' updates lay outside the "
-                f"fixed-point range [-{bound:g}, {bound:g}] of secure aggregation and were clipped; "
+                f"round {r}: the updates of {clipped} sites had coordinates outside the fixed-point "
+                f"range [-{bound:g}, {bound:g}] of secure aggregation, which were clipped; "
                 "raise privacy.secagg_range"
             )
             self.store.event("secagg_clipped", message, r)
@@ -536,12 +419,12 @@ class Runner:
             raise DivergedError(message)
         eval_bytes = len(evaluations) * self.state.weights.nbytes
         totals["bytes_sent"] += eval_bytes
-        totals["bytes_received"] += sum(e.nbytes for e in evaluations)
+        totals["bytes_received"] += len(evaluations) * EVALUATION_BYTES
         personal: list[tuple[str, float, float, int]] = []
         personal_metrics: dict[str, float] = {}
         if self.strategy.personalization != "none":
             # The same sites evaluate their personalized models; the eval plan's seed is per round.
-            seed = int(rng_for(self.config.run.seed, result.round, EVAL_STREAM).integers(2**31 - 1))
+            seed = int(public_rng(self.config.run.seed, result.round, Stream.EVAL).integers(2**31 - 1))
             plan = self.strategy.plan(result.round, seed)
             personal_evals = list(self.backend.evaluate(self.state.weights, self.eval_sites, plan))
             pooled, personal = summarize(personal_evals)
@@ -557,12 +440,12 @@ class Runner:
             "compute_seconds": result.compute_seconds,
             "eval_seconds": time.perf_counter() - started,
             "bytes_sent": result.bytes_sent + eval_bytes,
-            "bytes_received": result.bytes_received + sum(e.nbytes for e in evaluations),
+            "bytes_received": result.bytes_received + len(evaluations) * EVALUATION_BYTES,
             "total_seconds": totals["seconds"],
             "total_bytes_sent": totals["bytes_sent"],
             "total_bytes_received": totals["bytes_received"],
             "eval_bytes_sent": eval_bytes,
-            "eval_bytes_received": sum(e.nbytes for e in evaluations),
+            "eval_bytes_received": len(evaluations) * EVALUATION_BYTES,
             "rejected_updates": len(result.rejected),
             **self._privacy_metrics(),
         }

@@ -31,7 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 from confide.errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_LEDGER_COLUMNS = "round, noise_multiplier, sampling, sample, steps, epsilon, delta, time"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,8 +52,9 @@ CREATE TABLE IF NOT EXISTS site_state (
   site TEXT NOT NULL, key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL,
   PRIMARY KEY (site, key, round));
 CREATE TABLE IF NOT EXISTS privacy_ledger (
-  round INTEGER PRIMARY KEY, noise_multiplier REAL NOT NULL, sampling TEXT NOT NULL, sample REAL NOT NULL,
-  steps INTEGER NOT NULL, epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL);
+  charge INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, noise_multiplier REAL NOT NULL,
+  sampling TEXT NOT NULL, sample REAL NOT NULL, steps INTEGER NOT NULL, epsilon REAL NOT NULL,
+  delta REAL NOT NULL, time REAL NOT NULL, participants TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER PRIMARY KEY, path TEXT NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
@@ -103,11 +105,27 @@ class Store:
             )
         store = cls(run_dir, _connect(path))
         version = store.meta("schema_version")
+        if version == "1":
+            store._migrate_from_1()
+            version = store.meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise StoreError(f"{path} has store schema {version}; this confide reads schema {SCHEMA_VERSION}")
         with store._tx() as db:
             db.executescript(_SCHEMA)  # tables added since the run was created (the schema only ever grows)
         return store
+
+    def _migrate_from_1(self) -> None:
+        """Schema 1 kept one ledger entry per round; schema 2 keeps one per charge (a round released twice
+        is charged twice), with the sites that took part. The old entries keep their order."""
+        with self._tx() as db:
+            db.execute("ALTER TABLE privacy_ledger RENAME TO privacy_ledger_v1")
+            db.executescript(_SCHEMA)
+            db.execute(
+                f"INSERT INTO privacy_ledger ({_LEDGER_COLUMNS}) "
+                "SELECT * FROM privacy_ledger_v1 ORDER BY round"
+            )
+            db.execute("DROP TABLE privacy_ledger_v1")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
@@ -275,23 +293,51 @@ class Store:
     # -- privacy ledger ------------------------------------------------------------------------------------
 
     def record_spend(
-        self, round: int, entry: tuple[float, str, float, int], epsilon: float, delta: float
-    ) -> None:
-        """Record what round ``round`` spent, committed before the round's result is used.
+        self,
+        round: int,
+        entry: tuple[float, str, float, int],
+        epsilon: float,
+        delta: float,
+        participants: Sequence[str] = (),
+        *,
+        once_per_round: bool = False,
+    ) -> bool:
+        """Record what a release of round ``round`` spent, committed before the round's result is used, and
+        return whether it was recorded.
 
-        The ledger is never rewound: a resumed run that redoes a round finds its entry already there (the
-        redone round, drawn from the same seed, releases the same result), so nothing is counted twice and
-        nothing spent is ever forgotten.
+        The ledger is never rewound. With secret noise every release is a new one: a round redone after a
+        crash or a retry draws fresh noise, and two releases of a round are two charges (their difference
+        would otherwise show the noise). ``once_per_round`` is for the insecure reproducible simulation,
+        where a redone round, drawn from the same seed, releases exactly the same result: its entry is kept
+        once.
         """
         noise, sampling, sample, steps = entry
         with self._tx() as db:
+            if (
+                once_per_round
+                and db.execute("SELECT 1 FROM privacy_ledger WHERE round = ?", (round,)).fetchone()
+            ):
+                return False
             db.execute(
-                "INSERT OR IGNORE INTO privacy_ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (round, noise, sampling, sample, steps, epsilon, delta, time.time()),
+                f"INSERT INTO privacy_ledger ({_LEDGER_COLUMNS}, participants) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    round,
+                    noise,
+                    sampling,
+                    sample,
+                    steps,
+                    epsilon,
+                    delta,
+                    time.time(),
+                    json.dumps(sorted(participants)),
+                ),
             )
+        return True
 
     def ledger(self, up_to: int | None = None) -> list[tuple[int, float, str, float, int, float]]:
-        """(round, noise multiplier, sampling, sample, steps, epsilon after it), oldest first."""
+        """(round, noise multiplier, sampling, sample, steps, epsilon after it) of every charge, oldest
+        first."""
         query = "SELECT round, noise_multiplier, sampling, sample, steps, epsilon FROM privacy_ledger"
         args: tuple[int, ...] = ()
         if up_to is not None:
@@ -299,8 +345,13 @@ class Store:
             args = (up_to,)
         return [
             (int(r), float(z), str(s), float(q), int(k), float(e))
-            for r, z, s, q, k, e in self.db.execute(query + " ORDER BY round", args)
+            for r, z, s, q, k, e in self.db.execute(query + " ORDER BY charge", args)
         ]
+
+    def ledger_participants(self) -> list[tuple[int, list[str]]]:
+        """(round, the sites whose updates reached the aggregate) of every charge, oldest first."""
+        rows = self.db.execute("SELECT round, participants FROM privacy_ledger ORDER BY charge")
+        return [(int(r), list(json.loads(p))) for r, p in rows]
 
     def site_values(self, key: str) -> dict[str, float]:
         """The first value of ``key`` in every site's newest state (e.g. each site's record-level epsilon)."""

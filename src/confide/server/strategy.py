@@ -13,54 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from confide.core import Plan, Update, Vector
 from confide.errors import ConfigError, UpdateError
+from confide.pipeline import Aggregator, Layer, Traits
+from confide.randomness import Randomness, Stream, public_rng
 from confide.server.optim import ServerOptimizer
-
-# Independent random streams derived from (seed, round, stream): never one long stream, so that round r
-# draws the same numbers whether or not rounds before it ran in this process.
-SELECT_STREAM = 1
-SITE_STREAM = 2
-EVAL_STREAM = 3
-STRAGGLER_STREAM = 5
+from confide.server.scaffold import ScaffoldLayer
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova")
 PERSONALIZATIONS = ("none", "ditto", "fedrep", "finetune")
-CONTROL_KEY = "scaffold.control"
-"""SCAFFOLD's server control variate c, kept in the server state beside the optimizer's (and checkpointed)."""
-
-
-def rng_for(seed: int, round: int, stream: int) -> np.random.Generator:
-    return np.random.default_rng([seed, round, stream])
-
-
-class Aggregator(Protocol):
-    """Folds updates into a running state as they arrive, then gives the round's aggregate delta.
-
-    ``rng`` serves aggregators that add noise (DP-FedAvg's central noise); the others ignore it.
-    ``needs_individual_updates`` is True for aggregators that must see each site's vector (robust ones),
-    which secure aggregation and encryption forbid.
-    """
-
-    name: str
-    needs_individual_updates: bool
-
-    def init(self, size: int) -> Any: ...
-
-    def add(self, state: Any, update: Update) -> None: ...
-
-    def add_sum(self, state: Any, total: Vector, count: int) -> None:
-        """Fold in the sum of ``count`` updates that only arrived summed (secure aggregation): each of those
-        sites weighs one, whatever its number of examples."""
-        ...
-
-    def result(self, state: Any, rng: np.random.Generator | None = None) -> Vector: ...
-
 
 @dataclass
 class MeanState:
@@ -73,7 +38,7 @@ class WeightedMean:
     """The example-weighted mean of the updates (FedAvg, McMahan et al. 2017, eq. for w_{t+1})."""
 
     name = "mean"
-    needs_individual_updates = False
+    traits = Traits()
 
     def init(self, size: int) -> MeanState:
         return MeanState(total=np.zeros(size, dtype=np.float32))
@@ -96,11 +61,14 @@ class WeightedMean:
         state.weight += count
         state.count += count
 
-    def result(self, state: MeanState, rng: np.random.Generator | None = None) -> Vector:
+    def result(self, state: MeanState, randomness: Randomness) -> Vector:
         if state.count == 0:
             raise UpdateError("no update arrived this round; there is nothing to aggregate")
         state.total /= np.float32(state.weight)
         return state.total
+
+    def sensitivity(self, clip_norm: float) -> float | None:
+        return None  # one site with many examples can move an example-weighted mean arbitrarily far
 
 
 @dataclass
@@ -119,6 +87,8 @@ class NormalizedMean(WeightedMean):
     """
 
     name = "fednova"
+    traits = Traits(needs_individual_updates=True)
+    """It divides each update by that site's own normalizer."""
 
     def init(self, size: int) -> NovaState:
         return NovaState(total=np.zeros(size, dtype=np.float32))
@@ -145,53 +115,11 @@ class NormalizedMean(WeightedMean):
     def add_sum(self, state: MeanState, total: Vector, count: int) -> None:
         raise UpdateError("FedNova needs each site's step count beside its update; it cannot use a bare sum")
 
-    def result(self, state: MeanState, rng: np.random.Generator | None = None) -> Vector:
+    def result(self, state: MeanState, randomness: Randomness) -> Vector:
         assert isinstance(state, NovaState)
-        mean = super().result(state)
+        mean = super().result(state, randomness)
         mean *= np.float32(state.tau / state.weight)
         return mean
-
-
-@dataclass
-class ControlSum:
-    """The running sum of SCAFFOLD's control-variate changes in one round."""
-
-    total: Vector
-    count: int = 0
-
-
-class Scaffold:
-    """The server side of SCAFFOLD (Karimireddy et al. 2020, Algorithm 1).
-
-    The server keeps c, the mean of all N sites' control variates, sends it with every task, and after the
-    round moves it by the sampled sites' changes: c <- c + (1/N) * sum_{i in S} (c_i+ - c_i), which keeps c
-    equal to the mean of every site's c_i (sites not sampled keep theirs).
-    """
-
-    def init(self, size: int) -> ControlSum:
-        return ControlSum(total=np.zeros(size, dtype=np.float32))
-
-    def check(self, update: Update, size: int) -> Vector | None:
-        change = update.payload.get("control_delta")
-        if change is None:
-            if update.metrics.get("steps", 0.0) == 0:
-                return None  # a site with nothing to train on leaves its control variate as it was
-            raise UpdateError(f"site {update.site!r} trained but sent no SCAFFOLD control-variate change")
-        if not (isinstance(change, np.ndarray) and change.dtype == np.float32 and change.shape == (size,)):
-            raise UpdateError(
-                f"site {update.site!r} sent a SCAFFOLD control change that is not {size} float32 values"
-            )
-        if not np.isfinite(change).all():
-            raise UpdateError(f"site {update.site!r} sent a SCAFFOLD control change with NaN or infinity")
-        return change
-
-    def add(self, state: ControlSum, change: Vector | None) -> None:
-        if change is not None:
-            torch.from_numpy(state.total).add_(torch.from_numpy(change))
-            state.count += 1
-
-    def finish(self, control: Vector, state: ControlSum, population: int) -> None:
-        control += state.total / np.float32(population)
 
 
 @dataclass(frozen=True, eq=False)
@@ -243,22 +171,13 @@ class Strategy:
         if self.algorithm == "fednova" and not isinstance(self.aggregator, NormalizedMean):
             object.__setattr__(self, "aggregator", NormalizedMean())
 
-    @property
-    def scaffold(self) -> Scaffold | None:
-        return Scaffold() if self.algorithm == "scaffold" else None
-
     def init_state(self, size: int) -> dict[str, Vector]:
-        """Fresh server state: the optimizer's, and SCAFFOLD's control variate (zero, as in the paper)."""
-        state = self.optimizer.init(size)
-        if self.algorithm == "scaffold":
-            state[CONTROL_KEY] = np.zeros(size, dtype=np.float32)
-        return state
+        """Fresh server state of the optimizer (layers add their own: see Layer.init_state)."""
+        return self.optimizer.init(size)
 
-    def extras(self, state: dict[str, Vector]) -> dict[str, Vector]:
-        """Vectors sent to every site with its task, besides the global weights."""
-        if self.algorithm == "scaffold":
-            return {"control": state[CONTROL_KEY]}
-        return {}
+    def layers(self) -> list[Layer]:
+        """The server's half of the local algorithm, as layers of the round (SCAFFOLD's control variates)."""
+        return algorithm_layers(self.algorithm)
 
     def count(self, available: int) -> int:
         if self.sites_per_round < 1:
@@ -269,7 +188,7 @@ class Strategy:
         """The sites of round ``round`` in a stable order: ``count`` drawn uniformly without replacement, or
         under Poisson sampling each site independently with probability count / sites (so the number varies,
         and may be zero)."""
-        rng = rng_for(self.seed, round, SELECT_STREAM)
+        rng = public_rng(self.seed, round, Stream.SELECT)
         if self.sampling == "poisson":
             rate = self.count(len(sites)) / len(sites)
             return [sites[int(i)] for i in np.flatnonzero(rng.random(len(sites)) < rate)]
@@ -277,10 +196,10 @@ class Strategy:
         return [sites[i] for i in np.sort(chosen)]
 
     def plans(self, round: int, sites: Sequence[str]) -> dict[str, Plan]:
-        seeds = rng_for(self.seed, round, SITE_STREAM).integers(0, 2**31 - 1, size=len(sites))
+        seeds = public_rng(self.seed, round, Stream.SITE_PLAN).integers(0, 2**31 - 1, size=len(sites))
         work = np.ones(len(sites))
         if self.stragglers > 0:
-            rng = rng_for(self.seed, round, STRAGGLER_STREAM)
+            rng = public_rng(self.seed, round, Stream.STRAGGLER)
             slow = rng.random(len(sites)) < self.stragglers
             work[slow] = rng.uniform(self.min_work, 1.0, size=int(slow.sum()))
         return {
@@ -292,6 +211,12 @@ class Strategy:
         return Plan(
             round=round, seed=seed, work=work, **{name: getattr(self, name) for name in PLAN_SETTINGS}
         )
+
+
+def algorithm_layers(algorithm: str) -> list[Layer]:
+    """The layers an algorithm adds to every round: what its sites send besides the update, and what the
+    server keeps of it between rounds."""
+    return [ScaffoldLayer()] if algorithm == "scaffold" else []
 
 
 PLAN_SETTINGS = tuple(

@@ -16,7 +16,6 @@ import random
 import threading
 import time
 import tomllib
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, replace
@@ -28,22 +27,19 @@ import numpy as np
 import torch
 
 import confide
-from confide.client.personalize import personal_weights
-from confide.client.secure import SecAggLayer, SecureSite
-from confide.client.site import run_task
+from confide.client.site import Site, SiteKit
 from confide.client.state import MemorySiteState
 from confide.config import Config, from_dict
-from confide.core import Layer, Layout
+from confide.core import Layout, Task
 from confide.data import DEFAULT_TOKENIZER
 from confide.data.dataset import WINDOW, SiteData, has_test_window, make_site, split_text
 from confide.data.text import read_sites
-from confide.errors import ConfideError, DataError, DeploymentError, UpdateError, WireError
-from confide.runtime.federation import SiteEvaluation, Task
+from confide.errors import ConfideError, DataError, DeploymentError, WireError
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.security import Credentials
 from confide.runtime.grpc.server import MODEL_WORK, FederationClient, channel_options
-from confide.runtime.runner import SiteKit, build_model_for, build_site_dp, build_site_kit
+from confide.runtime.stack import build_layers, build_model_for, build_secure, build_site_dp, build_site_kit
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +85,7 @@ class _Setup:
     key: tuple[str, int]
     config: Config
     layout: Layout
-    kit: SiteKit
-    layers: tuple[Layer, ...]
+    site: Site
 
 
 _Kit = tuple[Config, Layout, SiteKit]
@@ -238,7 +233,6 @@ class SiteClient:
         self.state = group.state if group is not None else MemorySiteState()
         """The site's own state (control variates, personal models): kept for the life of the process,
         across reconnections and server restarts."""
-        self.secure: dict[str, SecureSite] = {}
         self.setup: _Setup | None = None
         self.limit = 0
         self.done = 0
@@ -329,15 +323,15 @@ class SiteClient:
                 torch.set_num_threads(threads)
             model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
             dp = build_site_dp(config, int(reply.population))
-            return config, Layout.of_module(model), build_site_kit(config, model, dp, self.state)
+            secure, _ = build_secure(config, [], dp)
+            if secure is not None:
+                secure = replace(secure, registry=dict(reply.registry) or None)
+            layers = build_layers(config, dp, secure)
+            kit = build_site_kit(config, model, layers, self.state, deployed=True)
+            return config, Layout.of_module(model), kit
 
         config, layout, kit = self.group.kit(key, build) if self.group is not None else build()
-        layers = list(kit.layers)
-        if config.privacy.secure_aggregation:
-            registry = dict(reply.registry) or None
-            self.secure = {self.site: SecureSite(self.site, None, registry)}
-            layers.append(SecAggLayer(self.secure))
-        self.setup = _Setup(key, config, layout, kit, tuple(layers))
+        self.setup = _Setup(key, config, layout, Site(self.site, self.data, kit))
 
     def _serve(self, stub: FederationClient, session: bytes) -> str:
         forgotten = threading.Event()
@@ -461,47 +455,20 @@ class SiteClient:
     ) -> tuple[pb.Header, list[tuple[str, np.ndarray]]]:
         setup = self.setup
         assert setup is not None
-        kit = setup.kit
+        site = setup.site
         kind = message.kind
         if kind == "train":
             body = message.header.train
-            plan = wire.plan_from_proto(body.plan)
             weights = message.tensor("weights", np.float32, setup.layout.size)
             extras = {name: t for name, t in message.tensors.items() if name != "weights"}
-            task = Task(self.site, plan, body.model_version, extras)
-            update = run_task(
-                kit.trainer,
-                self.site,
-                self.data.train,
-                weights,
-                task.plan,
-                task.model_version,
-                setup.layers,
-                extras=task.extras,
-                personal=kit.personal,
-                shared=kit.shared,
-                dpsgd=kit.dpsgd,
-            )
-            return wire.update_message(ticket, session, update)
+            task = Task(self.site, wire.plan_from_proto(body.plan), body.model_version, extras)
+            return wire.update_message(ticket, session, site.train(weights, task))
         if kind == "evaluate":
             body = message.header.evaluate
             weights = message.tensor("weights", np.float32, setup.layout.size)
-            batch = setup.config.eval.batch_size
-            if body.personal:
-                plan = wire.plan_from_proto(body.plan)
-                site_plan = replace(plan, seed=zlib.crc32(f"{plan.seed}:{self.site}".encode()))
-                weights = personal_weights(
-                    kit.trainer, self.site, self.data.train, weights, site_plan, kit.personal
-                )
-            loss_sum, correct, targets = kit.trainer.evaluate(weights, self.data.test, batch).sum(0)
-            evaluation = SiteEvaluation(self.site, float(loss_sum), int(correct), int(targets))
-            return wire.evaluation_message(ticket, session, evaluation), []
+            plan = wire.plan_from_proto(body.plan) if body.personal else None
+            return wire.evaluation_message(ticket, session, site.evaluate(weights, plan)), []
         if kind == "exchange":
-            state = self.secure.get(self.site)
-            if state is None:
-                raise UpdateError(
-                    "this run has no secure aggregation, yet the server sent a protocol message"
-                )
-            answer = state.answer(message.tensor("message", np.uint8).tobytes())
+            answer = site.answer(message.tensor("message", np.uint8).tobytes())
             return wire.answer_message(ticket, session, answer)
         raise WireError(f"the server sent work of an unknown kind {kind!r}")

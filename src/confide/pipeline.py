@@ -1,0 +1,220 @@
+"""A round as a pipeline of layers: what each layer does on the site and on the server, and what it needs.
+
+A site trains, then passes its :class:`~confide.core.Update` through the layers in stack order (``encode``:
+clip, noise, protect); the server takes each update back through them in reverse (``decode``), folds what
+comes out into the aggregate, and after the last update lets each layer finish its part of the round
+(``close``: secure aggregation unmasks the sum there). After the model step, ``finish`` lets a layer keep
+state across rounds (SCAFFOLD's control variate, the adaptive clip norm). A layer is one module behind this
+one interface; the round loop (:class:`confide.runtime.federation.Federation`) knows none of them by name.
+
+Each layer declares, in its :class:`Traits`, what the server sees after it and what it needs from the layers
+around it. The allowed stacks follow from those declarations (:func:`check_stack`), so a new layer never
+edits a hand-written list of combinations:
+
+* a layer that ``hides_updates`` (secure aggregation, encryption) leaves the server only the sum;
+* a layer or aggregator that ``needs_individual_updates`` (validation, robust aggregation, SCAFFOLD's
+  control variates) cannot follow one that hides them;
+* a layer that ``needs_hidden_updates`` (distributed noise: one site's share of the noise protects nothing
+  on its own) needs one that hides them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from confide.core import EXAMPLES, Plan, Task, Update, Vector
+from confide.errors import ConfideError, ConfigError
+from confide.randomness import Randomness
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a layer (or aggregator) declares about itself: the stack check reads only these."""
+
+    hides_updates: bool = False
+    """After this layer the server can no longer read any one site's update, only their sum."""
+    needs_individual_updates: bool = False
+    """It must read each site's own update (or its own payload) on the server."""
+    needs_hidden_updates: bool = False
+    """Its output is safe only if the server never sees it alone, so a later layer must hide updates."""
+
+
+class RoundAbandoned(ConfideError):
+    """A layer cannot complete the round (too few sites, a failed protocol): the model stays unchanged and
+    nothing is charged to the privacy ledger."""
+
+
+class Aggregator(Protocol):
+    """Folds updates into a running state as they arrive, then gives the round's aggregate delta.
+
+    Aggregators follow FedJAX's shape: explicit state, ``init`` → ``add`` per update (or ``add_sum`` for a sum
+    of updates that arrived only summed) → ``result``.
+    """
+
+    name: str
+    traits: Traits
+
+    def init(self, size: int) -> Any: ...
+
+    def add(self, state: Any, update: Update) -> None: ...
+
+    def add_sum(self, state: Any, total: Vector, count: int) -> None:
+        """Fold in the sum of ``count`` updates that only arrived summed (secure aggregation): each of those
+        sites weighs one, whatever its number of examples."""
+        ...
+
+    def result(self, state: Any, randomness: Randomness) -> Vector:
+        """The round's aggregate; ``randomness`` serves aggregators that add noise (central DP)."""
+        ...
+
+    def sensitivity(self, clip_norm: float) -> float | None:
+        """How far one site's update, clipped to ``clip_norm``, can move the result (L2); None when it is
+        unbounded (an example-weighted mean). Central DP noises the result in these units."""
+        ...
+
+
+@dataclass
+class SiteContext:
+    """What a site layer may use while it encodes one update."""
+
+    site: str
+    plan: Plan
+    randomness: Randomness
+    """The site's secret randomness (seeded only in an insecure simulation)."""
+    sessions: dict[str, Any]
+    """The site's protocol state, one entry per layer that keeps one (secure aggregation's session)."""
+
+
+Exchange = Callable[[Mapping[str, bytes]], Iterator[tuple[str, bytes]]]
+"""Carries one protocol message to each named site and yields (site, answer) for each site that answers."""
+
+
+@dataclass
+class RoundContext:
+    """The server's view of one round while the layers work on it."""
+
+    round: int
+    sites: list[str]
+    tasks: dict[str, Task]
+    """Each site's task; a layer may replace a task in ``begin`` (a clip norm in the plan, extras)."""
+    weights: Vector
+    """The global weights the round starts from (read only)."""
+    server_state: dict[str, Vector]
+    """The server's state that is checkpointed with the model (optimizer moments, control variate, C)."""
+    exchange: Exchange
+    min_updates: int
+    """The fewest updates the round may be completed with."""
+    randomness: Randomness
+    """The server's secret randomness (for noise it adds, such as central DP's)."""
+    population: int
+    """How many sites the federation has (SCAFFOLD averages its control variates over all of them)."""
+    aggregator: Aggregator
+    aggregate: Any
+    """The aggregator's running state."""
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    accepted: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each site whose update reached the aggregate in clear, with the metrics it reported."""
+    summed: list[str] = field(default_factory=list)
+    """Sites whose updates reached the aggregate only inside a sum (secure aggregation's survivors)."""
+    sums: dict[str, float] = field(default_factory=dict)
+    """The round's sums of the sites' :attr:`~confide.core.Update.sums`."""
+    shared: np.ndarray | None = None
+    """Positions of the parameters the sites share (FedRep's body); None: all of them."""
+    scratch: dict[str, Any] = field(default_factory=dict)
+    """Layers' working state for this round only (dropped with it), keyed by layer name."""
+    delta: Vector | None = None
+    """The aggregate delta, once the round has one (for ``finish``)."""
+
+    @property
+    def participants(self) -> list[str]:
+        """Every site whose update is in the aggregate."""
+        return sorted([*self.accepted, *self.summed])
+
+    def add(self, update: Update) -> None:
+        """Fold one readable update into the aggregate (raises UpdateError, leaving no trace, if refused)."""
+        self.aggregator.add(self.aggregate, update)
+        self.accepted[update.site] = dict(update.metrics)
+        self.add_sums({EXAMPLES: float(update.num_examples), **update.sums})
+
+    def add_sum(self, total: Vector, sites: Sequence[str], sums: Mapping[str, float]) -> None:
+        """Fold in the sum of ``sites``' updates, which arrived only summed, with the sum of their sums."""
+        self.aggregator.add_sum(self.aggregate, total, len(sites))
+        self.summed.extend(sites)
+        self.add_sums(sums)
+
+    def add_sums(self, sums: Mapping[str, float]) -> None:
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+
+class Layer:
+    """One step of the update pipeline, on both sides. Subclasses override what they do; the defaults pass
+    the update through unchanged. Both sides build the same stack from the run's config, so the server's
+    half and the site's half of a layer agree on their settings."""
+
+    name: ClassVar[str] = "layer"
+    traits: ClassVar[Traits] = Traits()
+
+    def init_state(self, size: int) -> dict[str, Vector]:
+        """Server state this layer keeps across rounds, checkpointed with the model (a fresh run's)."""
+        return {}
+
+    def encode(self, update: Update, site: SiteContext) -> Update:
+        """On the site: transform the update on its way out."""
+        return update
+
+    def begin(self, round: RoundContext) -> None:
+        """On the server, before any site trains: adjust the tasks, run exchanges that precede training."""
+
+    def decode(self, update: Update, round: RoundContext) -> Update | None:
+        """On the server, for each update as it arrives: undo this layer's encoding, check what it must, or
+        keep the update for itself (return None: it will add to the aggregate in ``close``)."""
+        return update
+
+    def accept(self, update: Update, round: RoundContext) -> None:
+        """On the server, for an update that passed every layer and reached the aggregate: commit what
+        ``decode`` only checked (so that a refused update leaves no trace)."""
+
+    def close(self, round: RoundContext) -> None:
+        """On the server, once every update is in: add what it kept to the aggregate (secure aggregation's
+        sum), or raise :class:`RoundAbandoned`."""
+
+    def finish(self, round: RoundContext) -> None:
+        """On the server, after the model step of a completed round: keep state for the next round."""
+
+
+def check_stack(layers: Sequence[Layer], aggregator: Aggregator | None = None) -> None:
+    """Refuse a stack whose layers' declarations contradict each other, naming the layers and why."""
+    hiding = [layer.name for layer in layers if layer.traits.hides_updates]
+    for position, layer in enumerate(layers):
+        if layer.traits.needs_hidden_updates and not any(
+            later.traits.hides_updates for later in layers[position + 1 :]
+        ):
+            raise ConfigError(
+                f"the layer {layer.name!r} is safe only if the server never sees one site's update alone, "
+                "and no layer after it hides the updates: add secure aggregation after it "
+                f"(layers now: {describe(layers)})"
+            )
+    if not hiding:
+        return
+    needy: list[tuple[str, str]] = [
+        ("layer", layer.name) for layer in layers if layer.traits.needs_individual_updates
+    ]
+    if aggregator is not None and aggregator.traits.needs_individual_updates:
+        needy.append(("aggregator", aggregator.name))
+    if needy:
+        kind, name = needy[0]
+        raise ConfigError(
+            f"the {kind} {name!r} must see each site's own update, but {' and '.join(map(repr, hiding))} "
+            "shows the server only their sum: drop one of them, or run the check inside an attested "
+            "aggregator that may see each update"
+        )
+
+
+def describe(layers: Iterable[Layer]) -> str:
+    names = [layer.name for layer in layers]
+    return " -> ".join(names) if names else "none"

@@ -1,0 +1,191 @@
+"""What a run's config builds, the same on the server and at every site: the model with its seeded initial
+weights, site-level DP, secure aggregation's settings, the layer stack and a site's training kit.
+
+Both sides call these functions with the same config (a deployed site gets it from the server at join), so
+the server's half and the sites' half of every layer agree on their settings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from torch import nn
+
+from confide.client.dpsgd import DPSGD
+from confide.client.personalize import Personal
+from confide.client.site import SiteKit
+from confide.client.state import SiteState
+from confide.client.trainer import ClientOptimizer, Trainer
+from confide.config import Config
+from confide.core import SUMMED, Layout
+from confide.errors import ConfigError
+from confide.models import build_model, head_names
+from confide.pipeline import Layer
+from confide.privacy.adaptive import AdaptiveClipping
+from confide.privacy.dp import UNCLIPPED, AdaptiveClip
+from confide.privacy.policy import SiteDP, expected_bits_noise
+from confide.privacy.secagg import keys
+from confide.privacy.secure import SecAggLayer, SecureAggregation
+from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream, public_rng
+from confide.server.optim import ServerOptimizer
+from confide.server.strategy import Strategy, WeightedMean, algorithm_layers
+from confide.server.validate import ValidateLayer
+
+
+def build_model_for(config: Config, vocab_size: int) -> nn.Module:
+    """The config's model with the run's seeded initial weights (the same in every process)."""
+    options = {k: v for k, v in config.model.items() if k != "kind"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(public_rng(config.run.seed, 0, Stream.MODEL_INIT).integers(2**31 - 1)))
+        return build_model(config.model["kind"], vocab_size=vocab_size, **options)
+
+
+def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy:
+    c, s, p = config.client, config.server, config.privacy
+    return Strategy(
+        sites_per_round=s.sites_per_round,
+        epochs=c.epochs,
+        max_steps=c.max_steps or None,
+        batch_size=c.batch_size,
+        learning_rate=c.learning_rate,
+        optimizer=ServerOptimizer(s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau),
+        seed=config.run.seed,
+        sampling=s.sampling,
+        aggregator=WeightedMean(),
+        algorithm=s.strategy,
+        mu=s.mu,
+        personalization=c.personalization,
+        personal_steps=c.personal_steps,
+        personal_lambda=c.ditto_lambda,
+        personal_learning_rate=c.personal_learning_rate,
+        stragglers=c.stragglers,
+        min_work=c.min_work,
+        record_clip=p.record_clip if p.record_dp else 0.0,
+        record_noise=p.record_noise if p.record_dp else 0.0,
+        shared=shared,
+    )
+
+
+def build_site_dp(config: Config, population: int) -> SiteDP | None:
+    """The run's site-level DP policy, or None without ``privacy.dp``."""
+    p = config.privacy
+    if p.dp == "none":
+        return None
+    per_round = build_strategy(config).count(population)
+    adaptive = None
+    if p.adaptive_clip:
+        bits = p.bits_noise or expected_bits_noise(per_round)
+        adaptive = AdaptiveClip.init(p.clip_norm, p.target_quantile, p.clip_learning_rate, bits)
+    options: dict[str, Any] = {
+        "placement": p.dp,
+        "clip_norm": p.clip_norm,
+        "population": population,
+        "sites_per_round": per_round,
+        "sampling": config.server.sampling,
+        "accounting": p.accounting,
+        "delta": p.delta,
+        "adaptive": adaptive,
+    }
+    if p.calibrate:
+        return SiteDP.calibrated(p.target_epsilon, config.run.rounds, **options)
+    return SiteDP(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, **options)
+
+
+def build_secure(
+    config: Config, sites: Sequence[str], dp: SiteDP | None
+) -> tuple[SecureAggregation | None, dict[str, Ed25519PrivateKey]]:
+    """Secure aggregation's settings (None when off) and, in the authenticated mode, each simulated site's
+    long-term identity (the registry of their public keys goes to the server and to every site)."""
+    p = config.privacy
+    if not p.secure_aggregation:
+        return None, {}
+    clip_range = p.secagg_range
+    if not clip_range:
+        # A clipped update has no coordinate above C; under distributed DP each share of the noise adds
+        # z C / sqrt(m) of standard deviation, and 8 of those leave essentially nothing to clip.
+        clip_range = 1.0
+        if dp is not None:
+            spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
+            clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
+    identities: dict[str, Ed25519PrivateKey] = {}
+    registry = None
+    if p.secagg_authenticated:
+        identities = {site: keys.generate_identity() for site in sites}
+        registry = {site: keys.identity_public_bytes(key) for site, key in identities.items()}
+    settings = SecureAggregation(
+        p.secagg_neighbours, p.secagg_threshold, clip_range, p.secagg_bits, p.secagg_authenticated, registry
+    )
+    return settings, identities
+
+
+def build_layers(
+    config: Config,
+    dp: SiteDP | None,
+    secure: SecureAggregation | None,
+    identities: Mapping[str, Ed25519PrivateKey] | None = None,
+) -> list[Layer]:
+    """The run's layer stack, in site order: what the algorithm adds (SCAFFOLD), site-level DP (adaptive
+    clipping, clip, noise share), then secure aggregation, or, where the server reads each update,
+    validation (last, so that on the server it checks each update first)."""
+    layers: list[Layer] = algorithm_layers(config.server.strategy)
+    if dp is not None:
+        if dp.adaptive is not None:
+            layers.append(AdaptiveClipping(dp))
+        layers.extend(dp.layers)
+    if secure is not None:
+        sums = SUMMED + ((UNCLIPPED,) if dp is not None else ())
+        layers.append(SecAggLayer(secure, sums, seed=config.run.seed, identities=identities))
+    else:
+        layers.append(ValidateLayer())
+    return layers
+
+
+def server_randomness(config: Config) -> Any:
+    """The server's randomness for round r: secret, unless the run is an insecure reproducible simulation."""
+    if not config.privacy.insecure_reproducible_noise:
+        return lambda round: SecretRandomness()
+    seed = config.run.seed
+
+    def seeded(round: int) -> Randomness:
+        return SeededRandomness([seed, round, int(Stream.CENTRAL_NOISE)])
+
+    return seeded
+
+
+def personal_parts(
+    config: Config, model: nn.Module, layout: Layout
+) -> tuple[frozenset[str], np.ndarray | None]:
+    """FedRep's head (parameter names) and the positions of the shared body; without FedRep, no head."""
+    if config.client.personalization != "fedrep":
+        return frozenset(), None
+    prefixes = tuple(p.strip() for p in config.client.personal_layers.split(",") if p.strip())
+    head = head_names(model, prefixes)
+    return head, layout.index(n for n in layout.names if n not in head)
+
+
+def build_site_kit(
+    config: Config, model: nn.Module, layers: Sequence[Layer], state: SiteState, *, deployed: bool = False
+) -> SiteKit:
+    """The trainer, personal state, shared positions, DP-SGD and layers of ``config`` for ``model``. A
+    deployed site builds exactly this from the config the server sends, so both sides agree."""
+    c, p = config.client, config.privacy
+    if deployed and p.insecure_reproducible_noise:
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, which the server "
+            "knows: a deployment refuses it; remove it from the config"
+        )
+    layout = Layout.of_module(model)
+    optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
+    trainer = Trainer(model, optimizer)
+    head, shared = personal_parts(config, model, layout)
+    personal = Personal(state, layout.index(head), head)
+    dpsgd = DPSGD(model, p.record_clip, p.record_noise, optimizer) if p.record_dp else None
+    insecure_seed = config.run.seed if p.insecure_reproducible_noise else None
+    return SiteKit(
+        trainer, personal, shared, dpsgd, tuple(layers), config.eval.batch_size, insecure_seed=insecure_seed
+    )

@@ -1,0 +1,63 @@
+"""The server side of SCAFFOLD (Karimireddy et al. 2020, Algorithm 1) as a layer of the round.
+
+The server keeps c, the mean of all N sites' control variates, sends it with every task, and after the round
+moves it by the sampled sites' changes: c <- c + (1/N) * sum_{i in S} (c_i+ - c_i), which keeps c equal to
+the mean of every site's c_i (sites not sampled keep theirs). The site's half (the corrected gradient and
+its own c_i) lives with the local algorithm in :mod:`confide.client.site`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from confide.core import STEPS, Update, Vector
+from confide.errors import UpdateError
+from confide.pipeline import Layer, RoundContext, Traits
+
+CONTROL_KEY = "scaffold.control"
+"""SCAFFOLD's server control variate c, kept in the server state beside the optimizer's (and checkpointed)."""
+CONTROL = "control"
+"""Name of the server's control variate among a task's extras."""
+CONTROL_DELTA = "control_delta"
+"""Name of a site's control-variate change in its update's payload."""
+
+
+class ScaffoldLayer(Layer):
+    name = "scaffold"
+    traits = Traits(needs_individual_updates=True)
+    """Each site's control-variate change travels beside its update and is summed by the server."""
+
+    def init_state(self, size: int) -> dict[str, Vector]:
+        return {CONTROL_KEY: np.zeros(size, dtype=np.float32)}  # zero, as in the paper
+
+    def begin(self, round: RoundContext) -> None:
+        control = round.server_state[CONTROL_KEY]
+        for site, task in round.tasks.items():
+            round.tasks[site] = replace(task, extras={**task.extras, CONTROL: control})
+        round.scratch[self.name] = np.zeros_like(control)
+
+    def decode(self, update: Update, round: RoundContext) -> Update | None:
+        size = round.server_state[CONTROL_KEY].size
+        change = update.payload.get(CONTROL_DELTA)
+        if change is None:
+            if update.sums.get(STEPS, 0.0) == 0:
+                return update  # a site with nothing to train on leaves its control variate as it was
+            raise UpdateError(f"site {update.site!r} trained but sent no SCAFFOLD control-variate change")
+        if not (isinstance(change, np.ndarray) and change.dtype == np.float32 and change.shape == (size,)):
+            raise UpdateError(
+                f"site {update.site!r} sent a SCAFFOLD control change that is not {size} float32 values"
+            )
+        if not np.isfinite(change).all():
+            raise UpdateError(f"site {update.site!r} sent a SCAFFOLD control change with NaN or infinity")
+        return update
+
+    def accept(self, update: Update, round: RoundContext) -> None:
+        change = update.payload.pop(CONTROL_DELTA, None)
+        if change is not None:
+            torch.from_numpy(round.scratch[self.name]).add_(torch.from_numpy(change))
+
+    def finish(self, round: RoundContext) -> None:
+        round.server_state[CONTROL_KEY] += round.scratch[self.name] / np.float32(round.population)
