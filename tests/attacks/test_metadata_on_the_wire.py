@@ -1,0 +1,71 @@
+"""Attack: under secure aggregation, read what one site sent besides its masked vector: its number of
+examples (which gives away its size), training loss, steps, record-level epsilon, clipping bit. Before, all
+of these travelled in clear beside the masked update; now the message a deployed site sends holds the masked
+bytes and nothing else about the site, and the server learns those values only summed over the round."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from confide import config
+from confide.core import SiteEvaluation, Task, Update, Vector
+from confide.runtime.federation import Backend
+from confide.runtime.grpc import wire
+from confide.runtime.runner import Runner
+from tests.conftest import tiny_config
+
+
+class Eavesdrop:
+    """The server's view: every update exactly as a deployed site would put it on the wire."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.headers: list[object] = []
+        self.tensors: list[list[str]] = []
+
+    def sites(self) -> Sequence[str]:
+        return self.inner.sites()
+
+    def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
+        for update in self.inner.train(weights, tasks):
+            header, tensors = wire.update_message(1, b"session", update)
+            self.headers.append(header.update)
+            self.tensors.append([name for name, _ in tensors])
+            yield update
+
+    def evaluate(self, weights: Vector, sites: Sequence[str], plan: object = None) -> Iterator[SiteEvaluation]:
+        return self.inner.evaluate(weights, sites, plan)  # type: ignore[arg-type]
+
+    def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
+        return self.inner.exchange(messages)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_masked_update_carries_nothing_about_its_site_in_clear(tmp_path: Path, text_corpus: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "runs", run__rounds="2"))
+    overrides = [
+        "privacy.secure_aggregation=true",
+        "privacy.dp=distributed",
+        "privacy.record_dp=true",
+        "server.sites_per_round=4",
+        "server.optimizer=sgd",
+    ]
+    runner = Runner.start(config.load(path, overrides))
+    spy = Eavesdrop(runner.backend)
+    runner.backend = spy
+    runner.run()
+    assert len(spy.headers) >= 4
+    for body, names in zip(spy.headers, spy.tensors, strict=True):
+        assert body.num_examples == 0 and dict(body.metrics) == {}  # type: ignore[attr-defined]
+        assert not body.has_vector and names == ["payload/masked_input"]  # type: ignore[attr-defined]
+    # The round still reports its totals, learned only as sums.
+    rounds = runner.store.rounds()
+    total = sum(len(runner.dataset.by_name(s).train) for s in rounds[0]["sites"])  # type: ignore[union-attr]
+    assert abs(rounds[0]["num_examples"] - total) <= 1
+    assert np.isfinite(rounds[0]["train_loss"])
