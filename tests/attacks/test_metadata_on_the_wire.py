@@ -36,7 +36,9 @@ class Eavesdrop:
             self.tensors.append([name for name, _ in tensors])
             yield update
 
-    def evaluate(self, weights: Vector, sites: Sequence[str], plan: object = None) -> Iterator[SiteEvaluation]:
+    def evaluate(
+        self, weights: Vector, sites: Sequence[str], plan: object = None
+    ) -> Iterator[SiteEvaluation]:
         return self.inner.evaluate(weights, sites, plan)  # type: ignore[arg-type]
 
     def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:

@@ -25,7 +25,7 @@ from confide.config import Config
 from confide.core import Layout
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
-from confide.errors import ConfigError, DivergedError, StoreError
+from confide.errors import DivergedError, StoreError
 from confide.models import CharModel
 from confide.privacy.accountant import LedgerEntry
 from confide.privacy.policy import CLIP_KEY, SiteDP
@@ -48,6 +48,7 @@ from confide.runtime.stack import (
     build_site_kit,
     build_strategy,
     personal_parts,
+    refuse_reproducible_noise,
     server_randomness,
 )
 from confide.runtime.store import Store, StoreSiteState
@@ -204,11 +205,8 @@ class Runner:
             torch.set_num_threads(config.backend.threads)
         self.model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
         self.layout = Layout.of_module(self.model)
-        if backend is not None and config.privacy.insecure_reproducible_noise:
-            raise ConfigError(
-                "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, which the server "
-                "knows: a deployment refuses it; remove it from the config"
-            )
+        if backend is not None:
+            refuse_reproducible_noise(config)
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
         secure, identities = build_secure(config, [s.name for s in self.sites], self.dp)
         self.secure = secure

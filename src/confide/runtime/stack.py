@@ -157,6 +157,15 @@ def server_randomness(config: Config) -> Any:
     return seeded
 
 
+def refuse_reproducible_noise(config: Config) -> None:
+    """A deployment's check, on the server and at every site: noise reproducible from the seed is refused."""
+    if config.privacy.insecure_reproducible_noise:
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, which the server "
+            "knows: a deployment refuses it; remove it from the config"
+        )
+
+
 def personal_parts(
     config: Config, model: nn.Module, layout: Layout
 ) -> tuple[frozenset[str], np.ndarray | None]:
@@ -174,11 +183,8 @@ def build_site_kit(
     """The trainer, personal state, shared positions, DP-SGD and layers of ``config`` for ``model``. A
     deployed site builds exactly this from the config the server sends, so both sides agree."""
     c, p = config.client, config.privacy
-    if deployed and p.insecure_reproducible_noise:
-        raise ConfigError(
-            "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, which the server "
-            "knows: a deployment refuses it; remove it from the config"
-        )
+    if deployed:
+        refuse_reproducible_noise(config)
     layout = Layout.of_module(model)
     optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
     trainer = Trainer(model, optimizer)
