@@ -146,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="the file `confide enroll` wrote; with several sites, a folder of SITE.json files",
     )
+    cli.add_argument(
+        "--state",
+        type=Path,
+        default=None,
+        help="the site's own SQLite file for what it keeps between rounds and across restarts (its DP-SGD "
+        "privacy spent, control variates, personal models); default: beside the credentials",
+    )
     cli.add_argument("--threads", type=int, default=0, help="torch threads (0: the run's setting)")
     cli.add_argument(
         "--connection-per-site",
@@ -416,6 +423,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         threads=args.threads,
         give_up_after=args.give_up_after,
         on_status=lambda message: console.print(message),
+        state=_site_state(args, site),
     )
     console.print(
         f"site {site}: {data.num_train:,} training and {data.num_test:,} test windows; dialing {args.server}"
@@ -423,6 +431,16 @@ def cmd_client(args: argparse.Namespace) -> int:
     reason = client.run()
     console.print(f"site {site}: {reason} ({client.done} pieces of work done)")
     return 0
+
+
+def _site_state(args: argparse.Namespace, name: str) -> Any:
+    """The site's durable state file: --state, or NAME.state.sqlite beside the credentials."""
+    from confide.client.state import DurableSiteState
+
+    if args.state is not None:
+        return DurableSiteState(args.state)
+    folder = args.credentials if args.credentials.is_dir() else args.credentials.parent
+    return DurableSiteState(folder / f"{name}.state.sqlite")
 
 
 def _site_credentials(path: Path, site: str) -> Any:
@@ -442,7 +460,9 @@ def _client_group(args: argparse.Namespace, sites: list[str]) -> int:
             f"{len(sites)} sites need a folder of credentials files (SITE.json each), not the file "
             f"{args.credentials}"
         )
-    group = SiteGroup(share_connection=not args.connection_per_site)
+    group = SiteGroup(
+        share_connection=not args.connection_per_site, state=_site_state(args, "group")
+    )
     clients = [
         SiteClient(
             args.server,

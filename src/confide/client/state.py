@@ -1,6 +1,7 @@
 """State a site keeps between rounds: SCAFFOLD's control variate, Ditto's personal model, FedRep's head.
 
-This state belongs to the site, never to the server. A deployed site keeps it in its own store; in
+This state belongs to the site, never to the server. A deployed site keeps it in its own SQLite file
+(:class:`DurableSiteState`); in
 simulation the backend keeps every site's state in the run store, tagged with the round that wrote it, so
 that a resumed run rewinds it together with the global model and recomputes exactly what an uninterrupted
 run computes.
@@ -8,11 +9,15 @@ run computes.
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from confide.core import Vector
+from confide.errors import StoreError
 
 
 class SiteState(Protocol):
@@ -42,3 +47,52 @@ class MemorySiteState:
 
     def keys(self) -> list[tuple[str, str]]:
         return sorted(self._data)
+
+
+class DurableSiteState:
+    """A deployed site's own state in a SQLite file of its own, so that a restarted site process loses
+    nothing: its record-level DP-SGD ledger (an epsilon reset to 0 would under-count what it spent), its
+    SCAFFOLD control variate, its Ditto or FedRep personal model.
+
+    Rows are kept per run (a site may take part in several runs over its life), and only the latest value of
+    each key is kept: after a server that resumes from an earlier checkpoint, a site goes on from what it
+    last wrote, which never forgets privacy spent. One file may hold several sites (a process hosting a
+    group of them); calls may come from several threads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.run = ""
+        """The run whose state is read and written (set when the site joins)."""
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS site_state (run TEXT NOT NULL, site TEXT NOT NULL, "
+                "key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run, site, key))"
+            )
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"cannot use {self.path} as the site's state file ({e}); give another path with --state, or "
+                "move the broken file aside (the site then starts without its earlier state)"
+            ) from e
+
+    def get(self, site: str, key: str) -> Vector | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT data FROM site_state WHERE run = ? AND site = ? AND key = ?", (self.run, site, key)
+            ).fetchone()
+        return None if row is None else np.frombuffer(row[0], dtype=np.float32).copy()
+
+    def put(self, site: str, key: str, round: int, vector: Vector) -> None:
+        data = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO site_state VALUES (?, ?, ?, ?, ?)", (self.run, site, key, round, data)
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

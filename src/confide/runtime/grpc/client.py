@@ -28,7 +28,7 @@ import torch
 
 import confide
 from confide.client.site import Site, SiteKit
-from confide.client.state import MemorySiteState
+from confide.client.state import DurableSiteState, MemorySiteState, SiteState
 from confide.config import Config, from_dict
 from confide.core import Layout, Task
 from confide.data import DEFAULT_TOKENIZER
@@ -100,11 +100,11 @@ class SiteGroup:
     uploaded. So the process reads one model's weights at a time however many sites it hosts (heartbeats keep
     the waiting sites in the round), while uploads overlap the next site's download and training."""
 
-    def __init__(self, share_connection: bool = True) -> None:
+    def __init__(self, share_connection: bool = True, state: SiteState | None = None) -> None:
         self.turn = threading.Lock()
         self.uploads = threading.BoundedSemaphore(UPLOADS_IN_FLIGHT)
         """A site leaves its turn only once it may upload: answers waiting for the server never pile up."""
-        self.state = MemorySiteState()
+        self.state: SiteState = state if state is not None else MemorySiteState()
         self.share_connection = share_connection
         """Sites with tokens send their calls over one connection (gRPC multiplexes them; each call still
         carries its own site's token). Each gRPC channel costs a thread that polls it, and hundreds of those
@@ -215,6 +215,7 @@ class SiteClient:
         give_up_after: float = 900.0,
         on_status: Callable[[str], None] | None = None,
         group: SiteGroup | None = None,
+        state: SiteState | None = None,
     ) -> None:
         if credentials.site != data.name:
             raise DeploymentError(
@@ -230,9 +231,10 @@ class SiteClient:
         self.give_up_after = give_up_after
         self.on_status = on_status or (lambda message: log.info("%s", message))
         self.group = group
-        self.state = group.state if group is not None else MemorySiteState()
-        """The site's own state (control variates, personal models): kept for the life of the process,
-        across reconnections and server restarts."""
+        self.state: SiteState = group.state if group is not None else state or MemorySiteState()
+        """The site's own state (DP-SGD privacy spent, control variates, personal models): in its own file
+        (``confide client --state``), so that it survives reconnections, server restarts and restarts of
+        the site itself; in memory only when none is given."""
         self.setup: _Setup | None = None
         self.limit = 0
         self.done = 0
@@ -302,6 +304,8 @@ class SiteClient:
         )
         reply = stub.Join(request, metadata=self._metadata, timeout=30)
         self.limit = reply.max_message_bytes
+        if isinstance(self.state, DurableSiteState):
+            self.state.run = reply.run
         self._prepare(reply)
         self.on_status(f"site {self.site} joined run {reply.run}")
         self.heartbeat_seconds = reply.heartbeat_seconds

@@ -1,0 +1,66 @@
+"""A deployed site's durable state: what it spent and keeps survives a restart of its process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from confide.client.dpsgd import DPSGD
+from confide.client.personalize import Personal
+from confide.client.site import DPSGD_EPSILON_KEY, Site, SiteKit
+from confide.client.state import DurableSiteState, MemorySiteState, SiteState
+from confide.client.trainer import Trainer
+from confide.core import Plan, Task
+from confide.data import DEFAULT_TOKENIZER
+from confide.data.dataset import make_site
+from confide.errors import StoreError
+from confide.models import build_model
+from tests.conftest import LINES
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+def site(state: SiteState) -> Site:
+    """A freshly started site process: a new model, trainer and DP-SGD, over ``state``."""
+    torch.manual_seed(0)
+    model = build_model("gpt", 97, layers=1, heads=1, width=8)
+    trainer = Trainer(model)
+    kit = SiteKit(trainer, Personal(state, np.empty(0, np.int64)), dpsgd=DPSGD(model, 1.0, 1.0))
+    return Site("a", make_site("a", "a", "\n".join(LINES * 3) + "\n", DEFAULT_TOKENIZER), kit)
+
+
+def train(s: Site, round: int) -> float:
+    weights = s.kit.trainer.layout.read(s.kit.trainer.model)
+    plan = Plan(round=round, max_steps=2, batch_size=4, record_clip=1.0, record_noise=1.0)
+    return s.train(weights, Task("a", plan, round - 1)).metrics["record_epsilon"]
+
+
+def test_a_restarted_site_goes_on_spending_from_what_it_spent(tmp_path: Path) -> None:
+    path = tmp_path / "a.state.sqlite"
+    first = DurableSiteState(path)
+    first.run = "run-1"
+    spent_1 = train(site(first), 1)
+    first.close()
+    restarted = DurableSiteState(path)  # the process died; a new one opens the same file
+    restarted.run = "run-1"
+    spent_2 = train(site(restarted), 2)
+    assert spent_2 > spent_1  # not reset to the epsilon of one round
+    # The same as a site that never restarted.
+    memory = MemorySiteState()
+    uninterrupted = site(memory)
+    train(uninterrupted, 1)
+    assert spent_2 == pytest.approx(train(uninterrupted, 2), rel=1e-9)
+    assert restarted.get("a", DPSGD_EPSILON_KEY)[0] == pytest.approx(spent_2, rel=1e-6)  # type: ignore[index]
+    # Another run starts from nothing.
+    restarted.run = "run-2"
+    assert restarted.get("a", DPSGD_EPSILON_KEY) is None
+
+
+def test_a_broken_state_file_is_named_with_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "broken.sqlite"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="move the broken file aside"):
+        DurableSiteState(path)
