@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from confide.algorithms.fednova import fednova_normalizer
+from confide.algorithms.scaffold import CONTROL, CONTROL_DELTA, SITE_KEY
 from confide.client.personalize import DITTO_KEY, Personal
-from confide.client.site import CONTROL, CONTROL_DELTA, SCAFFOLD_KEY, fednova_normalizer, run_task
+from confide.client.site import run_task
 from confide.client.state import MemorySiteState
 from confide.client.trainer import Objective, Trainer
 from confide.core import Plan
@@ -63,7 +65,7 @@ def test_scaffold_site_step_follows_option_ii_on_a_quadratic() -> None:
     x = np.array([0.5, -1.0, 2.0], dtype=np.float32)
     c = np.array([0.1, 0.2, -0.3], dtype=np.float32)
     c_i = np.array([-0.2, 0.0, 0.4], dtype=np.float32)
-    state.put("q1", SCAFFOLD_KEY, 0, c_i)
+    state.put("q1", SITE_KEY, 0, c_i)
     lr, steps = 0.1, 7
     plan = Plan(round=1, max_steps=steps, batch_size=2, epochs=10, learning_rate=lr, algorithm="scaffold")
     update = run_task(
@@ -75,7 +77,7 @@ def test_scaffold_site_step_follows_option_ii_on_a_quadratic() -> None:
         y = y - lr * (curvatures[1] * (y - centers[1]) - c_i + c)
     c_plus = c_i - c + (x - y) / (steps * lr)
     np.testing.assert_allclose(update.vector, y - x, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(state.get("q1", SCAFFOLD_KEY), c_plus, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state.get("q1", SITE_KEY), c_plus, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(update.payload[CONTROL_DELTA], c_plus - c_i, rtol=1e-4, atol=1e-5)
     assert update.nbytes >= 2 * x.nbytes  # the control change travels too, and is counted
 

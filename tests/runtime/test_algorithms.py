@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from confide import config
+from confide.algorithms.fednova import NormalizedMean
+from confide.algorithms.scaffold import CONTROL_KEY, SITE_KEY
 from confide.client.personalize import FEDREP_KEY, Personal
-from confide.client.site import SCAFFOLD_KEY, SiteKit
+from confide.client.site import SiteKit
 from confide.client.state import MemorySiteState
 from confide.client.trainer import Trainer
 from confide.data.text import load_text
@@ -20,8 +22,7 @@ from confide.models import build_model, head_names
 from confide.runtime.federation import Federation, ServerState
 from confide.runtime.local import LocalBackend
 from confide.runtime.runner import Runner
-from confide.server.scaffold import CONTROL_KEY
-from confide.server.strategy import NormalizedMean, Strategy
+from confide.server.strategy import Strategy
 from tests.conftest import tiny_config
 from tests.quadratic import optimum, quadratic_problem
 from tests.runtime.test_runner import Crash, CrashAfter, metrics
@@ -51,7 +52,7 @@ def test_scaffold_removes_the_drift_of_fedavg_with_many_local_steps() -> None:
     assert np.linalg.norm(fedavg - best) > 0.5
     assert np.linalg.norm(scaffold - best) < 1e-3
     # c stays the mean of the sites' control variates (all four take part every round here).
-    mean_c = np.mean([sites.get(f"q{k}", SCAFFOLD_KEY) for k in range(4)], axis=0)
+    mean_c = np.mean([sites.get(f"q{k}", SITE_KEY) for k in range(4)], axis=0)
     np.testing.assert_allclose(state.optimizer_state[CONTROL_KEY], mean_c, rtol=1e-4, atol=1e-5)
 
 

@@ -6,15 +6,8 @@ and answers the protocol messages of layers that have them (secure aggregation).
 many Sites in one process; a deployed client is one Site behind a gRPC connection. A backend only moves what
 a Site takes and gives.
 
-The algorithms differ only in what the site adds to plain local training and what it sends besides its delta:
-
-- FedAvg (McMahan et al. 2017): local SGD from the global weights; sends the delta.
-- FedProx (Li et al. 2020): adds mu/2 ||w - w_global||^2 to the local objective. Any amount of work is
-  welcome: a straggler's partial update is used, not dropped.
-- SCAFFOLD (Karimireddy et al. 2020), option II: corrects every local gradient by c - c_i, then updates its
-  control variate c_i+ = c_i - c + (x - y_i) / (K * lr) and sends its change c_i+ - c_i beside the delta.
-- FedNova (Wang et al. 2020): plain local training; reports its normalizer a_i (the sum of the weights its
-  optimizer gave each step's gradient: K for SGD) so the server can average d_i = delta_i / a_i.
+The local algorithms (FedAvg, FedProx, SCAFFOLD, FedNova) differ only in what the site adds to plain local
+training and what it sends besides its delta: each is a plug-in of :mod:`confide.algorithms`, asked by name.
 """
 
 from __future__ import annotations
@@ -25,10 +18,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from confide.algorithms import algorithm
 from confide.client.dpsgd import DPSGD, record_accountant
 from confide.client.personalize import FEDREP_KEY, Personal, personal_weights, train_ditto, train_head
 from confide.client.state import MemorySiteState
-from confide.client.trainer import PLAIN, FitResult, Objective, Trainer
+from confide.client.trainer import FitResult, Objective, Trainer
 from confide.core import (
     COMPUTE_SECONDS,
     LOSS_SUM,
@@ -43,21 +37,9 @@ from confide.data.dataset import SiteData
 from confide.errors import UpdateError
 from confide.pipeline import Layer, SiteContext
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream
-from confide.server.scaffold import CONTROL, CONTROL_DELTA
 
 DPSGD_STEPS_KEY = "dpsgd.steps"
 DPSGD_EPSILON_KEY = "dpsgd.epsilon"
-SCAFFOLD_KEY = "scaffold.control"
-"""A site's own SCAFFOLD control variate c_i in its state."""
-
-
-def fednova_normalizer(steps: int, momentum: float) -> float:
-    """a_i of FedNova for ``steps`` of SGD with heavy-ball ``momentum`` rho (Wang et al. 2020, sec. 4):
-    the total weight the K gradients receive, (K - rho(1 - rho^K) / (1 - rho)) / (1 - rho); K without."""
-    if momentum == 0:
-        return float(steps)
-    rho = momentum
-    return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
 
 
 def fit_private(
@@ -114,25 +96,15 @@ def run_task(
     personal = personal or Personal(MemorySiteState(), np.empty(0, dtype=np.int64))
     extras = extras or {}
     metrics: dict[str, float] = {}
-    payload: dict[str, np.ndarray] = {}
     seconds = 0.0
 
     start = weights
-    objective = PLAIN
-    control = mine = np.zeros(0, dtype=np.float32)
+    momentum = trainer.config.momentum
+    fit = algorithm(plan.algorithm).local(site, weights, plan, extras, personal.state, momentum)
+    objective = fit.objective
     if plan.personalization == "fedrep":
         start, seconds = train_head(trainer, site, windows, weights, plan, personal)
         objective = Objective(frozen=personal.head_names)
-    elif plan.algorithm == "fedprox":
-        objective = Objective(prox_mu=plan.mu)
-    elif plan.algorithm == "scaffold":
-        sent = extras.get(CONTROL)
-        if sent is None or sent.shape != weights.shape:
-            raise UpdateError(f"SCAFFOLD needs the server's control variate with the task for site {site!r}")
-        control = sent
-        kept = personal.state.get(site, SCAFFOLD_KEY)
-        mine = np.zeros_like(weights) if kept is None else kept
-        objective = Objective(correction=control - mine)
 
     if plan.record_clip > 0:
         if dpsgd is None:
@@ -147,13 +119,8 @@ def run_task(
     # in the head (trained first), which the body's training leaves frozen and the site never sends.
     delta = result.delta
 
-    if plan.algorithm == "scaffold" and result.steps > 0:
-        # Option II: c_i+ = c_i - c + (x - y_i) / (K lr); the server needs only the change c_i+ - c_i.
-        change = -control - delta / np.float32(result.steps * plan.learning_rate)
-        personal.state.put(site, SCAFFOLD_KEY, plan.round, mine + change)
-        payload[CONTROL_DELTA] = change.astype(np.float32, copy=False)
-    if plan.algorithm == "fednova":
-        metrics["normalizer"] = fednova_normalizer(result.steps, trainer.config.momentum)
+    payload, extra = fit.finish(delta, result.steps)
+    metrics.update(extra)
     if plan.personalization == "fedrep":
         personal.state.put(site, FEDREP_KEY, plan.round, start[personal.head] + delta[personal.head])
     elif plan.personalization == "ditto":

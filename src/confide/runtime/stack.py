@@ -16,6 +16,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
+from confide.algorithms import algorithm
 from confide.client.dpsgd import DPSGD
 from confide.client.personalize import Personal
 from confide.client.site import SiteKit
@@ -33,7 +34,7 @@ from confide.privacy.secagg import keys
 from confide.privacy.secure import SecAggLayer, SecureAggregation
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream, public_rng
 from confide.server.optim import ServerOptimizer
-from confide.server.strategy import Strategy, WeightedMean, algorithm_layers
+from confide.server.strategy import Strategy, WeightedMean
 from confide.server.validate import ValidateLayer
 
 
@@ -132,7 +133,7 @@ def build_layers(
     """The run's layer stack, in site order: what the algorithm adds (SCAFFOLD), site-level DP (adaptive
     clipping, clip, noise share), then secure aggregation, or, where the server reads each update,
     validation (last, so that on the server it checks each update first)."""
-    layers: list[Layer] = algorithm_layers(config.server.strategy)
+    layers: list[Layer] = algorithm(config.server.strategy).layers()
     if dp is not None:
         if dp.adaptive is not None:
             layers.append(AdaptiveClipping(dp))

@@ -1,19 +1,24 @@
-"""The server side of SCAFFOLD (Karimireddy et al. 2020, Algorithm 1) as a layer of the round.
+"""SCAFFOLD (Karimireddy et al. 2020, Algorithm 1, option II), both halves.
 
-The server keeps c, the mean of all N sites' control variates, sends it with every task, and after the round
-moves it by the sampled sites' changes: c <- c + (1/N) * sum_{i in S} (c_i+ - c_i), which keeps c equal to
-the mean of every site's c_i (sites not sampled keep theirs). The site's half (the corrected gradient and
-its own c_i) lives with the local algorithm in :mod:`confide.client.site`.
+The site corrects every local gradient by c - c_i, then updates its control variate
+c_i+ = c_i - c + (x - y_i) / (K * lr) and sends its change c_i+ - c_i beside the delta. The server keeps c,
+the mean of all N sites' control variates, sends it with every task, and after the round moves it by the
+sampled sites' changes: c <- c + (1/N) * sum_{i in S} (c_i+ - c_i), which keeps c equal to the mean of every
+site's c_i (sites not sampled keep theirs).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from confide.core import STEPS, Update, Vector
+from confide.algorithms import Algorithm, LocalFit
+from confide.client.state import SiteState
+from confide.client.trainer import Objective
+from confide.core import STEPS, Plan, Update, Vector
 from confide.errors import UpdateError
 from confide.pipeline import Layer, RoundContext, Traits
 
@@ -23,6 +28,45 @@ CONTROL = "control"
 """Name of the server's control variate among a task's extras."""
 CONTROL_DELTA = "control_delta"
 """Name of a site's control-variate change in its update's payload."""
+SITE_KEY = "scaffold.control"
+"""A site's own control variate c_i in its state."""
+
+
+class Scaffold(Algorithm):
+    name = "scaffold"
+
+    def local(
+        self,
+        site: str,
+        weights: Vector,
+        plan: Plan,
+        extras: Mapping[str, Vector],
+        state: SiteState,
+        momentum: float,
+    ) -> LocalFit:
+        control = extras.get(CONTROL)
+        if control is None or control.shape != weights.shape:
+            raise UpdateError(f"SCAFFOLD needs the server's control variate with the task for site {site!r}")
+        return _ScaffoldFit(site, plan, control, state)
+
+    def layers(self) -> list[Layer]:
+        return [ScaffoldLayer()]
+
+
+class _ScaffoldFit(LocalFit):
+    def __init__(self, site: str, plan: Plan, control: Vector, state: SiteState) -> None:
+        self.site, self.plan, self.control, self.state = site, plan, control, state
+        kept = state.get(site, SITE_KEY)
+        self.mine = np.zeros_like(control) if kept is None else kept
+        self.objective = Objective(correction=control - self.mine)
+
+    def finish(self, delta: Vector, steps: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        if steps == 0:
+            return {}, {}
+        # Option II: c_i+ = c_i - c + (x - y_i) / (K lr); the server needs only the change c_i+ - c_i.
+        change = -self.control - delta / np.float32(steps * self.plan.learning_rate)
+        self.state.put(self.site, SITE_KEY, self.plan.round, self.mine + change)
+        return {CONTROL_DELTA: change.astype(np.float32, copy=False)}, {}
 
 
 class ScaffoldLayer(Layer):
