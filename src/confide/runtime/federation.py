@@ -332,5 +332,3 @@ def summarize(
         for e, lo, a, n in zip(evaluations, losses, accuracies, targets, strict=True)
     ]
     return dict(metrics), per_site
-
-

@@ -22,9 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class LocalBackend:
-    def __init__(
-        self, dataset: FederatedDataset, kit: SiteKit, dropout: float = 0.0, seed: int = 0
-    ) -> None:
+    def __init__(self, dataset: FederatedDataset, kit: SiteKit, dropout: float = 0.0, seed: int = 0) -> None:
         self.dataset = dataset
         self.kit = kit
         self.dropout = dropout
