@@ -151,7 +151,7 @@ def test_no_lower_layer_imports_the_report_or_the_cli() -> None:
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             if upward & set(names):
-                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+                offenders.append(f"{path.relative_to(root)}: imports {', '.join(upward & set(names))}")
     assert offenders == []
 
 

@@ -6,6 +6,12 @@ starts, with one message naming the key, the value, and what is accepted::
 
     client.batch_size must be an integer >= 1 (got -3)
     server.optimizr is not an option of [server]; did you mean 'optimizer'? (accepted: beta1, beta2, ...)
+    server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova' (got 'fedprx'); did you mean ...
+
+An option that names a plug-in (a strategy, an optimizer, a model kind) takes the accepted names and their
+help texts from :mod:`confide.registry`, and the ``[model]`` table is checked against the model's config
+dataclass in :mod:`confide.models.configs`; neither imports torch, so loading a config stays light. The file
+is long because it is the list of every option; the checks that involve several options follow the sections.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ report never touches pyplot's global state (a caller may well have pyplot open i
 
 Everything that comes out of the store (names, messages, the config text) goes through ``html.escape``:
 site names and event messages are free text and the page must not be something they can inject into.
+
+One file for one page: its sections, plots and stylesheet are read together, hence the length.
 """
 
 from __future__ import annotations
