@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from confide import config
 from confide.errors import ConfigError
+from confide.registry import MODELS, STRATEGIES
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -88,3 +92,57 @@ def test_every_option_is_described() -> None:
 def test_every_example_config_is_valid(path: Path) -> None:
     loaded = config.load(path)
     assert loaded.run.rounds >= 1
+
+
+def test_loading_a_config_imports_no_torch() -> None:
+    # The [model] table is checked against the models' config dataclasses, not by building a model.
+    root = Path(__file__).parent.parent
+    code = (
+        "import sys, confide.config\n"
+        "c = confide.config.load('examples/shakespeare.toml')\n"
+        "assert c.model['kind'] in ('gpt', 'lstm')\n"
+        "assert 'torch' not in sys.modules, 'loading a config imported torch'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=root, env=env)
+
+
+def test_a_misspelt_choice_gets_a_guess(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, "[server]\nstrategy = 'fedprx'\n"))
+    assert str(info.value) == (
+        "server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova' (got 'fedprx'); "
+        "did you mean 'fedprox'?"
+    )
+
+
+def test_the_help_of_a_choice_lists_every_accepted_name_with_its_own_help() -> None:
+    rows = {key: help for key, _, help in config.describe()}
+    for key, registry in (("server.strategy", STRATEGIES), ("model.kind", MODELS)):
+        for plugin in registry:
+            assert f"{plugin.name!r}: {plugin.help}" in rows[key]
+
+
+def test_insecure_reproducible_noise_is_off_needs_dp_and_no_deployment_takes_it(tmp_path: Path) -> None:
+    assert config.load(write(tmp_path, "")).privacy.insecure_reproducible_noise is False
+    with pytest.raises(ConfigError, match=r"insecure_reproducible_noise .* but the run adds none"):
+        config.load(write(tmp_path, "[privacy]\ninsecure_reproducible_noise = true\n"))
+    text = "[privacy]\ndp = 'central'\ninsecure_reproducible_noise = true\n"
+    simulated = config.load(write(tmp_path, text))
+    assert simulated.privacy.insecure_reproducible_noise is True
+    with pytest.raises(ConfigError, match="a deployment refuses it: set it to false"):
+        config.check_deployment(simulated)
+    config.check_deployment(config.load(write(tmp_path, "[privacy]\ndp = 'central'\n")))
+    record = config.load(write(tmp_path, "[privacy]\nrecord_dp = true\ninsecure_reproducible_noise = true\n"))
+    assert record.privacy.insecure_reproducible_noise
+
+
+def test_model_options_are_checked_without_building_the_model(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.dropout \(1.5\) must be at least 0 and below 1"):
+        config.load(write(tmp_path, "[model]\ndropout = 1.5\n"))
+    with pytest.raises(ConfigError, match=r"model.hidden must be an integer, got 2.5"):
+        config.load(write(tmp_path, "[model]\nkind = 'lstm'\nhidden = 2.5\n"))
+    with pytest.raises(ConfigError, match=r"\[model\] must be a table"):
+        config.load(write(tmp_path, "model = 3\n"))
+    big = config.load(write(tmp_path, "[model]\nlayers = 96\nwidth = 12288\nheads = 96\n"))
+    assert big.model["width"] == 12288  # checking a 175B-parameter shape costs nothing: nothing is built

@@ -131,3 +131,57 @@ def test_importing_the_report_stays_light() -> None:
     code = "import sys, confide.report; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_no_lower_layer_imports_the_report_or_the_cli() -> None:
+    # Imports point one way (cli -> report -> runtime -> ...): the runtime and everything under it never
+    # import the report or the command line, so the canary page is written by runtime/audit.py itself.
+    import ast
+
+    root = Path(__file__).parent.parent / "src" / "confide"
+    upward = {"confide.report", "confide.cli"}
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name in ("report.py", "cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if upward & set(names):
+                offenders.append(f"{path.relative_to(root)}: imports {', '.join(upward & set(names))}")
+    assert offenders == []
+
+
+def test_the_canary_page_escapes_what_it_shows(tmp_path: Path) -> None:
+    from confide.runtime.audit import write_canary_report
+
+    canaries = [{"secret": "123456", "site": "<b>site</b>", "exposure": 3.5}]
+    runs = [
+        {
+            "label": "<script>x</script>",
+            "epsilon": None,
+            "delta": None,
+            "accuracy": 0.5,
+            "canaries": canaries,
+        },
+        {"label": "with DP", "epsilon": 2.0, "delta": 1e-3, "accuracy": 0.25, "canaries": canaries},
+    ]
+    page = write_canary_report(tmp_path, {"repeats": 3, "candidates": 50, "runs": runs}).read_text()
+    assert page.count("<img") == 1 and "<script" not in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "2.000 at delta 1.0e-03" in page
+    assert "<td>0.500</td>" in page and "<td>3.50</td>" in page
+
+
+def test_report_of_a_run_whose_config_no_longer_loads(tmp_path: Path) -> None:
+    # The config is read by the config loader; a config it refuses (a run of an older confide, or a file
+    # edited by hand) costs the page only what needs it: here, the planned number of rounds.
+    _store(tmp_path, rounds=2, evaluate_every=1)[0].close()
+    (tmp_path / "run" / "config.toml").write_text("[run]\nrounds = 'many'\n")
+
+    page = write_report(tmp_path / "run").read_text(encoding="utf-8")
+
+    assert "<th>Rounds done</th><td>2</td>" in page
+    assert "rounds = &#x27;many&#x27;" in page  # the text itself is still shown

@@ -714,6 +714,7 @@ def _print_summary(dataset: Any) -> None:
 
 def cmd_config(args: argparse.Namespace) -> int:
     from confide.config import describe
+    from confide.models.configs import describe_models
 
     table = Table(title="confide run options (sections of the TOML file)")
     table.add_column("option")
@@ -722,10 +723,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     for key, default, help in describe():
         table.add_row(key, repr(default), help)
     console.print(table)
-    console.print(
-        "[model] takes kind = 'gpt' (layers, heads, width, context, dropout, bias) "
-        "or 'lstm' (embedding, hidden, layers, context)."
-    )
+    console.print("[model] takes, besides kind:", markup=False)
+    for line in describe_models():
+        console.print(f"  {line}", markup=False, highlight=False)
     return 0
 
 

@@ -6,6 +6,12 @@ starts, with one message naming the key, the value, and what is accepted::
 
     client.batch_size must be an integer >= 1 (got -3)
     server.optimizr is not an option of [server]; did you mean 'optimizer'? (accepted: beta1, beta2, ...)
+    server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova' (got 'fedprx'); did you mean ...
+
+An option that names a plug-in (a strategy, an optimizer, a model kind) takes the accepted names and their
+help texts from :mod:`confide.registry`, and the ``[model]`` table is checked against the model's config
+dataclass in :mod:`confide.models.configs`; neither imports torch, so loading a config stays light. The file
+is long because it is the list of every option; the checks that involve several options follow the sections.
 """
 
 from __future__ import annotations
@@ -20,14 +26,33 @@ from typing import Any, get_type_hints
 import tomli_w
 
 from confide.errors import ConfigError
+from confide.registry import (
+    ACCOUNTANTS,
+    AUTH_MODES,
+    BACKENDS,
+    CLIENT_OPTIMIZERS,
+    DATASETS,
+    DIRICHLET_LABELS,
+    DP_PLACEMENTS,
+    MODELS,
+    NEEDS_SGD,
+    PARTITIONS,
+    PER_SITE_EXTRAS,
+    PERSONALIZATIONS,
+    SAMPLINGS,
+    SERVER_OPTIMIZERS,
+    STRATEGIES,
+    Registry,
+)
 
 Check = Callable[[Any], bool]
 
 
 def option(
-    default: Any, help: str, check: Check | None = None, accepts: str = "", choices: tuple[str, ...] = ()
+    default: Any, help: str, check: Check | None = None, accepts: str = "", choices: Registry | None = None
 ) -> Any:
-    """A config field: its default, its help text, and what values it accepts."""
+    """A config field: its default, its help text, and what values it accepts (a check, or the names of a
+    registry of :mod:`confide.registry`, whose help texts ``confide config`` shows)."""
     return field(
         default=default, metadata={"help": help, "check": check, "accepts": accepts, "choices": choices}
     )
@@ -56,20 +81,16 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = option("shakespeare", "the data set", choices=("shakespeare", "text"))
+    dataset: str = option("shakespeare", DATASETS.help, choices=DATASETS)
     path: str = option(
         "", "for dataset = 'text': a folder with one .txt file or subfolder per site, or a .jsonl file"
     )
-    partition: str = option(
-        "natural",
-        "how sites are formed: 'natural', 'iid', 'dirichlet' (label skew), 'quantity' (size skew)",
-        choices=("natural", "iid", "dirichlet", "quantity"),
-    )
+    partition: str = option("natural", PARTITIONS.help, choices=PARTITIONS)
     alpha: float = option(
         0.5, "Dirichlet concentration for 'dirichlet' and 'quantity' (small: skewed)", positive, "> 0"
     )
     num_sites: int = option(100, "number of sites for 'dirichlet' and 'quantity'", at_least(1), ">= 1")
-    label: str = option("group", "label that Dirichlet skews over", choices=("group", "next_char"))
+    label: str = option("group", DIRICHLET_LABELS.help, choices=DIRICHLET_LABELS)
     min_lines: int = option(
         64, "Shakespeare: a role needs at least this many lines to be a site", at_least(1), ">= 1"
     )
@@ -85,17 +106,10 @@ class ClientConfig:
     max_steps: int = option(0, "stop local training after this many steps; 0: no limit", at_least(0), ">= 0")
     batch_size: int = option(10, "windows per local step", at_least(1), ">= 1")
     learning_rate: float = option(0.5, "the sites' learning rate", positive, "> 0")
-    optimizer: str = option(
-        "sgd", "the sites' optimizer (its state starts fresh each round)", choices=("sgd", "adam")
-    )
+    optimizer: str = option("sgd", CLIENT_OPTIMIZERS.help, choices=CLIENT_OPTIMIZERS)
     momentum: float = option(0.0, "momentum of the sites' SGD", lambda x: 0 <= x < 1, "in [0, 1)")
     weight_decay: float = option(0.0, "weight decay at the sites", at_least(0), ">= 0")
-    personalization: str = option(
-        "none",
-        "a model per site besides the global one: 'ditto' (personal model pulled towards the global), "
-        "'fedrep' (personal head, shared body), 'finetune' (the global model fine-tuned per site)",
-        choices=("none", "ditto", "fedrep", "finetune"),
-    )
+    personalization: str = option("none", PERSONALIZATIONS.help, choices=PERSONALIZATIONS)
     personal_steps: int = option(
         0,
         "steps of personal training (Ditto's personal model, FedRep's head, fine-tuning); 0: as max_steps",
@@ -141,23 +155,9 @@ class ServerConfig:
         positive,
         "a count >= 1 or a fraction in (0, 1)",
     )
-    optimizer: str = option(
-        "sgd",
-        "server optimizer on the averaged delta (Reddi et al. 2021); sgd with learning_rate 1 is FedAvg",
-        choices=("sgd", "momentum", "adam", "yogi", "adagrad"),
-    )
-    sampling: str = option(
-        "fixed",
-        "how a round's sites are drawn: 'fixed' (exactly sites_per_round, without replacement) or 'poisson' "
-        "(each site independently with rate sites_per_round / sites; what DP accounting likes best)",
-        choices=("fixed", "poisson"),
-    )
-    strategy: str = option(
-        "fedavg",
-        "the federated algorithm: 'fedavg', 'fedprox' (proximal term, mu), 'scaffold' (control variates), "
-        "'fednova' (normalized averaging)",
-        choices=("fedavg", "fedprox", "scaffold", "fednova"),
-    )
+    optimizer: str = option("sgd", SERVER_OPTIMIZERS.help, choices=SERVER_OPTIMIZERS)
+    sampling: str = option("fixed", SAMPLINGS.help, choices=SAMPLINGS)
+    strategy: str = option("fedavg", STRATEGIES.help, choices=STRATEGIES)
     mu: float = option(
         0.01, "FedProx: weight of the proximal term mu/2 ||w - w_global||^2", at_least(0), ">= 0"
     )
@@ -181,9 +181,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class BackendConfig:
-    kind: str = option(
-        "local", "who carries messages: 'local' runs every site in this process", choices=("local",)
-    )
+    kind: str = option("local", BACKENDS.help, choices=BACKENDS)
     threads: int = option(0, "torch threads; 0: torch's default", at_least(0), ">= 0")
     dropout: float = option(
         0.0,
@@ -196,12 +194,7 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    dp: str = option(
-        "none",
-        "site-level DP-FedAvg: 'central' (the aggregator adds the noise) or 'distributed' (each site adds "
-        "its share; needs secure aggregation)",
-        choices=("none", "central", "distributed"),
-    )
+    dp: str = option("none", DP_PLACEMENTS.help, choices=DP_PLACEMENTS)
     clip_norm: float = option(1.0, "L2 norm each site's update is clipped to (C)", positive, "> 0")
     noise_multiplier: float = option(
         1.0, "z: the noise on the sum of updates has standard deviation z * C", at_least(0), ">= 0"
@@ -216,11 +209,7 @@ class PrivacyConfig:
         False,
         "set the noise multiplier from target_epsilon so that run.rounds rounds spend exactly the budget",
     )
-    accounting: str = option(
-        "rdp",
-        "privacy accountant of dp-accounting: 'rdp' (Renyi DP) or 'pld' (tighter)",
-        choices=("rdp", "pld"),
-    )
+    accounting: str = option("rdp", ACCOUNTANTS.help, choices=ACCOUNTANTS)
     adaptive_clip: bool = option(
         False, "move the clip norm towards a quantile of the update norms (Andrew et al. 2021)"
     )
@@ -274,7 +263,7 @@ class PrivacyConfig:
     insecure_reproducible_noise: bool = option(
         False,
         "simulation only and insecure: DP noise and DP-SGD sampling are drawn from the run's seed so that "
-        "runs repeat exactly; anyone who knows the seed can remove the noise. A deployment refuses it",
+        "runs repeat exactly; anyone who knows the seed can remove the noise. A deployment refuses it.",
     )
 
 
@@ -282,12 +271,7 @@ class PrivacyConfig:
 class DeployConfig:
     """`confide server`: how long to wait for sites, when to give up on one, and how sites authenticate."""
 
-    auth: str = option(
-        "token",
-        "how sites prove who they are: 'token' (issued by `confide enroll`, stored hashed) or 'mtls' "
-        "(a site certificate from `confide enroll --certificate`)",
-        choices=("token", "mtls"),
-    )
+    auth: str = option("token", AUTH_MODES.help, choices=AUTH_MODES)
     min_sites: int = option(
         0,
         "sites that must have joined before the first round (and after a restart); 0: every enrolled site",
@@ -334,6 +318,9 @@ class DeployConfig:
         return int(self.receive_buffer_mb * 2**20)
 
 
+DEFAULT_MODEL = "gpt"
+"""The model kind of a config whose [model] table names none."""
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "data": DataConfig,
@@ -350,8 +337,9 @@ SECTIONS: dict[str, type] = {
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict[str, Any] = field(default_factory=lambda: {"kind": "gpt"})
-    """Model kind and options, checked by :func:`confide.models.build_model`, which knows each model."""
+    model: dict[str, Any] = field(default_factory=lambda: {"kind": DEFAULT_MODEL})
+    """Model kind (:data:`confide.registry.MODELS`) and its options, checked against the model's config
+    dataclass in :mod:`confide.models.configs` (without building the model)."""
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -415,10 +403,13 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"[{name}] must be a table of options, got {table!r}")
         built[name] = _build(cls, name, table)
-    model = dict(raw.get("model", {}))
-    if not isinstance(model.get("kind", "gpt"), str):
+    table = raw.get("model", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"[model] must be a table of options, got {table!r}")
+    model = dict(table)
+    if not isinstance(model.get("kind", DEFAULT_MODEL), str):
         raise ConfigError(f"model.kind must be a string (got {model['kind']!r})")
-    model.setdefault("kind", "gpt")
+    model.setdefault("kind", DEFAULT_MODEL)
     config = Config(model=model, **built)
     check(config)
     return config
@@ -429,12 +420,8 @@ def check(config: Config) -> None:
     if config.data.dataset == "text" and not config.data.path:
         raise ConfigError("data.path must name a folder or .jsonl file when data.dataset = 'text'")
     c, s = config.client, config.server
-    if s.strategy in ("scaffold", "fednova") and c.optimizer != "sgd":
-        why = (
-            "its control-variate update (option II) is derived for plain SGD steps"
-            if s.strategy == "scaffold"
-            else "its normalizer counts SGD steps (with momentum)"
-        )
+    why = STRATEGIES.fact(s.strategy, NEEDS_SGD)
+    if why is not None and c.optimizer != "sgd":
         raise ConfigError(
             f"server.strategy = {s.strategy!r} needs client.optimizer = 'sgd' (got {c.optimizer!r}): {why}"
         )
@@ -450,11 +437,15 @@ def check(config: Config) -> None:
             f"(got {c.personalization!r})"
         )
     _check_privacy(config)
-    # The model's own options are checked by building it once (cheap for our models).
-    from confide.models import build_model
+    _check_model(config.model)
 
-    options = {k: v for k, v in config.model.items() if k != "kind"}
-    build_model(config.model["kind"], vocab_size=97, **options)
+
+def _check_model(model: Mapping[str, Any]) -> None:
+    """The [model] table against the kind's config dataclass: names, types and ranges, without torch."""
+    from confide.models.configs import model_config
+
+    kind = MODELS.check(model["kind"])
+    model_config(kind, **{k: v for k, v in model.items() if k != "kind"})
 
 
 def _check_privacy(config: Config) -> None:
@@ -467,8 +458,8 @@ def _check_privacy(config: Config) -> None:
                     "'distributed' (it is 'none')"
                 )
     else:
-        if s.strategy in ("scaffold", "fednova"):
-            what = "control variates" if s.strategy == "scaffold" else "step counts and example weights"
+        what = STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS)
+        if what is not None:
             raise ConfigError(
                 f"privacy.dp = {p.dp!r} cannot run with server.strategy = {s.strategy!r}: its {what} travel "
                 "beside the clipped update without noise; use 'fedavg' or 'fedprox'"
@@ -492,17 +483,38 @@ def _check_privacy(config: Config) -> None:
                 "privacy loss distribution for sampling without replacement): use accounting = 'rdp', or "
                 "server.sampling = 'poisson'"
             )
-    if p.secure_aggregation and s.strategy in ("scaffold", "fednova"):
-        what = "control variate" if s.strategy == "scaffold" else "step count"
+    what = STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS)
+    if p.secure_aggregation and what is not None:
         raise ConfigError(
             f"privacy.secure_aggregation cannot run with server.strategy = {s.strategy!r}: the server needs "
             f"each site's own {what} beside its update, and secure aggregation shows it only the sum; use "
             "'fedavg' or 'fedprox'"
         )
+    if p.insecure_reproducible_noise and p.dp == "none" and not p.record_dp:
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise makes differential privacy's noise repeatable, but the "
+            "run adds none: set privacy.dp = 'central' or 'distributed', or privacy.record_dp = true (or "
+            "leave the option out)"
+        )
     if p.record_dp and (s.strategy != "fedavg" or c.personalization == "fedrep"):
         raise ConfigError(
             "privacy.record_dp trains with plain DP-SGD steps, so it runs with server.strategy = 'fedavg' "
             f"(got {s.strategy!r}) and without FedRep"
+        )
+
+
+def check_deployment(config: Config) -> None:
+    """Refuse what only a simulation may do. A deployment (`confide server`, and each site on the config the
+    server sends it) calls this besides :func:`load`'s checks.
+
+    Threat model: under distributed DP each site adds its own share of the noise so that the server, which
+    may be curious, never sees an update without it. If that noise came from the run's seed, the server
+    (which chose the seed) could subtract it, so a site must refuse such a config even from its server.
+    """
+    if config.privacy.insecure_reproducible_noise:
+        raise ConfigError(
+            "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, so anyone who knows "
+            "the seed can remove it; it is for simulations only, and a deployment refuses it: set it to false"
         )
 
 
@@ -519,9 +531,8 @@ def _build(cls: type, section: str, table: Mapping[str, Any]) -> Any:
         where = f"{section}.{key}"
         value = _coerce(where, hints[key], value)
         meta = f.metadata
-        if meta["choices"] and value not in meta["choices"]:
-            accepted = ", ".join(repr(c) for c in meta["choices"])
-            raise ConfigError(f"{where} must be one of {accepted} (got {value!r})")
+        if meta["choices"] is not None:
+            meta["choices"].check(value)
         if meta["check"] is not None and not meta["check"](value):
             raise ConfigError(f"{where} must be {meta['accepts']} (got {value!r})")
         values[key] = value
@@ -555,9 +566,14 @@ def _unknown(message: str, key: str, accepted: list[str]) -> str:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """Every option with its default and help text, for the docs and `confide config --help`."""
+    """Every option with its default and help text, for the docs and `confide config`. An option that names
+    a plug-in lists the accepted names, each with its help text from :mod:`confide.registry`."""
     rows = []
     for name, cls in SECTIONS.items():
         for f in fields(cls):
-            rows.append((f"{name}.{f.name}", f.default, f.metadata["help"]))
+            help, choices = f.metadata["help"], f.metadata["choices"]
+            if choices is not None:
+                help = f"{help}; one of:\n{choices.describe()}"
+            rows.append((f"{name}.{f.name}", f.default, help))
+    rows.append(("model.kind", DEFAULT_MODEL, f"{MODELS.help}; one of:\n{MODELS.describe()}"))
     return rows

@@ -151,6 +151,20 @@ class RoundContext:
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
 
+@dataclass(frozen=True)
+class StackContext:
+    """What a layer may need to build itself from a run's config (the same on the server and the sites)."""
+
+    config: Any
+    """The run's :class:`~confide.config.Config`."""
+    dp: Any = None
+    """The run's site-level DP policy (:class:`~confide.privacy.policy.SiteDP`), or None."""
+    secure: Any = None
+    """Secure aggregation's settings (:class:`~confide.privacy.secure.SecureAggregation`), or None."""
+    identities: Mapping[str, Any] = field(default_factory=dict)
+    """Simulated sites' long-term signing keys (a deployed site holds only its own)."""
+
+
 class Layer:
     """One step of the update pipeline, on both sides. Subclasses override what they do; the defaults pass
     the update through unchanged. Both sides build the same stack from the run's config, so the server's
@@ -158,6 +172,12 @@ class Layer:
 
     name: ClassVar[str] = "layer"
     traits: ClassVar[Traits] = Traits()
+
+    @classmethod
+    def from_config(cls, stack: StackContext) -> Layer | None:
+        """The layer the run's config asks for, or None when it asks for none (a registered layer's way of
+        joining the stack: see :data:`confide.registry.LAYERS`)."""
+        return None
 
     def init_state(self, size: int) -> dict[str, Vector]:
         """Server state this layer keeps across rounds, checkpointed with the model (a fresh run's)."""

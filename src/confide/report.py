@@ -9,6 +9,8 @@ report never touches pyplot's global state (a caller may well have pyplot open i
 
 Everything that comes out of the store (names, messages, the config text) goes through ``html.escape``:
 site names and event messages are free text and the page must not be something they can inject into.
+
+One file for one page: its sections, plots and stylesheet are read together, hence the length.
 """
 
 from __future__ import annotations
@@ -16,19 +18,23 @@ from __future__ import annotations
 import base64
 import html
 import io
+import logging
 import math
 import os
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confide import config as config_module
+from confide.errors import ConfigError
 from confide.runtime.store import Store
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 
@@ -63,61 +69,13 @@ def write_report(run_dir: Path, samples: Sequence[tuple[str, str]] = ()) -> Path
     return path
 
 
-def write_canary_report(folder: Path, summary: Mapping[str, Any]) -> Path:
-    """``folder/canaries.html``: each canary's exposure with and without DP, as a chart and a table."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    runs = summary["runs"]
-    most = math.log2(summary["candidates"] + 1)
-    fig = Figure(figsize=(7.0, 4.0), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    secrets = [c["secret"] for c in runs[0]["canaries"]]
-    width = 0.8 / len(runs)
-    colors = [_WORST, _POOLED, _SITE_MEAN]
-    for k, run in enumerate(runs):
-        xs = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(secrets))]
-        label = run["label"] + ("" if run["epsilon"] is None else f" (epsilon {run['epsilon']:.2f})")
-        ax.bar(xs, [c["exposure"] for c in run["canaries"]], width, label=label, color=colors[k % 3])
-    ax.axhline(most, color=_BASELINE, linestyle="--", linewidth=1, label="most measurable (ranked first)")
-    ax.axhline(
-        1 / math.log(2), color=_BASELINE, linestyle=":", linewidth=1, label="a secret never seen (mean)"
-    )
-    ax.set_xticks(
-        range(len(secrets)), [f"{s}\n{c['site']}" for s, c in zip(secrets, runs[0]["canaries"], strict=True)]
-    )
-    ax.set_ylabel("exposure (bits)")
-    ax.set_title(f"Exposure of planted secrets ({summary['repeats']} copies each)")
-    ax.legend(fontsize="small")
-    rows = "".join(
-        f"<tr><th>{_e(run['label'])}</th><td>{_num(run['accuracy'])}</td><td>"
-        + ("none" if run["epsilon"] is None else _e(f"{run['epsilon']:.3f} at delta {run['delta']:.1e}"))
-        + f"</td><td>{_num(sum(c['exposure'] for c in run['canaries']) / len(run['canaries']), 2)}</td></tr>"
-        for run in runs
-    )
-    page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>confide canary audit</title>'
-        f"<style>{_CSS}</style></head><body><h1>Canary audit</h1>"
-        f'<p>{len(secrets)} random secrets of the form "my secret number is NNNNNN" were planted in one site '
-        f"each, {summary['repeats']} times; the model was trained with and without differential privacy, "
-        f"and each secret ranked among {summary['candidates']} random ones by the model's likelihood "
-        "(Carlini et al. 2019). Exposure is log2(candidates + 1) − log2(rank).</p>"
-        f'<figure><img alt="exposure per canary" src="{_png(fig)}"></figure>'
-        '<table class="metrics"><tr><th>run</th><th>accuracy</th><th>site-level epsilon</th>'
-        f"<th>mean exposure</th></tr>{rows}</table></body></html>\n"
-    )
-    path = folder / "canaries.html"
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
 # -- the page ----------------------------------------------------------------------------------------------
 
 
 def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> str:
     name = run_dir.resolve().name
     config_text = _read_text(run_dir / "config.toml")
+    config = _stored_config(run_dir)
     evaluations = store.evaluations()
     rounds = store.rounds()
     last_round, last = evaluations[-1] if evaluations else (None, {})
@@ -132,7 +90,7 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
         f"<style>{_CSS}</style>",
         "</head><body>",
         f"<h1>confide run <code>{_e(name)}</code></h1>",
-        _header(store, rounds, config_text),
+        _header(store, rounds, None if config is None else config.run.rounds),
         _final_metrics(rounds, evaluations, last_round, last),
         "<h2>Training curves</h2>",
         _plots(
@@ -142,7 +100,7 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
             last_round,
             personal,
             store.ledger(),
-            _privacy_settings(config_text),
+            0.0 if config is None else config.privacy.target_epsilon,
         ),
         _samples(samples),
         _config(config_text),
@@ -153,11 +111,11 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
     return "\n".join(p for p in parts if p) + "\n"
 
 
-def _header(store: Store, rounds: list[dict[str, Any]], config_text: str) -> str:
-    """Where the run stands: status, progress against the configured rounds, the data it runs on."""
+def _header(store: Store, rounds: list[dict[str, Any]], planned: int | None) -> str:
+    """Where the run stands: status, progress against the configured rounds (``planned``, None when the
+    stored config cannot be read), the data it runs on."""
     status = store.meta("status") or "unknown"
     done = max((int(r["round"]) for r in rounds), default=0)
-    planned = _planned_rounds(config_text)
     progress = f"{done} of {planned}" if planned is not None else str(done)
     num_sites = int(store.db.execute("SELECT COUNT(*) FROM sites").fetchone()[0])
     checkpoint = store.db.execute("SELECT MAX(round) FROM checkpoints").fetchone()[0]
@@ -239,7 +197,7 @@ def _plots(
     last_round: int | None,
     personal: Sequence[tuple[str, float, float, int]] = (),
     ledger: Sequence[tuple[int, float, str, float, int, float]] = (),
-    privacy: Mapping[str, Any] | None = None,
+    budget: float = 0.0,
 ) -> str:
     if not evaluations:
         trained = len(rounds)
@@ -269,7 +227,7 @@ def _plots(
     if per_site and personal:
         figures.append(_personal_plot(figure(), per_site, personal, last_round))
     if ledger:
-        figures.append(_privacy_plot(figure(), ledger, evaluations, privacy or {}))
+        figures.append(_privacy_plot(figure(), ledger, evaluations, budget))
     images = "".join(f'<figure><img alt="{_e(alt)}" src="{_png(fig)}"></figure>' for fig, alt in figures)
     note = (
         ""
@@ -443,14 +401,14 @@ def _privacy_plot(
     fig: Figure,
     ledger: Sequence[tuple[int, float, str, float, int, float]],
     evaluations: list[tuple[int, dict[str, Any]]],
-    privacy: Mapping[str, Any],
+    budget: float,
 ) -> tuple[Figure, str]:
-    """Epsilon spent after each round (the ledger), the budget, and accuracy beside it: what privacy cost."""
+    """Epsilon spent after each round (the ledger), the budget (privacy.target_epsilon; 0: none), and
+    accuracy beside it: what privacy cost."""
     ax = fig.add_subplot()
     rounds = [r for r, *_ in ledger]
     epsilons = [e for *_, e in ledger]
     ax.plot(rounds, epsilons, color=_WORST, linewidth=1.8, label="epsilon spent (site-level)")
-    budget = privacy.get("target_epsilon") or 0
     if budget:
         ax.axhline(float(budget), color=_BASELINE, linestyle="--", linewidth=1.2, label=f"budget {budget:g}")
     ax.set_xlabel("round")
@@ -466,14 +424,6 @@ def _privacy_plot(
     more = right.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small", loc="center right")
     return fig, "Epsilon spent per round, from the privacy ledger, beside accuracy"
-
-
-def _privacy_settings(config_text: str) -> dict[str, Any]:
-    try:
-        privacy = tomllib.loads(config_text).get("privacy", {})
-    except (tomllib.TOMLDecodeError, AttributeError):
-        return {}
-    return privacy if isinstance(privacy, dict) else {}
 
 
 def _personal_plot(
@@ -622,13 +572,14 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _planned_rounds(config_text: str) -> int | None:
-    """``run.rounds`` from the stored config, if it can be read: progress reads better as "12 of 50"."""
+def _stored_config(run_dir: Path) -> config_module.Config | None:
+    """The run's config, read by the config loader (which imports no torch); None when it is missing or no
+    longer valid (a run of an older confide), in which case the page leaves out what needs it."""
     try:
-        planned = tomllib.loads(config_text).get("run", {}).get("rounds")
-    except (tomllib.TOMLDecodeError, AttributeError):
+        return config_module.load(run_dir / "config.toml", stamp=False)
+    except ConfigError as e:
+        log.warning("the report leaves out the planned rounds and the privacy budget: %s", e)
         return None
-    return planned if isinstance(planned, int) and not isinstance(planned, bool) else None
 
 
 def _read_text(path: Path) -> str:

@@ -4,12 +4,12 @@ An :class:`Algorithm` says what a site adds to plain local training (its :class:
 and what it sends or keeps once the fit is done) and what the server adds to a round (layers, such as
 SCAFFOLD's control variates, and an aggregator, such as FedNova's normalized mean). The site
 (:mod:`confide.client.site`) and the strategy (:mod:`confide.server.strategy`) ask the plug-in by name;
-neither knows any algorithm. Adding one is a new module here plus one line in :data:`ALGORITHMS`.
+neither knows any algorithm. Adding one is a new module here plus its registration in
+:data:`confide.registry.STRATEGIES`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -17,8 +17,8 @@ import numpy as np
 from confide.client.state import SiteState
 from confide.client.trainer import PLAIN, Objective
 from confide.core import Plan, Vector
-from confide.errors import ConfigError
 from confide.pipeline import Aggregator, Layer
+from confide.registry import STRATEGIES
 
 
 class LocalFit:
@@ -58,21 +58,7 @@ class Algorithm:
         return default
 
 
-ALGORITHMS: dict[str, str] = {
-    "fedavg": "confide.algorithms.fedavg:FedAvg",
-    "fedprox": "confide.algorithms.fedprox:FedProx",
-    "scaffold": "confide.algorithms.scaffold:Scaffold",
-    "fednova": "confide.algorithms.fednova:FedNova",
-}
-"""Every local algorithm, by the name ``server.strategy`` takes: the module and class that implement it."""
-
-
 def algorithm(name: str) -> Algorithm:
-    """The plug-in of algorithm ``name``."""
-    target = ALGORITHMS.get(name)
-    if target is None:
-        accepted = ", ".join(map(repr, ALGORITHMS))
-        raise ConfigError(f"server.strategy must be one of {accepted} (got {name!r})")
-    module, attribute = target.split(":")
-    plugin: type[Algorithm] = getattr(importlib.import_module(module), attribute)
+    """The plug-in of algorithm ``name`` (``server.strategy``), from the registry."""
+    plugin: type[Algorithm] = STRATEGIES.load(name)
     return plugin()

@@ -11,13 +11,25 @@ from typing import Any
 
 import numpy as np
 
-from confide.data.dataset import PAD, FederatedDataset, SiteData
+from confide.data.dataset import FederatedDataset, SiteData
+from confide.data.tokenize import PAD
 from confide.errors import DataError
+from confide.registry import DIRICHLET_LABELS, PARTITIONS
 
-__all__ = ["LABELS", "SCHEMES", "dirichlet", "iid", "natural", "partition", "quantity"]
+__all__ = [
+    "LABELS",
+    "SCHEMES",
+    "dirichlet",
+    "group_labels",
+    "iid",
+    "natural",
+    "next_char_labels",
+    "partition",
+    "quantity",
+]
 
-SCHEMES = ("natural", "iid", "dirichlet", "quantity")
-LABELS = ("group", "next_char")
+SCHEMES = PARTITIONS.names()
+LABELS = DIRICHLET_LABELS.names()
 
 Seed = int | np.random.Generator
 
@@ -58,13 +70,16 @@ def iid(ds: FederatedDataset, seed: Seed) -> FederatedDataset:
     return FederatedDataset(name=f"{ds.name}:iid", sites=sites, vocab_size=ds.vocab_size)
 
 
-def _labels(ds: FederatedDataset, part: str, label: str) -> np.ndarray:
-    """One integer label per window of ``part``, over all sites in order."""
-    if label == "group":
-        groups = sorted({s.group for s in ds.sites})
-        index = {g: i for i, g in enumerate(groups)}
-        counts = [getattr(s, part).shape[0] for s in ds.sites]
-        return np.repeat(np.array([index[s.group] for s in ds.sites], dtype=np.int64), counts)
+def group_labels(ds: FederatedDataset, part: str) -> np.ndarray:
+    """One integer label per window of ``part`` (over all sites in order): the index of its site's group."""
+    groups = sorted({s.group for s in ds.sites})
+    index = {g: i for i, g in enumerate(groups)}
+    counts = [getattr(s, part).shape[0] for s in ds.sites]
+    return np.repeat(np.array([index[s.group] for s in ds.sites], dtype=np.int64), counts)
+
+
+def next_char_labels(ds: FederatedDataset, part: str) -> np.ndarray:
+    """One integer label per window of ``part`` (over all sites in order): the last character it predicts."""
     windows = _stack(ds, part)
     if windows.shape[0] == 0:
         return np.empty(0, dtype=np.int64)
@@ -112,7 +127,8 @@ def dirichlet(
     if label not in LABELS:
         raise DataError(f"dirichlet: label must be one of {', '.join(LABELS)}, got {label!r}")
     rng = np.random.default_rng(seed)
-    labels = {part: _labels(ds, part, label) for part in ("train", "test")}
+    labeller = DIRICHLET_LABELS.load(label)
+    labels = {part: labeller(ds, part) for part in ("train", "test")}
     assigned = {part: np.empty(labels[part].shape[0], dtype=np.int64) for part in ("train", "test")}
     values = np.unique(np.concatenate([labels["train"], labels["test"]]))
     for value in values:

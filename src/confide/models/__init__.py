@@ -13,48 +13,49 @@ embedding lookup.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
-from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from confide.data.tokenize import PAD
 from confide.errors import ConfigError
-from confide.models.common import IGNORE_INDEX, PAD, CharModel, loss_and_correct, masked_cross_entropy
-from confide.models.gpt import GPT, GPTConfig
-from confide.models.lstm import CharLSTM, LSTMConfig
+from confide.models.configs import GPTConfig, LSTMConfig, model_config, model_options
+from confide.registry import MODELS
 
-_CONFIGS: dict[str, type[GPTConfig] | type[LSTMConfig]] = {"gpt": GPTConfig, "lstm": LSTMConfig}
+if TYPE_CHECKING:
+    from torch import nn
+
+    from confide.models.common import IGNORE_INDEX, CharModel, loss_and_correct, masked_cross_entropy
+    from confide.models.gpt import GPT
+    from confide.models.lstm import CharLSTM
+
+# The models import torch; the configs do not. So the torch-backed names are imported on first use (PEP 562),
+# and `confide.models.configs` (which the run configuration checks against) can be imported without torch.
+_LAZY = {
+    "GPT": "confide.models.gpt",
+    "CharLSTM": "confide.models.lstm",
+    "IGNORE_INDEX": "confide.models.common",
+    "CharModel": "confide.models.common",
+    "loss_and_correct": "confide.models.common",
+    "masked_cross_entropy": "confide.models.common",
+}
 
 
-def model_options(kind: str) -> tuple[str, ...]:
-    """The options ``build_model`` accepts for ``kind``: its config fields other than vocab_size."""
-    return tuple(sorted(f.name for f in fields(_config_class(kind)) if f.name != "vocab_size"))
-
-
-def _config_class(kind: str) -> type[GPTConfig] | type[LSTMConfig]:
-    if kind not in _CONFIGS:
-        accepted = ", ".join(repr(k) for k in _CONFIGS)
-        raise ConfigError(f"model.kind must be one of {accepted} (got {kind!r})")
-    return _CONFIGS[kind]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_model(kind: str, vocab_size: int, **options: Any) -> nn.Module:
-    """A freshly initialised model of ``kind`` ("gpt" or "lstm") with its config fields set from options.
+    """A freshly initialised model of ``kind`` (a name of :data:`confide.registry.MODELS`) with its config
+    fields set from options.
 
     Weights come from torch's global RNG, as for any torch module: seed it first for a reproducible start.
     """
-    config_cls = _config_class(kind)
-    accepted = model_options(kind)
-    for name in sorted(options):
-        if name not in accepted:
-            raise ConfigError(
-                f"model.{name} is not an option of the {kind!r} model; accepted: {', '.join(accepted)}"
-            )
-    config = config_cls(vocab_size=vocab_size, **options)
-    if isinstance(config, GPTConfig):
-        return GPT(config)
-    return CharLSTM(config)
+    config = model_config(kind, vocab_size, **options)
+    model: nn.Module = MODELS.load(kind)(config)
+    return model
 
 
 def head_names(model: nn.Module, prefixes: Sequence[str] = ()) -> frozenset[str]:
@@ -65,6 +66,8 @@ def head_names(model: nn.Module, prefixes: Sequence[str] = ()) -> frozenset[str]
     the last block and the final layer norm (making the tied matrix personal would make each site's reading
     of characters personal too, which is not a head).
     """
+    from confide.models.gpt import GPT
+
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not prefixes:
         last = model.config.layers - 1 if isinstance(model, GPT) else 0
@@ -95,5 +98,6 @@ __all__ = [
     "head_names",
     "loss_and_correct",
     "masked_cross_entropy",
+    "model_config",
     "model_options",
 ]

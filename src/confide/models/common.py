@@ -1,18 +1,15 @@
-"""Pieces both character models share: PAD, the masked loss, sampling, and config checks."""
+"""Pieces both character models share: the masked loss over non-PAD targets, and sampling."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from confide.errors import ConfigError
-
-PAD = 255
-"""The target code for "no target here" (padding after the end of a text). Never a character code."""
+from confide.data.tokenize import PAD
 
 IGNORE_INDEX = -100
 """What PAD becomes before the loss: the value F.cross_entropy skips by default."""
@@ -116,25 +113,3 @@ def sample_next(
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# --- config checks shared by the model configs: errors speak of the run configuration's [model] table ---
-
-
-def check_int(name: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
-    # bool is an int in Python, but `layers = true` in a config file is a mistake, not 1.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"model.{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"model.{name} ({value}) must be at least {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"model.{name} ({value}) must be at most {maximum}")
-
-
-def check_vocab_size(value: Any) -> None:
-    check_int("vocab_size", value, minimum=2)
-    if value > PAD:
-        raise ConfigError(
-            f"model.vocab_size ({value}) must be at most {PAD}: code {PAD} is PAD, which marks positions "
-            "without a target, so it cannot also be a character"
-        )

@@ -8,52 +8,15 @@ with the token embedding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from confide.errors import ConfigError
-from confide.models.common import (
-    check_generate_args,
-    check_int,
-    check_vocab_size,
-    input_codes,
-    masked_cross_entropy,
-    sample_next,
-)
+from confide.models.common import check_generate_args, input_codes, masked_cross_entropy, sample_next
+from confide.models.configs import GPTConfig
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 97
-    context: int = 80
-    """Block size: the longest input, and the number of learned positions."""
-    layers: int = 4
-    heads: int = 4
-    width: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    """Biases in the Linear and LayerNorm layers (GPT-2 has them; without is a little smaller and faster)."""
-
-    def __post_init__(self) -> None:
-        check_vocab_size(self.vocab_size)
-        for name in ("context", "layers", "heads", "width"):
-            check_int(name, getattr(self, name))
-        if self.width % self.heads != 0:
-            raise ConfigError(
-                f"model.width ({self.width}) must be divisible by model.heads ({self.heads}), "
-                "since each head takes an equal slice of the width"
-            )
-        dropout: Any = self.dropout
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float):
-            raise ConfigError(f"model.dropout must be a number, got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout ({dropout}) must be at least 0 and below 1")
-        if not isinstance(self.bias, bool):
-            raise ConfigError(f"model.bias must be true or false, got {self.bias!r}")
+__all__ = ["GPT", "GPTConfig"]
 
 
 class CausalSelfAttention(nn.Module):

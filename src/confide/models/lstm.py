@@ -7,37 +7,16 @@ one logit per character. It reads 80 characters and predicts the next one at eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from confide.models.common import (
-    check_generate_args,
-    check_int,
-    check_vocab_size,
-    input_codes,
-    masked_cross_entropy,
-    sample_next,
-)
+from confide.models.common import check_generate_args, input_codes, masked_cross_entropy, sample_next
+from confide.models.configs import LSTMConfig
+
+__all__ = ["CharLSTM", "LSTMConfig", "State"]
 
 State = tuple[Tensor, Tensor]
 """The LSTM's (h, c), each (layers, batch, hidden)."""
-
-
-@dataclass(frozen=True)
-class LSTMConfig:
-    vocab_size: int = 97
-    embedding: int = 8
-    hidden: int = 256
-    layers: int = 2
-    context: int = 80
-    """The length of the training windows. The LSTM itself reads inputs of any length."""
-
-    def __post_init__(self) -> None:
-        check_vocab_size(self.vocab_size)
-        for name in ("embedding", "hidden", "layers", "context"):
-            check_int(name, getattr(self, name))
 
 
 class CharLSTM(nn.Module):

@@ -15,13 +15,18 @@ from dataclasses import replace
 import numpy as np
 
 from confide.core import Vector
-from confide.pipeline import Layer, RoundContext
+from confide.pipeline import Layer, RoundContext, StackContext
 from confide.privacy.dp import UNCLIPPED
 from confide.privacy.policy import CLIP_KEY, SiteDP
 
 
 class AdaptiveClipping(Layer):
     name = "adaptive_clip"
+
+    @classmethod
+    def from_config(cls, stack: StackContext) -> Layer | None:
+        dp = stack.dp
+        return cls(dp) if dp is not None and dp.adaptive is not None else None
 
     def __init__(self, dp: SiteDP) -> None:
         self.dp = dp

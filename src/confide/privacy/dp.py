@@ -39,7 +39,7 @@ import numpy as np
 
 from confide.core import Plan, Update, Vector
 from confide.errors import ConfigError, UpdateError
-from confide.pipeline import Aggregator, Layer, RoundContext, SiteContext, Traits
+from confide.pipeline import Aggregator, Layer, RoundContext, SiteContext, StackContext, Traits
 from confide.randomness import Randomness
 
 NORM_METRIC = "update_norm"
@@ -111,6 +111,10 @@ class ClipLayer(Layer):
 
     name = "clip"
 
+    @classmethod
+    def from_config(cls, stack: StackContext) -> Layer | None:
+        return stack.dp.clip if stack.dp is not None else None
+
     def __init__(self, clip_norm: float, report: bool = True) -> None:
         _check_positive("clip_norm", clip_norm)
         self.clip_norm = float(clip_norm)
@@ -163,6 +167,12 @@ class DistributedNoiseLayer(Layer):
 
     name = "distributed_noise"
     traits = Traits(needs_hidden_updates=True)
+
+    @classmethod
+    def from_config(cls, stack: StackContext) -> Layer | None:
+        if stack.dp is None or stack.dp.placement != "distributed":
+            return None
+        return stack.dp.noise_share
 
     def __init__(self, clip_norm: float, noise_multiplier: float, num_sites: int) -> None:
         _check_positive("clip_norm", clip_norm)

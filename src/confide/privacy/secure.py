@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.core import EXAMPLES, LOSS_SUM, SUMMED, Update
 from confide.errors import UpdateError
-from confide.pipeline import Layer, RoundAbandoned, RoundContext, SiteContext, Traits
+from confide.pipeline import Layer, RoundAbandoned, RoundContext, SiteContext, StackContext, Traits
+from confide.privacy.dp import UNCLIPPED
 from confide.privacy.secagg import (
     SERVER,
     KeyBroadcast,
@@ -144,7 +145,13 @@ class SecAggLayer(Layer):
 
     name = "secagg"
     traits = Traits(hides_updates=True)
-    handles_exchanges = True
+
+    @classmethod
+    def from_config(cls, stack: StackContext) -> Layer | None:
+        if stack.secure is None:
+            return None
+        sums = SUMMED + ((UNCLIPPED,) if stack.dp is not None else ())
+        return cls(stack.secure, sums, seed=stack.config.run.seed, identities=stack.identities)
 
     def __init__(
         self,

@@ -23,19 +23,18 @@ from confide.client.site import SiteKit
 from confide.client.state import SiteState
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
-from confide.core import SUMMED, Layout
+from confide.core import Layout
 from confide.errors import ConfigError
 from confide.models import build_model, head_names
-from confide.pipeline import Layer
-from confide.privacy.adaptive import AdaptiveClipping
-from confide.privacy.dp import UNCLIPPED, AdaptiveClip
+from confide.pipeline import Layer, StackContext
+from confide.privacy.dp import AdaptiveClip
 from confide.privacy.policy import SiteDP, expected_bits_noise
 from confide.privacy.secagg import keys
-from confide.privacy.secure import SecAggLayer, SecureAggregation
+from confide.privacy.secure import SecureAggregation
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream, public_rng
+from confide.registry import LAYERS
 from confide.server.optim import ServerOptimizer
 from confide.server.strategy import Strategy, WeightedMean
-from confide.server.validate import ValidateLayer
 
 
 def build_model_for(config: Config, vocab_size: int) -> nn.Module:
@@ -130,19 +129,15 @@ def build_layers(
     secure: SecureAggregation | None,
     identities: Mapping[str, Ed25519PrivateKey] | None = None,
 ) -> list[Layer]:
-    """The run's layer stack, in site order: what the algorithm adds (SCAFFOLD), site-level DP (adaptive
-    clipping, clip, noise share), then secure aggregation, or, where the server reads each update,
-    validation (last, so that on the server it checks each update first)."""
+    """The run's layer stack, in site order: the strategy's own layers (SCAFFOLD's control variates), then
+    every registered layer the config asks for, in the registry's order (adaptive clipping, clip, noise
+    share, then secure aggregation, or, where the server reads each update, validation)."""
+    stack = StackContext(config, dp, secure, dict(identities or {}))
     layers: list[Layer] = algorithm(config.server.strategy).layers()
-    if dp is not None:
-        if dp.adaptive is not None:
-            layers.append(AdaptiveClipping(dp))
-        layers.extend(dp.layers)
-    if secure is not None:
-        sums = SUMMED + ((UNCLIPPED,) if dp is not None else ())
-        layers.append(SecAggLayer(secure, sums, seed=config.run.seed, identities=identities))
-    else:
-        layers.append(ValidateLayer())
+    for plugin in LAYERS:
+        layer = LAYERS.load(plugin.name).from_config(stack)
+        if layer is not None:
+            layers.append(layer)
     return layers
 
 

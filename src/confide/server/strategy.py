@@ -19,12 +19,11 @@ from confide.core import Plan, Vector
 from confide.errors import ConfigError
 from confide.pipeline import Aggregator, Layer
 from confide.randomness import Stream, public_rng
+from confide.registry import PERSONALIZATIONS
 from confide.server.aggregators import MeanState, WeightedMean
 from confide.server.optim import ServerOptimizer
 
 __all__ = ["PLAN_SETTINGS", "MeanState", "Strategy", "WeightedMean"]
-
-PERSONALIZATIONS = ("none", "ditto", "fedrep", "finetune")
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,11 +64,7 @@ class Strategy:
             raise ConfigError(
                 f"server.sites_per_round must be a whole count >= 1 or a fraction in (0, 1) (got {s})"
             )
-        if self.personalization not in PERSONALIZATIONS:
-            accepted = ", ".join(map(repr, PERSONALIZATIONS))
-            raise ConfigError(
-                f"client.personalization must be one of {accepted} (got {self.personalization!r})"
-            )
+        PERSONALIZATIONS.check(self.personalization)
         object.__setattr__(self, "aggregator", algorithm(self.algorithm).aggregator(self.aggregator))
 
     def init_state(self, size: int) -> dict[str, Vector]:

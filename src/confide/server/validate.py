@@ -11,7 +11,7 @@ import numpy as np
 
 from confide.core import Update
 from confide.errors import UpdateError
-from confide.pipeline import Layer, RoundContext, Traits
+from confide.pipeline import Layer, RoundContext, StackContext, Traits
 
 
 class ValidateLayer(Layer):
@@ -19,6 +19,10 @@ class ValidateLayer(Layer):
 
     name = "validate"
     traits = Traits(needs_individual_updates=True)
+
+    @classmethod
+    def from_config(cls, stack: StackContext) -> Layer | None:
+        return cls() if stack.secure is None else None  # under secure aggregation its range check does it
 
     def decode(self, update: Update, round: RoundContext) -> Update | None:
         if update.vector is None:
