@@ -21,7 +21,7 @@ from torch import nn
 
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
-from confide.config import Config
+from confide.config import Config, check_deployment
 from confide.core import Layout
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
@@ -48,7 +48,6 @@ from confide.runtime.stack import (
     build_site_kit,
     build_strategy,
     personal_parts,
-    refuse_reproducible_noise,
     server_randomness,
 )
 from confide.runtime.store import Store, StoreSiteState
@@ -206,7 +205,7 @@ class Runner:
         self.model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
         self.layout = Layout.of_module(self.model)
         if backend is not None:
-            refuse_reproducible_noise(config)
+            check_deployment(config)
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
         secure, identities = build_secure(config, [s.name for s in self.sites], self.dp)
         self.secure = secure

@@ -22,9 +22,8 @@ from confide.client.personalize import Personal
 from confide.client.site import SiteKit
 from confide.client.state import SiteState
 from confide.client.trainer import ClientOptimizer, Trainer
-from confide.config import Config
+from confide.config import Config, check_deployment
 from confide.core import Layout
-from confide.errors import ConfigError
 from confide.models import build_model, head_names
 from confide.pipeline import Layer, StackContext
 from confide.privacy.dp import AdaptiveClip
@@ -153,15 +152,6 @@ def server_randomness(config: Config) -> Any:
     return seeded
 
 
-def refuse_reproducible_noise(config: Config) -> None:
-    """A deployment's check, on the server and at every site: noise reproducible from the seed is refused."""
-    if config.privacy.insecure_reproducible_noise:
-        raise ConfigError(
-            "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, which the server "
-            "knows: a deployment refuses it; remove it from the config"
-        )
-
-
 def personal_parts(
     config: Config, model: nn.Module, layout: Layout
 ) -> tuple[frozenset[str], np.ndarray | None]:
@@ -180,7 +170,7 @@ def build_site_kit(
     deployed site builds exactly this from the config the server sends, so both sides agree."""
     c, p = config.client, config.privacy
     if deployed:
-        refuse_reproducible_noise(config)
+        check_deployment(config)
     layout = Layout.of_module(model)
     optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
     trainer = Trainer(model, optimizer)

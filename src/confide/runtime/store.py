@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from confide.errors import StoreError
@@ -103,8 +104,13 @@ class Store:
                 f"{run_dir} is not a confide run directory (it needs config.toml and run.sqlite, "
                 "as `confide run` writes them)"
             )
-        store = cls(run_dir, _connect(path))
-        version = store.meta("schema_version")
+        try:
+            store = cls(run_dir, _connect(path))
+            version = store.meta("schema_version")
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"{path} is not a readable run store ({e}); the run directory is damaged and cannot resume"
+            ) from e
         if version == "1":
             store._migrate_from_1()
             version = store.meta("schema_version")
@@ -258,7 +264,7 @@ class Store:
         path = self.run_dir / row[1]
         try:
             tensors = load_file(str(path))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise StoreError(
                 f"the checkpoint {path} cannot be read ({e}); the run cannot resume from it"
             ) from e
