@@ -168,7 +168,8 @@ def test_a_schema_1_ledger_is_migrated_in_order(tmp_path: Path) -> None:
         "DROP TABLE privacy_ledger; CREATE TABLE privacy_ledger (round INTEGER PRIMARY KEY, "
         "noise_multiplier REAL NOT NULL, sampling TEXT NOT NULL, sample REAL NOT NULL, steps INTEGER NOT "
         "NULL, epsilon REAL NOT NULL, delta REAL NOT NULL, time REAL NOT NULL); "
-        "UPDATE meta SET value = '1' WHERE key = 'schema_version'; INSERT INTO privacy_ledger VALUES (2, 1.0, 'fixed', 5, 1, 0.5, 1e-5, 0);"
+        "UPDATE meta SET value = '1' WHERE key = 'schema_version';"
+        "INSERT INTO privacy_ledger VALUES (2, 1.0, 'fixed', 5, 1, 0.5, 1e-5, 0);"
         "INSERT INTO privacy_ledger VALUES (1, 1.0, 'fixed', 5, 1, 0.2, 1e-5, 0);"
     )
     db.commit()
