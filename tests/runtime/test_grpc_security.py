@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from confide.errors import DeploymentError
+from confide.runtime.grpc.deployment import endorsed_registry
 from confide.runtime.grpc.identity import SiteKeyPaths, make_site_keys
 from confide.runtime.grpc.pki import issue_site_certificate, load_authority
 from confide.runtime.grpc.security import (
@@ -1143,3 +1144,33 @@ def test_identify_refuses_what_grpc_cannot_deliver_over_the_wire(deployment: Pat
         by_certificate = Authenticator(enrollment, "mtls")
         with pytest.raises(AuthError, match="no client certificate"):
             by_certificate.identify([("authorization", f"Bearer {token}")], tls)
+
+
+# -- the registry of identities a server sends (confide.runtime.grpc.deployment) -----------------------------
+
+
+def test_the_server_loads_and_checks_the_endorsed_registry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, offline = tmp_path / "deploy", tmp_path / "offline-ca"
+    create_certificates(server, HOSTS, ca_directory=offline)
+    for site in ["alpha", "beta"]:
+        enrolled(server, site, ca_directory=offline)
+    with Enrollment.open(server) as enrollment, caplog.at_level("WARNING"):
+        registry = endorsed_registry(enrollment, ["alpha", "beta"], server)
+        assert sorted(registry) == ["alpha", "beta"]
+        assert not caplog.records  # the CA's key is not in the server's folder
+        with pytest.raises(DeploymentError, match=r"no active enrolled identity .*\(gamma\)"):
+            endorsed_registry(enrollment, ["alpha", "gamma"], server)
+        # The server's ca.pem replaced by another CA's: the entries no longer verify, and it says so at start.
+        other = create_certificates(tmp_path / "other", [])
+        (server / "ca.pem").write_bytes(other.ca_certificate.read_bytes())
+        with pytest.raises(DeploymentError, match=r"site 'alpha' .* is not endorsed by the deployment's CA"):
+            endorsed_registry(enrollment, ["alpha", "beta"], server)
+
+
+def test_a_server_that_holds_the_ca_key_is_warned(deployment: Path, caplog: pytest.LogCaptureFixture) -> None:
+    enrolled(deployment, "alpha")
+    with Enrollment.open(deployment) as enrollment, caplog.at_level("WARNING"):
+        endorsed_registry(enrollment, ["alpha"], deployment)
+    assert "can endorse false site identities" in caplog.text
