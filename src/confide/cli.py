@@ -220,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
         "--ca", type=Path, metavar="FOLDER", help="the folder holding ca.key, if not the server's folder"
     )
     enroll.add_argument("--server", default="", metavar="HOST:PORT", help="recorded in the credentials file")
+    enroll.add_argument("--days", type=int, default=365, help="how long a site certificate is valid")
     enroll.add_argument(
         "--out", type=Path, help="where to write the credentials (default DIR/sites/SITE.json)"
     )
@@ -604,6 +605,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         request=request,
         auth=args.auth,
         ca_directory=args.ca,
+        days=args.days,
         source=str(args.csr),
     )
     out = args.out or args.dir / "sites" / f"{args.site}.json"

@@ -1174,3 +1174,10 @@ def test_a_server_that_holds_the_ca_key_is_warned(deployment: Path, caplog: pyte
     with Enrollment.open(deployment) as enrollment, caplog.at_level("WARNING"):
         endorsed_registry(enrollment, ["alpha"], deployment)
     assert "can endorse false site identities" in caplog.text
+
+
+def test_a_site_certificate_lasts_between_a_day_and_a_century(deployment: Path) -> None:
+    with pytest.raises(DeploymentError, match=r"valid for 1 to 36500 days \(got days=0\)"):
+        enrolled(deployment, "alpha", days=0)
+    with Enrollment.open(deployment) as enrollment:
+        assert enrollment.record("alpha") is None

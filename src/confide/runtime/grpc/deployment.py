@@ -105,23 +105,8 @@ class Deployment:
                     f"no site is enrolled in {self.directory}; enroll each with `confide enroll SITE "
                     f"--dir {self.directory}`"
                 )
-        self.identities: dict[str, Identity] = {}
+        self.identities = self._identities() if config.privacy.secagg_authenticated else {}
         """With ``privacy.secagg_authenticated``: each site -> (identity key, the CA's endorsement)."""
-        if config.privacy.secagg_authenticated:
-            try:
-                self.identities = endorsed_registry(self.enrollment, self.population, self.directory)
-                # The registry is ready; what is left is on the sites' side: the join reply must carry it
-                # (with the endorsements) and the client must verify it. Until both are wired, refuse.
-                raise ConfigError(
-                    "privacy.secagg_authenticated is not available in a deployment yet: the sites' "
-                    "identities are enrolled and endorsed, but sites do not yet receive and check them; set "
-                    "it to false"
-                )
-            except ConfideError:
-                if self.store is not None:
-                    self.store.close()
-                self.enrollment.close()
-                raise
         self.dp = build_site_dp(self.config, len(self.population))
         self.hub = Hub(config.deploy.heartbeat_timeout, config.deploy.task_timeout)
         self.backend = GrpcBackend(self.hub, self.population)
@@ -137,6 +122,22 @@ class Deployment:
         self.server: grpc.Server | None = None
         self.port = 0
         self.runner: Runner | None = None
+
+    def _identities(self) -> dict[str, Identity]:
+        try:
+            identities = endorsed_registry(self.enrollment, self.population, self.directory)
+            # The registry is ready; what is left is on the sites' side: the join reply must carry it (with
+            # the endorsements) and the client must verify it. Until both are wired, refuse.
+            raise ConfigError(
+                "privacy.secagg_authenticated is not available in a deployment yet: the identities of the "
+                f"{len(identities)} sites are enrolled and endorsed, but sites do not yet receive and check "
+                "them; set it to false"
+            )
+        except ConfideError:
+            if self.store is not None:
+                self.store.close()
+            self.enrollment.close()
+            raise
 
     def _identify(self, context: grpc.ServicerContext) -> str:
         try:

@@ -224,9 +224,8 @@ def read_request(data: bytes, site: str, source: Path | str = "the request") -> 
                 "by someone who does not hold the key; ask the site for its request again"
             )
         names = [str(a.value) for a in request.subject]
-        if [str(a.value) for a in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] != [site] or (
-            len(names) != 1
-        ):
+        common = [str(a.value) for a in request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if common != [site] or len(names) != 1:  # the name alone: nothing else the CA might copy
             raise DeploymentError(
                 f"{source} is a request for {', '.join(names) or 'no name'}, not for site {site!r}: a site "
                 "may only ask for its own name; enroll it under the name it asked for, or ask it to run "

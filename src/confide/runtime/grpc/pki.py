@@ -173,6 +173,8 @@ def _existing_or_new_authority(paths: CertificatePaths, days: int) -> Authority:
 def issue_site_certificate(authority: Authority, site: str, public_key: TlsPublicKey, days: int) -> bytes:
     """A client certificate (PEM) for ``site`` over ``public_key``, which the site made and kept its private
     half of. The common name is ``site`` as enrolled, never a name copied from the site's request."""
+    if not 1 <= days <= MAX_DAYS:
+        raise DeploymentError(f"certificates must be valid for 1 to {MAX_DAYS} days (got days={days})")
     certificate = _sign(
         authority, check_site_name(site), public_key, days, ExtendedKeyUsageOID.CLIENT_AUTH, []
     )
