@@ -8,7 +8,7 @@ DEPLOYMENT_DIR/             what the running server reads
   server.pem, server.key    the server's certificate, valid for each host name or address sites dial
   sites.sqlite              the enrollment registry: every site, how it authenticates, whether it is
                             revoked, its pinned certificate and its CA-endorsed identity key
-  sites/SITE.json           a site's credentials as enrolled (no private key): handed to the site
+  sites/SITE.json           a site's credentials (its token or certificate, never a private key)
 SITE_FOLDER/ (at the site: `confide keys`; see confide.runtime.grpc.identity)
   SITE.key, SITE.identity.key, SITE.csr, SITE.json
 ```
@@ -332,8 +332,8 @@ class Enrollment:
         """The endorsed identity of each of ``sites``: what the server sends every site (in its join reply)
         for secure aggregation's authenticated mode, and what its own SecAggServer checks signatures with.
 
-        Raises DeploymentError naming the sites that are not enrolled, are revoked, or have no identity (they
-        were enrolled with a token alone, before identities, or under a CA kept elsewhere was never used).
+        Raises DeploymentError naming the sites that are not enrolled, are revoked, or have no identity
+        (enrolled with a token alone, without their request).
         """
         wanted = list(dict.fromkeys(sites))
         records = {r.site: r for r in self.sites()}
