@@ -49,6 +49,10 @@ verify_registry`), never because the server sent it. What that gives depends on 
   site then enrolls again), since an old endorsement still verifies. The same ``ca.key`` also mints TLS
   certificates for any site name, so in ``mtls`` mode it is as sensitive as the registry itself, and an
   organisation's CA used in its place must issue client certificates only to this deployment's sites.
+
+Over 400 lines because the registry, the credentials file and the Authenticator make one trust decision
+together and are read together; the CA and certificates are in ``pki.py``, a site's keys, its request and
+identity endorsements in ``identity.py``.
 """
 
 from __future__ import annotations
