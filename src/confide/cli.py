@@ -1,4 +1,4 @@
-"""The ``confide`` command: run, server, client, certs, enroll, generate, report, audit, data, config.
+"""The ``confide`` command: run, server, client, certs, keys, enroll, generate, report, audit, data, config.
 
 The command line owns everything a person sees: rich progress, one summary line per evaluated round, and exit
 codes. A :class:`~confide.errors.ConfideError` is printed as one line (exit 2); any other exception is a bug
@@ -165,8 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     cli.set_defaults(func=cmd_client)
 
-    certs = sub.add_parser("certs", help="create a development CA and TLS certificates for a deployment")
-    certs.add_argument("--dir", type=Path, default=Path("deploy"))
+    certs = sub.add_parser(
+        "certs", help="at the server: create a development CA and the server's TLS certificate"
+    )
+    certs.add_argument("--dir", type=Path, default=Path("deploy"), help="the server's folder")
     certs.add_argument(
         "--host",
         dest="hosts",
@@ -174,22 +176,63 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="a name or IP address the server is reached at (repeatable; default localhost and 127.0.0.1)",
     )
+    certs.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FOLDER",
+        help="keep the CA's key (ca.key) in FOLDER instead of beside the server's files: the running server "
+        "then cannot endorse false site identities (give the same --ca to `confide enroll`)",
+    )
     certs.add_argument("--days", type=int, default=365)
     certs.add_argument("--overwrite", action="store_true", help="replace an existing server certificate")
     certs.set_defaults(func=cmd_certs)
 
-    enroll = sub.add_parser("enroll", help="admit a site to deployments: issue its credentials file")
+    keys = sub.add_parser(
+        "keys",
+        help="at a site: make its private keys and the request (SITE.csr) to send to the server's operator",
+    )
+    keys.add_argument("site", help="the site's name, as it will be enrolled")
+    keys.add_argument(
+        "--dir",
+        type=Path,
+        default=Path("site"),
+        help="the site's folder, where its keys stay (default: site)",
+    )
+    keys.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="make new keys even if the folder has some (the site must then be enrolled again)",
+    )
+    keys.set_defaults(func=cmd_keys)
+
+    enroll = sub.add_parser(
+        "enroll", help="at the server: admit a site, from its request (SITE.csr), and write its credentials"
+    )
     enroll.add_argument("site", nargs="?", help="the site's name")
-    enroll.add_argument("--dir", type=Path, default=Path("deploy"))
+    enroll.add_argument("--dir", type=Path, default=Path("deploy"), help="the server's folder")
+    enroll.add_argument(
+        "--csr",
+        type=Path,
+        metavar="FILE",
+        help="the request `confide keys SITE` wrote at the site: a client certificate is signed for its "
+        "TLS key and its identity key is endorsed; without it the site gets a token and no identity",
+    )
+    enroll.add_argument(
+        "--auth",
+        choices=["mtls", "token"],
+        help="how the site proves who it is: mtls (a client certificate; the default with --csr) or token "
+        "(the default without); match the server's deploy.auth",
+    )
+    enroll.add_argument(
+        "--ca", type=Path, metavar="FOLDER", help="the folder holding ca.key, if not the server's folder"
+    )
     enroll.add_argument("--server", default="", metavar="HOST:PORT", help="recorded in the credentials file")
+    enroll.add_argument("--days", type=int, default=365, help="how long a site certificate is valid")
     enroll.add_argument(
         "--out", type=Path, help="where to write the credentials (default DIR/sites/SITE.json)"
     )
-    enroll.add_argument(
-        "--certificate",
-        action="store_true",
-        help="a site certificate (deploy.auth = 'mtls') instead of a token",
-    )
+    # Gone: it made the site's private key here, at the server. Kept only to say what replaces it.
+    enroll.add_argument("--certificate", action="store_true", help=argparse.SUPPRESS)
     enroll.add_argument("--revoke", action="store_true", help="revoke the site: it is refused from now on")
     enroll.add_argument("--list", action="store_true", help="list enrolled and revoked sites")
     enroll.set_defaults(func=cmd_enroll)
@@ -512,10 +555,33 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from confide.runtime.grpc.security import create_certificates
 
     hosts = args.hosts or ["localhost", "127.0.0.1"]
-    create_certificates(args.dir, hosts, days=args.days, overwrite=args.overwrite)
+    paths = create_certificates(
+        args.dir, hosts, days=args.days, overwrite=args.overwrite, ca_directory=args.ca
+    )
     console.print(
         f"development CA and server certificate for {', '.join(hosts)} in {args.dir}; "
         "they are for development: a real deployment should use its organisation's CA"
+    )
+    if args.ca is None:
+        console.print(
+            f"the CA's key is {paths.ca_key}, beside the server's files: a server holding it could endorse "
+            "false site identities; keep it elsewhere with --ca FOLDER"
+        )
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from confide.runtime.grpc.identity import make_site_keys
+
+    keys = make_site_keys(args.dir, args.site, overwrite=args.overwrite)
+    p = keys.paths
+    made = f"made {', '.join(keys.made)}" if keys.made else "kept the keys already there"
+    console.print(
+        f"site {args.site}: {made} in {p.directory} (private: they never leave this folder)\n"
+        f"send {p.request} to the server's operator (it holds no secret), who runs\n"
+        f"  confide enroll {args.site} --csr {p.request.name}\n"
+        f"and sends back {p.credentials.name}: put it in {p.directory}, beside the keys.\n"
+        f"identity fingerprint: {keys.fingerprint} (the operator should see the same one when enrolling)"
     )
     return 0
 
@@ -525,11 +591,12 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
     if args.list:
         with Enrollment.open(args.dir) as enrollment:
-            table = Table("site", "method", "enrolled", "revoked")
+            table = Table("site", "method", "identity", "enrolled", "revoked")
             for record in enrollment.sites():
                 table.add_row(
                     record.site,
                     record.method,
+                    _fingerprint(record.identity),
                     time.strftime("%Y-%m-%d %H:%M", time.localtime(record.enrolled_at)),
                     time.strftime("%Y-%m-%d %H:%M", time.localtime(record.revoked_at))
                     if record.revoked_at
@@ -544,17 +611,52 @@ def cmd_enroll(args: argparse.Namespace) -> int:
             enrollment.revoke(args.site)
         console.print(f"site {args.site} is revoked: the server refuses it from its next call")
         return 0
+    if args.certificate:
+        raise ConfideError(
+            "`confide enroll --certificate` is gone: it made the site's private key here, at the server. "
+            f"The site now makes its own: it runs `confide keys {args.site}` and sends {args.site}.csr, "
+            f"which you enroll with `confide enroll {args.site} --csr {args.site}.csr`"
+        )
+    request = _read_request(args.csr) if args.csr is not None else None
     credentials = issue_site_credentials(
-        args.dir, args.site, server=args.server, certificate=args.certificate
+        args.dir,
+        args.site,
+        server=args.server,
+        request=request,
+        auth=args.auth,
+        ca_directory=args.ca,
+        days=args.days,
+        source=str(args.csr),
     )
     out = args.out or args.dir / "sites" / f"{args.site}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     credentials.save(out)
-    how = "a site certificate" if args.certificate else "a token (the server keeps only its hash)"
-    console.print(
-        f"site {args.site} enrolled with {how}; give {out} to the site, privately (it is its password)"
-    )
+    if credentials.token is not None:
+        how = "a token (the server keeps only its hash): the file is its password, give it privately"
+    else:
+        how = "a client certificate for the key it made; the file holds no secret"
+    console.print(f"site {args.site} enrolled with {how}; give {out} to the site")
+    if request is not None:
+        with Enrollment.open(args.dir) as enrollment:
+            enrolled = enrollment.record(args.site)
+        console.print(
+            f"identity fingerprint: {_fingerprint(enrolled.identity if enrolled else None)} (check that the "
+            "site's operator sees the same one)"
+        )
     return 0
+
+
+def _read_request(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfideError(f"cannot read the site's request {path}: {e}") from e
+
+
+def _fingerprint(identity: tuple[bytes, bytes] | None) -> str:
+    from confide.runtime.grpc.identity import identity_fingerprint
+
+    return identity_fingerprint(identity[0]) if identity is not None else ""
 
 
 # -- generate, report ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""A deployment's credentials (confide.runtime.grpc.security): the development CA and certificates, the
+"""A deployment's credentials (confide.runtime.grpc.security, pki, identity): the development CA and the
+server's certificate, the keys a site makes itself and the certificate the CA signs for its request, the
 enrollment registry, a site's credentials file, and the Authenticator, which is checked over real gRPC
-connections on 127.0.0.1 with TLS (and mutual TLS) built from the files this module writes."""
+connections on 127.0.0.1 with TLS (and mutual TLS) built from the files these modules write."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from confide.errors import DeploymentError
+from confide.runtime.grpc.deployment import endorsed_registry
+from confide.runtime.grpc.identity import SiteKeyPaths, make_site_keys
+from confide.runtime.grpc.pki import issue_site_certificate, load_authority
 from confide.runtime.grpc.security import (
     CA_DAYS,
     TOKEN_PREFIX,
@@ -70,30 +74,51 @@ def registry_bytes(directory: Path) -> bytes:
 
 @pytest.fixture
 def deployment(tmp_path: Path) -> Path:
-    """A deployment directory: a CA, a server certificate for localhost and 127.0.0.1, and site
-    certificates for "alpha" and "beta" (written, but no site enrolled yet)."""
+    """A deployment directory: a CA and a server certificate for localhost and 127.0.0.1 (no site yet)."""
     directory = tmp_path / "deploy"
-    create_certificates(directory, HOSTS, sites=["alpha", "beta"])
+    create_certificates(directory, HOSTS)
     return directory
 
 
 @pytest.fixture
 def foreign(tmp_path: Path) -> Path:
-    """Another deployment, with a CA of its own, that also has certificates for "alpha" and "beta"."""
+    """Another deployment, with a CA of its own."""
     directory = tmp_path / "foreign"
-    create_certificates(directory, HOSTS, sites=["alpha", "beta"])
+    create_certificates(directory, HOSTS)
     return directory
 
 
+def site_folder(deployment: Path, site: str) -> Path:
+    """Where ``site`` keeps its keys: a folder of its own, outside the server's."""
+    return deployment.parent / f"site-{deployment.name}-{site}"
+
+
+def enrolled(deployment: Path, site: str, auth: str = "mtls", **options: Any) -> Credentials:
+    """The whole flow: ``site`` makes its keys and request in its own folder, the server enrolls it from
+    the request, and the site loads the credentials file the server wrote, put beside its keys."""
+    keys = make_site_keys(site_folder(deployment, site), site)
+    issued = issue_site_credentials(
+        deployment, site, request=keys.paths.request.read_bytes(), auth=auth, **options
+    )
+    issued.save(keys.paths.credentials)
+    return Credentials.load(keys.paths.credentials)
+
+
 def certificate_credentials(directory: Path, site: str, trust: Path | None = None) -> Credentials:
-    """Credentials that present the certificate ``directory`` holds for ``site`` and trust the CA of
-    ``trust`` (by default, of ``directory`` itself)."""
-    paths = CertificatePaths(directory)
+    """Credentials with a certificate that the CA of ``directory`` signed for a key ``site`` made, WITHOUT
+    enrolling the site, trusting the CA of ``trust`` (by default, of ``directory`` itself)."""
+    keys = make_site_keys(site_folder(directory, site), site)
+    key_pem = keys.paths.tls_key.read_bytes()
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert_pem = issue_site_certificate(
+        load_authority(CertificatePaths(directory)), site, key.public_key(), 365
+    )
     return Credentials(
         site=site,
         ca_pem=CertificatePaths(trust or directory).ca_certificate.read_bytes(),
-        cert_pem=paths.site_certificate(site).read_bytes(),
-        key_pem=paths.site_key(site).read_bytes(),
+        cert_pem=cert_pem,
+        key_pem=key_pem,
     )
 
 
@@ -191,11 +216,10 @@ def test_invalid_site_names_are_refused_with_the_rule(site: Any) -> None:
 # -- certificates -------------------------------------------------------------------------------------------
 
 
-def test_create_certificates_writes_a_ca_a_server_certificate_and_site_certificates(tmp_path: Path) -> None:
+def test_create_certificates_writes_a_ca_and_a_server_certificate(tmp_path: Path) -> None:
     directory = tmp_path / "deploy"
-    paths = create_certificates(directory, ["Server.Example.ORG.", "localhost", "127.0.0.1", "[::1]"], ["s1"])
+    paths = create_certificates(directory, ["Server.Example.ORG.", "localhost", "127.0.0.1", "[::1]"])
     assert paths.directory == directory
-    assert paths.sites == ("s1",)
 
     ca = certificate(paths.ca_certificate)
     constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -220,28 +244,41 @@ def test_create_certificates_writes_a_ca_a_server_certificate_and_site_certifica
     assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
     assert server.not_valid_after_utc - now < datetime.timedelta(days=366)
 
-    site = certificate(paths.site_certificate("s1"))
-    site.verify_directly_issued_by(ca)
-    assert common_names(site) == ["s1"]
-    usage = site.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    assert not site.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-
     # Each key is the key of its certificate.
-    for key_path, cert in [(paths.ca_key, ca), (paths.server_key, server), (paths.site_key("s1"), site)]:
+    for key_path, cert in [(paths.ca_key, ca), (paths.server_key, server)]:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         assert key.public_key() == cert.public_key()
+    # No site's file is made at the server.
+    assert sorted(p.name for p in directory.iterdir()) == ["ca.key", "ca.pem", "server.key", "server.pem"]
+
+
+def test_a_site_certificate_is_signed_for_the_key_the_site_made(deployment: Path) -> None:
+    alpha = enrolled(deployment, "alpha")
+    assert alpha.cert_pem is not None and alpha.key_pem is not None
+    site = x509.load_pem_x509_certificate(alpha.cert_pem)
+    site.verify_directly_issued_by(certificate(CertificatePaths(deployment).ca_certificate))
+    assert common_names(site) == ["alpha"]
+    usage = site.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert not site.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    key = serialization.load_pem_private_key(
+        SiteKeyPaths(site_folder(deployment, "alpha"), "alpha").tls_key.read_bytes(), password=None
+    )
+    assert key.public_key() == site.public_key()
 
 
 def test_private_keys_are_readable_by_their_owner_only(deployment: Path) -> None:
     paths = CertificatePaths(deployment)
-    for key in [paths.ca_key, paths.server_key, paths.site_key("alpha"), paths.site_key("beta")]:
+    keys = make_site_keys(site_folder(deployment, "alpha"), "alpha")
+    for key in [paths.ca_key, paths.server_key, keys.paths.tls_key, keys.paths.identity_key]:
         assert mode(key) == 0o600, key
+    assert mode(keys.paths.request) == 0o644  # the request holds no secret
     assert mode(deployment) & 0o077 == 0
-    assert mode(deployment / "sites") & 0o077 == 0
+    assert mode(keys.paths.directory) & 0o077 == 0
     # No temporary file (from writing each file whole, then renaming it) is left behind.
     assert not [p for p in deployment.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in keys.paths.directory.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_an_ip_only_server_certificate_is_named_after_its_first_address(tmp_path: Path) -> None:
@@ -254,10 +291,12 @@ def test_an_ip_only_server_certificate_is_named_after_its_first_address(tmp_path
 
 
 def test_certificates_last_the_days_asked_for(tmp_path: Path) -> None:
-    paths = create_certificates(tmp_path / "d", ["localhost"], sites=["s"], days=30)
+    directory = tmp_path / "d"
+    paths = create_certificates(directory, ["localhost"], days=30)
+    site = enrolled(directory, "s", days=30)
+    assert site.cert_pem is not None
     now = datetime.datetime.now(datetime.UTC)
-    for path in [paths.server_certificate, paths.site_certificate("s")]:
-        cert = certificate(path)
+    for cert in [certificate(paths.server_certificate), x509.load_pem_x509_certificate(site.cert_pem)]:
         assert abs(cert.not_valid_after_utc - (now + datetime.timedelta(days=30))) < datetime.timedelta(
             minutes=1
         )
@@ -271,8 +310,6 @@ def test_existing_certificates_are_not_replaced_without_overwrite(deployment: Pa
 
     with pytest.raises(DeploymentError, match=r"server\.(pem|key) already exists.*overwrite"):
         create_certificates(deployment, HOSTS)
-    with pytest.raises(DeploymentError, match=r"alpha\.(pem|key) already exists.*overwrite"):
-        create_certificates(deployment, [], sites=["alpha"])
     assert {p: p.read_bytes() for p in deployment.rglob("*") if p.is_file()} == before
 
     # With overwrite the server certificate is new, and still signed by the same CA.
@@ -285,19 +322,45 @@ def test_existing_certificates_are_not_replaced_without_overwrite(deployment: Pa
     assert mode(paths.server_key) == 0o600
 
 
-def test_sites_added_later_are_signed_by_the_same_ca(deployment: Path) -> None:
-    paths = CertificatePaths(deployment)
-    server_before = paths.server_certificate.read_bytes()
-    added = create_certificates(deployment, [], sites=["gamma", "gamma"])
-    assert added.sites == ("gamma",)
-    certificate(paths.site_certificate("gamma")).verify_directly_issued_by(certificate(paths.ca_certificate))
-    assert paths.server_certificate.read_bytes() == server_before
+def test_without_hosts_only_the_ca_is_made_or_kept(tmp_path: Path, deployment: Path) -> None:
+    paths = create_certificates(tmp_path / "ca-only", [])
+    assert sorted(p.name for p in paths.directory.iterdir()) == ["ca.key", "ca.pem"]
+    before = {p: p.read_bytes() for p in deployment.rglob("*") if p.is_file()}
+    create_certificates(deployment, [])
+    assert {p: p.read_bytes() for p in deployment.rglob("*") if p.is_file()} == before
 
 
-def test_a_server_certificate_needs_a_host(tmp_path: Path) -> None:
-    with pytest.raises(DeploymentError, match="needs at least one host name or IP address"):
-        create_certificates(tmp_path / "d", [], sites=["alpha"])
-    assert not (tmp_path / "d").exists()
+def test_the_ca_key_can_be_kept_away_from_the_server(tmp_path: Path) -> None:
+    """With ``ca_directory`` the server's folder holds only ca.pem (a copy), and enrolling a site needs the
+    CA's folder: the running server cannot sign or endorse anything."""
+    server, offline = tmp_path / "deploy", tmp_path / "offline-ca"
+    paths = create_certificates(server, HOSTS, ca_directory=offline)
+    assert sorted(p.name for p in server.iterdir()) == ["ca.pem", "server.key", "server.pem"]
+    assert sorted(p.name for p in offline.iterdir()) == ["ca.key", "ca.pem"]
+    assert paths.ca_key == offline / "ca.key"
+    assert (offline / "ca.pem").read_bytes() == (server / "ca.pem").read_bytes()
+    certificate(paths.server_certificate).verify_directly_issued_by(certificate(server / "ca.pem"))
+
+    with pytest.raises(DeploymentError, match=r"ca\.key is missing.*--ca FOLDER"):
+        enrolled(server, "alpha")
+    alpha = enrolled(server, "alpha", ca_directory=offline)
+    assert alpha.cert_pem is not None
+    x509.load_pem_x509_certificate(alpha.cert_pem).verify_directly_issued_by(certificate(server / "ca.pem"))
+    # A new server certificate later is signed by the same CA, from its folder.
+    create_certificates(server, HOSTS, overwrite=True, ca_directory=offline)
+    assert not (server / "ca.key").exists()
+
+
+def test_a_ca_folder_of_another_deployment_is_refused(deployment: Path, foreign: Path) -> None:
+    with pytest.raises(DeploymentError, match=r"is not the CA whose key is .*foreign.*give the CA folder"):
+        enrolled(deployment, "alpha", ca_directory=foreign)
+    with Enrollment.open(deployment) as enrollment:
+        assert enrollment.sites() == []
+
+
+def test_a_ca_folder_must_hold_the_key_of_the_ca_the_server_trusts(deployment: Path, tmp_path: Path) -> None:
+    with pytest.raises(DeploymentError, match=r"already trusts the CA in .*whose key is not in"):
+        create_certificates(deployment, [], ca_directory=tmp_path / "empty")
 
 
 @pytest.mark.parametrize(
@@ -329,8 +392,8 @@ def test_certificates_must_last_between_a_day_and_a_century(tmp_path: Path, days
 
 def test_an_invalid_site_name_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(DeploymentError, match="is not valid"):
-        create_certificates(tmp_path / "d", ["localhost"], sites=["ok", "not ok"])
-    assert not (tmp_path / "d").exists()
+        make_site_keys(tmp_path / "site", "not ok")
+    assert not (tmp_path / "site").exists()
 
 
 def test_a_ca_key_without_its_certificate_is_not_replaced(deployment: Path) -> None:
@@ -346,20 +409,23 @@ def test_a_ca_key_without_its_certificate_is_not_replaced(deployment: Path) -> N
 def test_new_certificates_need_the_ca_key(deployment: Path) -> None:
     CertificatePaths(deployment).ca_key.unlink()
     with pytest.raises(DeploymentError, match=r"ca\.key is missing"):
-        create_certificates(deployment, [], sites=["gamma"])
+        enrolled(deployment, "gamma")
+    with pytest.raises(DeploymentError, match=r"ca\.key is missing"):
+        create_certificates(deployment, HOSTS, overwrite=True)
 
 
 def test_a_ca_key_that_is_not_the_ca_certificates_key_is_refused(deployment: Path, foreign: Path) -> None:
     CertificatePaths(deployment).ca_key.write_bytes(CertificatePaths(foreign).ca_key.read_bytes())
     with pytest.raises(DeploymentError, match=r"is not the key of the CA certificate"):
-        create_certificates(deployment, [], sites=["gamma"])
-    assert not CertificatePaths(deployment).site_certificate("gamma").exists()
+        enrolled(deployment, "gamma")
+    with Enrollment.open(deployment) as enrollment:
+        assert enrollment.record("gamma") is None
 
 
 def test_an_unreadable_ca_certificate_is_reported(deployment: Path) -> None:
     CertificatePaths(deployment).ca_certificate.write_text("not a certificate")
     with pytest.raises(DeploymentError, match=r"cannot read the certificate .*ca\.pem"):
-        create_certificates(deployment, [], sites=["gamma"])
+        create_certificates(deployment, HOSTS, overwrite=True)
 
 
 def test_an_expired_ca_signs_nothing(tmp_path: Path) -> None:
@@ -394,8 +460,9 @@ def test_an_expired_ca_signs_nothing(tmp_path: Path) -> None:
 def test_the_longest_valid_site_name_gets_a_certificate(deployment: Path) -> None:
     site = "s" * 64
     assert check_site_name(site) == site
-    create_certificates(deployment, [], sites=[site])
-    assert common_names(certificate(CertificatePaths(deployment).site_certificate(site))) == [site]
+    credentials = enrolled(deployment, site)
+    assert credentials.cert_pem is not None
+    assert common_names(x509.load_pem_x509_certificate(credentials.cert_pem)) == [site]
 
 
 def test_a_host_name_longer_than_a_common_name_still_gets_a_certificate(tmp_path: Path) -> None:
@@ -518,7 +585,8 @@ def test_an_invalid_site_name_cannot_be_enrolled(tmp_path: Path, site: str) -> N
 
 
 def test_a_pinned_certificate_is_recorded_by_its_fingerprint(deployment: Path) -> None:
-    pem = CertificatePaths(deployment).site_certificate("alpha").read_bytes()
+    pem = certificate_credentials(deployment, "alpha").cert_pem
+    assert pem is not None
     with Enrollment.open(deployment) as enrollment:
         token = enrollment.enroll("alpha")
         enrollment.enroll_certificate("alpha", pem)
@@ -533,13 +601,65 @@ def test_a_pinned_certificate_is_recorded_by_its_fingerprint(deployment: Path) -
 
 
 def test_a_certificate_is_pinned_only_for_the_site_it_was_issued_to(deployment: Path) -> None:
-    paths = CertificatePaths(deployment)
+    beta = certificate_credentials(deployment, "beta").cert_pem
     with Enrollment.open(deployment) as enrollment:
         with pytest.raises(DeploymentError, match="was issued to beta, not to 'alpha'"):
-            enrollment.enroll_certificate("alpha", paths.site_certificate("beta").read_bytes())
+            enrollment.enroll_certificate("alpha", beta)
         with pytest.raises(DeploymentError, match="is not a PEM certificate"):
             enrollment.enroll_certificate("alpha", b"-----BEGIN CERTIFICATE-----\ngarbage\n")
         assert enrollment.sites() == []
+
+
+def test_a_site_enrolled_from_its_request_has_an_endorsed_identity(deployment: Path) -> None:
+    alpha = enrolled(deployment, "alpha")
+    beta = enrolled(deployment, "beta", auth="token")  # a token, and an identity all the same
+    enrolled(deployment, "gamma")
+    issue_site_credentials(deployment, "delta")  # a token alone: no identity
+    identities = {}
+    for credentials in (alpha, beta):
+        key = credentials.identity()
+        assert key is not None
+        identities[credentials.site] = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    with Enrollment.open(deployment) as enrollment:
+        registry = enrollment.identities(["beta", "alpha"])
+        assert sorted(registry) == ["alpha", "beta"]
+        assert {site: public for site, (public, _) in registry.items()} == identities
+        record = enrollment.record("beta")
+        assert record is not None and record.method == "token" and record.identity == registry["beta"]
+        with pytest.raises(
+            DeploymentError, match=r"1 site\(s\) have no active enrolled identity .*\(delta\)"
+        ):
+            enrollment.identities(["alpha", "delta"])
+        enrollment.revoke("gamma")
+        with pytest.raises(DeploymentError, match=r"no active enrolled identity .*\(gamma, ghost\)"):
+            enrollment.identities(["gamma", "ghost"])
+        # Enrolling again with a token alone drops the identity: everything recorded is replaced.
+        enrollment.enroll("alpha")
+        with pytest.raises(DeploymentError, match=r"\(alpha\).*confide enroll SITE --csr SITE\.csr"):
+            enrollment.identities(["alpha"])
+
+
+def test_a_registry_from_before_identities_gains_the_columns(tmp_path: Path) -> None:
+    """A sites.sqlite written by the first release opens, keeps its sites, and can store identities."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    digest = hashlib.sha256(b"cfd_old").hexdigest()
+    with closing(sqlite3.connect(directory / "sites.sqlite")) as db, db:
+        db.execute(
+            "CREATE TABLE sites (site TEXT PRIMARY KEY, token_hash TEXT UNIQUE, method TEXT NOT NULL CHECK "
+            "(method IN ('token', 'certificate')), enrolled_at REAL NOT NULL, revoked_at REAL, "
+            "certificate_sha256 TEXT)"
+        )
+        db.execute("INSERT INTO sites VALUES ('old', ?, 'token', 1.0, NULL, NULL)", (digest,))
+    with Enrollment.open(directory) as enrollment:
+        assert enrollment.verify_token("cfd_old") == "old"
+        record = enrollment.record("old")
+        assert record is not None and record.identity is None
+        enrollment.enroll("new", (b"k" * 32, b"endorsement"))
+        new = enrollment.record("new")
+        assert new is not None and new.identity == (b"k" * 32, b"endorsement")
 
 
 def test_a_revocation_by_another_connection_is_seen_at_once(tmp_path: Path) -> None:
@@ -601,22 +721,98 @@ def test_token_credentials_survive_a_save_and_load(deployment: Path, tmp_path: P
     assert issued.token not in repr(issued) and "alpha" in repr(issued)
 
 
-def test_certificate_credentials_survive_a_save_and_load(deployment: Path, tmp_path: Path) -> None:
-    issued = issue_site_credentials(deployment, "alpha", certificate=True)
-    assert issued.token is None and issued.cert_pem is not None and issued.key_pem is not None
+def test_certificate_credentials_name_the_sites_key_files_and_hold_no_key(deployment: Path) -> None:
+    keys = make_site_keys(site_folder(deployment, "alpha"), "alpha")
+    issued = issue_site_credentials(deployment, "alpha", request=keys.paths.request.read_bytes())
+    assert issued.token is None and issued.cert_pem is not None
+    assert issued.key_pem is None and issued.identity_pem is None  # the server never had them
+    assert (issued.key_file, issued.identity_key_file) == ("alpha.key", "alpha.identity.key")
     assert issued.call_metadata() == ()
     cert = x509.load_pem_x509_certificate(issued.cert_pem)
     assert common_names(cert) == ["alpha"]
-    assert issued.cert_pem == CertificatePaths(deployment).site_certificate("alpha").read_bytes()
     with Enrollment.open(deployment) as enrollment:
         record = enrollment.record("alpha")
         assert record is not None and record.method == "certificate"
         assert record.certificate_sha256 == cert.fingerprint(hashes.SHA256()).hex()
 
-    path = tmp_path / "alpha.json"
-    issued.save(path)
-    assert Credentials.load(path) == issued
-    assert issued.key_pem.decode() not in repr(issued)
+    issued.save(keys.paths.credentials)
+    saved = json.loads(keys.paths.credentials.read_text())
+    assert saved["format"] == 2 and "key_pem" not in saved and "identity_pem" not in saved
+    assert "PRIVATE KEY" not in keys.paths.credentials.read_text()
+    loaded = Credentials.load(keys.paths.credentials)
+    assert loaded == replace(
+        issued, key_pem=keys.paths.tls_key.read_bytes(), identity_pem=keys.paths.identity_key.read_bytes()
+    )
+    identity = loaded.identity()
+    assert identity is not None
+    assert (
+        identity.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        == keys.identity_public
+    )
+    assert keys.paths.tls_key.read_text() not in repr(loaded)
+    assert keys.paths.identity_key.read_text() not in repr(loaded)
+
+
+def test_a_credentials_file_of_the_first_format_still_loads(deployment: Path, tmp_path: Path) -> None:
+    """Files written before sites made their own keys hold the TLS key inline and no format field."""
+    made = certificate_credentials(deployment, "alpha")
+    assert made.cert_pem is not None and made.key_pem is not None
+    record = _record(deployment, token=None, cert_pem=made.cert_pem.decode(), key_pem=made.key_pem.decode())
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(record))
+    loaded = Credentials.load(path)
+    assert (loaded.cert_pem, loaded.key_pem, loaded.identity_pem) == (made.cert_pem, made.key_pem, None)
+    assert loaded.identity() is None
+    # Saved again, a key that has no file stays inline.
+    loaded.save(tmp_path / "again.json")
+    assert Credentials.load(tmp_path / "again.json") == loaded
+
+
+def test_the_sites_key_files_must_be_there_private_and_match(deployment: Path) -> None:
+    alpha = enrolled(deployment, "alpha")
+    paths = SiteKeyPaths(site_folder(deployment, "alpha"), "alpha")
+    assert alpha.key_pem == paths.tls_key.read_bytes()
+
+    moved = paths.directory.parent / "elsewhere.json"
+    moved.write_bytes(paths.credentials.read_bytes())
+    with pytest.raises(DeploymentError, match=r"alpha\.key does not exist; keep the credentials file in"):
+        Credentials.load(moved)
+
+    paths.identity_key.chmod(0o644)
+    with pytest.raises(DeploymentError, match=r"can be read by other users \(mode 0644\).*chmod 600"):
+        Credentials.load(paths.credentials)
+    paths.identity_key.chmod(0o600)
+
+    # New keys after the request was signed: the certificate no longer fits the key.
+    make_site_keys(paths.directory, "alpha", overwrite=True)
+    with pytest.raises(DeploymentError, match=r"was not issued for the key in .*alpha\.key"):
+        Credentials.load(paths.credentials)
+
+    paths.identity_key.write_bytes(paths.tls_key.read_bytes())  # an EC key where the identity should be
+    record = json.loads(paths.credentials.read_text())
+    token_file = paths.directory / "token.json"
+    record.update(cert_pem=None, key_file=None, token=TOKEN_PREFIX + "x" * 43)
+    token_file.write_text(json.dumps(record))
+    token_file.chmod(0o600)
+    with pytest.raises(DeploymentError, match=r"alpha\.identity\.key holds a .*not an Ed25519 identity key"):
+        Credentials.load(token_file)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": 3}, r"is of format 3, which this version of confide does not read \(it reads 1 and 2\)"),
+        ({"format": True}, r"is of format True"),
+        ({"key_pem": "k", "key_file": "alpha.key"}, r"holds key_pem and also names a file for it"),
+    ],
+)
+def test_credentials_in_an_unknown_format_or_with_a_key_twice_are_refused(
+    deployment: Path, tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps(_record(deployment, **changes)))
+    with pytest.raises(DeploymentError, match=message):
+        Credentials.load(path)
 
 
 def test_credentials_are_issued_only_where_there_is_a_ca(tmp_path: Path, deployment: Path) -> None:
@@ -624,6 +820,16 @@ def test_credentials_are_issued_only_where_there_is_a_ca(tmp_path: Path, deploym
         issue_site_credentials(tmp_path / "empty", "alpha")
     with pytest.raises(DeploymentError, match="is not valid"):
         issue_site_credentials(deployment, "no good")
+
+
+def test_a_site_certificate_needs_the_sites_request(deployment: Path) -> None:
+    """The server cannot make a site's key any more: mutual TLS needs the request the site made."""
+    with pytest.raises(DeploymentError, match=r"the site runs `confide keys alpha` and sends alpha\.csr"):
+        issue_site_credentials(deployment, "alpha", auth="mtls")
+    with pytest.raises(DeploymentError, match=r"must be 'token' or 'mtls' \(got 'password'\)"):
+        issue_site_credentials(deployment, "alpha", auth="password")
+    with Enrollment.open(deployment) as enrollment:
+        assert enrollment.sites() == []
 
 
 def test_a_missing_credentials_file_says_who_creates_it(tmp_path: Path) -> None:
@@ -736,13 +942,9 @@ def test_a_token_site_with_a_certificate_in_its_file_is_still_identified_by_its_
     deployment: Path,
 ) -> None:
     token = issue_site_credentials(deployment, "alpha")
-    paths = CertificatePaths(deployment)
+    beta = certificate_credentials(deployment, "beta")
     both = Credentials(
-        site="alpha",
-        ca_pem=token.ca_pem,
-        token=token.token,
-        cert_pem=paths.site_certificate("beta").read_bytes(),
-        key_pem=paths.site_key("beta").read_bytes(),
+        site="alpha", ca_pem=token.ca_pem, token=token.token, cert_pem=beta.cert_pem, key_pem=beta.key_pem
     )
     with serving(deployment, "token") as server:
         assert call_as(server.port, both) == "alpha"
@@ -849,7 +1051,7 @@ def test_the_server_certificate_is_valid_only_for_its_hosts(tmp_path: Path) -> N
 
 
 def test_a_site_certificate_identifies_its_site(deployment: Path) -> None:
-    alpha = issue_site_credentials(deployment, "alpha", certificate=True)
+    alpha = enrolled(deployment, "alpha")
     with Enrollment.open(deployment) as enrollment:
         enrollment.enroll_certificate("beta")  # any certificate the CA issued to beta
     beta = certificate_credentials(deployment, "beta")
@@ -862,7 +1064,7 @@ def test_a_site_certificate_identifies_its_site(deployment: Path) -> None:
 
 
 def test_a_certificate_of_a_site_that_is_not_enrolled_is_refused(deployment: Path) -> None:
-    issue_site_credentials(deployment, "alpha", certificate=True)
+    enrolled(deployment, "alpha")
     beta = certificate_credentials(deployment, "beta")  # signed by the CA, but beta was never enrolled
     with serving(deployment, "mtls") as server:
         code, details = refused(server.port, beta.channel_credentials())
@@ -880,7 +1082,7 @@ def test_a_certificate_of_a_token_site_is_refused(deployment: Path) -> None:
 
 
 def test_a_revoked_sites_certificate_is_refused_from_its_next_call(deployment: Path) -> None:
-    alpha = issue_site_credentials(deployment, "alpha", certificate=True)
+    alpha = enrolled(deployment, "alpha")
     with serving(deployment, "mtls") as server:
         assert call_as(server.port, alpha) == "alpha"
         server.enrollment.revoke("alpha")
@@ -890,10 +1092,10 @@ def test_a_revoked_sites_certificate_is_refused_from_its_next_call(deployment: P
 
 
 def test_enrolling_a_site_again_retires_its_old_certificate(deployment: Path) -> None:
-    old = issue_site_credentials(deployment, "alpha", certificate=True)
+    old = enrolled(deployment, "alpha")
     with serving(deployment, "mtls") as server:
         assert call_as(server.port, old) == "alpha"
-        new = issue_site_credentials(deployment, "alpha", certificate=True)
+        new = enrolled(deployment, "alpha")  # the same key, a new certificate
         assert new.cert_pem != old.cert_pem
         # The old certificate still chains to the CA and names alpha, but it is no longer the pinned one.
         code, details = refused(server.port, old.channel_credentials())
@@ -942,3 +1144,40 @@ def test_identify_refuses_what_grpc_cannot_deliver_over_the_wire(deployment: Pat
         by_certificate = Authenticator(enrollment, "mtls")
         with pytest.raises(AuthError, match="no client certificate"):
             by_certificate.identify([("authorization", f"Bearer {token}")], tls)
+
+
+# -- the registry of identities a server sends (confide.runtime.grpc.deployment) -----------------------------
+
+
+def test_the_server_loads_and_checks_the_endorsed_registry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, offline = tmp_path / "deploy", tmp_path / "offline-ca"
+    create_certificates(server, HOSTS, ca_directory=offline)
+    for site in ["alpha", "beta"]:
+        enrolled(server, site, ca_directory=offline)
+    with Enrollment.open(server) as enrollment, caplog.at_level("WARNING"):
+        registry = endorsed_registry(enrollment, ["alpha", "beta"], server)
+        assert sorted(registry) == ["alpha", "beta"]
+        assert not caplog.records  # the CA's key is not in the server's folder
+        with pytest.raises(DeploymentError, match=r"no active enrolled identity .*\(gamma\)"):
+            endorsed_registry(enrollment, ["alpha", "gamma"], server)
+        # The server's ca.pem replaced by another CA's: the entries no longer verify, and it says so at start.
+        other = create_certificates(tmp_path / "other", [])
+        (server / "ca.pem").write_bytes(other.ca_certificate.read_bytes())
+        with pytest.raises(DeploymentError, match=r"site 'alpha' .* is not endorsed by the deployment's CA"):
+            endorsed_registry(enrollment, ["alpha", "beta"], server)
+
+
+def test_a_server_that_holds_the_ca_key_is_warned(deployment: Path, caplog: pytest.LogCaptureFixture) -> None:
+    enrolled(deployment, "alpha")
+    with Enrollment.open(deployment) as enrollment, caplog.at_level("WARNING"):
+        endorsed_registry(enrollment, ["alpha"], deployment)
+    assert "can endorse false site identities" in caplog.text
+
+
+def test_a_site_certificate_lasts_between_a_day_and_a_century(deployment: Path) -> None:
+    with pytest.raises(DeploymentError, match=r"valid for 1 to 36500 days \(got days=0\)"):
+        enrolled(deployment, "alpha", days=0)
+    with Enrollment.open(deployment) as enrollment:
+        assert enrollment.record("alpha") is None

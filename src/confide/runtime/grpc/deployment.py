@@ -19,17 +19,52 @@ from typing import Any
 import grpc
 
 from confide.config import Config
-from confide.errors import ConfigError, DeploymentError
+from confide.errors import ConfideError, ConfigError, DeploymentError
 from confide.privacy.policy import SiteDP
 from confide.runtime.federation import RoundResult
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
-from confide.runtime.grpc.security import Authenticator, AuthError, Enrollment, server_credentials
+from confide.runtime.grpc.identity import verify_registry
+from confide.runtime.grpc.pki import CertificatePaths
+from confide.runtime.grpc.security import (
+    Authenticator,
+    AuthError,
+    Enrollment,
+    Identity,
+    server_credentials,
+)
 from confide.runtime.grpc.server import GrpcBackend, Hub, Servicer, start_server
 from confide.runtime.runner import NullObserver, Observer, Runner, SiteInfo, build_site_dp, stored_sites
 from confide.runtime.store import Store
 
 log = logging.getLogger(__name__)
+
+
+def endorsed_registry(
+    enrollment: Enrollment, population: Sequence[str], directory: Path
+) -> dict[str, Identity]:
+    """Every site's identity key and the CA's endorsement of it, from ``sites.sqlite``: what the server
+    sends each site (which checks every entry with ``verify_registry`` against its own CA certificate) and
+    whose keys its SecAggServer checks signatures with.
+
+    Checked here too, against the server's ``ca.pem``, so that a registry from another CA or a damaged one
+    stops the server at start with the site named, rather than every site at its first secure round.
+    """
+    identities = enrollment.identities(population)
+    paths = CertificatePaths(Path(directory))
+    try:
+        ca_pem = paths.ca_certificate.read_bytes()
+    except OSError as e:
+        raise DeploymentError(f"cannot read the CA certificate {paths.ca_certificate}: {e}") from e
+    verify_registry(ca_pem, identities)
+    if paths.ca_key.exists():
+        log.warning(
+            "%s is in the server's folder: whoever controls this server can endorse false site identities "
+            "and so defeat authenticated secure aggregation; keep ca.key elsewhere (`confide certs --ca`, "
+            "`confide enroll --ca`)",
+            paths.ca_key,
+        )
+    return identities
 
 
 def site_config(config: Config, dp: SiteDP | None) -> Config:
@@ -45,11 +80,6 @@ class Deployment:
     """One `confide server`: the gRPC service, its hub, and the runner that drives rounds through it."""
 
     def __init__(self, config: Config, directory: Path, listen: str) -> None:
-        if config.privacy.secagg_authenticated:
-            raise ConfigError(
-                "privacy.secagg_authenticated is not available in a deployment yet: sites are already "
-                "authenticated to the server by TLS and their credentials; set it to false"
-            )
         # Every round is checkpointed: a restarted server loses at most the round in flight.
         self.config = replace(config, run=replace(config.run, checkpoint_every=1))
         self.directory = Path(directory)
@@ -75,6 +105,8 @@ class Deployment:
                     f"no site is enrolled in {self.directory}; enroll each with `confide enroll SITE "
                     f"--dir {self.directory}`"
                 )
+        self.identities = self._identities() if config.privacy.secagg_authenticated else {}
+        """With ``privacy.secagg_authenticated``: each site -> (identity key, the CA's endorsement)."""
         self.dp = build_site_dp(self.config, len(self.population))
         self.hub = Hub(config.deploy.heartbeat_timeout, config.deploy.task_timeout)
         self.backend = GrpcBackend(self.hub, self.population)
@@ -90,6 +122,22 @@ class Deployment:
         self.server: grpc.Server | None = None
         self.port = 0
         self.runner: Runner | None = None
+
+    def _identities(self) -> dict[str, Identity]:
+        try:
+            identities = endorsed_registry(self.enrollment, self.population, self.directory)
+            # The registry is ready; what is left is on the sites' side: the join reply must carry it (with
+            # the endorsements) and the client must verify it. Until both are wired, refuse.
+            raise ConfigError(
+                "privacy.secagg_authenticated is not available in a deployment yet: the identities of the "
+                f"{len(identities)} sites are enrolled and endorsed, but sites do not yet receive and check "
+                "them; set it to false"
+            )
+        except ConfideError:
+            if self.store is not None:
+                self.store.close()
+            self.enrollment.close()
+            raise
 
     def _identify(self, context: grpc.ServicerContext) -> str:
         try:

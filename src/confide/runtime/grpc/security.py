@@ -1,12 +1,16 @@
-"""A deployment's credentials: its TLS certificates, and the registry of sites allowed to take part.
+"""A deployment's credentials: who may take part, how a site proves who it is, and whose keys it trusts.
 
 ```
-DEPLOYMENT_DIR/
-  ca.pem, ca.key            the certificate authority every site trusts (ca.key only signs; it need not
-                            live on the server machine)
+CA_FOLDER/ (best kept off the server: see below; by default the deployment folder itself)
+  ca.key, ca.pem            the certificate authority: signs certificates and endorses site identities
+DEPLOYMENT_DIR/             what the running server reads
+  ca.pem                    the CA every site trusts (a copy)
   server.pem, server.key    the server's certificate, valid for each host name or address sites dial
-  sites/SITE.pem, SITE.key  a site's client certificate, for mutual TLS (its common name is the site name)
-  sites.sqlite              the enrollment registry: every site, how it authenticates, whether it is revoked
+  sites.sqlite              the enrollment registry: every site, how it authenticates, whether it is
+                            revoked, its pinned certificate and its CA-endorsed identity key
+  sites/SITE.json           a site's credentials (its token or certificate, never a private key)
+SITE_FOLDER/ (at the site: `confide keys`; see confide.runtime.grpc.identity)
+  SITE.key, SITE.identity.key, SITE.csr, SITE.json
 ```
 
 Every connection is TLS: the server proves who it is with a certificate signed by the CA that each site
@@ -16,31 +20,53 @@ certificate or none):
 
 - ``token``: a bearer token in each call's ``authorization`` metadata. The server keeps only its SHA-256, so
   a copy of ``sites.sqlite`` lets no one impersonate a site.
-- ``mtls``: a client certificate signed by the deployment's CA whose common name is the site name.
+- ``mtls``: a client certificate signed by the deployment's CA whose common name is the site name, over a
+  key the site made itself: the server signs the site's request and never holds a site's private key.
 
-Threat model: an attacker on the network, or one holding a leaked token or site key. The registry is the
-one authority in both modes and is read on every call, so revoking a site shuts it out from its next call,
-whatever certificate or token it still holds, and enrolling a site again retires its old token (and, for a
-certificate issued here, its old certificate). Whoever holds ``ca.key`` can mint certificates for any site
-name, so in ``mtls`` mode that key is as sensitive as the registry itself, and an organisation's CA used in
-its place must be one that issues client certificates only to this deployment's sites.
+Threat model, transport: an attacker on the network, or one holding a leaked token or site key. The
+registry is the one authority in both modes and is read on every call, so revoking a site shuts it out from
+its next call, whatever certificate or token it still holds, and enrolling a site again retires its old
+token and its old certificate (the registry pins the one it issued).
+
+Threat model, identities (``privacy.secagg_authenticated``): a malicious server, which may run modified
+code, must not be able to unmask one site's update by substituting public keys in secure aggregation. Each
+site signs its per-round keys with an Ed25519 identity it made itself; at enrollment the CA endorses the
+pair (site name, identity key), and a site accepts another site's identity only when that endorsement
+verifies against the CA certificate in its own credentials (:func:`~confide.runtime.grpc.identity.
+verify_registry`), never because the server sent it. What that gives depends on who holds ``ca.key``:
+
+- Kept away from the running server (``confide certs --ca FOLDER`` and ``confide enroll --ca FOLDER``, the
+  folder on another machine or on media mounted only while enrolling): the server holds only its own
+  certificate and key, ``ca.pem`` and the registry of endorsed keys. A server that substitutes a key, or
+  moves one site's endorsed key to another name, is refused by every honest site, so it cannot sign in any
+  site's place and cannot unmask an individual update. It can still leave sites out of a round, stop a
+  round, or collude with sites: secure aggregation's own bounds (threshold, neighbours) apply.
+- Held by the server (the default layout, where ``confide certs`` puts ``ca.key`` beside ``server.key``): an
+  operator or intruder with that file can endorse a key of its own under any site's name, sites accept it,
+  and authenticated secure aggregation protects no more than against an honest-but-curious server. It still
+  stops anyone without ``ca.key`` (another site, an attacker on the network) from injecting keys.
+- Either way an endorsement does not expire: a site whose identity key leaked must be given a new CA (every
+  site then enrolls again), since an old endorsement still verifies. The same ``ca.key`` also mints TLS
+  certificates for any site name, so in ``mtls`` mode it is as sensitive as the registry itself, and an
+  organisation's CA used in its place must issue client certificates only to this deployment's sites.
+
+Over 400 lines because the registry, the credentials file and the Authenticator make one trust decision
+together and are read together; the CA and certificates are in ``pki.py``, a site's keys, its request and
+identity endorsements in ``identity.py``.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -49,10 +75,46 @@ from typing import Any, Literal
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
 
 from confide.errors import DeploymentError
+from confide.runtime.grpc.identity import (
+    SiteKeyPaths,
+    load_identity_key,
+    read_private_file,
+    read_request,
+    sign_identity,
+)
+from confide.runtime.grpc.pki import (
+    CA_DAYS,
+    MAX_DAYS,
+    CertificatePaths,
+    check_site_name,
+    create_certificates,
+    issue_site_certificate,
+    load_authority,
+    make_directory,
+    write_file,
+)
+
+__all__ = [  # the names the runtime and the command line use; certificates and identities re-exported
+    "AUTH_MODES",
+    "CA_DAYS",
+    "MAX_DAYS",
+    "TOKEN_PREFIX",
+    "AuthError",
+    "Authenticator",
+    "CertificatePaths",
+    "Credentials",
+    "Enrollment",
+    "Identity",
+    "SiteRecord",
+    "check_site_name",
+    "create_certificates",
+    "issue_site_credentials",
+    "server_credentials",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,320 +124,9 @@ TOKEN_PREFIX = "cfd_"
 AUTH_MODES = ("token", "mtls")
 """How sites prove who they are: a bearer token, or a client certificate (mutual TLS)."""
 
-CA_DAYS = 10 * 365
-"""A new CA outlives the certificates it signs, so that site certificates added later are still valid."""
-
-_SITE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # 64: the longest common name a certificate can carry
-MAX_DAYS = 100 * 365
-"""The longest validity accepted (datetime ends in the year 9999; no deployment needs a century)."""
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
-
 
 class AuthError(DeploymentError):
     """A call is refused: it carries no credentials, or credentials of no active enrolled site."""
-
-
-def check_site_name(site: str) -> str:
-    """``site`` if it is a valid site name (it becomes a file name and a certificate's common name)."""
-    if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
-        raise DeploymentError(
-            f"the site name {site!r} is not valid: use 1 to 64 letters, digits, '-', '_' or '.'"
-        )
-    return site
-
-
-# -- certificates ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CertificatePaths:
-    """Where a deployment directory keeps its certificates and keys."""
-
-    directory: Path
-    sites: tuple[str, ...] = ()
-    """The sites whose certificates the call that returned this wrote."""
-
-    @property
-    def ca_certificate(self) -> Path:
-        return self.directory / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / "ca.key"
-
-    @property
-    def server_certificate(self) -> Path:
-        return self.directory / "server.pem"
-
-    @property
-    def server_key(self) -> Path:
-        return self.directory / "server.key"
-
-    def site_certificate(self, site: str) -> Path:
-        return self.directory / "sites" / f"{check_site_name(site)}.pem"
-
-    def site_key(self, site: str) -> Path:
-        return self.directory / "sites" / f"{check_site_name(site)}.key"
-
-
-@dataclass(frozen=True)
-class _Authority:
-    certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
-
-
-def create_certificates(
-    directory: Path,
-    hosts: Sequence[str],
-    sites: Sequence[str] = (),
-    days: int = 365,
-    overwrite: bool = False,
-) -> CertificatePaths:
-    """Write DEVELOPMENT certificates: a CA, a server certificate for ``hosts`` and one per site.
-
-    These are for trying confide out and for deployments inside one organisation that has nothing better. A
-    real deployment should have its organisation's CA issue the server certificate (and the site
-    certificates for mutual TLS) and put them at the same paths; confide only reads PEM files.
-
-    The CA is created once: when ``ca.pem`` is already there it signs the new certificates, so that sites
-    enrolled later trust the same root; with no ``hosts`` only the site certificates are written, beside
-    the existing server certificate. An existing server or site certificate is replaced only with
-    ``overwrite``. Every host that parses as an IP address goes into the server certificate as one, the
-    others as DNS names. Private keys are EC P-256, written unencrypted and readable by their owner only.
-    """
-    paths = CertificatePaths(Path(directory), tuple(dict.fromkeys(check_site_name(s) for s in sites)))
-    if isinstance(hosts, str):
-        hosts = [hosts]
-    if not hosts and not paths.server_certificate.exists():
-        raise DeploymentError("the server certificate needs at least one host name or IP address")
-    names = list(dict.fromkeys(_host_name(h) for h in hosts))
-    if not 1 <= days <= MAX_DAYS:
-        raise DeploymentError(f"certificates must be valid for 1 to {MAX_DAYS} days (got days={days})")
-    if not overwrite:
-        server = [paths.server_certificate, paths.server_key] if hosts else []
-        existing = [p for p in server if p.exists()]
-        existing += [
-            p for s in paths.sites for p in (paths.site_certificate(s), paths.site_key(s)) if p.exists()
-        ]
-        if existing:
-            raise DeploymentError(
-                f"{existing[0]} already exists; keep using it, or replace it with overwrite "
-                "(`confide certs --overwrite`), after which sites must be given the new certificates"
-            )
-
-    _make_directory(paths.directory)
-    if paths.ca_certificate.exists():
-        authority = _load_authority(paths)
-    else:
-        if paths.ca_key.exists():
-            raise DeploymentError(
-                f"{paths.ca_key} exists without ca.pem beside it; restore ca.pem, or move ca.key aside to "
-                "create a new CA (every site will then need new credentials)"
-            )
-        authority = _new_authority(max(days, CA_DAYS))
-        _write(paths.ca_key, _private_pem(authority.key), private=True)
-        _write(paths.ca_certificate, authority.certificate.public_bytes(serialization.Encoding.PEM))
-
-    if hosts:
-        key = ec.generate_private_key(ec.SECP256R1())
-        common_name = next((h for h in hosts if not _is_ip(h)), hosts[0]).strip()
-        if len(common_name) > 64:  # clients check the SubjectAltNames; the common name is only a label
-            common_name = "confide server"
-        certificate = _sign(authority, common_name, key, days, ExtendedKeyUsageOID.SERVER_AUTH, names)
-        _write(paths.server_key, _private_pem(key), private=True)
-        _write(paths.server_certificate, certificate.public_bytes(serialization.Encoding.PEM))
-    for site in paths.sites:
-        _write_site_certificate(paths, authority, site, days)
-    return paths
-
-
-def _write_site_certificate(
-    paths: CertificatePaths, authority: _Authority, site: str, days: int
-) -> x509.Certificate:
-    _make_directory(paths.directory / "sites")
-    key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _sign(authority, site, key, days, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    _write(paths.site_key(site), _private_pem(key), private=True)
-    _write(paths.site_certificate(site), certificate.public_bytes(serialization.Encoding.PEM))
-    return certificate
-
-
-def _new_authority(days: int) -> _Authority:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "confide"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "confide development CA"),
-        ]
-    )
-    now = datetime.datetime.now(datetime.UTC)
-    public = key.public_key()
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        # path_length=0: this CA signs only end-entity certificates, never another CA.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return _Authority(certificate, key)
-
-
-def _sign(
-    authority: _Authority,
-    common_name: str,
-    key: ec.EllipticCurvePrivateKey,
-    days: int,
-    usage: x509.ObjectIdentifier,
-    names: Sequence[x509.GeneralName],
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    # A certificate cannot outlive the CA that vouches for it: clients would reject it from that day on.
-    not_after = min(now + datetime.timedelta(days=days), authority.certificate.not_valid_after_utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(authority.certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()), critical=False
-        )
-    )
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
-    return builder.sign(authority.key, hashes.SHA256())
-
-
-def _load_authority(paths: CertificatePaths) -> _Authority:
-    """The deployment's CA, checked: both files readable, the key the certificate's, not expired."""
-    if not paths.ca_certificate.is_file():
-        raise DeploymentError(
-            f"{paths.directory} has no CA certificate (ca.pem); run `confide certs` first to create one"
-        )
-    if not paths.ca_key.is_file():
-        raise DeploymentError(
-            f"{paths.ca_key} is missing, so no new certificate can be signed by the CA in "
-            f"{paths.ca_certificate}; run this where the CA key is kept"
-        )
-    certificate = _read_certificate(paths.ca_certificate)
-    try:
-        key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
-        raise DeploymentError(f"cannot read the CA key {paths.ca_key}: {e}") from e
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != certificate.public_key():
-        raise DeploymentError(
-            f"{paths.ca_key} is not the key of the CA certificate {paths.ca_certificate}; restore the pair "
-            "that belong together"
-        )
-    if certificate.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
-        raise DeploymentError(
-            f"the CA certificate {paths.ca_certificate} expired on "
-            f"{certificate.not_valid_after_utc:%Y-%m-%d}; create a new CA and give every site new credentials"
-        )
-    return _Authority(certificate, key)
-
-
-def _read_certificate(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise DeploymentError(f"cannot read the certificate {path}: {e}") from e
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip().removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return False
-    return True
-
-
-def _host_name(host: str) -> x509.GeneralName:
-    """The subjectAltName entry that makes a client dialling ``host`` accept the server's certificate."""
-    text = host.strip() if isinstance(host, str) else ""
-    bare = text.removeprefix("[").removesuffix("]")  # [::1], as written in a URL
-    try:
-        return x509.IPAddress(ipaddress.ip_address(bare))
-    except ValueError:
-        pass
-    labels = text.removesuffix(".").split(".")
-    if text and len(text) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels):
-        return x509.DNSName(text.removesuffix(".").lower())
-    hint = "; give the host without a port" if ":" in text else ""
-    raise DeploymentError(f"{host!r} is neither a host name nor an IP address{hint}")
-
-
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _make_directory(path: Path) -> None:
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as e:
-        raise DeploymentError(f"cannot create the directory {path}: {e}") from e
-
-
-def _write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write ``path`` whole or not at all, and a secret so that no one else can read it even for an instant.
-
-    The file is born with its final mode (a chmod afterwards would leave a window in which it is readable),
-    under a temporary name, and renamed over any older file, which also drops the older file's mode.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as e:
-        raise DeploymentError(f"cannot write {path}: {e}") from e
 
 
 # -- enrollment ------------------------------------------------------------------------------------------
@@ -387,10 +138,18 @@ CREATE TABLE IF NOT EXISTS sites (
   method TEXT NOT NULL CHECK (method IN ('token', 'certificate')),
   enrolled_at REAL NOT NULL,
   revoked_at REAL,
-  certificate_sha256 TEXT);
+  certificate_sha256 TEXT,
+  identity_public BLOB,
+  identity_endorsement BLOB);
 """
 
+_ADDED_COLUMNS = {"identity_public": "BLOB", "identity_endorsement": "BLOB"}
+"""Columns added since the first release: a registry written before them gains them when opened."""
+
 Method = Literal["token", "certificate"]
+
+Identity = tuple[bytes, bytes]
+"""A site's Ed25519 identity public key (32 bytes) and the CA's endorsement of it for the site's name."""
 
 
 @dataclass(frozen=True)
@@ -404,6 +163,8 @@ class SiteRecord:
     certificate_sha256: str | None = None
     """With ``method == "certificate"``: the one certificate (SHA-256 of its DER) accepted for the site, or
     None to accept any certificate the CA issued with the site's name."""
+    identity: Identity | None = None
+    """The site's identity key and its endorsement, when it was enrolled from its own request."""
 
     @property
     def active(self) -> bool:
@@ -427,7 +188,7 @@ class Enrollment:
     def open(cls, directory: Path) -> Enrollment:
         """The registry in ``directory``, created (empty) if there is none yet."""
         directory = Path(directory)
-        _make_directory(directory)
+        make_directory(directory)
         path = directory / "sites.sqlite"
         try:
             # Born owner-only, like the keys beside it (SQLite gives its -wal and -shm files the same mode).
@@ -440,9 +201,15 @@ class Enrollment:
             db.execute("PRAGMA synchronous=NORMAL")
             with db:
                 db.executescript(_SCHEMA)
+            # The first release's columns first: a table of that name from anything else is left untouched.
             db.execute(
                 "SELECT site, token_hash, method, enrolled_at, revoked_at, certificate_sha256 FROM sites"
             )
+            present = {row[1] for row in db.execute("PRAGMA table_info(sites)")}
+            with db:
+                for column, kind in _ADDED_COLUMNS.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE sites ADD COLUMN {column} {kind}")
         except sqlite3.DatabaseError as e:
             db.close()
             raise DeploymentError(
@@ -464,21 +231,26 @@ class Enrollment:
 
     # -- writing -----------------------------------------------------------------------------------------
 
-    def enroll(self, site: str) -> str:
+    def enroll(self, site: str, identity: Identity | None = None) -> str:
         """Enroll ``site`` for token authentication and return its new token: the only time it is shown.
 
-        Enrolling a site again replaces its token (the old one stops working at once) and lifts a revocation.
+        Enrolling a site again replaces everything recorded for it (its old token stops working at once, and
+        its identity is the one given now, or none) and lifts a revocation. ``identity`` is not checked here:
+        :func:`issue_site_credentials` makes it with the CA, and sites check it themselves.
         """
         check_site_name(site)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        self._put(SiteRecord(site, "token", time.time()), _token_hash(token))
+        self._put(SiteRecord(site, "token", time.time(), identity=identity), _token_hash(token))
         return token
 
-    def enroll_certificate(self, site: str, certificate_pem: bytes | None = None) -> None:
+    def enroll_certificate(
+        self, site: str, certificate_pem: bytes | None = None, identity: Identity | None = None
+    ) -> None:
         """Enroll ``site`` for mutual TLS; with ``certificate_pem``, only that certificate is accepted for it.
 
         Pinning the certificate means that a certificate issued to the site earlier (perhaps the one that
-        leaked) stops working when the site is enrolled again with a new one. Lifts a revocation.
+        leaked) stops working when the site is enrolled again with a new one. Lifts a revocation, and replaces
+        the site's identity with ``identity`` (or none).
         """
         check_site_name(site)
         fingerprint = None
@@ -496,7 +268,7 @@ class Enrollment:
                     f"{', '.join(str(n.value) for n in names) or 'no common name'}, not to {site!r}"
                 )
             fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
-        self._put(SiteRecord(site, "certificate", time.time(), None, fingerprint), None)
+        self._put(SiteRecord(site, "certificate", time.time(), None, fingerprint, identity), None)
 
     def revoke(self, site: str) -> None:
         """Refuse ``site`` from its next call on, whatever token or certificate it holds."""
@@ -510,10 +282,19 @@ class Enrollment:
             )
 
     def _put(self, record: SiteRecord, token_hash: str | None) -> None:
+        public, endorsement = record.identity or (None, None)
         with self._lock, self._db:
             self._db.execute(
-                "INSERT OR REPLACE INTO sites VALUES (?, ?, ?, ?, NULL, ?)",
-                (record.site, token_hash, record.method, record.enrolled_at, record.certificate_sha256),
+                f"INSERT OR REPLACE INTO sites (token_hash, {_COLUMNS}) VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                (
+                    token_hash,
+                    record.site,
+                    record.method,
+                    record.enrolled_at,
+                    record.certificate_sha256,
+                    public,
+                    endorsement,
+                ),
             )
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -551,19 +332,46 @@ class Enrollment:
     def active_sites(self) -> list[str]:
         return [row[0] for row in self._query("WHERE revoked_at IS NULL ORDER BY site", ())]
 
+    def identities(self, sites: Iterable[str]) -> dict[str, Identity]:
+        """The endorsed identity of each of ``sites``: what the server sends every site (in its join reply)
+        for secure aggregation's authenticated mode, and what its own SecAggServer checks signatures with.
+
+        Raises DeploymentError naming the sites that are not enrolled, are revoked, or have no identity
+        (enrolled with a token alone, without their request).
+        """
+        wanted = list(dict.fromkeys(sites))
+        records = {r.site: r for r in self.sites()}
+        found = {
+            site: records[site].identity
+            for site in wanted
+            if site in records and records[site].active and records[site].identity is not None
+        }
+        missing = [site for site in wanted if site not in found]
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise DeploymentError(
+                f"{len(missing)} site(s) have no active enrolled identity in {self.path} ({shown}); "
+                "secure aggregation's authenticated mode needs one for every site: each site runs `confide "
+                "keys SITE` and is enrolled with `confide enroll SITE --csr SITE.csr`"
+            )
+        return {site: identity for site, identity in found.items() if identity is not None}
+
     def _query(self, where: str, args: tuple[Any, ...], with_hash: bool = False) -> list[tuple[Any, ...]]:
-        columns = "site, method, enrolled_at, revoked_at, certificate_sha256"
+        columns = _COLUMNS
         if with_hash:
             columns = "token_hash, " + columns
         with self._lock:
             return self._db.execute(f"SELECT {columns} FROM sites {where}", args).fetchall()
 
 
+_COLUMNS = "site, method, enrolled_at, revoked_at, certificate_sha256, identity_public, identity_endorsement"
+
+
 def _record(row: Sequence[Any]) -> SiteRecord:
-    site, method, enrolled_at, revoked_at, fingerprint = row
-    return SiteRecord(
-        str(site), method, float(enrolled_at), None if revoked_at is None else float(revoked_at), fingerprint
-    )
+    site, method, enrolled_at, revoked_at, fingerprint, public, endorsement = row
+    identity = None if public is None or endorsement is None else (bytes(public), bytes(endorsement))
+    revoked = None if revoked_at is None else float(revoked_at)
+    return SiteRecord(str(site), method, float(enrolled_at), revoked, fingerprint, identity)
 
 
 def _token_hash(token: str) -> str:
@@ -574,12 +382,20 @@ def _token_hash(token: str) -> str:
 # -- a site's credentials ----------------------------------------------------------------------------------
 
 
+CREDENTIALS_FORMAT = 2
+"""The credentials file's format: 2 names the site's key files (made at the site) instead of holding a key."""
+
+
 @dataclass(frozen=True)
 class Credentials:
-    """All a site needs to reach the server: the CA to trust, and its token or its certificate and key.
+    """All a site needs to reach the server: the CA to trust, its token or its certificate, and its keys.
 
-    Saved as one JSON file that the site's operator receives once and keeps private (mode 0600). The secrets
-    stay out of ``repr``, so the object can be logged.
+    Saved as one JSON file that the site keeps private (mode 0600). Since sites make their own keys (format
+    2), the file the server's operator writes holds no private key: ``key_file`` (the TLS key, with a
+    certificate) and ``identity_key_file`` (the Ed25519 identity) name files beside it, where `confide keys`
+    wrote them, and :meth:`load` reads them in, refusing one that other users can read. A format 1 file, with
+    the TLS key inline in ``key_pem`` and no identity, still loads. The secrets stay out of ``repr``, so the
+    object can be logged.
     """
 
     site: str
@@ -589,41 +405,36 @@ class Credentials:
     key_pem: bytes | None = field(default=None, repr=False)
     server: str = ""
     """HOST:PORT of the server the site dials (optional: the site's command line may give it instead)."""
+    identity_pem: bytes | None = field(default=None, repr=False)
+    """The site's Ed25519 identity key (PKCS#8 PEM), for secure aggregation's authenticated mode."""
+    key_file: str | None = None
+    """Where the TLS key is, relative to the credentials file's folder (saved instead of ``key_pem``)."""
+    identity_key_file: str | None = None
+    """Where the identity key is, relative to the credentials file's folder (saved instead of
+    ``identity_pem``)."""
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        record = {
+        """Write the file; a key is saved inline only when no ``*_file`` names where it is kept."""
+        record: dict[str, Any] = {
+            "format": CREDENTIALS_FORMAT,
             "site": self.site,
             "server": self.server,
             "ca_pem": self.ca_pem.decode("ascii"),
             "token": self.token,
             "cert_pem": None if self.cert_pem is None else self.cert_pem.decode("ascii"),
-            "key_pem": None if self.key_pem is None else self.key_pem.decode("ascii"),
+            "key_file": self.key_file,
+            "identity_key_file": self.identity_key_file,
         }
-        _write(path, (json.dumps(record, indent=2) + "\n").encode(), private=True)
+        if self.key_file is None and self.key_pem is not None:
+            record["key_pem"] = self.key_pem.decode("ascii")
+        if self.identity_key_file is None and self.identity_pem is not None:
+            record["identity_pem"] = self.identity_pem.decode("ascii")
+        write_file(Path(path), (json.dumps(record, indent=2) + "\n").encode(), private=True)
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DeploymentError(
-                f"the credentials file {path} does not exist; the server's operator creates it with "
-                "`confide enroll SITE`"
-            ) from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DeploymentError(f"cannot read the credentials file {path}: {e}") from e
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DeploymentError(
-                f"the credentials file {path} is not valid JSON (line {e.lineno}: {e.msg}); ask for it again"
-            ) from e
-        if not isinstance(record, dict):
-            raise DeploymentError(
-                f"the credentials file {path} does not hold a JSON object; ask for it again"
-            )
+        record = _read_record(path)
 
         def text_field(name: str, required: bool = False) -> str | None:
             value = record.get(name)
@@ -639,8 +450,10 @@ class Credentials:
 
         site = check_site_name(str(text_field("site", required=True)))
         ca_pem = str(text_field("ca_pem", required=True)).encode()
-        token, cert, key = text_field("token"), text_field("cert_pem"), text_field("key_pem")
-        server = text_field("server") or ""
+        token, cert = text_field("token"), text_field("cert_pem")
+        key_file, identity_file = text_field("key_file"), text_field("identity_key_file")
+        key = _key_field(path, "key_pem", text_field("key_pem"), key_file)
+        identity = _key_field(path, "identity_pem", text_field("identity_pem"), identity_file)
         if token is None and cert is None:
             raise DeploymentError(
                 f"the credentials file {path} holds neither a token nor a certificate, so site {site!r} "
@@ -659,14 +472,28 @@ class Credentials:
                     raise DeploymentError(
                         f"{name} in the credentials file {path} is not a PEM certificate ({e})"
                     ) from e
+        if cert is not None and key is not None:
+            _check_key_pair(path, cert.encode(), key, key_file)
+        if identity is not None:
+            load_identity_key(identity, identity_file or f"identity_pem in {path}")
         return cls(
             site=site,
             ca_pem=ca_pem,
             token=token,
             cert_pem=None if cert is None else cert.encode(),
-            key_pem=None if key is None else key.encode(),
-            server=server,
+            key_pem=key,
+            server=text_field("server") or "",
+            identity_pem=identity,
+            key_file=key_file,
+            identity_key_file=identity_file,
         )
+
+    def identity(self) -> ed25519.Ed25519PrivateKey | None:
+        """The site's Ed25519 identity, which signs its keys in authenticated secure aggregation; None when
+        it was enrolled without one (a token alone, or credentials from before identities)."""
+        if self.identity_pem is None:
+            return None
+        return load_identity_key(self.identity_pem, f"the identity key of site {self.site}")
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """TLS that trusts only the deployment's CA, presenting the site's certificate when it has one."""
@@ -679,30 +506,116 @@ class Credentials:
         return (("authorization", "Bearer " + self.token),) if self.token else ()
 
 
+def _read_record(path: Path) -> dict[str, Any]:
+    """The JSON object of a credentials file, in a format this version reads."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DeploymentError(
+            f"the credentials file {path} does not exist; the server's operator creates it with "
+            "`confide enroll SITE`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeploymentError(f"cannot read the credentials file {path}: {e}") from e
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DeploymentError(
+            f"the credentials file {path} is not valid JSON (line {e.lineno}: {e.msg}); ask for it again"
+        ) from e
+    if not isinstance(record, dict):
+        raise DeploymentError(f"the credentials file {path} does not hold a JSON object; ask for it again")
+    version = record.get("format", 1)
+    if version not in (1, CREDENTIALS_FORMAT) or isinstance(version, bool):
+        raise DeploymentError(
+            f"the credentials file {path} is of format {version!r}, which this version of confide does not "
+            f"read (it reads 1 and {CREDENTIALS_FORMAT}); upgrade confide, or ask for the file again"
+        )
+    return record
+
+
+def _key_field(path: Path, name: str, inline: str | None, file: str | None) -> bytes | None:
+    """A private key of a credentials file: inline (``name``), or read from ``file`` beside it."""
+    if inline is not None and file is not None:
+        raise DeploymentError(
+            f"the credentials file {path} holds {name} and also names a file for it; keep one of the two"
+        )
+    if file is None:
+        return None if inline is None else inline.encode()
+    return read_private_file(path.parent / file)
+
+
+def _check_key_pair(path: Path, cert_pem: bytes, key_pem: bytes, key_file: str | None) -> None:
+    """A certificate useless with the key beside it would only fail in the TLS handshake, obscurely."""
+    where = path.parent / key_file if key_file else f"key_pem in {path}"
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise DeploymentError(f"{where} does not hold a readable private key ({e})") from e
+    certificate = x509.load_pem_x509_certificate(cert_pem)
+    if key.public_key() != certificate.public_key():
+        raise DeploymentError(
+            f"the certificate in {path} was not issued for the key in {where}: the site made new keys after "
+            "its request was signed; send the request `confide keys` wrote last and enroll the site again"
+        )
+
+
 def issue_site_credentials(
-    directory: Path, site: str, server: str = "", certificate: bool = False
+    directory: Path,
+    site: str,
+    server: str = "",
+    request: bytes | None = None,
+    auth: str | None = None,
+    ca_directory: Path | None = None,
+    days: int = 365,
+    source: str = "the request",
 ) -> Credentials:
-    """Enroll ``site`` (again) and return the credentials to hand to it: a new token, or with ``certificate``
-    a new client certificate signed by the deployment's CA. Either way its previous credentials stop working.
+    """Enroll ``site`` (again) and return the credentials to hand to it; its previous ones stop working.
+
+    ``request`` is the site's ``SITE.csr`` (:func:`~confide.runtime.grpc.identity.make_site_keys`), checked
+    by :func:`~confide.runtime.grpc.identity.read_request`: with it the CA (``ca.key`` in ``ca_directory``,
+    by default ``directory``) endorses the site's identity key, and with ``auth="mtls"`` (the default with a
+    request) signs a client certificate over the site's TLS key. ``auth="token"`` issues a token (with a
+    request, the identity is registered too; without one the site has no identity). The credentials hold no
+    private key: they name the key files the site keeps beside them.
     """
-    paths = CertificatePaths(Path(directory))
+    paths = CertificatePaths(Path(directory), None if ca_directory is None else Path(ca_directory))
     check_site_name(site)
+    auth = auth or ("mtls" if request is not None else "token")
+    if auth not in AUTH_MODES:
+        raise DeploymentError(f"the authentication mode must be 'token' or 'mtls' (got {auth!r})")
+    if auth == "mtls" and request is None:
+        raise DeploymentError(
+            f"a site certificate is made over the site's own key: the site runs `confide keys {site}` and "
+            f"sends {site}.csr, which is enrolled with `confide enroll {site} --csr {site}.csr`"
+        )
     if not paths.ca_certificate.is_file():
         raise DeploymentError(
             f"{paths.directory} has no CA certificate (ca.pem); run `confide certs` first to create the "
             "deployment's certificates"
         )
     ca_pem = paths.ca_certificate.read_bytes()
-    if not certificate:
+    if request is None:
         with Enrollment.open(paths.directory) as enrollment:
             token = enrollment.enroll(site)
         return Credentials(site=site, ca_pem=ca_pem, token=token, server=server)
-    written = _write_site_certificate(paths, _load_authority(paths), site, days=365)
-    cert_pem = written.public_bytes(serialization.Encoding.PEM)
+    keys = read_request(request, site, source)
+    authority = load_authority(paths)
+    identity = (keys.identity_public, sign_identity(authority.key, site, keys.identity_public))
+    identity_file = SiteKeyPaths.identity_key_name(site)
     with Enrollment.open(paths.directory) as enrollment:
-        enrollment.enroll_certificate(site, cert_pem)
+        if auth == "token":
+            token = enrollment.enroll(site, identity)
+            return Credentials(site, ca_pem, token, server=server, identity_key_file=identity_file)
+        cert_pem = issue_site_certificate(authority, site, keys.tls_public_key, days)
+        enrollment.enroll_certificate(site, cert_pem, identity)
     return Credentials(
-        site=site, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=paths.site_key(site).read_bytes(), server=server
+        site,
+        ca_pem,
+        cert_pem=cert_pem,
+        server=server,
+        key_file=SiteKeyPaths.tls_key_name(site),
+        identity_key_file=identity_file,
     )
 
 
