@@ -56,7 +56,7 @@ def test_default_neighbours_follow_the_documented_formula() -> None:
     assert default_neighbours(1000) == 2 * math.ceil(math.log2(1000)) + 6 == 26
     assert default_neighbours(10) == 9  # 2 * 4 + 6 = 14 >= n - 1: complete
     params = SecAggParams(sites=100)
-    assert (params.neighbours, params.threshold) == (20, 11)  # majority of the 21 holders
+    assert (params.neighbours, params.threshold) == (20, 14)  # two thirds of the 21 holders
     assert SecAggParams(sites=10).complete
 
 
