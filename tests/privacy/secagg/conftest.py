@@ -50,6 +50,8 @@ class Driver:
         self.identities = {s: generate_identity() for s in self.sites} if authenticated else {}
         self.registry = {s: identity_public_bytes(i) for s, i in self.identities.items()} or None
         self.expect = SecAggExpectation.of(self.params, size, run="run")
+        self.masked: dict[str, np.ndarray] = {}
+        """Each masked input the server took, as a server would keep it (the attack tests use them)."""
         self.server = SecAggServer(
             self.params, self.sites, ROUND, size, nonce=rng.bytes(32), registry=self.registry
         )
@@ -96,6 +98,7 @@ class Driver:
         for s, message in forwarded.items():
             if s not in skip:
                 masked = self.clients[s].masked_input(SERVER, message, self.vectors[s])
+                self.masked[s] = masked.vector.copy()
                 self.server.collect_masked_input(s, masked)
         return self.server.request_consistency()
 
