@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from confide.errors import UpdateError
+from confide.errors import ConfigError, UpdateError
 from confide.privacy.secagg import (
     SERVER,
     AdvertiseKeys,
     MaskedInput,
+    MemorySurvivorStore,
     MessageError,
     SecAggAbort,
     SecAggClient,
+    SecAggExpectation,
     SecAggParams,
     Setup,
     ShareKeys,
@@ -430,3 +432,58 @@ def test_transcript_counts_the_bytes_of_each_message() -> None:
         sender="site00", round=1, cipher_key=bytes(32), mask_key=bytes(32), contribution=bytes(32)
     )
     assert transcript.steps[Step.ADVERTISE_KEYS].upload_bytes["site00"] == advertise.nbytes
+
+
+def test_a_retry_of_a_round_over_the_same_survivor_set_is_answered() -> None:
+    """A site refuses a second survivor set for a round it has agreed to, but a new attempt at the round
+    (new keys, new session) over the same set is answered: that is an honest retry, and its sum is the
+    same one the server could already have."""
+    stores = {s: MemorySurvivorStore() for s in Driver(5).sites}
+    first = Driver(5, stores=stores).run()
+    second = Driver(5, stores=stores).run()
+    assert np.array_equal(first.encoded_sum, second.encoded_sum)
+    assert all(store.get("run", ROUND) == first.survivors for store in stores.values())
+    # Another run, or another round, is a new key: nothing carries over.
+    assert (
+        stores["site00"].get("another run", ROUND) is None and stores["site00"].get("run", ROUND + 1) is None
+    )
+
+
+def test_survivor_stores_never_overwrite_an_agreed_set() -> None:
+    store = MemorySurvivorStore()
+    store.put("run", 1, ("a", "b", "c"))
+    store.put("run", 1, ("a", "b"))
+    assert store.get("run", 1) == ("a", "b", "c")
+
+
+def test_an_expectation_resolves_defaults_as_the_server_does() -> None:
+    expect = SecAggExpectation(clip_range=0.5, fractional_bits=16, vector_size=8, neighbours=6, threshold=6)
+    assert expect.params(5) == SecAggParams(5, 4, 5, 0.5, 16)  # k capped to n - 1, t to k + 1
+    assert expect.params(30) == SecAggParams(30, 6, 6, 0.5, 16)
+    assert SecAggExpectation(1.0, 20, 8).params(100) == SecAggParams(100)
+    with pytest.raises(ConfigError, match="min_sites must be between 2"):
+        SecAggExpectation(1.0, 20, 8, min_sites=1)
+    with pytest.raises(ConfigError, match="vector size must be at least 1"):
+        SecAggExpectation(1.0, 20, 0)
+
+
+def test_unmasking_needs_t_valid_signatures_of_the_neighbourhood_over_the_set() -> None:
+    driver = Driver(6, authenticated=True)  # t = 4
+    requests = driver.until_unmasking()
+    request = requests["site00"]
+    assert len(request.signatures) == 6
+    few = dataclasses.replace(request, signatures=request.signatures[:3])
+    with pytest.raises(UnmaskRefused, match="only 3 of its neighbourhood signed the survivor set"):
+        driver.clients["site00"].unmask(SERVER, few)
+    (signer, signature), *rest = requests["site01"].signatures
+    bad = dataclasses.replace(
+        requests["site01"], signatures=((signer, signature[:-1] + bytes([signature[-1] ^ 1])), *rest)
+    )
+    with pytest.raises(MessageError, match=f"signature of '{signer}' on the survivor set does not verify"):
+        driver.clients["site01"].unmask(SERVER, bad)
+    # The server checks each signature as it arrives, against its own registry.
+    other = Driver(6, authenticated=True)
+    consistency = other.mask(other.share(other.advertise()))
+    answer = other.clients["site02"].confirm_survivors(SERVER, consistency["site02"])
+    with pytest.raises(MessageError, match="did not sign the survivor set"):
+        other.server.collect_consistency("site02", dataclasses.replace(answer, signature=bytes(64)))

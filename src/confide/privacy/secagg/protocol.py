@@ -37,9 +37,14 @@ Threat model: what holds against whom (k neighbours, threshold t, default t = ce
   site's input. To do so it needs t shares of both b_u and s_u; an honest holder gives at most one of the
   two, for the one survivor set it signed, so the honest holders split in two disjoint groups and
   t <= h_1 + c, t <= h_2 + c, h_1 + h_2 <= k + 1 - c would need 2t <= (k + 1) + c. Specifically:
-  * lying about who dropped (telling some holders "u survived", others "u dropped"): each site signs one set
-    and answers only for it, with t signatures of its neighbourhood over that same set, checked against the
-    registry the site was given (authenticated mode), never against keys from a server message;
+  * lying about who dropped (telling some holders "u survived", others "u dropped"): stopped by that
+    count, since an honest holder gives one of u's two shares and never both. The consistency round (step
+    5) adds that a site reveals anything only for the one survivor set it signed, shown with t signatures
+    of its neighbourhood over that very set, checked against the registry the site was given (never
+    against keys from a server message): no site answers for a set its neighbourhood did not agree to, and
+    the server ends the round holding t signatures on the set whose sum it took. It does not improve the
+    bound by itself: c colluders can sign both sets, so at a majority threshold each honest group still
+    finds t signatures (tests/attacks/test_secagg_split_view.py shows both);
   * unmasking one round twice over sets that differ by one site (the difference of the sums is that site's
     input): a site keeps, per (run, round), the set it signed in a SurvivorStore and refuses any other set,
     in this attempt or a later one, as long as that store lasts (durable at a deployed site);
