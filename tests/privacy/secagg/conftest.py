@@ -8,12 +8,16 @@ import numpy as np
 
 from confide.privacy.secagg import (
     SERVER,
+    CommitmentBroadcast,
+    ConsistencyRequest,
     KeyBroadcast,
     SecAggClient,
+    SecAggExpectation,
     SecAggParams,
     SecAggResult,
     SecAggServer,
     ShareBroadcast,
+    SurvivorStore,
     UnmaskRequest,
 )
 from confide.privacy.secagg.keys import generate_identity, identity_public_bytes
@@ -34,6 +38,7 @@ class Driver:
         threshold: int = 0,
         authenticated: bool = False,
         seed: int = 0,
+        stores: Mapping[str, SurvivorStore] | None = None,
         **params: float,
     ) -> None:
         self.params = SecAggParams(
@@ -44,19 +49,39 @@ class Driver:
         self.vectors = {s: rng.uniform(-1, 1, size).astype(np.float32) for s in self.sites}
         self.identities = {s: generate_identity() for s in self.sites} if authenticated else {}
         self.registry = {s: identity_public_bytes(i) for s, i in self.identities.items()} or None
+        self.expect = SecAggExpectation.of(self.params, size, run="run")
+        self.masked: dict[str, np.ndarray] = {}
+        """Each masked input the server took, as a server would keep it (the attack tests use them)."""
         self.server = SecAggServer(
-            self.params, self.sites, ROUND, size, session=rng.bytes(32), registry=self.registry
+            self.params, self.sites, ROUND, size, nonce=rng.bytes(32), registry=self.registry
         )
         self.setup = self.server.setup()
         self.clients = {
-            s: SecAggClient(s, SERVER, self.setup, identity=self.identities.get(s), registry=self.registry)
+            s: SecAggClient(
+                s,
+                SERVER,
+                self.setup,
+                expect=self.expect,
+                identity=self.identities.get(s),
+                registry=self.registry,
+                store=(stores or {}).get(s),
+            )
             for s in self.sites
         }
 
-    def advertise(self, skip: Collection[str] = ()) -> dict[str, KeyBroadcast]:
+    def commit(self, skip: Collection[str] = ()) -> dict[str, CommitmentBroadcast]:
         for s in self.sites:
             if s not in skip:
-                self.server.collect_advertise(s, self.clients[s].advertise_keys())
+                self.server.collect_commitment(s, self.clients[s].commit())
+        return self.server.broadcast_commitments()
+
+    def advertise(
+        self, digests: Mapping[str, CommitmentBroadcast] | None = None, skip: Collection[str] = ()
+    ) -> dict[str, KeyBroadcast]:
+        """Step 2 (after step 1 for every site when ``digests`` is None)."""
+        for s, message in (self.commit() if digests is None else digests).items():
+            if s not in skip:
+                self.server.collect_advertise(s, self.clients[s].advertise_keys(SERVER, message))
         return self.server.broadcast_keys()
 
     def share(
@@ -69,11 +94,20 @@ class Driver:
 
     def mask(
         self, forwarded: Mapping[str, ShareBroadcast], skip: Collection[str] = ()
-    ) -> dict[str, UnmaskRequest]:
+    ) -> dict[str, ConsistencyRequest]:
         for s, message in forwarded.items():
             if s not in skip:
                 masked = self.clients[s].masked_input(SERVER, message, self.vectors[s])
+                self.masked[s] = masked.vector.copy()
                 self.server.collect_masked_input(s, masked)
+        return self.server.request_consistency()
+
+    def confirm(
+        self, requests: Mapping[str, ConsistencyRequest], skip: Collection[str] = ()
+    ) -> dict[str, UnmaskRequest]:
+        for s, message in requests.items():
+            if s not in skip:
+                self.server.collect_consistency(s, self.clients[s].confirm_survivors(SERVER, message))
         return self.server.request_unmasking()
 
     def unmask(self, requests: Mapping[str, UnmaskRequest], skip: Collection[str] = ()) -> SecAggResult:
@@ -82,8 +116,11 @@ class Driver:
                 self.server.collect_unmask(s, self.clients[s].unmask(SERVER, message))
         return self.server.finish()
 
+    def until_unmasking(self) -> dict[str, UnmaskRequest]:
+        return self.confirm(self.mask(self.share(self.advertise())))
+
     def run(self) -> SecAggResult:
-        return self.unmask(self.mask(self.share(self.advertise())))
+        return self.unmask(self.until_unmasking())
 
     def expected_sum(self, survivors: Collection[str]) -> np.ndarray:
         """The exact sum of the survivors' fixed-point encodings, in Z_(2^b), computed in Python integers."""

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from confide.errors import ConfigError
-from confide.privacy.secagg import SecAggParams, default_neighbours, neighbour_graph
+from confide.privacy.secagg import SecAggParams, default_neighbours, default_threshold, neighbour_graph
 
 SITES = [f"site{i:03d}" for i in range(50)]
 
@@ -56,7 +56,7 @@ def test_default_neighbours_follow_the_documented_formula() -> None:
     assert default_neighbours(1000) == 2 * math.ceil(math.log2(1000)) + 6 == 26
     assert default_neighbours(10) == 9  # 2 * 4 + 6 = 14 >= n - 1: complete
     params = SecAggParams(sites=100)
-    assert (params.neighbours, params.threshold) == (20, 11)  # majority of the 21 holders
+    assert (params.neighbours, params.threshold) == (20, 14)  # two thirds of the 21 holders
     assert SecAggParams(sites=10).complete
 
 
@@ -69,3 +69,13 @@ def test_odd_or_too_small_neighbourhoods_are_refused() -> None:
         SecAggParams(sites=50, neighbours=8, threshold=4)
     with pytest.raises(ConfigError, match="between 2 and"):
         SecAggParams(sites=1)
+
+
+def test_default_threshold_tolerates_a_third_of_a_neighbourhood_colluding_with_the_server() -> None:
+    assert [default_threshold(k) for k in (1, 2, 3, 4, 18, 20, 26)] == [2, 2, 3, 4, 13, 14, 18]
+    for k in range(1, 200):
+        t, holders = default_threshold(k), k + 1
+        assert holders < 2 * t <= 2 * holders  # a majority, and reachable
+        colluders = math.ceil(holders / 3) - 1  # fewer than a third
+        assert 2 * t > holders + colluders  # the split-view attack needs 2t <= (k + 1) + c
+        assert SecAggParams(sites=k + 1, neighbours=k).threshold == t

@@ -14,6 +14,10 @@ from confide.privacy.secagg import (
     SERVER,
     AdvertisedKeys,
     AdvertiseKeys,
+    Commitment,
+    CommitmentBroadcast,
+    ConsistencyRequest,
+    ConsistencyResponse,
     KeyBroadcast,
     MalformedMessage,
     MaskedInput,
@@ -39,7 +43,7 @@ def examples() -> list[Message]:
         Setup(
             sender=SERVER,
             round=4,
-            session=b"s" * 32,
+            nonce=b"s" * 32,
             sites=("a", "b", "c"),
             vector_size=10,
             neighbours=2,
@@ -48,13 +52,26 @@ def examples() -> list[Message]:
             fractional_bits=16,
             authenticated=True,
         ),
-        AdvertiseKeys(sender="a", round=4, cipher_key=key, mask_key=key[::-1], signature=b"g" * 64),
-        KeyBroadcast(sender=SERVER, round=4, keys=(AdvertisedKeys("b", key, key[::-1]),)),
+        Commitment(sender="a", round=4, commitment=key),
+        CommitmentBroadcast(sender=SERVER, round=4, digest=key[::-1]),
+        AdvertiseKeys(
+            sender="a", round=4, cipher_key=key, mask_key=key[::-1], contribution=key, signature=b"g" * 64
+        ),
+        KeyBroadcast(
+            sender=SERVER,
+            round=4,
+            contributions=(("a", key), ("b", key[::-1])),
+            keys=(AdvertisedKeys("b", key, key[::-1]),),
+        ),
         ShareKeys(sender="a", round=4, shares=(("b", b"x" * 100), ("c", b"y" * 100))),
         ShareBroadcast(sender=SERVER, round=4, shares=(("b", b"x" * 100),)),
         MaskedInput(sender="a", round=4, vector=np.arange(10, dtype=np.uint32)),
         MaskedInput(sender="a", round=4, vector=np.arange(3, dtype=np.uint64) << np.uint64(60)),
-        UnmaskRequest(sender=SERVER, round=4, survivors=("a", "b"), dropped=("c",)),
+        ConsistencyRequest(sender=SERVER, round=4, survivors=("a", "b")),
+        ConsistencyResponse(sender="a", round=4, signature=b"q" * 64),
+        ConsistencyResponse(sender="a", round=4),
+        UnmaskRequest(sender=SERVER, round=4, survivors=("a", "b"), signatures=(("a", b"q" * 64),)),
+        UnmaskRequest(sender=SERVER, round=4, survivors=("a", "b")),
         UnmaskResponse(sender="a", round=4, self_mask_shares=(("a", b"1" * 36),), mask_key_shares=()),
     ]
 
@@ -77,7 +94,12 @@ def test_every_message_round_trips(message: Message) -> None:
 def test_key_broadcasts_round_trip(
     sender: str, round: int, keys: list[tuple[str, bytes, bytes, bytes]]
 ) -> None:
-    message = KeyBroadcast(sender=sender, round=round, keys=tuple(AdvertisedKeys(*k) for k in keys))
+    message = KeyBroadcast(
+        sender=sender,
+        round=round,
+        contributions=tuple((k[0], k[1]) for k in keys),
+        keys=tuple(AdvertisedKeys(*k) for k in keys),
+    )
     assert KeyBroadcast.from_bytes(message.to_bytes()) == message
 
 
@@ -99,11 +121,11 @@ def test_every_truncation_and_any_trailing_byte_is_refused(message: Message) -> 
 
 
 def test_wrong_magic_version_type_and_kind_are_refused() -> None:
-    data = examples()[1].to_bytes()
+    data = examples()[3].to_bytes()
     with pytest.raises(MalformedMessage, match="magic"):
         decode(b"XYZ" + data[3:])
-    with pytest.raises(MalformedMessage, match="version 2"):
-        decode(data[:3] + bytes([2]) + data[4:])
+    with pytest.raises(MalformedMessage, match="version 1"):
+        decode(data[:3] + bytes([1]) + data[4:])
     with pytest.raises(MalformedMessage, match=r"unknown .* type 99"):
         decode(data[:4] + bytes([99]) + data[5:])
     with pytest.raises(MalformedMessage, match="expected a MaskedInput message, got a AdvertiseKeys"):
@@ -128,9 +150,18 @@ def test_bad_field_contents_are_refused_with_the_field_named() -> None:
     # A key of 31 bytes.
     with pytest.raises(MalformedMessage, match="'cipher_key' must hold 32 bytes, got 31"):
         decode(header(2) + struct.pack("<I", 31) + bytes(31) + key + no_signature)
-    # A signature of 10 bytes.
+    # A signature of 10 bytes, a contribution of 0, and a signature in an unmasking request of 0.
     with pytest.raises(MalformedMessage, match="'signature' must hold 0 or 64 bytes"):
-        decode(header(2) + key + key + struct.pack("<I", 10) + bytes(10))
+        decode(header(2, step=2) + key + key + key + struct.pack("<I", 10) + bytes(10))
+    with pytest.raises(MalformedMessage, match="'contribution' must hold 32 bytes, got 0"):
+        decode(header(2, step=2) + key + key + struct.pack("<I", 0) + no_signature)
+    survivors = struct.pack("<IH", 1, 1) + b"a"
+    with pytest.raises(MalformedMessage, match="'signatures' must hold 64 bytes, got 0"):
+        entry = struct.pack("<IH", 1, 1) + b"a" + struct.pack("<I", 0) + bytes(64)
+        decode(header(7, sender=b"@server", step=6) + survivors + entry)
+    # A list of signatures that claims more entries than the message could hold.
+    with pytest.raises(MalformedMessage, match="too short"):
+        decode(header(7, step=6) + survivors + struct.pack("<I", 1000))
     # A step that does not exist.
     with pytest.raises(MalformedMessage, match="no step 9"):
         decode(header(2, step=9) + key + key + no_signature)
@@ -161,14 +192,17 @@ def test_bad_field_contents_are_refused_with_the_field_named() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_random_bytes_never_raise_anything_but_malformed_message(data: bytes) -> None:
-    for prefix in (b"", *(MAGIC + bytes([VERSION, tag]) for tag in range(1, 9))):
+    for prefix in (b"", *(MAGIC + bytes([VERSION, tag]) for tag in range(1, 14))):
         with contextlib.suppress(MalformedMessage):
             decode(prefix + data)
 
 
 def test_a_message_cannot_be_built_with_fields_the_wire_cannot_carry() -> None:
     with pytest.raises(ValueError, match="1 to 256 bytes"):
-        AdvertiseKeys(sender="x" * 300, round=1, cipher_key=bytes(32), mask_key=bytes(32)).to_bytes()
+        AdvertiseKeys(
+            sender="x" * 300, round=1, cipher_key=bytes(32), mask_key=bytes(32), contribution=bytes(32)
+        ).to_bytes()
     with pytest.raises(ValueError, match="uint32 or uint64"):
         MaskedInput(sender="a", round=1, vector=np.zeros(3, dtype=np.float32)).to_bytes()
-    assert Step.MASKED_INPUT.label == "step 3 (masked input)"
+    assert Step.MASKED_INPUT.label == "step 4 (masked input)"
+    assert [s.label for s in (Step.COMMIT, Step.CONSISTENCY)] == ["step 1 (commit)", "step 5 (consistency)"]

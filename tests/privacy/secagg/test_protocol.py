@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from confide.errors import UpdateError
+from confide.errors import ConfigError, UpdateError
 from confide.privacy.secagg import (
     SERVER,
     AdvertiseKeys,
     MaskedInput,
+    MemorySurvivorStore,
     MessageError,
     SecAggAbort,
     SecAggClient,
+    SecAggExpectation,
     SecAggParams,
     Setup,
     ShareKeys,
@@ -25,14 +27,17 @@ from confide.privacy.secagg import (
     UnmaskRequest,
     run_round,
 )
+from confide.privacy.secagg.common import Stage
 from confide.privacy.secagg.keys import generate, generate_identity, public_bytes
 from confide.privacy.secagg.messages import AdvertisedKeys
 from tests.privacy.secagg.conftest import ROUND, Driver
 
-# Two graphs: the complete graph of Bonawitz et al. (n = 10, t = 6) and a SecAgg+ graph (n = 16, k = 8,
-# t = 5). Up to n - t (complete) or k + 1 - t (SecAgg+) sites may drop in ANY pattern: every site that must
+# Two graphs: the complete graph of Bonawitz et al. (n = 10, t = 7) and a SecAgg+ graph (n = 16, k = 8,
+# t = 6). Up to n - t (complete) or k + 1 - t (SecAgg+) sites may drop in ANY pattern: every site that must
 # be unmasked keeps at least t holders of its shares.
-GRAPHS = {"complete": (10, 0, 4), "secagg+": (16, 8, 4)}
+GRAPHS = {"complete": (10, 0, 3), "secagg+": (16, 8, 3)}
+# Where sites may drop without ending the attempt: anywhere but between committing and revealing (step 2).
+STEPS = [Step.COMMIT, Step.SHARE_KEYS, Step.MASKED_INPUT, Step.CONSISTENCY, Step.UNMASKING]
 
 
 def vectors_for(sites: int, size: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
@@ -50,8 +55,8 @@ def exact_encoded_sum(params: SecAggParams, vectors: dict[str, np.ndarray], site
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize(
     "step",
-    [None, Step.ADVERTISE_KEYS, Step.SHARE_KEYS, Step.MASKED_INPUT, Step.UNMASKING, "mixed"],
-    ids=["none", "advertise", "share", "masked", "unmasking", "mixed"],
+    [None, *STEPS, "early", "late"],
+    ids=["none", "commit", "share", "masked", "consistency", "unmasking", "early", "late"],
 )
 def test_unmasked_sum_is_the_exact_sum_of_the_encoded_updates(graph: str, step: Step | str | None) -> None:
     sites, neighbours, most = GRAPHS[graph]
@@ -60,11 +65,12 @@ def test_unmasked_sum_is_the_exact_sum_of_the_encoded_updates(graph: str, step: 
     vectors = vectors_for(sites)
     rng = np.random.default_rng(1)
     gone = sorted(rng.choice(sorted(vectors), size=most, replace=False)) if step else []
-    # "mixed": one site drops at each of the four steps.
-    dropouts = dict(zip(gone, Step, strict=True)) if step == "mixed" else dict.fromkeys(gone, step)
+    # "early" and "late": one site drops at each of three steps.
+    where = {"early": STEPS[:3], "late": STEPS[2:]}.get(str(step), [step] * len(gone))
+    dropouts = dict(zip(gone, where, strict=True))
     total, transcript = run_round(vectors, params, dropouts, rng)
-    # A site that vanishes during unmasking had already sent its masked input: it is in the sum.
-    summed = sorted(s for s in vectors if dropouts.get(s, Step.UNMASKING) == Step.UNMASKING)
+    # A site that vanishes after sending its masked input is in the sum.
+    summed = sorted(s for s in vectors if dropouts.get(s, Step.UNMASKING) > Step.MASKED_INPUT)
     result = transcript.result
     assert list(result.survivors) == summed
     assert np.array_equal(result.encoded_sum.astype(np.uint64), exact_encoded_sum(params, vectors, summed))
@@ -84,20 +90,27 @@ def test_updates_outside_the_range_are_clipped_and_counted() -> None:
     assert driver.clients["site00"].clipped == 2 + int((np.abs(driver.vectors["site00"][3:]) > 0.5).sum())
 
 
-@pytest.mark.parametrize("step", [Step.MASKED_INPUT, Step.UNMASKING])
+@pytest.mark.parametrize("step", [Step.MASKED_INPUT, Step.CONSISTENCY, Step.UNMASKING])
 def test_fewer_than_t_survivors_abandon_the_round(step: Step) -> None:
-    params = SecAggParams(sites=10)  # complete graph, t = 6: five may not drop
+    params = SecAggParams(sites=10)  # complete graph, t = 7: four may not drop
     vectors = vectors_for(10)
-    dropouts = dict.fromkeys(sorted(vectors)[:5], step)
+    dropouts = dict.fromkeys(sorted(vectors)[:4], step)
     with pytest.raises(SecAggAbort, match=re.escape(f"abandoned at {step.label}")):
         run_round(vectors, params, dropouts, np.random.default_rng(0))
 
 
+def test_a_site_missing_between_commit_and_reveal_ends_the_attempt() -> None:
+    driver = Driver(10)
+    digests = driver.commit()
+    with pytest.raises(SecAggAbort, match=r"'site03' committed to a session contribution but did not reveal"):
+        driver.advertise(digests, skip={"site03"})
+
+
 def test_an_abandoned_round_reveals_nothing_and_takes_nothing_more() -> None:
     driver = Driver(10)
-    requests = driver.mask(driver.share(driver.advertise()))
-    responders = list(requests)[:5]  # t = 6 are needed
-    with pytest.raises(SecAggAbort, match=r"fewer than the threshold t = 6 .* nothing was revealed"):
+    requests = driver.until_unmasking()
+    responders = list(requests)[:6]  # t = 7 are needed
+    with pytest.raises(SecAggAbort, match=r"fewer than the threshold t = 7 .* nothing was revealed"):
         driver.unmask(requests, skip=set(requests) - set(responders))
     # The server kept neither the masked sum nor any share, and will not be talked into going on.
     assert driver.server._total is None and not driver.server._self_shares and not driver.server._key_shares
@@ -109,11 +122,12 @@ def test_an_abandoned_round_reveals_nothing_and_takes_nothing_more() -> None:
 
 
 def test_a_hollowed_out_neighbourhood_abandons_a_secagg_plus_round() -> None:
-    driver = Driver(16, neighbours=4)  # t = 3 of each site's 5 holders
+    driver = Driver(16, neighbours=4)  # t = 4 of each site's 5 holders
+    broadcasts = driver.advertise()
     victim = "site05"
-    gone = set(sorted(driver.server.graph[victim])[:3])
-    with pytest.raises(SecAggAbort, match=f"'{victim}' \\(2 of 5\\)"):
-        driver.advertise(skip=gone)
+    gone = set(sorted(driver.server.graph[victim])[:2])
+    with pytest.raises(SecAggAbort, match=f"'{victim}' \\(3 of 5\\)"):
+        driver.share(broadcasts, skip=gone)
 
 
 def test_a_single_masked_update_looks_uniform() -> None:
@@ -195,69 +209,78 @@ def test_wrong_length_vectors_are_refused_on_both_sides() -> None:
 def test_replayed_and_out_of_order_messages_are_refused() -> None:
     driver = Driver(5)
     server = driver.server
-    advertised = driver.clients["site00"].advertise_keys()
-    server.collect_advertise("site00", advertised)
+    committed = driver.clients["site00"].commit()
+    server.collect_commitment("site00", committed)
     with pytest.raises(MessageError, match="already sent its message for step 1"):
-        server.collect_advertise("site00", advertised)
+        server.collect_commitment("site00", committed)
     with pytest.raises(MessageError, match="for round 2, but this is round 3 \\(a replay\\?\\)"):
-        server.collect_advertise("site01", dataclasses.replace(advertised, sender="site01", round=ROUND - 1))
-    with pytest.raises(MessageError, match="marked step 2 \\(share keys\\), but the round is at step 1"):
-        server.collect_advertise(
-            "site01", dataclasses.replace(advertised, sender="site01", step=Step.SHARE_KEYS)
+        server.collect_commitment("site01", dataclasses.replace(committed, sender="site01", round=ROUND - 1))
+    with pytest.raises(MessageError, match="marked step 2 \\(advertise keys\\), but the round is at step 1"):
+        server.collect_commitment(
+            "site01", dataclasses.replace(committed, sender="site01", step=Step.ADVERTISE_KEYS)
         )
+    with pytest.raises(MessageError, match="another site's commitment"):
+        server.collect_commitment("site01", dataclasses.replace(committed, sender="site01"))
     early = MaskedInput(sender="site01", round=ROUND, vector=np.zeros(64, dtype=np.uint32))
     with pytest.raises(MessageError, match="out of order"):
         server.receive("site01", early)
-    keys = {s: driver.clients[s].advertise_keys() for s in driver.sites[1:]}
-    for s, message in keys.items():
-        server.collect_advertise(s, message)
-    broadcasts = server.broadcast_keys()
+    commitments = {s: driver.clients[s].commit() for s in driver.sites[1:]}
+    for s, message in commitments.items():
+        server.collect_commitment(s, message)
+    digests = server.broadcast_commitments()
     with pytest.raises(MessageError, match="too late"):
-        server.collect_advertise("site01", keys["site01"])
-    # On the site's side: the same broadcast twice, and a message of a later step first.
+        server.collect_commitment("site01", commitments["site01"])
+    # On the site's side: the same message twice, and a message of a later step first.
     client = driver.clients["site02"]
-    client.share_keys(SERVER, broadcasts["site02"])
-    with pytest.raises(MessageError, match="got a KeyBroadcast while at the masked input stage"):
-        client.share_keys(SERVER, broadcasts["site02"])
-    request = UnmaskRequest(sender=SERVER, round=ROUND, survivors=("site02",), dropped=())
-    with pytest.raises(MessageError, match="got a UnmaskRequest while at the masked input stage"):
+    client.advertise_keys(SERVER, digests["site02"])
+    with pytest.raises(MessageError, match="got a CommitmentBroadcast while at the share keys stage"):
+        client.advertise_keys(SERVER, digests["site02"])
+    request = UnmaskRequest(sender=SERVER, round=ROUND, survivors=("site02",))
+    with pytest.raises(MessageError, match="got a UnmaskRequest while at the share keys stage"):
         client.unmask(SERVER, request)
-    with pytest.raises(MessageError, match="already advertised"):
-        client.advertise_keys()
+    with pytest.raises(MessageError, match="already committed"):
+        client.commit()
+    # The server cannot skip the consistency step.
+    skipping = Driver(5)
+    skipping.mask(skipping.share(skipping.advertise()))
+    skipping.server._stage = Stage.MASK  # as if request_consistency had not been called
+    with pytest.raises(MessageError, match="must run the consistency step"):
+        skipping.server.request_unmasking()
 
 
 def test_a_site_cannot_speak_for_another() -> None:
     driver = Driver(5)
     server = driver.server
-    forged = driver.clients["site00"].advertise_keys()
+    forged = driver.clients["site00"].commit()
     with pytest.raises(MessageError, match="site 'site01' sent a message that claims to come from 'site00'"):
-        server.collect_advertise("site01", forged)
+        server.collect_commitment("site01", forged)
     with pytest.raises(MessageError, match="not a site of round 3"):
-        server.collect_advertise("mallory", dataclasses.replace(forged, sender="mallory"))
+        server.collect_commitment("mallory", dataclasses.replace(forged, sender="mallory"))
     # Nor speak for the server: a site-to-site "server message" is refused by the receiving site.
-    for s in driver.sites:
-        if s != "site00":
-            server.collect_advertise(s, driver.clients[s].advertise_keys())
-    server.collect_advertise("site00", forged)
-    broadcasts = server.broadcast_keys()
+    server.collect_commitment("site00", forged)
+    digests = driver.commit(skip={"site00"})
+    broadcasts = driver.advertise(digests)
     with pytest.raises(MessageError, match="got a server message from 'site03'"):
         driver.clients["site02"].share_keys("site03", broadcasts["site02"])
     with pytest.raises(MessageError, match="claims to come from 'site03'"):
         driver.clients["site02"].share_keys(
             SERVER, dataclasses.replace(broadcasts["site02"], sender="site03")
         )
-    # A site that did not advertise keys cannot come back later.
+    # A site that did not commit cannot come back later.
     late = Driver(5)
-    late.advertise(skip={"site04"})
-    with pytest.raises(MessageError, match="site 'site04' dropped out before step 2"):
+    late.advertise(late.commit(skip={"site04"}))
+    with pytest.raises(MessageError, match="site 'site04' dropped out before step 3"):
         late.server.collect_shares("site04", ShareKeys(sender="site04", round=ROUND, shares=()))
 
 
-def test_a_low_order_public_key_is_refused() -> None:
+def test_a_low_order_public_key_or_a_wrong_reveal_is_refused() -> None:
     driver = Driver(4)
-    message = driver.clients["site00"].advertise_keys()
+    digests = driver.commit()
+    message = driver.clients["site00"].advertise_keys(SERVER, digests["site00"])
     with pytest.raises(MessageError, match="site 'site00' advertised an invalid X25519 public key"):
         driver.server.collect_advertise("site00", dataclasses.replace(message, mask_key=bytes(32)))
+    with pytest.raises(MessageError, match="contribution that does not match its commitment"):
+        driver.server.collect_advertise("site00", dataclasses.replace(message, contribution=bytes(32)))
     driver.server.collect_advertise("site00", message)
 
 
@@ -293,51 +316,60 @@ def test_a_server_substituting_a_key_is_caught_in_the_authenticated_mode() -> No
 def test_keys_signed_by_the_wrong_identity_or_downgraded_rounds_are_refused() -> None:
     driver = Driver(4, authenticated=True)
     impostor = SecAggClient(
-        "site01", SERVER, driver.setup, identity=generate_identity(), registry=driver.registry
+        "site01",
+        SERVER,
+        driver.setup,
+        expect=driver.expect,
+        identity=generate_identity(),
+        registry=driver.registry,
     )
+    driver.server.collect_commitment("site01", impostor.commit())
+    digests = driver.commit(skip={"site01"})
     with pytest.raises(MessageError, match="do not carry the signature of its registered identity"):
-        driver.server.collect_advertise("site01", impostor.advertise_keys())
+        driver.server.collect_advertise("site01", impostor.advertise_keys(SERVER, digests["site01"]))
     unauthenticated = Driver(4).setup
     with pytest.raises(MessageError, match="downgrade"):
         SecAggClient(
-            "site01", SERVER, unauthenticated, identity=driver.identities["site01"], registry=driver.registry
+            "site01",
+            SERVER,
+            unauthenticated,
+            expect=driver.expect,
+            identity=driver.identities["site01"],
+            registry=driver.registry,
         )
 
 
-def test_a_site_refuses_to_give_both_shares_of_the_same_site() -> None:
+def test_a_site_answers_only_for_the_survivor_set_it_signed() -> None:
     driver = Driver(6)
-    requests = driver.mask(driver.share(driver.advertise()))
+    requests = driver.until_unmasking()
     client = driver.clients["site00"]
     honest = requests["site00"]
-    greedy = dataclasses.replace(honest, dropped=("site01",))
-    assert "site01" in greedy.survivors
-    with pytest.raises(
-        UnmaskRefused, match=r"both the self-mask share and the mask-key share of \['site01'\]"
-    ):
-        client.unmask(SERVER, greedy)
+    # Without site01 the answer would hold site01's mask-key share; the site gave it as a survivor before.
+    other = dataclasses.replace(honest, survivors=tuple(s for s in honest.survivors if s != "site01"))
+    with pytest.raises(UnmaskRefused, match="not the one this site agreed to in the consistency step"):
+        client.unmask(SERVER, other)
     # Having refused, the site is out of the round: not even the honest request gets an answer now.
     with pytest.raises(MessageError, match="failed stage"):
         client.unmask(SERVER, honest)
 
 
-def test_a_site_refuses_requests_that_cannot_unmask_the_sum() -> None:
+def test_a_site_refuses_survivor_sets_that_cannot_unmask_the_sum() -> None:
     driver = Driver(6)  # complete graph, t = 4
     requests = driver.mask(driver.share(driver.advertise()))
-    few = dataclasses.replace(
-        requests["site01"], survivors=("site01", "site02", "site03"), dropped=("site04", "site05", "site00")
-    )
+    few = dataclasses.replace(requests["site01"], survivors=("site01", "site02", "site03"))
     with pytest.raises(UnmaskRefused, match="only 3 of its neighbourhood are said to survive"):
-        driver.clients["site01"].unmask(SERVER, few)
-    not_me = dataclasses.replace(
-        requests["site02"], survivors=("site00", "site01", "site03", "site04"), dropped=("site02",)
-    )
-    with pytest.raises(UnmaskRefused):
-        driver.clients["site02"].unmask(SERVER, not_me)
+        driver.clients["site01"].confirm_survivors(SERVER, few)
+    not_me = dataclasses.replace(requests["site02"], survivors=("site00", "site01", "site03", "site04"))
+    with pytest.raises(UnmaskRefused, match="does not count this site"):
+        driver.clients["site02"].confirm_survivors(SERVER, not_me)
+    unsorted = dataclasses.replace(requests["site03"], survivors=requests["site03"].survivors[::-1])
+    with pytest.raises(MessageError, match="must be sorted"):
+        driver.clients["site03"].confirm_survivors(SERVER, unsorted)
 
 
 def test_a_wrong_share_from_a_holder_is_caught_when_the_mask_key_is_rebuilt() -> None:
     driver = Driver(6)
-    requests = driver.mask(driver.share(driver.advertise()), skip={"site05"})
+    requests = driver.confirm(driver.mask(driver.share(driver.advertise()), skip={"site05"}))
     for s, request in requests.items():
         response = driver.clients[s].unmask(SERVER, request)
         if s == "site00":
@@ -356,25 +388,33 @@ def test_a_wrong_share_from_a_holder_is_caught_when_the_mask_key_is_rebuilt() ->
 
 
 def test_a_site_refuses_a_setup_it_cannot_trust() -> None:
-    setup = Driver(6).setup
+    driver = Driver(6)
+    setup, expect = driver.setup, driver.expect
     weak = dataclasses.replace(setup, threshold=3)  # half of the 6 holders: two halves could unmask a site
     with pytest.raises(MessageError, match="refusing the round's setup: threshold must be more than half"):
-        SecAggClient("site00", SERVER, weak)
+        SecAggClient("site00", SERVER, weak, expect=expect)
     with pytest.raises(MessageError, match="include this site 'site99'"):
-        SecAggClient("site99", SERVER, setup)
+        SecAggClient("site99", SERVER, setup, expect=expect)
     with pytest.raises(MessageError, match="expects round 4"):
-        SecAggClient("site00", SERVER, setup, expected_round=4)
+        SecAggClient("site00", SERVER, setup, expect=expect, expected_round=4)
     with pytest.raises(MessageError, match="not from the server"):
-        SecAggClient("site00", "site01", setup)
+        SecAggClient("site00", "site01", setup, expect=expect)
     assert isinstance(setup, Setup)
 
 
-def test_too_few_neighbours_make_the_site_give_up() -> None:
-    driver = Driver(6)  # t = 4: a site needs 3 neighbours with keys
+def test_a_key_broadcast_that_is_not_the_graph_is_refused() -> None:
+    driver = Driver(16, neighbours=4)
     broadcasts = driver.advertise()
-    thin = dataclasses.replace(broadcasts["site00"], keys=broadcasts["site00"].keys[:2])
-    with pytest.raises(SecAggAbort, match="only 2 of the 5 neighbours of site 'site00' advertised keys"):
+    message = broadcasts["site00"]
+    thin = dataclasses.replace(message, keys=message.keys[:2])
+    with pytest.raises(MessageError, match="but the neighbours of 'site00' in this round's graph are"):
         driver.clients["site00"].share_keys(SERVER, thin)
+    # Keys of sites that are not its neighbours, passed off as neighbours', are refused as well.
+    stranger = next(s for s in driver.sites if s != "site01" and s not in driver.server.graph["site01"])
+    other = broadcasts[stranger].keys
+    swapped = dataclasses.replace(broadcasts["site01"], keys=other)
+    with pytest.raises(MessageError, match="but the neighbours of 'site01'"):
+        driver.clients["site01"].share_keys(SERVER, swapped)
 
 
 def test_transcript_counts_the_bytes_of_each_message() -> None:
@@ -388,5 +428,62 @@ def test_transcript_counts_the_bytes_of_each_message() -> None:
     assert received == sum(transcript.site_bytes(s)[0] for s in vectors)
     assert sent == sum(transcript.site_bytes(s)[1] for s in vectors)
     assert all(transcript.steps[Step.MASKED_INPUT].site_seconds[s] > 0 for s in vectors)
-    advertise = AdvertiseKeys(sender="site00", round=1, cipher_key=bytes(32), mask_key=bytes(32))
+    advertise = AdvertiseKeys(
+        sender="site00", round=1, cipher_key=bytes(32), mask_key=bytes(32), contribution=bytes(32)
+    )
     assert transcript.steps[Step.ADVERTISE_KEYS].upload_bytes["site00"] == advertise.nbytes
+
+
+def test_a_retry_of_a_round_over_the_same_survivor_set_is_answered() -> None:
+    """A site refuses a second survivor set for a round it has agreed to, but a new attempt at the round
+    (new keys, new session) over the same set is answered: that is an honest retry, and its sum is the
+    same one the server could already have."""
+    stores = {s: MemorySurvivorStore() for s in Driver(5).sites}
+    first = Driver(5, stores=stores).run()
+    second = Driver(5, stores=stores).run()
+    assert np.array_equal(first.encoded_sum, second.encoded_sum)
+    assert all(store.get("run", ROUND) == first.survivors for store in stores.values())
+    # Another run, or another round, is a new key: nothing carries over.
+    assert (
+        stores["site00"].get("another run", ROUND) is None and stores["site00"].get("run", ROUND + 1) is None
+    )
+
+
+def test_survivor_stores_never_overwrite_an_agreed_set() -> None:
+    store = MemorySurvivorStore()
+    store.put("run", 1, ("a", "b", "c"))
+    store.put("run", 1, ("a", "b"))
+    assert store.get("run", 1) == ("a", "b", "c")
+
+
+def test_an_expectation_resolves_defaults_as_the_server_does() -> None:
+    expect = SecAggExpectation(clip_range=0.5, fractional_bits=16, vector_size=8, neighbours=6, threshold=6)
+    assert expect.params(5) == SecAggParams(5, 4, 5, 0.5, 16)  # k capped to n - 1, t to k + 1
+    assert expect.params(30) == SecAggParams(30, 6, 6, 0.5, 16)
+    assert SecAggExpectation(1.0, 20, 8).params(100) == SecAggParams(100)
+    with pytest.raises(ConfigError, match="min_sites must be between 2"):
+        SecAggExpectation(1.0, 20, 8, min_sites=1)
+    with pytest.raises(ConfigError, match="vector size must be at least 1"):
+        SecAggExpectation(1.0, 20, 0)
+
+
+def test_unmasking_needs_t_valid_signatures_of_the_neighbourhood_over_the_set() -> None:
+    driver = Driver(6, authenticated=True)  # t = 4
+    requests = driver.until_unmasking()
+    request = requests["site00"]
+    assert len(request.signatures) == 6
+    few = dataclasses.replace(request, signatures=request.signatures[:3])
+    with pytest.raises(UnmaskRefused, match="only 3 of its neighbourhood signed the survivor set"):
+        driver.clients["site00"].unmask(SERVER, few)
+    (signer, signature), *rest = requests["site01"].signatures
+    bad = dataclasses.replace(
+        requests["site01"], signatures=((signer, signature[:-1] + bytes([signature[-1] ^ 1])), *rest)
+    )
+    with pytest.raises(MessageError, match=f"signature of '{signer}' on the survivor set does not verify"):
+        driver.clients["site01"].unmask(SERVER, bad)
+    # The server checks each signature as it arrives, against its own registry.
+    other = Driver(6, authenticated=True)
+    consistency = other.mask(other.share(other.advertise()))
+    answer = other.clients["site02"].confirm_survivors(SERVER, consistency["site02"])
+    with pytest.raises(MessageError, match="did not sign the survivor set"):
+        other.server.collect_consistency("site02", dataclasses.replace(answer, signature=bytes(64)))

@@ -36,4 +36,15 @@ class UnmaskRefused(MessageError):
 
 
 class SecAggAbort(SecAggError):
-    """The round was abandoned: too few sites survived to unmask the sum, and nothing was revealed."""
+    """The round was abandoned: too few sites survived to unmask the sum, a committed site did not reveal
+    its session contribution, or the unmasked sum could not be right; no sum is returned."""
+
+
+class SumOutOfRange(SecAggAbort):
+    """The unmasked sum lies outside what the survivors' clipped updates can add up to on some coordinate:
+    a site sent a masked input that is not a masked, clipped update (or the sum wrapped around). The round
+    is refused rather than passing a wrong sum on; ``coordinates`` counts the coordinates out of range."""
+
+    def __init__(self, message: str, coordinates: int) -> None:
+        super().__init__(message)
+        self.coordinates = coordinates

@@ -7,11 +7,11 @@ degree k = O(log n) keeps the same guarantees: each site masks with and shares t
 
 The graph here is the Harary graph H(k, n) over a random permutation of the sites (a "random Harary graph"):
 the sites are put on a ring in the order of SHA-256(session, site), and each one is joined to the k/2 sites
-either side of it. The session value is public, so the server and every site build the same graph with no
-extra message; a Harary graph is k-vertex-connected, so removing fewer than k sites never splits it; and
-because positions on the ring are pseudo-random, nobody picks who ends up next to whom (as long as nobody
-chooses the session value after seeing the sites; see the protocol module's threat model). With k >= n - 1
-it is the complete graph of the original protocol.
+either side of it. Every site learns the session value, so the server and every site build the same graph
+themselves; a Harary graph is k-vertex-connected, so removing fewer than k sites never splits it; and
+because positions on the ring are pseudo-random and the session value is drawn jointly by commit and reveal
+(``session``), nobody picks who ends up next to whom. With k >= n - 1 it is the complete graph of the
+original protocol.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ def default_neighbours(sites: int) -> int:
     sums of the pieces; a random graph is connected from degree about ln n on, and 2 log2 n = 2.9 ln n leaves
     room to lose a large part of every neighbourhood. (2) every neighbourhood keeps at least t surviving share
     holders (else the round is lost) and holds fewer than t colluding sites (else they could unmask a
-    neighbour). That is a binomial tail, and the margin of 6 is for it: with the default majority threshold
-    and 10% of sites dropping independently, a round of 100 sites (k = 20, t = 11) is lost with probability
-    about 1e-4, a round of 1000 (k = 26, t = 14) with about 6e-5. The value is even because each site takes
-    k/2 neighbours on either side of the ring.
+    neighbour). That is a binomial tail, and the margin of 6 is for it: with the default threshold of two
+    thirds and 5% of sites dropping independently, a round of 100 sites (k = 20, t = 14) or of 1000
+    (k = 26, t = 18) is lost with probability about 4e-4; at 10% dropping, 6% and 15% (with a majority
+    threshold it was 1e-4, but that threshold tolerates no site colluding with a malicious server; see
+    params.default_threshold). Where that many sites drop, raise k: k = 50 brings a round of 100 back to
+    1e-4. The value is even because each site takes k/2 neighbours on either side of the ring.
     """
     if sites < 2:
         raise ConfigError(f"secure aggregation needs at least 2 sites (got {sites})")

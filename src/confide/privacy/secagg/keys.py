@@ -7,7 +7,8 @@
   purposes or pairs can ever derive the same key.
 - AES-256-GCM encrypts shares between sites; the associated data binds sender, receiver, session and round, so
   a ciphertext moved to another pair or another round fails to decrypt.
-- Ed25519 signs a site's advertised keys with its long-term identity in the authenticated mode.
+- Ed25519 signs, with a site's long-term identity in the authenticated mode, its advertised keys and the
+  survivor set it agrees to unmask.
 
 Fresh key pairs are drawn every round (``X25519PrivateKey.generate`` uses the OS's randomness).
 """
@@ -111,9 +112,24 @@ def identity_public_bytes(identity: Ed25519PrivateKey) -> bytes:
     return identity.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def key_statement(session: bytes, round: int, site: str, cipher_key: bytes, mask_key: bytes) -> bytes:
-    """What a site signs when it advertises its keys: they are its own, for this session and round only."""
-    return frame(PROTOCOL, "advertise", session, round, site, cipher_key, mask_key)
+def key_statement(
+    nonce: bytes,
+    round: int,
+    digest: bytes,
+    site: str,
+    cipher_key: bytes,
+    mask_key: bytes,
+    contribution: bytes,
+) -> bytes:
+    """What a site signs when it advertises its keys: they and its session contribution are its own, for
+    this attempt at this round only, after it saw the commitments ``digest`` (so two sites that were shown
+    different commitment lists cannot accept each other's keys)."""
+    return frame(PROTOCOL, "advertise", nonce, round, digest, site, cipher_key, mask_key, contribution)
+
+
+def consistency_statement(session: bytes, round: int, survivors: Iterable[str]) -> bytes:
+    """What a site signs in the consistency step: the one survivor set it will reveal shares for."""
+    return frame(PROTOCOL, "consistency", session, round, *sorted(survivors))
 
 
 def sign(identity: Ed25519PrivateKey, statement: bytes) -> bytes:

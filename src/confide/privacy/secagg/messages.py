@@ -1,16 +1,20 @@
 """The messages of a secure aggregation round, and their binary encoding.
 
-A round is four steps; in each, the server sends every remaining site one message and each site answers with
-one (Bonawitz et al. 2017, Fig. 4, without the consistency check round):
+A round is six steps; in each, the server sends every remaining site one message and each site answers with
+one (Bonawitz et al. 2017, Fig. 4, with the consistency check of the active protocol, step 5 here; step 1
+commits the sites to their share of the session randomness before anyone reveals it, see ``session``):
 
-==================  ==================================  =======================================
-step                server -> site                      site -> server
-==================  ==================================  =======================================
-1 advertise keys    Setup (parameters, sites, session)  AdvertiseKeys (two X25519 public keys)
-2 share keys        KeyBroadcast (neighbours' keys)     ShareKeys (encrypted shares, one each)
-3 masked input      ShareBroadcast (shares for it)      MaskedInput (the masked vector)
-4 unmasking         UnmaskRequest (who survived)        UnmaskResponse (the shares asked for)
-==================  ==================================  =======================================
+================  ===========================================  ==============================================
+step              server -> site                               site -> server
+================  ===========================================  ==============================================
+1 commit          Setup (parameters, sites, nonce)             Commitment (hash of a fresh contribution)
+2 advertise keys  CommitmentBroadcast (digest of them all)     AdvertiseKeys (two X25519 keys, contribution)
+3 share keys      KeyBroadcast (contributions, neighbours'     ShareKeys (encrypted shares, one each)
+                  keys)
+4 masked input    ShareBroadcast (shares for it)               MaskedInput (the masked vector)
+5 consistency     ConsistencyRequest (the survivor set)        ConsistencyResponse (signature over the set)
+6 unmasking       UnmaskRequest (the set, t signatures on it)  UnmaskResponse (the shares it implies)
+================  ===========================================  ==============================================
 
 Every message is a frozen dataclass with ``sender``, ``round`` and ``step``. On the wire: the magic ``CSA``,
 a version byte, a type byte, then the fields in order: integers little-endian of fixed width, text and bytes
@@ -34,7 +38,7 @@ from confide.privacy.secagg.errors import MalformedMessage
 from confide.privacy.secagg.keys import KEY_BYTES, SIGNATURE_BYTES
 
 MAGIC = b"CSA"
-VERSION = 1
+VERSION = 2
 SERVER = "@server"
 """The sender id of the server; no site may take it."""
 
@@ -47,10 +51,12 @@ MAX_VECTOR_SIZE = (1 << 32) - 1
 class Step(IntEnum):
     """The steps of a round, in order."""
 
-    ADVERTISE_KEYS = 1
-    SHARE_KEYS = 2
-    MASKED_INPUT = 3
-    UNMASKING = 4
+    COMMIT = 1
+    ADVERTISE_KEYS = 2
+    SHARE_KEYS = 3
+    MASKED_INPUT = 4
+    CONSISTENCY = 5
+    UNMASKING = 6
 
     @property
     def label(self) -> str:
@@ -236,10 +242,14 @@ TEXT: Codec = (_write_text, _read_text)
 BLOB: Codec = (_write_blob, _read_blob)
 KEY: Codec = _fixed_blob(KEY_BYTES)
 SIGNATURE: Codec = _fixed_blob(0, SIGNATURE_BYTES)
+"""A signature, or nothing in the unauthenticated mode."""
+REQUIRED_SIGNATURE: Codec = _fixed_blob(SIGNATURE_BYTES)
 STEP: Codec = (_write_uint("<B"), _read_step)
 VECTOR: Codec = (_write_vector, _read_vector)
 TEXTS: Codec = _list(TEXT, 3)
 ADDRESSED_BLOBS: Codec = _list(_pair(TEXT, BLOB), 7)
+ADDRESSED_KEYS: Codec = _list(_pair(TEXT, KEY), 3 + 4 + KEY_BYTES)
+ADDRESSED_SIGNATURES: Codec = _list(_pair(TEXT, REQUIRED_SIGNATURE), 3 + 4 + SIGNATURE_BYTES)
 HEADER: tuple[tuple[str, Codec], ...] = (("sender", TEXT), ("round", UINT64), ("step", STEP))
 
 
@@ -311,11 +321,12 @@ def decode(data: bytes) -> Message:
 
 @dataclass(frozen=True, kw_only=True)
 class Setup(Message):
-    """Server -> every site, step 1: the round's parameters, its sites and its public session value."""
+    """Server -> every site, step 1: the round's parameters, its sites and its public nonce."""
 
-    step: Step = Step.ADVERTISE_KEYS
-    session: bytes
-    """32 public random bytes: they seed the neighbour graph and bind keys and ciphertexts to the round."""
+    step: Step = Step.COMMIT
+    nonce: bytes
+    """32 public bytes of the server's choosing that name this attempt at the round. They do not fix the
+    neighbour graph: the session value that does is drawn jointly in steps 1 to 3 (see ``session``)."""
     sites: tuple[str, ...]
     vector_size: int
     neighbours: int
@@ -325,9 +336,9 @@ class Setup(Message):
     authenticated: bool
 
     TAG = 1
-    STEP = Step.ADVERTISE_KEYS
+    STEP = Step.COMMIT
     BODY = (
-        ("session", KEY),
+        ("nonce", KEY),
         ("sites", TEXTS),
         ("vector_size", UINT64),
         ("neighbours", UINT32),
@@ -339,24 +350,53 @@ class Setup(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Commitment(Message):
+    """Site -> server, step 1: SHA-256 commitment to the site's fresh 32-byte session contribution."""
+
+    step: Step = Step.COMMIT
+    commitment: bytes
+
+    TAG = 9
+    STEP = Step.COMMIT
+    BODY = (("commitment", KEY),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitmentBroadcast(Message):
+    """Server -> every site, step 2: the digest of every (site, commitment) the server took in step 1. A site
+    reveals its contribution only after this, so no contribution can be chosen after seeing another's."""
+
+    step: Step = Step.ADVERTISE_KEYS
+    digest: bytes
+
+    TAG = 10
+    STEP = Step.ADVERTISE_KEYS
+    BODY = (("digest", KEY),)
+
+
+@dataclass(frozen=True, kw_only=True)
 class AdvertiseKeys(Message):
-    """Site -> server, step 1: this round's public keys, signed by the site's identity when authenticated."""
+    """Site -> server, step 2: this round's public keys and the site's revealed session contribution, signed
+    by the site's identity when authenticated."""
 
     step: Step = Step.ADVERTISE_KEYS
     cipher_key: bytes
     """X25519 public key c_u: agreed with a neighbour's to encrypt the shares between them."""
     mask_key: bytes
     """X25519 public key s_u: agreed with a neighbour's to seed their pairwise mask."""
+    contribution: bytes
+    """The 32 random bytes the site committed to in step 1."""
     signature: bytes = b""
 
     TAG = 2
     STEP = Step.ADVERTISE_KEYS
-    BODY = (("cipher_key", KEY), ("mask_key", KEY), ("signature", SIGNATURE))
+    BODY = (("cipher_key", KEY), ("mask_key", KEY), ("contribution", KEY), ("signature", SIGNATURE))
 
 
 @dataclass(frozen=True)
 class AdvertisedKeys:
-    """One site's advertised keys, as the server passes them on."""
+    """One site's advertised keys, as the server passes them on (its contribution travels once, in the key
+    broadcast's list of every site's contribution, where the signature's verifier finds it)."""
 
     site: str
     cipher_key: bytes
@@ -382,19 +422,21 @@ ADVERTISED_LIST: Codec = _list((_write_advertised, _read_advertised), 3 + 2 * (4
 
 @dataclass(frozen=True, kw_only=True)
 class KeyBroadcast(Message):
-    """Server -> site, step 2: the advertised keys of the site's neighbours that took part in step 1."""
+    """Server -> site, step 3: every committed site's revealed contribution (from which the site derives the
+    session value and the neighbour graph itself) and the advertised keys of the site's neighbours."""
 
     step: Step = Step.SHARE_KEYS
+    contributions: tuple[tuple[str, bytes], ...]
     keys: tuple[AdvertisedKeys, ...]
 
     TAG = 3
     STEP = Step.SHARE_KEYS
-    BODY = (("keys", ADVERTISED_LIST),)
+    BODY = (("contributions", ADDRESSED_KEYS), ("keys", ADVERTISED_LIST))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShareKeys(Message):
-    """Site -> server, step 2: for each neighbour, (that neighbour, its encrypted shares of our secrets)."""
+    """Site -> server, step 3: for each neighbour, (that neighbour, its encrypted shares of our secrets)."""
 
     step: Step = Step.SHARE_KEYS
     shares: tuple[tuple[str, bytes], ...]
@@ -406,7 +448,7 @@ class ShareKeys(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class ShareBroadcast(Message):
-    """Server -> site, step 3: (sender, ciphertext) for each neighbour that sent this site its shares."""
+    """Server -> site, step 4: (sender, ciphertext) for each neighbour that sent this site its shares."""
 
     step: Step = Step.MASKED_INPUT
     shares: tuple[tuple[str, bytes], ...]
@@ -418,7 +460,7 @@ class ShareBroadcast(Message):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class MaskedInput(Message):
-    """Site -> server, step 3: the site's encoded update plus its masks, in Z_(2^b)."""
+    """Site -> server, step 4: the site's encoded update plus its masks, in Z_(2^b)."""
 
     step: Step = Step.MASKED_INPUT
     vector: np.ndarray
@@ -438,22 +480,48 @@ class MaskedInput(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConsistencyRequest(Message):
+    """Server -> each survivor, step 5: the set of sites whose masked inputs are in the sum (sorted)."""
+
+    step: Step = Step.CONSISTENCY
+    survivors: tuple[str, ...]
+
+    TAG = 11
+    STEP = Step.CONSISTENCY
+    BODY = (("survivors", TEXTS),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsistencyResponse(Message):
+    """Site -> server, step 5: the site's Ed25519 signature over (session, round, survivor set); empty in the
+    unauthenticated mode, where the answer only says that the site took the set."""
+
+    step: Step = Step.CONSISTENCY
+    signature: bytes = b""
+
+    TAG = 12
+    STEP = Step.CONSISTENCY
+    BODY = (("signature", SIGNATURE),)
+
+
+@dataclass(frozen=True, kw_only=True)
 class UnmaskRequest(Message):
-    """Server -> site, step 4: which of its neighbours survived (send their self-mask shares) and which
-    dropped after sharing (send their mask-key shares). The site itself is among the survivors."""
+    """Server -> site, step 6: the survivor set of step 5 again, with the signatures over it of the site's
+    neighbours (and its own) that signed it. The site derives what to reveal from the set: the self-mask
+    shares of the survivors among its neighbours and itself, the mask-key shares of its other neighbours."""
 
     step: Step = Step.UNMASKING
     survivors: tuple[str, ...]
-    dropped: tuple[str, ...]
+    signatures: tuple[tuple[str, bytes], ...] = ()
 
     TAG = 7
     STEP = Step.UNMASKING
-    BODY = (("survivors", TEXTS), ("dropped", TEXTS))
+    BODY = (("survivors", TEXTS), ("signatures", ADDRESSED_SIGNATURES))
 
 
 @dataclass(frozen=True, kw_only=True)
 class UnmaskResponse(Message):
-    """Site -> server, step 4: (site, share) of each survivor's self-mask seed and of each dropped site's
+    """Site -> server, step 6: (site, share) of each survivor's self-mask seed and of each dropped site's
     mask key."""
 
     step: Step = Step.UNMASKING

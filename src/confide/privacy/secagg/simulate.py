@@ -20,6 +20,8 @@ from confide.privacy.secagg import keys
 from confide.privacy.secagg.errors import SecAggAbort, SecAggError
 from confide.privacy.secagg.messages import (
     SERVER,
+    CommitmentBroadcast,
+    ConsistencyRequest,
     KeyBroadcast,
     Message,
     Setup,
@@ -28,7 +30,7 @@ from confide.privacy.secagg.messages import (
     UnmaskRequest,
     decode,
 )
-from confide.privacy.secagg.params import SecAggParams
+from confide.privacy.secagg.params import SecAggExpectation, SecAggParams
 from confide.privacy.secagg.protocol import SecAggClient, SecAggResult, SecAggServer
 
 T = TypeVar("T")
@@ -97,8 +99,9 @@ def run_round(
     """Securely sum ``vectors`` (site -> flat float32 vector) in one simulated round.
 
     ``dropouts[site] = step``: the site sends nothing from that step on (Step.MASKED_INPUT: it shared its
-    keys, then vanished before sending its masked input). ``rng`` draws the public session value (and so the
-    neighbour graph); the keys and masks come from the OS's randomness as always. In the authenticated mode
+    keys, then vanished before sending its masked input; Step.ADVERTISE_KEYS ends the attempt, see
+    ``session``). ``rng`` draws the server's public nonce; the session value, keys and masks come from the
+    OS's randomness as always (so the graph differs from run to run). In the authenticated mode
     every site gets an Ed25519 identity, registered with the server and known to every site.
 
     Returns the decoded sum of the surviving sites' updates and the transcript. Raises SecAggAbort if the
@@ -156,16 +159,28 @@ def run_round(
     def close(step: Step, work: Callable[[], Mapping[str, Message]]) -> Mapping[str, Message]:
         return timed(steps[step], None, work)
 
-    server = SecAggServer(params, sites, round, size, session=rng.bytes(32), registry=registry)
+    server = SecAggServer(params, sites, round, size, nonce=rng.bytes(32), registry=registry)
+    expect = SecAggExpectation.of(params, size)
 
-    def advertise(site: str, data: bytes) -> Message:
+    def commit(site: str, data: bytes) -> Message:
         clients[site] = SecAggClient(
-            site, SERVER, Setup.from_bytes(data), identity=identities.get(site), registry=registry
+            site,
+            SERVER,
+            Setup.from_bytes(data),
+            expect=expect,
+            identity=identities.get(site),
+            registry=registry,
         )
-        return clients[site].advertise_keys()
+        return clients[site].commit()
 
     setup = server.setup()
-    exchange(Step.ADVERTISE_KEYS, dict.fromkeys(sites, setup), advertise)
+    exchange(Step.COMMIT, dict.fromkeys(sites, setup), commit)
+    digests = close(Step.COMMIT, server.broadcast_commitments)
+    exchange(
+        Step.ADVERTISE_KEYS,
+        digests,
+        lambda site, data: clients[site].advertise_keys(SERVER, CommitmentBroadcast.from_bytes(data)),
+    )
     broadcasts = close(Step.ADVERTISE_KEYS, server.broadcast_keys)
     exchange(
         Step.SHARE_KEYS,
@@ -178,7 +193,13 @@ def run_round(
         forwarded,
         lambda site, data: clients[site].masked_input(SERVER, ShareBroadcast.from_bytes(data), vectors[site]),
     )
-    requests = close(Step.MASKED_INPUT, server.request_unmasking)
+    survivors = close(Step.MASKED_INPUT, server.request_consistency)
+    exchange(
+        Step.CONSISTENCY,
+        survivors,
+        lambda site, data: clients[site].confirm_survivors(SERVER, ConsistencyRequest.from_bytes(data)),
+    )
+    requests = close(Step.CONSISTENCY, server.request_unmasking)
     exchange(
         Step.UNMASKING,
         requests,
