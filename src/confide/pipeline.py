@@ -163,6 +163,8 @@ class StackContext:
     """Secure aggregation's settings (:class:`~confide.privacy.secure.SecureAggregation`), or None."""
     identities: Mapping[str, Any] = field(default_factory=dict)
     """Simulated sites' long-term signing keys (a deployed site holds only its own)."""
+    update_size: int = 0
+    """How many values a site's update has (the model's trainable parameters, or the part it shares)."""
 
 
 class Layer:

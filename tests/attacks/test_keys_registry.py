@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.errors import DeploymentError
-from confide.privacy.secagg import SERVER, SecAggClient, SecAggParams, SecAggServer
+from confide.privacy.secagg import SERVER, SecAggClient, SecAggExpectation, SecAggParams, SecAggServer
 from confide.privacy.secagg.errors import MessageError
 from confide.privacy.secagg.keys import identity_public_bytes
 from confide.runtime.grpc.identity import identity_statement, make_site_keys, sign_identity, verify_registry
@@ -91,20 +91,24 @@ def keys_accepted(
     accepts the keys advertised as the victim's (it would go on to give the server the shares that unmask
     the victim); raises MessageError when it refuses them."""
     params = SecAggParams(sites=len(SITES), authenticated=True)
-    server = SecAggServer(params, SITES, 1, 8, session=b"s" * 32, registry=forged)
+    expect = SecAggExpectation.of(params, 8)
+    server = SecAggServer(params, SITES, 1, 8, registry=forged)
     setup = server.setup()
     clients = {
         site: SecAggClient(
             site,
             SERVER,
             setup,
+            expect=expect,
             identity=attacker if site == VICTIM else deployment.identity(site),
             registry=registry,
         )
         for site in SITES
     }
     for site, client in clients.items():
-        server.collect_advertise(site, client.advertise_keys())
+        server.collect_commitment(site, client.commit())
+    for site, message in server.broadcast_commitments().items():
+        server.collect_advertise(site, clients[site].advertise_keys(SERVER, message))
     clients[WITNESS].share_keys(SERVER, server.broadcast_keys()[WITNESS])
 
 
@@ -114,17 +118,23 @@ def test_the_enrolled_registry_verifies_and_carries_a_round(deployment: Deployme
     assert registry == {s: identity_public_bytes(deployment.identity(s)) for s in SITES}
     params = SecAggParams(sites=len(SITES), authenticated=True)
     vectors = {s: np.full(8, i + 1, dtype=np.float32) / 8 for i, s in enumerate(SITES)}
-    server = SecAggServer(params, SITES, 1, 8, session=b"s" * 32, registry=registry)
+    server = SecAggServer(params, SITES, 1, 8, registry=registry)
     setup = server.setup()
+    expect = SecAggExpectation.of(params, 8)
     clients = {
-        s: SecAggClient(s, SERVER, setup, identity=deployment.identity(s), registry=registry) for s in SITES
+        s: SecAggClient(s, SERVER, setup, expect=expect, identity=deployment.identity(s), registry=registry)
+        for s in SITES
     }
     for s in SITES:
-        server.collect_advertise(s, clients[s].advertise_keys())
+        server.collect_commitment(s, clients[s].commit())
+    for s, message in server.broadcast_commitments().items():
+        server.collect_advertise(s, clients[s].advertise_keys(SERVER, message))
     for s, message in server.broadcast_keys().items():
         server.collect_shares(s, clients[s].share_keys(SERVER, message))
     for s, message in server.forward_shares().items():
         server.collect_masked_input(s, clients[s].masked_input(SERVER, message, vectors[s]))
+    for s, message in server.request_consistency().items():
+        server.collect_consistency(s, clients[s].confirm_survivors(SERVER, message))
     for s, message in server.request_unmasking().items():
         server.collect_unmask(s, clients[s].unmask(SERVER, message))
     np.testing.assert_allclose(server.finish().vector, sum(vectors.values()), atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 
 from confide import config
 from confide.client.site import SiteKit
+from confide.core import Layout
 from confide.client.trainer import Trainer
 from confide.data.text import load_text
 from confide.errors import ConfigError
@@ -38,7 +39,8 @@ def setup(
 
 
 def secure(settings: SecureAggregation | None = None) -> tuple[Layer, ...]:
-    return (SecAggLayer(settings or SecureAggregation()),)
+    size = Layout.of_module(build_model("lstm", 97, hidden=8)).size  # the model setup() trains
+    return (SecAggLayer(settings or SecureAggregation(), size),)
 
 
 def run(backend: LocalBackend, state: ServerState, federation: Federation, rounds: int = 2) -> list[object]:

@@ -216,9 +216,9 @@ class Site:
     def answer(self, data: bytes) -> bytes:
         """The answer to one protocol message from the server (empty when none is due)."""
         for layer in self.kit.layers:
-            answer: Callable[[bytes, str, dict[str, object]], bytes] | None = getattr(layer, "answer", None)
+            answer: Callable[..., bytes] | None = getattr(layer, "answer", None)
             if answer is not None:
-                return answer(data, self.name, self.sessions)
+                return answer(data, self.name, self.sessions, self.kit.personal.state)
         raise UpdateError(
             f"site {self.name!r} got a protocol message, but its run has no layer that exchanges messages"
         )

@@ -9,6 +9,7 @@ run computes.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -73,6 +74,10 @@ class DurableSiteState:
                 "CREATE TABLE IF NOT EXISTS site_state (run TEXT NOT NULL, site TEXT NOT NULL, "
                 "key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run, site, key))"
             )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS survivors (run TEXT NOT NULL, site TEXT NOT NULL, "
+                "round INTEGER NOT NULL, survivors TEXT NOT NULL, PRIMARY KEY (run, site, round))"
+            )
         except sqlite3.DatabaseError as e:
             raise StoreError(
                 f"cannot use {self.path} as the site's state file ({e}); give another path with --state, or "
@@ -93,6 +98,32 @@ class DurableSiteState:
                 "INSERT OR REPLACE INTO site_state VALUES (?, ?, ?, ?, ?)", (self.run, site, key, round, data)
             )
 
+    def survivor_store(self, site: str) -> _Survivors:
+        """Where ``site`` remembers, per (run, round), the survivor set it agreed to unmask (a
+        :class:`~confide.privacy.secagg.SurvivorStore`): a restarted site still refuses to unmask a round it
+        answered for with another set."""
+        return _Survivors(self, site)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class _Survivors:
+    def __init__(self, state: DurableSiteState, site: str) -> None:
+        self.state, self.site = state, site
+
+    def get(self, run: str, round: int) -> tuple[str, ...] | None:
+        with self.state._lock:
+            row = self.state._db.execute(
+                "SELECT survivors FROM survivors WHERE run = ? AND site = ? AND round = ?",
+                (run, self.site, round),
+            ).fetchone()
+        return None if row is None else tuple(json.loads(row[0]))
+
+    def put(self, run: str, round: int, survivors: tuple[str, ...]) -> None:
+        with self.state._lock:
+            self.state._db.execute(
+                "INSERT OR IGNORE INTO survivors VALUES (?, ?, ?, ?)",
+                (run, self.site, round, json.dumps(list(survivors))),
+            )

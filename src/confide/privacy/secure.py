@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,20 +34,24 @@ from confide.pipeline import Layer, RoundAbandoned, RoundContext, SiteContext, S
 from confide.privacy.dp import UNCLIPPED
 from confide.privacy.secagg import (
     SERVER,
+    CommitmentBroadcast,
+    ConsistencyRequest,
     KeyBroadcast,
+    MemorySurvivorStore,
     MessageError,
     SecAggAbort,
     SecAggClient,
+    SecAggExpectation,
     SecAggParams,
     SecAggServer,
     Setup,
     ShareBroadcast,
+    SumOutOfRange,
+    SurvivorStore,
     UnmaskRequest,
     decode,
-    default_neighbours,
 )
 from confide.privacy.secagg.messages import Message
-from confide.randomness import Stream, public_rng
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +78,31 @@ class SecureAggregation:
 
     neighbours: int = 0
     threshold: int = 0
+    """0: :func:`~confide.privacy.secagg.default_threshold`, two thirds of a site's k + 1 share holders."""
     clip_range: float = 1.0
     fractional_bits: int = 20
     authenticated: bool = False
     registry: Mapping[str, bytes] | None = None
-    """The sites' registered Ed25519 public keys (authenticated mode)."""
+    """The sites' Ed25519 public keys (authenticated mode), from a source the sites trust: the simulation's
+    own, or in a deployment the registry each site verifies against the deployment CA."""
+    min_sites: int = 2
+    """The fewest sites a round may start with or unmask a sum of: a site refuses a smaller round."""
 
     def params(self, sites: int) -> SecAggParams:
-        # A threshold set for more holders than a small round has is capped to that round's holders.
-        k = min(self.neighbours or default_neighbours(sites), sites - 1)
-        threshold = min(self.threshold, k + 1) if self.threshold else 0
-        return SecAggParams(sites, k, threshold, self.clip_range, self.fractional_bits, self.authenticated)
+        return self.expectation(1, "").params(sites)
+
+    def expectation(self, vector_size: int, run: str) -> SecAggExpectation:
+        """What a site checks every Setup against: these settings, from its own copy of the config."""
+        return SecAggExpectation(
+            self.clip_range,
+            self.fractional_bits,
+            vector_size,
+            self.authenticated,
+            self.neighbours,
+            self.threshold,
+            min_sites=self.min_sites,
+            run=run,
+        )
 
 
 class SecureSite:
@@ -92,15 +111,19 @@ class SecureSite:
     def __init__(
         self,
         site: str,
+        expect: SecAggExpectation,
         identity: Ed25519PrivateKey | None = None,
         registry: Mapping[str, bytes] | None = None,
+        store: SurvivorStore | None = None,
     ) -> None:
         self.site = site
+        self.expect = expect
         self.identity = identity
         self.registry = registry
+        self.store: SurvivorStore = store if store is not None else MemorySurvivorStore()
+        """The survivor set this site agreed to per (run, round): it never unmasks a round for another."""
         self.client: SecAggClient | None = None
         self.forwarded: ShareBroadcast | None = None
-        self.clipped = 0
 
     def answer(self, data: bytes) -> bytes:
         """The answer to a server message; empty bytes when the message needs none (the forwarded shares,
@@ -108,16 +131,26 @@ class SecureSite:
         message = decode(data)
         if isinstance(message, Setup):
             self.client = SecAggClient(
-                self.site, SERVER, message, identity=self.identity, registry=self.registry
+                self.site,
+                SERVER,
+                message,
+                expect=self.expect,
+                identity=self.identity,
+                registry=self.registry,
+                store=self.store,
             )
             self.forwarded = None
-            return self.client.advertise_keys().to_bytes()
+            return self.client.commit().to_bytes()
         client = self._client()
+        if isinstance(message, CommitmentBroadcast):
+            return client.advertise_keys(SERVER, message).to_bytes()
         if isinstance(message, KeyBroadcast):
             return client.share_keys(SERVER, message).to_bytes()
         if isinstance(message, ShareBroadcast):
             self.forwarded = message
             return b""
+        if isinstance(message, ConsistencyRequest):
+            return client.confirm_survivors(SERVER, message).to_bytes()
         if isinstance(message, UnmaskRequest):
             return client.unmask(SERVER, message).to_bytes()
         raise UpdateError(f"site {self.site!r} got a {type(message).__name__}, which no site answers")
@@ -129,9 +162,7 @@ class SecureSite:
             raise UpdateError(
                 f"site {self.site!r} has no forwarded shares for this round, so it cannot mask its update"
             )
-        message = client.masked_input(SERVER, self.forwarded, vector)
-        self.clipped = client.clipped
-        return message.to_bytes()
+        return client.masked_input(SERVER, self.forwarded, vector).to_bytes()
 
     def _client(self) -> SecAggClient:
         if self.client is None:
@@ -151,31 +182,44 @@ class SecAggLayer(Layer):
         if stack.secure is None:
             return None
         sums = SUMMED + ((UNCLIPPED,) if stack.dp is not None else ())
-        return cls(stack.secure, sums, seed=stack.config.run.seed, identities=stack.identities)
+        return cls(stack.secure, stack.update_size, sums, stack.config.run.name, stack.identities)
 
     def __init__(
         self,
         settings: SecureAggregation,
+        update_size: int,
         sum_keys: tuple[str, ...] = SUMMED,
-        seed: int = 0,
+        run: str = "",
         identities: Mapping[str, Ed25519PrivateKey] | None = None,
     ) -> None:
+        """``update_size``: the values of a site's update (the model's, or its shared part); ``run``: the
+        run's name, under which a site remembers the survivor sets it agreed to."""
         self.settings = settings
         self.sum_keys = (*(MEAN_LOSS if key == LOSS_SUM else key for key in sum_keys), SECAGG_CLIPPED)
-        self.seed = seed
+        self.vector_size = update_size + len(self.sum_keys)
+        self.run = run
         self.identities = dict(identities or {})
-        """Simulated sites' long-term identities (the local backend plays them all); a deployed site holds
-        its own."""
+        """The long-term signing keys of the sites this process plays (all of them in a simulation, its
+        own in a deployment)."""
 
     # -- the site ------------------------------------------------------------------------------------------
 
-    def answer(self, data: bytes, site: str, sessions: dict[str, object]) -> bytes:
-        """A site's answer to one protocol message of the server."""
-        state = sessions.get(self.name)
-        if not isinstance(state, SecureSite):
-            state = SecureSite(site, self.identities.get(site), self.settings.registry)
-            sessions[self.name] = state
-        return state.answer(data)
+    def answer(self, data: bytes, site: str, sessions: dict[str, object], state: object = None) -> bytes:
+        """A site's answer to one protocol message of the server. ``state`` is the site's own store; a
+        durable one (a deployed site's) keeps the survivor sets it agreed to across restarts."""
+        secure = sessions.get(self.name)
+        if not isinstance(secure, SecureSite):
+            run = getattr(state, "run", "") or self.run
+            durable = getattr(state, "survivor_store", None)
+            secure = SecureSite(
+                site,
+                self.settings.expectation(self.vector_size, run),
+                self.identities.get(site),
+                self.settings.registry,
+                durable(site) if durable is not None else None,
+            )
+            sessions[self.name] = secure
+        return secure.answer(data)
 
     def encode(self, update: Update, site: SiteContext) -> Update:
         if update.vector is None:
@@ -193,7 +237,7 @@ class SecAggLayer(Layer):
         extra = np.array(
             [_scale(sums.get(key, 0.0), _bound(key), bound) for key in self.sum_keys], dtype=np.float32
         )
-        masked = state.mask(np.concatenate([update.vector, extra]))
+        masked = state.mask(np.concatenate([update.vector, extra]))  # the site checks the vector's size
         return Update(
             site=update.site,
             round=update.round,
@@ -207,21 +251,24 @@ class SecAggLayer(Layer):
 
     def begin(self, round: RoundContext) -> None:
         sites = round.sites
-        if len(sites) < 2:
-            raise RoundAbandoned(f"secure aggregation needs at least 2 sites and the round drew {len(sites)}")
-        size = (round.weights.size if round.shared is None else round.shared.size) + len(self.sum_keys)
-        session = public_rng(self.seed, round.round, Stream.SECAGG_SESSION).bytes(32)
+        if len(sites) < max(2, self.settings.min_sites):
+            raise RoundAbandoned(
+                f"secure aggregation needs at least {max(2, self.settings.min_sites)} sites and the round "
+                f"drew {len(sites)}"
+            )
+        # A fresh nonce names this attempt; the session value (and so the graph) is drawn with the sites.
         server = SecAggServer(
             self.settings.params(len(sites)),
             sites,
             round.round,
-            size,
-            session=session,
+            self.vector_size,
+            nonce=os.urandom(32),
             registry=self.settings.registry,
         )
         round.scratch[self.name] = _Round(server)
         try:
             self._exchange(round, server, dict.fromkeys(sites, server.setup().to_bytes()))
+            self._exchange(round, server, _bytes(server.broadcast_commitments()))
             self._exchange(round, server, _bytes(server.broadcast_keys()))
             self._exchange(round, server, _bytes(server.forward_shares()))
         except SecAggAbort as e:
@@ -252,8 +299,13 @@ class SecAggLayer(Layer):
                 f"{max(round.min_updates, 1)}"
             )
         try:
+            self._exchange(round, server, _bytes(server.request_consistency()))
             self._exchange(round, server, _bytes(server.request_unmasking()))
             total = server.finish()
+        except SumOutOfRange as e:
+            raise RoundAbandoned(
+                f"the unmasked sum was refused: {e} (a site sent an input that is not a clipped update)"
+            ) from None
         except SecAggAbort as e:
             raise RoundAbandoned(str(e)) from None
         model = total.vector[: -len(self.sum_keys)]

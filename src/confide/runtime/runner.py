@@ -209,8 +209,9 @@ class Runner:
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
         secure, identities = build_secure(config, [s.name for s in self.sites], self.dp)
         self.secure = secure
-        layers = build_layers(config, self.dp, secure, identities)
         _, shared = personal_parts(config, self.model, self.layout)
+        update_size = self.layout.size if shared is None else shared.size
+        layers = build_layers(config, self.dp, secure, update_size, identities)
         if backend is None:
             assert dataset is not None
             kit = build_site_kit(config, self.model, layers, StoreSiteState(store))

@@ -117,7 +117,13 @@ def build_secure(
         identities = {site: keys.generate_identity() for site in sites}
         registry = {site: keys.identity_public_bytes(key) for site, key in identities.items()}
     settings = SecureAggregation(
-        p.secagg_neighbours, p.secagg_threshold, clip_range, p.secagg_bits, p.secagg_authenticated, registry
+        p.secagg_neighbours,
+        p.secagg_threshold,
+        clip_range,
+        p.secagg_bits,
+        p.secagg_authenticated,
+        registry,
+        min_sites=max(2, config.deploy.min_updates),
     )
     return settings, identities
 
@@ -126,12 +132,13 @@ def build_layers(
     config: Config,
     dp: SiteDP | None,
     secure: SecureAggregation | None,
+    update_size: int,
     identities: Mapping[str, Ed25519PrivateKey] | None = None,
 ) -> list[Layer]:
     """The run's layer stack, in site order: the strategy's own layers (SCAFFOLD's control variates), then
     every registered layer the config asks for, in the registry's order (adaptive clipping, clip, noise
     share, then secure aggregation, or, where the server reads each update, validation)."""
-    stack = StackContext(config, dp, secure, dict(identities or {}))
+    stack = StackContext(config, dp, secure, dict(identities or {}), update_size)
     layers: list[Layer] = algorithm(config.server.strategy).layers()
     for plugin in LAYERS:
         layer = LAYERS.load(plugin.name).from_config(stack)

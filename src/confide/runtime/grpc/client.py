@@ -39,7 +39,14 @@ from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.security import Credentials
 from confide.runtime.grpc.server import MODEL_WORK, FederationClient, channel_options
-from confide.runtime.stack import build_layers, build_model_for, build_secure, build_site_dp, build_site_kit
+from confide.runtime.stack import (
+    build_layers,
+    build_model_for,
+    build_secure,
+    build_site_dp,
+    build_site_kit,
+    personal_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +337,12 @@ class SiteClient:
             secure, _ = build_secure(config, [], dp)
             if secure is not None:
                 secure = replace(secure, registry=dict(reply.registry) or None)
-            layers = build_layers(config, dp, secure)
+            layout = Layout.of_module(model)
+            _, shared = personal_parts(config, model, layout)
+            size = layout.size if shared is None else shared.size
+            layers = build_layers(config, dp, secure, size)
             kit = build_site_kit(config, model, layers, self.state, deployed=True)
-            return config, Layout.of_module(model), kit
+            return config, layout, kit
 
         config, layout, kit = self.group.kit(key, build) if self.group is not None else build()
         self.setup = _Setup(key, config, layout, Site(self.site, self.data, kit))
