@@ -11,8 +11,8 @@ import torch
 
 from confide import config
 from confide.client.site import SiteKit
-from confide.core import Layout
 from confide.client.trainer import Trainer
+from confide.core import Layout
 from confide.data.text import load_text
 from confide.errors import ConfigError
 from confide.models import build_model
