@@ -142,7 +142,7 @@ def test_charges_replay_into_the_same_accounts_and_unknown_participants_cost_eve
     assert counted.median_site_epsilon() == counted.worst_site_epsilon() > 0
     with pytest.raises(ConfigError, match="one list"):
         resumed.replay([LedgerEntry(*rows[0][1])], [])
-    with pytest.raises(ConfigError, match="list of sites"):
+    with pytest.raises(ConfigError, match="takes a list"):
         resumed.charge(5, "s1")
 
 

@@ -202,8 +202,6 @@ class SiteDP:
         if self.placement == "distributed":
             self.noise_share.clip_norm = float(clip_norm)
 
-    # -- what has been spent -------------------------------------------------------------------------------
-
     def spent(self) -> Spent:
         """Epsilon against each adversary, and which one governs the budget."""
         return Spent(self.accountant.epsilon(), self.sites.worst().epsilon, self.sites.median(), self.trust)
@@ -228,8 +226,6 @@ class SiteDP:
         """Each site's epsilon against an adversary who knows who took part (sites never sampled: absent)."""
         return self.sites.site_epsilons()
 
-    # -- spending --------------------------------------------------------------------------------------------
-
     def charged_noise(self, reported: int) -> float:
         """The noise multiplier a round is charged at when ``reported`` updates reach the sum.
 
@@ -241,9 +237,7 @@ class SiteDP:
         reported.
         """
         if isinstance(reported, bool) or not isinstance(reported, int) or reported < 0:
-            raise ConfigError(
-                f"the number of updates in a round must be a whole number >= 0 (got {reported!r})"
-            )
+            raise ConfigError(f"a round's number of updates must be a whole number >= 0 (got {reported!r})")
         if self.placement == "central" or reported >= self.share_sites:
             return self.noise_multiplier
         update = self.update_noise * math.sqrt(reported / self.share_sites)
@@ -256,17 +250,10 @@ class SiteDP:
         A bare count (the old interface) charges the round to every site of the population: safe, since
         the per-site account can then only over-state, but it loses the per-site view.
         """
-        who: tuple[str, ...] | None = None
         if isinstance(participants, str):
-            raise ConfigError(
-                f"charge() takes the round's participants as a list of sites (got {participants!r})"
-            )
-        if isinstance(participants, int):
-            reported = participants
-        else:
-            who = tuple(participants)
-            reported = len(who)
-        z = self.charged_noise(reported)
+            raise ConfigError(f"charge() takes a list of the round's sites (got {participants!r})")
+        who = None if isinstance(participants, int) else tuple(participants)
+        z = self.charged_noise(participants if who is None else len(who))  # type: ignore[arg-type]
         self.accountant.spend(z, self.sample)
         self.sites.record(z, who)
         return Charge(round, self.accountant.ledger()[-1], who, self.spent())
@@ -288,8 +275,6 @@ class SiteDP:
         for e, sites in zip(entries, who, strict=True):
             self.accountant.spend(e.noise_multiplier, e.sample, e.steps)
             self.sites.record(e.noise_multiplier, sites, e.steps)
-
-    # -- the budget ------------------------------------------------------------------------------------------
 
     def over_budget(self, round: int, min_reported: int = 1, exclude: Collection[str] = ()) -> str | None:
         """Why round ``round`` may not run, or None if it may.
