@@ -8,7 +8,17 @@ import pytest
 from dp_accounting import pld, rdp
 
 from confide.errors import ConfigError
-from confide.privacy.accountant import LedgerEntry, PrivacyAccountant, calibrate_noise, combined_noise
+from confide.privacy.accountant import (
+    LedgerEntry,
+    PrivacyAccountant,
+    SiteLedger,
+    calibrate_noise,
+    calibrate_site_noise,
+    combine_noise,
+    combined_noise,
+    gaussian_epsilon,
+    round_up,
+)
 
 NR = dp_accounting.NeighboringRelation
 
@@ -162,3 +172,115 @@ def test_combined_noise_is_andrew_et_al_split() -> None:
     assert direct("rdp", pair, 1e-5) == pytest.approx(direct("rdp", dp_accounting.GaussianDpEvent(z), 1e-5))
     with pytest.raises(ConfigError, match="whole privacy budget"):
         combined_noise(1.0, 0.5)
+
+
+# -- the per-site account, against an adversary who knows the sample ----------------------------------------
+
+
+def gaussians(*history: tuple[float, int]) -> dp_accounting.DpEvent:
+    """Rounds a site took part in, with no sampling: plain Gaussian mechanisms, composed."""
+    return dp_accounting.ComposedDpEvent(
+        [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k) for z, k in history]
+    )
+
+
+@pytest.mark.parametrize(("rounds", "audited"), [(1, 6.3), (3, 12.6), (5, 17.7), (10, 28.8)])
+def test_a_site_that_took_part_k_times_has_the_audits_epsilon(rounds: int, audited: float) -> None:
+    # The outside audit, with dp-accounting's PLD: z = 0.651, 755 sites, delta = 1 / (10 x 755).
+    ledger = SiteLedger("pld", "poisson", population=755, delta=1 / 7550)
+    for _ in range(rounds):
+        ledger.record(0.651, ["a"])
+    assert ledger.site_epsilons()["a"] == pytest.approx(audited, abs=0.05)
+    # dp-accounting's PLD accountant composes the rounds one by one and rounds up in doing so: ours (the exact
+    # Gaussian the composition equals) lies just below it, never above.
+    direct_pld = direct("pld", gaussians((0.651, rounds)), 1 / 7550)
+    assert direct_pld * (1 - 1e-3) <= ledger.site_epsilons()["a"] <= direct_pld
+
+
+def test_a_mixed_history_is_dp_accountings_composition_of_its_rounds() -> None:
+    rdp_ledger = SiteLedger("rdp", "poisson", population=10, delta=1e-5)
+    pld_ledger = SiteLedger("pld", "poisson", population=10, delta=1e-5)
+    for ledger in (rdp_ledger, pld_ledger):
+        ledger.record(1.2, ["a", "b"], steps=3)
+        ledger.record(0.9, ["a"], steps=2)
+        ledger.record(2.0, ["b"])
+    for site, history in {"a": [(1.2, 3), (0.9, 2)], "b": [(1.2, 3), (2.0, 1)]}.items():
+        event = gaussians(*history)
+        assert rdp_ledger.site_epsilons()[site] == pytest.approx(direct("rdp", event, 1e-5), rel=1e-9)
+        assert pld_ledger.site_epsilons()[site] == pytest.approx(direct("pld", event, 1e-5), rel=1e-3)
+    assert rdp_ledger.histories() == {"a": {1.2: 3, 0.9: 2}, "b": {1.2: 3, 2.0: 1}}
+
+
+def test_fixed_size_sampling_accounts_each_site_under_replace_one() -> None:
+    # The same relation as the amplified account: replacing +C by -C moves the sum by 2C.
+    ledger = SiteLedger("rdp", "fixed", population=10, delta=1e-5)
+    ledger.record(3.0, ["a"], steps=4)
+    assert ledger.site_epsilons()["a"] == pytest.approx(direct("rdp", gaussians((1.5, 4)), 1e-5), rel=1e-9)
+
+
+def test_worst_median_and_the_sites_that_never_took_part() -> None:
+    ledger = SiteLedger("rdp", "poisson", population=7, delta=1e-5)
+    ledger.record(1.0, ["a", "b", "c"])
+    ledger.record(1.0, ["a", "b"])
+    ledger.record(0.5, ["a"])
+    one, two = (direct("rdp", gaussians((1.0, k)), 1e-5) for k in (1, 2))
+    worst = ledger.worst()
+    assert worst.site == "a" and worst.rounds == 3
+    assert worst.epsilon == pytest.approx(direct("rdp", gaussians((1.0, 2), (0.5, 1)), 1e-5), rel=1e-9)
+    # Seven sites: a, b, c and four that never took part (epsilon 0); the median site is the fourth.
+    assert ledger.median() == 0.0
+    ledger.record(1.0, ["d"])
+    assert ledger.median() == pytest.approx(one)  # 0, 0, 0, 1 round, 1, 2, 3 rounds: the upper middle one
+    # One more round at z = 1 for the worst site it may still be asked; leaving "a" out, "b" is the worst.
+    assert ledger.worst(1.0).epsilon > worst.epsilon
+    assert ledger.worst(1.0, exclude={"a"}) == (
+        "b",
+        3,
+        pytest.approx(direct("rdp", gaussians((1.0, 3)), 1e-5), rel=1e-9),
+    )
+    assert ledger.exhausted(1.0, target_epsilon=two * 1.01) == {"a", "b"}
+    assert ledger.unseen_epsilon() == 0.0
+
+
+def test_rounds_with_unknown_participants_are_charged_to_every_site() -> None:
+    ledger = SiteLedger("rdp", "poisson", population=3, delta=1e-5)
+    ledger.record(1.0, None, steps=2)
+    ledger.record(1.0, ["a"])
+    everyone = direct("rdp", gaussians((1.0, 2)), 1e-5)
+    assert ledger.unseen_epsilon() == pytest.approx(everyone, rel=1e-9)
+    assert ledger.median() == pytest.approx(everyone, rel=1e-9)
+    assert ledger.worst() == ("a", 3, pytest.approx(direct("rdp", gaussians((1.0, 3)), 1e-5), rel=1e-9))
+    with pytest.raises(ConfigError, match="listed twice"):
+        ledger.record(1.0, ["b", "b"])
+
+
+def test_no_noise_is_infinite_for_the_site_and_gaussian_epsilon_is_monotone() -> None:
+    ledger = SiteLedger("pld", "poisson", population=3, delta=1e-5)
+    ledger.record(0.0, ["a"])
+    assert math.isinf(ledger.worst().epsilon) and ledger.median() == 0.0
+    values = [gaussian_epsilon(p, 1e-5, method) for method in ("rdp", "pld") for p in (0.5, 1.0, 2.0)]
+    assert values[:3] == sorted(values[:3]) and values[3:] == sorted(values[3:])
+
+
+@pytest.mark.parametrize("method", ["rdp", "pld"])
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_site_calibration_holds_a_site_that_takes_part_k_times(method: str, sampling: str) -> None:
+    z = calibrate_site_noise(4.0, 1e-5, participations=5, sampling=sampling, method=method)
+    ledger = SiteLedger(method, sampling, population=10, delta=1e-5)
+    ledger.record(z, ["a"], steps=5)
+    assert 4.0 - 1e-3 < ledger.worst().epsilon <= 4.0 + 1e-9
+    assert calibrate_site_noise(4.0, 1e-5, 20, sampling, method) == pytest.approx(2 * z)
+
+
+@pytest.mark.parametrize(
+    ("value", "printed"),
+    [(0.6512287468932361, 0.6513), (0.65, 0.65), (123.456, 123.5), (1.2341e-4, 1.235e-4), (7.0, 7.0)],
+)
+def test_round_up_keeps_four_significant_digits_and_never_lowers(value: float, printed: float) -> None:
+    assert round_up(value) == printed >= value
+    assert repr(round_up(value)) == repr(printed)
+
+
+def test_combine_noise_undoes_the_split() -> None:
+    assert combine_noise(combined_noise(0.8, 3.0), 3.0) == pytest.approx(0.8, rel=1e-12)
+    assert combine_noise(0.8, None) == 0.8

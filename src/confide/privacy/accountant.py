@@ -28,16 +28,25 @@ Two ways to sample, and each fixes the neighbouring relation of the guarantee:
 
 Epsilons under the two relations are not interchangeable: a replace-one guarantee is roughly an
 add-or-remove guarantee for two members, so report which one a number is (:attr:`relation`).
+
+Amplification by sampling holds only against an adversary who does not know who was sampled. Against one who
+does (under distributed DP, the server: it draws the sample and sees who sends a masked input), each round a
+site took part in is a plain Gaussian mechanism and the rounds it sat out cost it nothing.
+:class:`SiteLedger` keeps that per-site account. This file is over 400 lines because the two accounts, one
+for each adversary, are kept side by side: they must read the same events with the same sensitivity.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from decimal import ROUND_CEILING, Decimal
 from typing import NamedTuple
 
 import dp_accounting
 from dp_accounting import pld, rdp
+from dp_accounting.gaussian_mechanism import get_epsilon_gaussian, get_sigma_gaussian
 
 from confide.errors import ConfigError
 
@@ -286,3 +295,202 @@ def combined_noise(noise_multiplier: float, bits_noise: float) -> float:
             "bits_noise (Andrew et al. 2021 use expected sites per round / 20) or the noise multiplier"
         )
     return float(remaining**-0.5)
+
+
+def round_up(value: float, digits: int = 4) -> float:
+    """``value`` rounded up to ``digits`` significant digits: a calibrated noise multiplier as it is printed.
+
+    The printed number is the one used and accounted, so that what a report says can be checked by hand;
+    rounding up only adds noise. Works on the shortest decimal that reads back as ``value`` (``repr``), so a
+    value that already has ``digits`` digits (0.65) stays as it is instead of becoming 0.6501.
+    """
+    if not (math.isfinite(value) and value > 0):
+        return value
+    exact = Decimal(repr(value))
+    step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    return float(exact.quantize(step, rounding=ROUND_CEILING))
+
+
+def combine_noise(update_noise: float, bits_noise: float | None) -> float:
+    """What updates noised at ``update_noise`` and clipping bits at ``bits_noise`` cost together, as one z.
+
+    The inverse of :func:`combined_noise` (Andrew et al. 2021): z = (z_delta^-2 + (2 sigma_b)^-2)^(-1/2).
+    Without adaptive clipping (``bits_noise`` None) it is ``update_noise`` itself.
+    """
+    if bits_noise is None or update_noise == 0:
+        return update_noise
+    return float((update_noise**-2 + (2.0 * bits_noise) ** -2) ** -0.5)
+
+
+def sensitivity(sampling: str) -> float:
+    """How far one site moves the clipped sum, in units of C, under the relation its sampling fixes.
+
+    Poisson sampling: add-or-remove, C. Against an adversary who knows a site took part, removing it is the
+    *zero-out* relation of Kairouz et al. 2021 (its update replaced by nothing), still C. Fixed-size sampling:
+    replace-one, 2C. The per-site account uses the run's relation so that it compares with the amplified one.
+    """
+    return REPLACE_ONE_SENSITIVITY if sampling == "fixed" else 1.0
+
+
+@functools.lru_cache(maxsize=4096)
+def gaussian_epsilon(precision: float, delta: float, method: str) -> float:
+    """Epsilon at ``delta`` of Gaussian mechanisms whose (sensitivity / z)^2 add up to ``precision``.
+
+    Composing Gaussian mechanisms with mu_i = sensitivity / z_i is exactly one Gaussian mechanism with
+    mu = sqrt(sum mu_i^2) (Dong, Roth & Su 2022, "Gaussian differential privacy", Corollary 3.3), so a site's
+    whole history is one number and sites with the same history share one call. ``"pld"``: dp-accounting's
+    exact epsilon of that Gaussian (Balle & Wang 2018), the limit its PLD accountant's discretization
+    approaches from above. ``"rdp"``: dp-accounting's RDP accountant on it (RDP of Gaussians adds up exactly,
+    so this is the RDP of the composition).
+    """
+    if precision <= 0:
+        return 0.0
+    if math.isinf(precision):
+        return math.inf
+    sigma = precision**-0.5
+    if method == "pld":
+        return float(get_epsilon_gaussian(sigma, delta))
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(sigma))
+    return float(accountant.get_epsilon(delta))
+
+
+def calibrate_site_noise(
+    target_epsilon: float, delta: float, participations: int, sampling: str = "poisson", method: str = "rdp"
+) -> float:
+    """The least noise multiplier with which a site that takes part ``participations`` times, and whose
+    participation the adversary knows, stays within ``target_epsilon`` at ``delta`` (no amplification)."""
+    _check_choices(method, "poisson")
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise ConfigError(f"privacy.target_epsilon must be a finite number > 0 (got {target_epsilon})")
+    if isinstance(participations, bool) or not isinstance(participations, int) or participations < 1:
+        raise ConfigError(f"participations must be a whole number >= 1 (got {participations!r})")
+    if method == "pld":
+        sigma = float(get_sigma_gaussian(target_epsilon, delta))
+    else:
+        sigma = float(
+            dp_accounting.calibrate_dp_mechanism(
+                rdp.RdpAccountant,
+                dp_accounting.GaussianDpEvent,
+                target_epsilon,
+                delta,
+                dp_accounting.LowerEndpointAndGuess(0.0, 1.0),
+                tol=1e-6,
+            )
+        )
+    return sigma * sensitivity(sampling) * math.sqrt(participations)
+
+
+class SiteSpend(NamedTuple):
+    """One site's account: who (None: a site that never took part), in how many rounds, at what epsilon."""
+
+    site: str | None
+    rounds: int
+    epsilon: float
+
+
+class SiteLedger:
+    """Each site's own privacy account against an adversary who knows which sites took part in each round.
+
+    Threat model: under distributed DP the server draws the sample and sees who sent a masked input, so
+    amplification by sampling does not hold against it. Each round a site took part in is a Gaussian
+    mechanism with that round's charged noise multiplier; rounds it sat out cost it nothing. Per site the
+    ledger keeps the multipliers charged to it, counted per distinct value (a handful of numbers per site
+    however long the run). Rounds whose participants are unknown (a ledger stored before participants were)
+    are charged to every site, never in a site's favour.
+
+    Stopping or excluding a site because of what it has spent is a privacy filter on public information,
+    which adaptive composition of Gaussian mechanisms allows (Smith & Thakurta 2022, "Fully adaptive
+    composition for Gaussian differential privacy"; Feldman & Zrnic 2021 for individual filters).
+    """
+
+    def __init__(self, method: str, sampling: str, population: int, delta: float) -> None:
+        _check_choices(method, "poisson")
+        if sampling not in SAMPLINGS:
+            raise ConfigError(f"privacy.sampling must be one of 'poisson', 'fixed' (got {sampling!r})")
+        self.method = method
+        self.sensitivity = sensitivity(sampling)
+        self.population = population
+        self.delta = delta
+        self._sites: dict[str, dict[float, int]] = {}
+        self._everyone: dict[float, int] = {}
+
+    def record(self, noise_multiplier: float, participants: Collection[str] | None, steps: int = 1) -> None:
+        """Charge ``steps`` rounds at ``noise_multiplier`` to ``participants`` (None: to every site)."""
+        z = float(noise_multiplier)
+        if participants is None:
+            self._everyone[z] = self._everyone.get(z, 0) + steps
+            return
+        if len(set(participants)) != len(participants):
+            raise ConfigError("a round's participants must be distinct sites (one site is listed twice)")
+        for site in participants:
+            counts = self._sites.setdefault(site, {})
+            counts[z] = counts.get(z, 0) + steps
+
+    def histories(self) -> dict[str, dict[float, int]]:
+        """Per site that took part: noise multiplier -> rounds charged at it (rounds of everyone left out)."""
+        return {site: dict(counts) for site, counts in self._sites.items()}
+
+    def _precision(self, counts: dict[float, int]) -> float:
+        merged = dict(self._everyone)
+        for z, k in counts.items():
+            merged[z] = merged.get(z, 0) + k
+        # Summed in a fixed order, so that sites with the same history get the same number (and cache entry).
+        return sum(math.inf if z == 0 else k * (self.sensitivity / z) ** 2 for z, k in sorted(merged.items()))
+
+    def _rounds(self, counts: dict[float, int]) -> int:
+        return sum(counts.values()) + sum(self._everyone.values())
+
+    def _epsilon(self, precision: float) -> float:
+        return gaussian_epsilon(precision, self.delta, self.method)
+
+    def _unseen(self, exclude: Collection[str] = ()) -> int:
+        """How many sites of the population never took part (and are not excluded)."""
+        known = set(self._sites) | set(exclude)
+        return max(0, self.population - len(known))
+
+    def site_epsilons(self) -> dict[str, float]:
+        """Epsilon of each site that took part; any other site has spent :meth:`unseen_epsilon`."""
+        return {site: self._epsilon(self._precision(c)) for site, c in self._sites.items()}
+
+    def unseen_epsilon(self) -> float:
+        """Epsilon of a site that never took part: 0 unless some rounds' participants are unknown."""
+        return self._epsilon(self._precision({}))
+
+    def worst(self, noise_multiplier: float | None = None, exclude: Collection[str] = ()) -> SiteSpend:
+        """The site that has spent most, or would after one more round at ``noise_multiplier``.
+
+        Epsilon of a Gaussian grows with its precision, so the site with the largest precision is the worst
+        and one accountant call answers. Sites in ``exclude`` (not asked next round) are left out.
+        """
+        extra = 0.0
+        if noise_multiplier is not None:
+            extra = math.inf if noise_multiplier == 0 else (self.sensitivity / noise_multiplier) ** 2
+        best: tuple[float, str | None, dict[float, int]] | None = None
+        if self._unseen(exclude) > 0:
+            best = (self._precision({}), None, {})
+        skip = set(exclude)
+        for site, counts in self._sites.items():
+            precision = self._precision(counts)
+            if site not in skip and (best is None or precision > best[0]):
+                best = (precision, site, counts)
+        if best is None:
+            return SiteSpend(None, 0, 0.0)
+        precision, worst, history = best
+        more = int(noise_multiplier is not None)
+        return SiteSpend(worst, self._rounds(history) + more, self._epsilon(precision + extra))
+
+    def median(self) -> float:
+        """Epsilon of the population's median site (the upper of the middle two), unsampled sites included."""
+        values = [self._precision(c) for c in self._sites.values()] + [self._precision({})] * self._unseen()
+        values.sort()
+        return self._epsilon(values[len(values) // 2]) if values else 0.0
+
+    def exhausted(self, noise_multiplier: float, target_epsilon: float) -> frozenset[str]:
+        """Sites that took part and would pass ``target_epsilon`` after one more round at that z."""
+        extra = math.inf if noise_multiplier == 0 else (self.sensitivity / noise_multiplier) ** 2
+        return frozenset(
+            site
+            for site, counts in self._sites.items()
+            if self._epsilon(self._precision(counts) + extra) > target_epsilon
+        )
