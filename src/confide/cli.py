@@ -336,9 +336,15 @@ class RichObserver:
         self.progress.advance(self.round_task)
         if self.dp is not None or self.secure:
             # With privacy layers on, every round's cost and spend is worth a line of its own.
-            spent = f"  epsilon {self.dp.epsilon():.3f}" if self.dp is not None else ""
+            spent = ""
+            if self.dp is not None:
+                run = self.dp.spent()
+                spent = (
+                    f"  epsilon {run.epsilon:.3f} (worst site {run.worst_site:.3f}, median "
+                    f"{run.median_site:.3f}, amplified {run.amplified:.3f})"
+                )
             console.print(
-                f"[dim]round {result.round:>4}  {len(result.site_metrics)} of {len(result.sites)} sites "
+                f"[dim]round {result.round:>4}  {len(result.participants)} of {len(result.sites)} sites "
                 f"in the sum  sent {human_bytes(result.bytes_sent)}  "
                 f"received {human_bytes(result.bytes_received)}{spent}  {result.seconds:.1f}s[/]"
             )
@@ -364,8 +370,10 @@ class RichObserver:
             parts = []
             if "epsilon" in m:
                 parts.append(
-                    f"site-level epsilon {m['epsilon']:.3f} at delta {m['delta']:.1e} "
-                    f"(noise multiplier {m['noise_multiplier']:.3f}, clip norm {m['clip_norm']:.3g})"
+                    f"site-level epsilon {m['epsilon']:.3f} at delta {m['delta']:.1e}: worst site "
+                    f"{m['epsilon_worst_site']:.3f}, median site {m['epsilon_median_site']:.3f} against a "
+                    f"server that knows who took part, {m['epsilon_amplified']:.3f} amplified by sampling "
+                    f"(noise multiplier {m['noise_multiplier']:.4g}, clip norm {m['clip_norm']:.3g})"
                 )
             if "record_epsilon_max" in m:
                 parts.append(

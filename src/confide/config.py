@@ -202,6 +202,14 @@ class PrivacyConfig:
     target_epsilon: float = option(
         0.0, "privacy budget: stop before the round that would spend more; 0: no budget", at_least(0), ">= 0"
     )
+    max_participations: int = option(
+        0,
+        "under distributed DP, where the server knows who takes part: calibrate the noise for a site that "
+        "takes part in this many rounds (sites that reach the budget are left out of later rounds); "
+        "0: every round",
+        at_least(0),
+        ">= 0",
+    )
     delta: float = option(
         0.0, "the delta of (epsilon, delta); 0: 1 / (10 x number of sites)", lambda x: 0 <= x < 1, "in [0, 1)"
     )

@@ -161,12 +161,21 @@ def _final_metrics(
     if "epsilon" in last:
         rows += [
             (
-                "Site-level epsilon spent (from the privacy ledger)",
+                "Site-level epsilon the budget holds (from the privacy ledger)",
                 _e(f"{last['epsilon']:.3f} at delta {last['delta']:.1e}"),
             ),
             (
+                "Worst site, against a server that knows who took part",
+                _num(last.get("epsilon_worst_site")),
+            ),
+            ("Median site, against the same server", _num(last.get("epsilon_median_site"))),
+            (
+                "Amplified by sampling, against anyone who cannot know who took part",
+                _num(last.get("epsilon_amplified")),
+            ),
+            (
                 "Noise multiplier and clip norm",
-                _e(f"{last['noise_multiplier']:.3f}, {last['clip_norm']:.3g}"),
+                _e(f"{last['noise_multiplier']:.4g}, {last['clip_norm']:.3g}"),
             ),
         ]
     if "record_epsilon_max" in last:
@@ -408,7 +417,15 @@ def _privacy_plot(
     ax = fig.add_subplot()
     rounds = [r for r, *_ in ledger]
     epsilons = [e for *_, e in ledger]
-    ax.plot(rounds, epsilons, color=_WORST, linewidth=1.8, label="epsilon spent (site-level)")
+    ax.plot(rounds, epsilons, color=_WORST, linewidth=1.8, label="epsilon the budget holds (ledger)")
+    for key, label, style in (
+        ("epsilon_worst_site", "worst site (server knows who took part)", ":"),
+        ("epsilon_median_site", "median site (same server)", "-."),
+        ("epsilon_amplified", "amplified by sampling", "--"),
+    ):
+        points = _series(evaluations, key)
+        if points:
+            ax.plot(*zip(*points, strict=True), color=_WORST, linewidth=1.0, linestyle=style, label=label)
     if budget:
         ax.axhline(float(budget), color=_BASELINE, linestyle="--", linewidth=1.2, label=f"budget {budget:g}")
     ax.set_xlabel("round")

@@ -202,3 +202,40 @@ def test_each_sites_record_level_epsilon_is_kept_and_summarized(path: Path) -> N
     assert 0 < len(per_site) <= 6 and last["record_dp_sites"] == len(per_site)
     assert last["record_epsilon_max"] == pytest.approx(max(per_site.values()))
     assert last["record_epsilon_median"] == pytest.approx(float(np.median(list(per_site.values()))))
+
+
+def test_central_dp_draws_its_sample_in_secret(path: Path) -> None:
+    """Amplification by sampling holds only against someone who cannot know the sample, and anyone with the
+    config knows the run's seed: under central DP the sites of a round come from the server's secret
+    randomness, not the seed."""
+    runner = start(path, *DP, "run.rounds=4", "server.sites_per_round=3")
+    runner.run()
+    names = [s.name for s in runner.sites]
+    drawn = [r["sites"] for r in runner.store.rounds()]
+    predicted = [runner.strategy.select(r, names) for r in range(1, 5)]
+    assert drawn != predicted  # each round matches by chance with probability 1/20
+
+
+def test_the_budget_is_never_exceeded_when_sites_drop_out(path: Path) -> None:
+    """Dropouts leave fewer updates and so less noise in the sum; each round needs enough updates that its
+    worst charge stays within the budget, and sites that reached it are left out."""
+    overrides = (
+        "privacy.dp=distributed",
+        "privacy.secure_aggregation=true",
+        "privacy.noise_multiplier=1.5",
+        "privacy.target_epsilon=12",
+        "server.sites_per_round=4",
+        "backend.dropout=0.4",
+        "run.rounds=8",
+    )
+    runner = start(path, *overrides)
+    runner.run()
+    assert runner.dp is not None
+    worst = runner.dp.worst_site_epsilon()
+    assert worst <= 12.0
+    rows = metrics(runner.store.run_dir)
+    assert all(r["epsilon_worst_site"] <= 12.0 and r["epsilon"] == r["epsilon_worst_site"] for r in rows)
+    assert all(r["epsilon_median_site"] <= r["epsilon_worst_site"] for r in rows)
+    # Every charge is in the ledger with the sites that took part; dropouts made some rounds smaller.
+    participants = [sites for _, sites in runner.store.ledger_participants()]
+    assert len(participants) == len(runner.store.ledger()) and all(participants)

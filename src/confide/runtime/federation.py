@@ -12,7 +12,7 @@ so the local simulation and a real deployment run exactly this code. The federat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -119,6 +119,7 @@ class Federation:
         aggregator: Aggregator | None = None,
         min_updates: int = 0,
         randomness: Callable[[int], Randomness] | None = None,
+        secret_sample: bool = False,
     ) -> None:
         """``layers``: the stack (default: the strategy's algorithm layers and validation); ``aggregator``
         replaces the strategy's (central DP wraps it); ``randomness(round)`` is the server's secret
@@ -131,6 +132,9 @@ class Federation:
         self.min_updates = min_updates
         """A round with fewer updates than this is abandoned before anything is spent (0: never)."""
         self.randomness = randomness or (lambda round: SecretRandomness())
+        self.secret_sample = secret_sample
+        """Draw each round's sites from the server's secret randomness, not the run's seed: the privacy
+        accounting assumes the adversary cannot know the sample (central DP's amplification)."""
         check_stack(self.layers, self.aggregator)
 
     def init_state(self, size: int) -> dict[str, Vector]:
@@ -147,8 +151,15 @@ class Federation:
         observer: Observer | None = None,
         charge: Charge | None = None,
         population: int | None = None,
+        *,
+        exclude: Collection[str] = (),
+        min_updates: int | None = None,
     ) -> RoundResult:
         """Run round ``state.round + 1`` and move ``state`` to its result, in place.
+
+        ``exclude``: sites not to ask this round (they have spent their privacy budget); ``min_updates``:
+        this round's minimum of updates, if higher than the federation's (a round with fewer would be
+        charged past the budget), decided before anything is unmasked.
 
         ``charge(round, participants)`` is called once every update is in and before the aggregate touches
         the model: the privacy accountant spends the round there, so a crash can never leave a used result
@@ -156,8 +167,10 @@ class Federation:
         """
         started = time.perf_counter()
         r = state.round + 1
-        available = backend.sites()
-        sites = self.strategy.select(r, available)
+        everyone = backend.sites()
+        available = [s for s in everyone if s not in exclude] if exclude else everyone
+        randomness = self.randomness(r)
+        sites = self.strategy.select(r, available, randomness if self.secret_sample else None)
         plans = self.strategy.plans(r, sites)
         if observer is not None:
             observer.round_started(r, sites)
@@ -178,9 +191,9 @@ class Federation:
             weights=state.weights,
             server_state=state.optimizer_state,
             exchange=exchange,
-            min_updates=self.min_updates,
-            randomness=self.randomness(r),
-            population=population if population is not None else len(available),
+            min_updates=max(self.min_updates, min_updates or 0),
+            randomness=randomness,
+            population=population if population is not None else len(everyone),
             aggregator=self.aggregator,
             aggregate=self.aggregator.init(size),
             shared=shared,
@@ -188,10 +201,10 @@ class Federation:
         try:
             self._run(ctx, state, backend, traffic, observer)
             reported = len(ctx.participants)
-            if reported < self.min_updates:
+            if reported < ctx.min_updates:
                 raise RoundAbandoned(
                     f"only {reported} of {len(sites)} sites sent an update; a round needs at least "
-                    f"{self.min_updates}"
+                    f"{ctx.min_updates}"
                 )
         except RoundAbandoned as e:
             return _abandoned(state, ctx, started, str(e), traffic)

@@ -227,6 +227,7 @@ class Runner:
             aggregator=self.dp.aggregator if self.dp is not None else None,
             min_updates=min_updates,
             randomness=server_randomness(config),
+            secret_sample=self.dp is not None and self.dp.trust == "secret_sample",
         )
         self.eval_sites = self._eval_sites()
         self.baseline = unigram_baseline(dataset, self.eval_sites) if dataset is not None else None
@@ -294,7 +295,13 @@ class Runner:
             # which then counts once (its entry is met again when the round is redone).
             reproducible = self.config.privacy.insecure_reproducible_noise
             up_to = self.state.round if reproducible else None
-            self.dp.replay([LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in store.ledger(up_to)])
+            entries = store.ledger(up_to)
+            participants = [sites for _, sites in store.ledger_participants()][: len(entries)]
+            # A store written before participants were kept has none: charged to every site, never less.
+            self.dp.replay(
+                [LedgerEntry(z, s, q, k) for _, z, s, q, k, _ in entries],
+                [sites or None for sites in participants],
+            )
             clip = self.state.optimizer_state.get(CLIP_KEY)
             if clip is not None and self.dp.adaptive is not None:
                 self.dp.adaptive = replace(self.dp.adaptive, clip_norm=float(clip[0]))
@@ -318,13 +325,23 @@ class Runner:
         retries = 0
         while self.state.round < config.run.rounds:
             r = self.state.round + 1
-            if self.dp is not None and (reason := self.dp.over_budget(r)) is not None:
+            limits = self._limits(r)
+            if isinstance(limits, str):
                 # Only when the budget cannot pay for the first round left: every other stop happens after
                 # the last affordable round, below, once it is evaluated and checkpointed.
-                self._stop(reason, r - 1, observer)
+                self._stop(limits, r - 1, observer)
                 break
+            exclude, minimum = limits
             charge = self._charge if self.dp is not None else None
-            result = self.federation.round(self.state, self.backend, observer, charge, len(self.sites))
+            result = self.federation.round(
+                self.state,
+                self.backend,
+                observer,
+                charge,
+                len(self.sites),
+                exclude=exclude,
+                min_updates=minimum,
+            )
             if result.abandoned is not None and self.deployed and retries < config.deploy.round_retries:
                 # Too few sites answered (or secure aggregation could not finish): nothing was applied or
                 # spent, so the same round is tried again once the sites have had time to come back.
@@ -345,8 +362,8 @@ class Runner:
             totals["bytes_received"] += result.bytes_received
             observer.round_finished(result)
             stop = None
-            if self.dp is not None and r < config.run.rounds:
-                stop = self.dp.over_budget(r + 1)
+            if r < config.run.rounds and isinstance(next_limits := self._limits(r + 1), str):
+                stop = next_limits
             last = r == config.run.rounds or stop is not None
             if r % config.eval.every == 0 or last:
                 metrics = self.evaluate(result, totals)
@@ -361,9 +378,38 @@ class Runner:
         observer.run_finished(self)
         return self.state
 
+    def _limits(self, round: int) -> tuple[frozenset[str], int] | str:
+        """Who may take part in ``round`` and the fewest updates it may complete with, or why the run must
+        stop before it (the privacy budget).
+
+        The budget is never exceeded: under distributed DP a round with fewer updates carries less noise
+        and is charged more, so the round's minimum is the fewest updates whose charge keeps the worst site
+        (or the amplified epsilon) within the budget; a round that gets fewer is abandoned before anything
+        is unmasked or charged. Sites that would pass their budget by taking part once more are left out
+        (the budget is held per site against a server that knows who took part)."""
+        base = self.federation.min_updates or 1
+        if self.secure is not None:
+            base = max(base, self.secure.min_sites)
+        dp = self.dp
+        if dp is None or dp.target_epsilon <= 0:
+            return frozenset(), base
+        # Left out: sites that would pass their budget even in a round at the planned noise.
+        exclude = dp.exhausted(dp.share_sites) if dp.trust == "knows_sample" else frozenset()
+        reason = dp.over_budget(round, dp.share_sites, exclude)
+        if reason is not None:
+            return reason  # not even a round at the planned noise fits
+        low, high = base, dp.share_sites  # the charge no longer grows with more updates than share_sites
+        while low < high:  # the fewest updates that keep the round within the budget (monotone in it)
+            middle = (low + high) // 2
+            if dp.over_budget(round, middle, exclude) is None:
+                high = middle
+            else:
+                low = middle + 1
+        return frozenset(exclude), low
+
     def _charge(self, round: int, participants: Sequence[str]) -> None:
         assert self.dp is not None
-        spent = self.dp.charge(round, len(participants))
+        spent = self.dp.charge(round, list(participants))
         self.store.record_spend(
             round,
             tuple(spent.entry),  # type: ignore[arg-type]
@@ -458,8 +504,12 @@ class Runner:
     def _privacy_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         if self.dp is not None:
+            run = self.dp.spent()
             out.update(
-                epsilon=self.dp.epsilon(),
+                epsilon=run.epsilon,
+                epsilon_amplified=run.amplified,
+                epsilon_worst_site=run.worst_site,
+                epsilon_median_site=run.median_site,
                 delta=self.dp.delta,
                 noise_multiplier=self.dp.noise_multiplier,
                 clip_norm=self.dp.clip_norm,

@@ -91,7 +91,9 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
         "adaptive": adaptive,
     }
     if p.calibrate:
-        return SiteDP.calibrated(p.target_epsilon, config.run.rounds, **options)
+        participations = p.max_participations or None
+        rounds = config.run.rounds
+        return SiteDP.calibrated(p.target_epsilon, rounds, participations=participations, **options)
     return SiteDP(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, **options)
 
 

@@ -18,7 +18,7 @@ from confide.algorithms import algorithm
 from confide.core import Plan, Vector
 from confide.errors import ConfigError
 from confide.pipeline import Aggregator, Layer
-from confide.randomness import Stream, public_rng
+from confide.randomness import Randomness, Stream, public_rng
 from confide.registry import PERSONALIZATIONS
 from confide.server.aggregators import MeanState, WeightedMean
 from confide.server.optim import ServerOptimizer
@@ -80,15 +80,27 @@ class Strategy:
             return max(1, round(self.sites_per_round * available))
         return min(int(self.sites_per_round), available)
 
-    def select(self, round: int, sites: Sequence[str]) -> list[str]:
+    def select(self, round: int, sites: Sequence[str], secret: Randomness | None = None) -> list[str]:
         """The sites of round ``round`` in a stable order: ``count`` drawn uniformly without replacement, or
         under Poisson sampling each site independently with probability count / sites (so the number varies,
-        and may be zero)."""
-        rng = public_rng(self.seed, round, Stream.SELECT)
+        and may be zero).
+
+        The draw is public (from the run's seed, so a resumed run asks the same sites) unless ``secret`` is
+        given: amplification by sampling holds only against someone who cannot know the sample, and anyone
+        with the config knows the seed."""
+        if secret is not None:
+            uniforms = secret.uniform(len(sites))
+        else:
+            uniforms = public_rng(self.seed, round, Stream.SELECT).random(len(sites))
         if self.sampling == "poisson":
             rate = self.count(len(sites)) / len(sites)
-            return [sites[int(i)] for i in np.flatnonzero(rng.random(len(sites)) < rate)]
-        chosen = rng.choice(len(sites), self.count(len(sites)), replace=False)
+            return [sites[int(i)] for i in np.flatnonzero(uniforms < rate)]
+        if secret is None:  # the draw every seeded run has made so far
+            chosen = public_rng(self.seed, round, Stream.SELECT).choice(
+                len(sites), self.count(len(sites)), replace=False
+            )
+        else:
+            chosen = np.argsort(uniforms)[: self.count(len(sites))]
         return [sites[i] for i in np.sort(chosen)]
 
     def plans(self, round: int, sites: Sequence[str]) -> dict[str, Plan]:
