@@ -17,7 +17,7 @@ from confide.cli import main
 
 FAST = [
     "deploy.heartbeat_seconds=0.3",
-    "deploy.heartbeat_timeout=15",
+    "deploy.heartbeat_timeout=30",
     "deploy.retry_wait=0.5",
     "deploy.join_timeout=120",
 ]
