@@ -11,7 +11,7 @@ serves sends heartbeats, and it is given up for the current step when it has not
 ``heartbeat_timeout`` seconds. A site that has joined but not yet polled or beaten is still preparing (it
 builds its model and trainer from the run config, which on a busy machine or with a large model takes far
 longer than a heartbeat timeout, and it promises no heartbeats before it serves): it is held only to the
-work's own deadline (``task_timeout``), and the deployment does not count it as ready (:meth:`Hub.sessions`).
+work's own deadline (``task_timeout``): its work waits for it as for a slow site's.
 """
 
 from __future__ import annotations
@@ -219,9 +219,9 @@ class Hub:
             return set(self._told)
 
     def sessions(self) -> dict[str, Session]:
-        """The sites ready for work: joined, and serving (they have polled or sent a heartbeat since)."""
+        """The sites with a live session (serving, or still preparing: their work waits for them)."""
         with self._cond:
-            return {site: s for site, s in self._current.items() if s.serving}
+            return dict(self._current)
 
     def record(self, kind: str, message: str) -> None:
         log.warning("%s", message)
