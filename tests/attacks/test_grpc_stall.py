@@ -84,9 +84,9 @@ class Mallory:
             for call in foreign:
                 call.exception(timeout=60)
             stalled = self.upload(ticket, "stalled")
-            self.upload(ticket, "second").result(timeout=60)  # while the first one is open
+            self.upload(ticket, "second").exception(timeout=60)  # while the first one is open
             try:
-                stalled.result(timeout=300)  # until the server cancels it
+                stalled.exception(timeout=300)  # until the server cancels it
             except grpc.FutureTimeoutError:
                 return
 

@@ -159,7 +159,7 @@ class Servicer:
         if not self.hub.call_opened(site, kind, exclusive):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"site {site!r} already has a {kind} in progress; a site makes one at a time",
+                f"site {site!r} has a {kind} call in progress already; a site makes one at a time",
             )
         closed = threading.Event()
 
@@ -257,7 +257,7 @@ class Servicer:
         """One answer, read only once its session and ticket are known to be open, within the byte budget,
         and while it keeps moving; one upload per site at a time."""
         site = self.identify(context)
-        with self._open(site, "upload", context, exclusive=True), self.watchdog.watch(context) as watch:
+        with self._open(site, "submit", context, exclusive=True), self.watchdog.watch(context) as watch:
             upload = _Upload(site, context, watch)
             try:
                 reply = self._receive(upload, requests)
