@@ -17,9 +17,9 @@ from confide.cli import main
 
 FAST = [
     "deploy.heartbeat_seconds=0.3",
-    "deploy.heartbeat_timeout=15",
+    "deploy.heartbeat_timeout=30",
     "deploy.retry_wait=0.5",
-    "deploy.join_timeout=120",
+    "deploy.join_timeout=600",
 ]
 """Deadlines short enough for tests, yet long enough that a site slowed by a loaded machine is not dropped
 (the recovery tests, which kill sites on purpose, shorten the heartbeat timeout further)."""

@@ -119,6 +119,11 @@ def test_hostile_messages_get_error_replies_while_the_others_finish_the_run(
             metadata=metadata,
             timeout=30,
         )
+        # One heartbeat says she is serving (not still preparing), so the run starts with her in it.
+        beat = stub.Heartbeat(
+            pb.Beat(version=wire.VERSION, session=joined.session), metadata=metadata, timeout=30
+        )
+        assert beat.known
         for site in ("site0", "site1"):
             c.start_client(site, credentials[site], text_corpus)
         replies: dict[str, int] = {}
@@ -144,7 +149,7 @@ def test_hostile_messages_get_error_replies_while_the_others_finish_the_run(
         # A chunk over gRPC's own message limit is refused by gRPC itself, before our code sees it.
         big = pb.Chunk(data=bytes(wire.GRPC_MESSAGE_LIMIT + 1))
         try:
-            stub.Submit(iter([pb.Chunk(header=pb.Header(version=wire.VERSION)), big]), metadata=metadata)
+            stub.Submit(iter([big]), metadata=metadata, timeout=30)
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         else:
@@ -173,6 +178,7 @@ def test_hostile_messages_get_error_replies_while_the_others_finish_the_run(
         # answered no work), and the others finish the run.
         again = stub.Join(pb.JoinRequest(version=wire.VERSION, site="mallory"), metadata=metadata, timeout=30)
         assert again.session and again.run == "tiny"
+        stub.Heartbeat(pb.Beat(version=wire.VERSION, session=again.session), metadata=metadata, timeout=30)
         channel.close()
         assert c.wait_server() == 0, c.log("server")
         assert set(c.wait_clients().values()) == {0}, c.log("site0")

@@ -1,37 +1,52 @@
 """The server side of a deployment: a gRPC service the sites dial, and a Backend the federation drives.
 
 Only the server listens. A site joins, then pulls its work with a long poll and answers with a submit, so a
-hospital needs no inbound port. The :class:`Hub` is the meeting point of the two sides: the federation (one
-thread, through :class:`GrpcBackend`) posts at most one piece of work per site at a time and collects the
-answers; the gRPC threads hand each site its work and file its answers. A piece of work stays posted until it
-is answered or given up, so a site whose connection broke, or whose process was restarted, simply gets it
-again at its next poll. A site waiting in an open poll is alive; otherwise it is given up for the current step
-when it has not been heard from (a call or a heartbeat) for ``heartbeat_timeout`` seconds, or when the step's
-deadline passes, and the federation goes on without it, as with a dropout in simulation.
+hospital needs no inbound port. The :class:`~confide.runtime.grpc.hub.Hub` is where the two sides meet (and
+says who is alive); :mod:`confide.runtime.grpc.flow` bounds what a hostile enrolled site can hold (memory,
+threads, time) and counts the bytes every call moves. This module is the service itself: authentication
+before anything is decoded, and the checks on what each site may send.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
-import secrets
 import threading
-import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
-import numpy as np
+from google.protobuf.message import Message as ProtoMessage
 
 from confide.core import Plan, Update, Vector
 from confide.errors import ConfideError, WireError
 from confide.runtime.federation import SiteEvaluation, Task
 from confide.runtime.grpc import confide_pb2 as pb
-from confide.runtime.grpc import confide_pb2_grpc as pb_grpc
 from confide.runtime.grpc import wire
+from confide.runtime.grpc.flow import Abandoned, ByteBudget, Traffic, Watch, Watchdog
+from confide.runtime.grpc.hub import Hub, Result, Session, SessionGone, Work
+
+__all__ = [
+    "MODEL_WORK",
+    "FederationClient",
+    "GrpcBackend",
+    "Hub",
+    "Result",
+    "Servicer",
+    "Session",
+    "SessionGone",
+    "Traffic",
+    "Work",
+    "channel_options",
+    "rpc_handlers",
+    "start_server",
+]
+
+M = TypeVar("M", bound=ProtoMessage)
 
 log = logging.getLogger(__name__)
 
@@ -45,242 +60,6 @@ it on its shared model, one site at a time."""
 SERVICE = pb.DESCRIPTOR.services_by_name["Federation"].full_name
 """confide.v1.Federation, as confide.proto names it."""
 
-ANSWERS = {
-    "train": ("update", "failure"),
-    "evaluate": ("evaluation", "failure"),
-    "exchange": ("answer", "failure"),
-}
-"""What a site may send back for each kind of work."""
-
-
-@dataclass
-class Work:
-    """One piece of work posted for one site: the header and tensors it travels as, and its deadline."""
-
-    ticket: int
-    site: str
-    header: pb.Header
-    tensors: list[tuple[str, np.ndarray]]
-    posted: float
-    deadline: float
-
-    @property
-    def kind(self) -> str:
-        return self.header.WhichOneof("body") or ""
-
-
-@dataclass
-class Result:
-    """A site's answer to a piece of work: the decoded value, or why the site could not do it."""
-
-    work: Work
-    value: Any = None
-    failure: str | None = None
-
-
-@dataclass
-class Session:
-    site: str
-    id: bytes
-    num_train: int
-    num_test: int
-    joined: float = field(default_factory=time.monotonic)
-
-
-class SessionGone(Exception):
-    """The session is no longer the site's current one (the site joined again, or the server restarted)."""
-
-
-class Hub:
-    """Where the federation's work meets the sites' polls. Thread-safe; every wait is bounded."""
-
-    def __init__(
-        self,
-        heartbeat_timeout: float = 20.0,
-        task_timeout: float = 600.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.heartbeat_timeout = heartbeat_timeout
-        self.task_timeout = task_timeout
-        self.clock = clock
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
-        self._wake: dict[str, threading.Condition] = {}
-        """Per site, on the same lock: a post wakes only the site it is for (not every waiting poll)."""
-        self._sessions: dict[bytes, Session] = {}
-        self._current: dict[str, Session] = {}
-        self._seen: dict[str, float] = {}
-        self._polling: dict[str, int] = {}
-        """Open polls per site: a site waiting on one is alive, however long since it last called."""
-        self._pending: dict[str, Work] = {}
-        self._results: queue.SimpleQueue[Result] = queue.SimpleQueue()
-        self._tickets = itertools.count(1)
-        self.stopped: str | None = None
-        self._told: set[str] = set()
-        self.events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
-        """(kind, message) of what the server should record: refusals, drops. Drained by the run's thread."""
-
-    # -- the sites' side (gRPC threads) ------------------------------------------------------------------
-
-    def join(self, site: str, num_train: int, num_test: int) -> Session:
-        session = Session(site, secrets.token_bytes(16), num_train, num_test)
-        with self._cond:
-            old = self._current.get(site)
-            if old is not None:
-                self._sessions.pop(old.id, None)
-            self._sessions[session.id] = session
-            self._current[site] = session
-            self._seen[site] = self.clock()
-            self._wake_site(site)  # an older session's poll ends
-        return session
-
-    def _wake_site(self, site: str) -> None:
-        """Wake the polls of ``site`` (the caller holds the lock)."""
-        wake = self._wake.get(site)
-        if wake is None:
-            wake = self._wake[site] = threading.Condition(self._lock)
-        wake.notify_all()
-
-    def session(self, session_id: bytes, site: str) -> Session:
-        """The live session ``session_id`` of ``site``; SessionGone when it is not (or not the site's)."""
-        with self._cond:
-            session = self._sessions.get(session_id)
-            if session is None or session.site != site:
-                raise SessionGone(site)
-            self._seen[site] = self.clock()
-            return session
-
-    def beat(self, session_id: bytes, site: str) -> bool:
-        try:
-            self.session(session_id, site)
-        except SessionGone:
-            return False
-        return True
-
-    def next_work(self, session: Session, wait: float) -> Work | str | None:
-        """The site's posted work, the reason the run stopped, or None when nothing came within ``wait``."""
-        end = self.clock() + wait
-        with self._cond:
-            while True:
-                if self._sessions.get(session.id) is not session:
-                    raise SessionGone(session.site)
-                self._seen[session.site] = self.clock()
-                if self.stopped is not None:
-                    self._told.add(session.site)
-                    return self.stopped
-                work = self._pending.get(session.site)
-                if work is not None:
-                    return work
-                remaining = end - self.clock()
-                if remaining <= 0:
-                    return None
-                self._wake[session.site].wait(remaining)
-
-    def submit(self, site: str, ticket: int, value: Any = None, failure: str | None = None) -> str | None:
-        """File ``site``'s answer to ``ticket``; the reason it is refused, or None."""
-        with self._cond:
-            self._seen[site] = self.clock()
-            work = self._pending.get(site)
-            if work is None or work.ticket != ticket:
-                return (
-                    f"ticket {ticket} is not open for site {site!r} (it was answered, given up after a "
-                    "timeout, or never posted to this site)"
-                )
-            del self._pending[site]
-        self._results.put(Result(work, value, failure))
-        return None
-
-    def poll_opened(self, site: str) -> None:
-        with self._cond:
-            self._polling[site] = self._polling.get(site, 0) + 1
-
-    def poll_closed(self, site: str) -> None:
-        """A poll ended: answered, timed out, or its connection broke (gRPC says so at once)."""
-        with self._cond:
-            self._polling[site] = max(self._polling.get(site, 0) - 1, 0)
-            self._seen[site] = self.clock()
-
-    def open_work(self, site: str, ticket: int) -> Work | None:
-        """``site``'s posted work if its ticket is ``ticket``."""
-        with self._cond:
-            work = self._pending.get(site)
-            return work if work is not None and work.ticket == ticket else None
-
-    def told_to_stop(self) -> set[str]:
-        """The sites that have heard that the run is over."""
-        with self._cond:
-            return set(self._told)
-
-    def sessions(self) -> dict[str, Session]:
-        with self._cond:
-            return dict(self._current)
-
-    def record(self, kind: str, message: str) -> None:
-        log.warning("%s", message)
-        self.events.put((kind, message))
-
-    # -- the federation's side (one thread) --------------------------------------------------------------
-
-    def post(self, site: str, message: tuple[pb.Header, list[tuple[str, np.ndarray]]]) -> Work:
-        """Post ``message`` (its header gets a fresh ticket) as ``site``'s work, replacing any older work."""
-        header, tensors = message
-        header.ticket = next(self._tickets)
-        now = self.clock()
-        work = Work(header.ticket, site, header, tensors, now, now + self.task_timeout)
-        with self._cond:
-            self._pending[site] = work
-            self._wake_site(site)
-        return work
-
-    def collect(self, works: Sequence[Work]) -> Iterator[Result]:
-        """Each site's answer as it arrives; a site silent past the heartbeat timeout, or past the work's
-        deadline, is given up and its work withdrawn."""
-        open_ = {w.ticket: w for w in works}
-        while open_:
-            try:
-                result = self._results.get(timeout=0.2)
-            except queue.Empty:
-                result = None
-            if result is not None:
-                if open_.pop(result.work.ticket, None) is not None:
-                    yield result
-                continue
-            now = self.clock()
-            with self._cond:
-                for ticket, w in list(open_.items()):
-                    seen = now if self._polling.get(w.site) else self._seen.get(w.site, 0.0)
-                    # A connected site gets the full timeout from the posting; one without a session (given up
-                    # earlier, or never joined) is measured from when it was last heard of, so a dead site
-                    # costs the run one timeout, not one per step.
-                    silent = now - (max(seen, w.posted) if w.site in self._current else seen)
-                    if silent <= self.heartbeat_timeout and now <= w.deadline:
-                        continue
-                    del open_[ticket]
-                    if self._pending.get(w.site) is w:
-                        del self._pending[w.site]
-                    if silent > self.heartbeat_timeout:
-                        self._forget(w.site)
-                    why = (
-                        f"not heard from for {silent:.0f} s"
-                        if silent > self.heartbeat_timeout
-                        else f"past its {self.task_timeout:.0f} s deadline"
-                    )
-                    self.events.put(("dropped", f"site {w.site} dropped from a {w.kind} step: {why}"))
-                    log.info("site %s dropped from a %s step: %s", w.site, w.kind, why)
-
-    def _forget(self, site: str) -> None:
-        """End a silent site's session: when it comes back it joins again (its client does so by itself)."""
-        session = self._current.pop(site, None)
-        if session is not None:
-            self._sessions.pop(session.id, None)
-            self._wake_site(site)
-
-    def stop(self, reason: str) -> None:
-        with self._cond:
-            self.stopped = reason
-            for wake in self._wake.values():
-                wake.notify_all()
-
 
 # -- the gRPC service ---------------------------------------------------------------------------------------
 
@@ -289,31 +68,32 @@ Identify = Callable[[grpc.ServicerContext], str]
 """Who is calling: the authenticated site, or a refusal (the context is aborted with UNAUTHENTICATED)."""
 
 
-class ByteBudget:
-    """Bytes of messages being read at once. A reader waits while its message would overrun the budget, and
-    gRPC's flow control holds its sender back meanwhile; a message larger than the whole budget is read when
-    nothing else is, so every message is read eventually."""
+UNARY_LIMIT = 64 << 10
+"""The largest request of a unary call (join, heartbeat, poll, fetch) the service decodes: each is a few dozen
+bytes. (gRPC itself receives up to GRPC_MESSAGE_LIMIT, the limit of an upload's chunks, before any handler
+runs; nothing of it is decoded unless the caller is authenticated and it fits here.)"""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._cond = threading.Condition()
-
-    def take(self, n: int) -> int:
-        n = min(n, self.capacity)
-        with self._cond:
-            self._cond.wait_for(lambda: self.used + n <= self.capacity)
-            self.used += n
-        return n
-
-    def give(self, n: int) -> None:
-        with self._cond:
-            self.used -= n
-            self._cond.notify_all()
+STALL_SECONDS = 120.0
+"""A stream that moves no message for this long is cancelled (a chunk is 4 MiB: this allows an uplink of
+about 0.3 Mbit/s)."""
 
 
-class Servicer(pb_grpc.FederationServicer):
-    """The four RPCs. Every call is authenticated; a site can only join as itself and answer its own work."""
+class _Turned(Exception):
+    """An upload turned away from its header, before any of its data is read: aborted with ``code``, or (no
+    code) answered with a SubmitReply that says why it was not accepted."""
+
+    def __init__(self, reason: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+
+
+class Servicer:
+    """The five RPCs. Every call is authenticated before any of its request is decoded; a site can only join
+    as itself, answer its own open work, and upload one answer at a time.
+
+    Requests arrive as the raw bytes gRPC received (the service's deserializers are the identity) and replies
+    leave as bytes this class encoded: so a refused caller's request is never parsed, and every message is
+    counted, per site and direction, in ``hub.traffic`` where it is decoded or encoded."""
 
     def __init__(
         self,
@@ -323,6 +103,8 @@ class Servicer(pb_grpc.FederationServicer):
         reply: Callable[[], pb.JoinReply],
         limit: int,
         buffer: int = 2 << 30,
+        *,
+        stall_seconds: float = STALL_SECONDS,
     ) -> None:
         self.hub = hub
         self.identify = identify
@@ -330,9 +112,75 @@ class Servicer(pb_grpc.FederationServicer):
         self.reply = reply
         self.limit = limit
         self.budget = ByteBudget(buffer)
+        self.watchdog = Watchdog(stall_seconds)
+        self.parsed: Counter[str] = Counter()
+        """Requests decoded, per method: what the service spent parsing (a refused caller's is never)."""
+        self._parsed_lock = threading.Lock()
 
-    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+    # -- requests and replies as bytes -------------------------------------------------------------------
+
+    def _parse(self, site: str, message: type[M], raw: bytes, context: grpc.ServicerContext) -> M:
+        """The request of an authenticated unary call, decoded (and counted)."""
+        self.hub.traffic.received(site, len(raw))
+        if len(raw) > UNARY_LIMIT:
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a {message.__name__} of {len(raw):,} bytes; the limit is {UNARY_LIMIT:,}",
+            )
+        with self._parsed_lock:
+            self.parsed[message.__name__] += 1
+        try:
+            return message.FromString(raw)
+        except Exception:  # protobuf's DecodeError
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {message.__name__} message"
+            )
+            raise  # abort raises; this line is for type checkers
+
+    def _encode(self, site: str, message: pb.JoinReply | pb.BeatReply | pb.SubmitReply) -> bytes:
+        data = message.SerializeToString()
+        self.hub.traffic.sent(site, len(data))
+        return data
+
+    def _stream(self, site: str, parts: Iterable[wire.Part], watch: Watch) -> Iterator[bytes]:
+        """``parts`` encoded, counted, and each one's sending noted by ``watch`` (a reader that stops reading
+        is cancelled by the watchdog)."""
+        for part in parts:
+            data = wire.encode_chunk(part)
+            self.hub.traffic.sent(site, len(data))
+            yield data
+            watch.moved()
+
+    @contextmanager
+    def _open(
+        self, site: str, kind: str, context: grpc.ServicerContext, exclusive: bool = False
+    ) -> Iterator[None]:
+        """The call counts as open (its site is connected) until it ends; gRPC says at once when it does."""
+        if not self.hub.call_opened(site, kind, exclusive):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"site {site!r} has a {kind} call in progress already; a site makes one at a time",
+            )
+        closed = threading.Event()
+
+        def close() -> None:
+            if not closed.is_set():
+                closed.set()
+                self.hub.call_closed(site, kind)
+                self.budget.wake()
+
+        if not context.add_callback(close):
+            close()  # the call already ended
+        try:
+            yield
+        finally:
+            close()
+
+    # -- the RPCs --------------------------------------------------------------------------------------------
+
+    def Join(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         site = self.identify(context)
+        request = self._parse(site, pb.JoinRequest, raw, context)
         if request.version != wire.VERSION:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -355,94 +203,133 @@ class Servicer(pb_grpc.FederationServicer):
         log.info("site %s joined (%d train windows, %s)", site, request.num_train, request.software)
         reply = self.reply()
         reply.session = session.id
-        return reply
+        return self._encode(site, reply)
 
-    def Heartbeat(self, request: pb.Beat, context: grpc.ServicerContext) -> pb.BeatReply:
+    def Heartbeat(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         site = self.identify(context)
-        return pb.BeatReply(known=self.hub.beat(request.session, site))
+        request = self._parse(site, pb.Beat, raw, context)
+        return self._encode(site, pb.BeatReply(known=self.hub.beat(request.session, site)))
 
-    def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> Iterator[wire.Part]:
+    def Poll(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self.identify(context)
-        self.hub.poll_opened(site)
-        if not context.add_callback(lambda: self.hub.poll_closed(site)):
-            self.hub.poll_closed(site)  # the call already ended
-        try:
-            session = self.hub.session(request.session, site)
-            work = self.hub.next_work(session, min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS))
-        except SessionGone:
-            context.abort(grpc.StatusCode.NOT_FOUND, "this session is no longer known; join again")
-        if work is None:
-            yield from wire.chunks(pb.Header(idle=pb.Idle()))
-        elif isinstance(work, str):
-            yield from wire.chunks(pb.Header(stop=pb.Stop(reason=work)))
-        else:
+        request = self._parse(site, pb.PollRequest, raw, context)
+        with self._open(site, "poll", context):
+            try:
+                session = self.hub.session(request.session, site)
+                wait = min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS)
+                work = self.hub.next_work(session, wait, context.is_active)
+            except SessionGone:
+                context.abort(grpc.StatusCode.NOT_FOUND, "this session is no longer known; join again")
+            with self.watchdog.watch(context) as watch:
+                if work is None:
+                    yield from self._stream(site, wire.chunks(pb.Header(idle=pb.Idle())), watch)
+                elif isinstance(work, str):
+                    yield from self._stream(site, wire.chunks(pb.Header(stop=pb.Stop(reason=work))), watch)
+                else:
+                    header = pb.Header()
+                    header.CopyFrom(work.header)
+                    parts = wire.chunks(header, work.tensors)
+                    if request.header_only and work.kind in MODEL_WORK:
+                        parts = itertools.islice(parts, 1)  # the header, describing what a Fetch brings
+                    yield from self._stream(site, parts, watch)
+
+    def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        site = self.identify(context)
+        request = self._parse(site, pb.FetchRequest, raw, context)
+        with self._open(site, "fetch", context, exclusive=True):
+            try:
+                self.hub.session(request.session, site)
+            except SessionGone:
+                context.abort(grpc.StatusCode.NOT_FOUND, "this session is no longer known; join again")
+            work = self.hub.open_work(site, request.ticket)
+            if work is None:
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"ticket {request.ticket} is not open for this site (answered or given up); poll again",
+                )
+                return
             header = pb.Header()
             header.CopyFrom(work.header)
-            parts = wire.chunks(header, work.tensors)
-            if request.header_only and work.kind in MODEL_WORK:
-                yield next(parts)  # the header, describing the tensors a Fetch will bring
-            else:
-                yield from parts
+            with self.watchdog.watch(context) as watch:
+                yield from self._stream(site, wire.chunks(header, work.tensors), watch)
 
-    def Fetch(self, request: pb.FetchRequest, context: grpc.ServicerContext) -> Iterator[wire.Part]:
+    def Submit(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """One answer, read only once its session and ticket are known to be open, within the byte budget,
+        and while it keeps moving; one upload per site at a time."""
         site = self.identify(context)
-        try:
-            self.hub.session(request.session, site)
-        except SessionGone:
-            context.abort(grpc.StatusCode.NOT_FOUND, "this session is no longer known; join again")
-        work = self.hub.open_work(site, request.ticket)
-        if work is None:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"ticket {request.ticket} is not open for this site (answered or given up); poll again",
-            )
-            return
-        header = pb.Header()
-        header.CopyFrom(work.header)
-        yield from wire.chunks(header, work.tensors)
+        with self._open(site, "submit", context, exclusive=True), self.watchdog.watch(context) as watch:
+            upload = _Upload(site, context, watch)
+            try:
+                reply = self._receive(upload, requests)
+            except grpc.RpcError:  # the call ended while it was read: the site went, or the watchdog ended it
+                reply = pb.SubmitReply(accepted=False, reason="the upload ended before it was complete")
+            finally:
+                self.budget.give(upload.taken)
+            if watch.cancelled is not None and upload.ticket:
+                self._fail(site, upload.ticket, f"an upload that was cancelled: {watch.cancelled}", "stalled")
+            return self._encode(site, reply)
 
-    def Submit(self, request_iterator: Iterator[wire.Part], context: grpc.ServicerContext) -> pb.SubmitReply:
-        site = self.identify(context)
-        taken = 0
+    def _receive(self, upload: _Upload, requests: Iterator[bytes]) -> pb.SubmitReply:
+        site, context = upload.site, upload.context
 
-        def admit(header: pb.Header) -> None:
-            nonlocal taken
-            taken = self.budget.take(wire.declared_bytes(header))
+        def parts() -> Iterator[wire.Part]:
+            for raw in requests:
+                self.hub.traffic.received(site, len(raw))
+                upload.watch.moved()
+                yield wire.decode_chunk(raw)
 
         try:
-            return self._submit(site, request_iterator, context, admit)
-        finally:
-            self.budget.give(taken)
-
-    def _submit(
-        self,
-        site: str,
-        request_iterator: Iterator[wire.Part],
-        context: grpc.ServicerContext,
-        admit: Callable[[pb.Header], None],
-    ) -> pb.SubmitReply:
-        try:
-            message = wire.assemble(request_iterator, self.limit, admit)
+            message = wire.assemble(parts(), self.limit, lambda header: self._admit(upload, header))
+        except _Turned as e:
+            if e.code is not None:
+                context.abort(e.code, str(e))
+            return pb.SubmitReply(accepted=False, reason=str(e))
         except WireError as e:
-            self._fail(site, getattr(e, "header", None), f"a malformed message: {e}")
+            header = getattr(e, "header", None)
+            self._fail(site, header.ticket if header is not None else 0, f"a malformed message: {e}")
             code = (
                 grpc.StatusCode.RESOURCE_EXHAUSTED if "limit" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
             )
             context.abort(code, str(e))
-        header = message.header
-        try:
-            self.hub.session(header.session, site)
-        except SessionGone:
-            context.abort(grpc.StatusCode.NOT_FOUND, "this session is no longer known; join again")
+        finally:
+            upload.watch.finish()  # read (or refused): the work's answer may now close its ticket
         try:
             value, failure = self._read(site, message)
         except WireError as e:
-            self._fail(site, header, f"a malformed {message.kind}: {e}")
+            self._fail(site, message.header.ticket, f"a malformed {message.kind}: {e}")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        refused = self.hub.submit(site, header.ticket, value, failure)
+        refused = self.hub.submit(site, message.header.ticket, value, failure)
         if refused is not None:
             return pb.SubmitReply(accepted=False, reason=refused)
         return pb.SubmitReply(accepted=True)
+
+    def _admit(self, upload: _Upload, header: pb.Header) -> None:
+        """Let an answer's data in: only for the sender's live session and open ticket (checked before a byte
+        of budget is taken), and only once its declared bytes fit in the budget."""
+        site, ticket = upload.site, header.ticket
+        try:
+            self.hub.session(header.session, site)
+        except SessionGone:
+            raise _Turned("this session is no longer known; join again", grpc.StatusCode.NOT_FOUND) from None
+        if self.hub.open_work(site, ticket) is None:
+            raise _Turned(
+                f"ticket {ticket} is not open for site {site!r} (it was answered, given up after a timeout, "
+                "or never posted to this site)"
+            )
+        upload.ticket = ticket
+
+        def withdrawn() -> str | None:
+            return None if self.hub.open_work(site, ticket) is not None else "its work was withdrawn"
+
+        def abandoned() -> str | None:
+            return withdrawn() if upload.context.is_active() else "its call ended"
+
+        upload.watch.check = withdrawn
+        with upload.watch.pause():
+            try:
+                upload.taken = self.budget.take(wire.declared_bytes(header), abandoned)
+            except Abandoned as e:
+                raise _Turned(f"the upload waited for memory to read it until {e}") from None
 
     def _read(self, site: str, message: wire.Message) -> tuple[Any, str | None]:
         kind = message.kind
@@ -463,11 +350,23 @@ class Servicer(pb_grpc.FederationServicer):
             return wire.read_answer(message), None
         raise WireError(f"a site cannot send a {kind or 'message without a body'}")
 
-    def _fail(self, site: str, header: pb.Header | None, reason: str) -> None:
-        """A malformed answer to open work ends the site's part in that step at once (no waiting)."""
-        self.hub.record("malformed", f"site {site} sent {reason}")
-        if header is not None and header.ticket:
-            self.hub.submit(site, header.ticket, failure=reason)
+    def _fail(self, site: str, ticket: int, reason: str, kind: str = "malformed") -> None:
+        """A malformed or stalled answer to open work ends the site's part in that step at once (no waiting,
+        and no second try at holding the server's memory in the same step)."""
+        self.hub.record(kind, f"site {site} sent {reason}")
+        if ticket:
+            self.hub.submit(site, ticket, failure=reason)
+
+
+@dataclass
+class _Upload:
+    """One Submit call as it is read."""
+
+    site: str
+    context: grpc.ServicerContext
+    watch: Watch
+    ticket: int = 0
+    taken: int = 0
 
 
 def _check_kind(work: Work, result: Result) -> Result:
@@ -524,6 +423,11 @@ class GrpcBackend:
             if result.value:
                 yield result.work.site, result.value
 
+    def traffic(self) -> Traffic:
+        """Bytes moved with every site so far, each way (cumulative: a round's are the difference of this
+        before and after it), counted where each message is encoded or decoded."""
+        return self.hub.traffic.total()
+
     def close(self) -> None:
         pass
 
@@ -542,26 +446,18 @@ def channel_options(limit: int) -> list[tuple[str, Any]]:
 
 
 def rpc_handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
-    """The service of confide.proto, with chunks (de)serialized by :mod:`wire`: tensor bytes are copied once
-    into each outgoing chunk and not at all out of an incoming one."""
+    """The service of confide.proto. Requests reach the servicer as the bytes gRPC received and replies leave
+    as the bytes it encoded (no (de)serializer here): it authenticates a call before it decodes anything, and
+    counts each message, and tensor bytes are copied once into each outgoing chunk and not at all out of an
+    incoming one."""
     return grpc.method_handlers_generic_handler(
         SERVICE,
         {
-            "Join": grpc.unary_unary_rpc_method_handler(
-                servicer.Join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString
-            ),
-            "Heartbeat": grpc.unary_unary_rpc_method_handler(
-                servicer.Heartbeat, pb.Beat.FromString, pb.BeatReply.SerializeToString
-            ),
-            "Poll": grpc.unary_stream_rpc_method_handler(
-                servicer.Poll, pb.PollRequest.FromString, wire.encode_chunk
-            ),
-            "Fetch": grpc.unary_stream_rpc_method_handler(
-                servicer.Fetch, pb.FetchRequest.FromString, wire.encode_chunk
-            ),
-            "Submit": grpc.stream_unary_rpc_method_handler(
-                servicer.Submit, wire.decode_chunk, pb.SubmitReply.SerializeToString
-            ),
+            "Join": grpc.unary_unary_rpc_method_handler(servicer.Join),
+            "Heartbeat": grpc.unary_unary_rpc_method_handler(servicer.Heartbeat),
+            "Poll": grpc.unary_stream_rpc_method_handler(servicer.Poll),
+            "Fetch": grpc.unary_stream_rpc_method_handler(servicer.Fetch),
+            "Submit": grpc.stream_unary_rpc_method_handler(servicer.Submit),
         },
     )
 
