@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from confide.core import Layout, Update
+from confide.core import Layout
 from confide.errors import UpdateError
 
 
@@ -47,9 +47,3 @@ def test_unflatten_gives_views() -> None:
 def test_check_refuses_wrong_vectors(bad: object) -> None:
     with pytest.raises(UpdateError, match=r"flat float32 array of 24|numpy array"):
         Layout.of_module(model()).check(bad)
-
-
-def test_update_bytes_count_its_arrays() -> None:
-    u = Update("a", 1, 10, np.zeros(100, np.float32), 0, metrics={"train_loss": 1.0})
-    assert u.nbytes >= 400
-    assert Update("a", 1, 10, None, 0, payload={"c": np.zeros(50, np.uint8)}).nbytes >= 50

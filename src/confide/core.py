@@ -192,15 +192,6 @@ class Update:
             raise UpdateError(f"site {self.site!r} sent {self.vector.size} values; the model has {size}")
         return self.vector
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes this update occupies on the wire: its arrays plus a small fixed header."""
-        total = 64 + 16 * len(self.metrics)
-        if self.vector is not None:
-            total += self.vector.nbytes
-        for value in self.payload.values():
-            total += value.nbytes if isinstance(value, np.ndarray) else len(repr(value))
-        return total
 
 
 EXAMPLES = "examples"
@@ -232,3 +223,19 @@ class SiteEvaluation:
     loss_sum: float
     correct: int
     targets: int
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes of messages moved each way, seen from the server: ``sent`` to sites, ``received`` from them.
+    Backends count them where messages are serialized (cumulative: a round's bytes are the difference of
+    two readings)."""
+
+    sent: int = 0
+    received: int = 0
+
+    def __add__(self, other: Traffic) -> Traffic:
+        return Traffic(self.sent + other.sent, self.received + other.received)
+
+    def __sub__(self, other: Traffic) -> Traffic:
+        return Traffic(self.sent - other.sent, self.received - other.received)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from confide import config
-from confide.core import SiteEvaluation, Task, Update, Vector
+from confide.core import SiteEvaluation, Task, Traffic, Update, Vector
 from confide.runtime.federation import Backend
 from confide.runtime.grpc import wire
 from confide.runtime.runner import Runner
@@ -43,6 +43,9 @@ class Eavesdrop:
 
     def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
         return self.inner.exchange(messages)
+
+    def traffic(self) -> Traffic:
+        return self.inner.traffic()
 
     def close(self) -> None:
         self.inner.close()

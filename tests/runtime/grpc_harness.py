@@ -25,15 +25,25 @@ FAST = [
 (the recovery tests, which kill sites on purpose, shorten the heartbeat timeout further)."""
 
 
-def enroll(directory: Path, sites: list[str], certificate: bool = False) -> dict[str, Path]:
-    """A development CA and server certificate in ``directory``, and a credentials file per site."""
+def enroll(
+    directory: Path, sites: list[str], certificate: bool = False, identity: bool = False
+) -> dict[str, Path]:
+    """A development CA and server certificate in ``directory``, and a credentials file per site. With
+    ``certificate`` (mTLS) or ``identity`` (a token, and an identity key for authenticated secure
+    aggregation) each site makes its own keys (``confide keys``) and the server signs its request."""
     if not (directory / "server.pem").exists():
         assert main(["certs", "--dir", str(directory)]) == 0
     files = {}
     for site in sites:
-        out = directory / f"{site}.json"
+        home = directory.parent / f"site-{site}"
+        out = home / f"{site}.json"
         args = ["enroll", site, "--dir", str(directory), "--out", str(out)]
-        assert main([*args, "--certificate"] if certificate else args) == 0
+        if certificate or identity:
+            assert main(["keys", site, "--dir", str(home)]) == 0
+            args += ["--csr", str(home / f"{site}.csr"), "--auth", "mtls" if certificate else "token"]
+        else:
+            home.mkdir(parents=True, exist_ok=True)
+        assert main(args) == 0
         files[site] = out
     return files
 

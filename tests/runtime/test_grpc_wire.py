@@ -182,3 +182,19 @@ def test_other_chunks_go_through_protobuf_and_garbage_is_a_wire_error() -> None:
     assert isinstance(wire.decode_chunk(mixed), pb.Chunk) and wire.decode_chunk(mixed).data == b"de"
     with pytest.raises(WireError, match="not a valid protobuf"):
         wire.decode_chunk(b"\x12\x05ab")  # declares 5 bytes, holds 2
+
+
+def test_message_bytes_is_what_the_chunks_encode_to_without_copying() -> None:
+    """The local backend counts a message's bytes with message_bytes: exactly the encoded chunks, each with
+    gRPC's 5-byte prefix, for a tensor spread over several chunks and for one that fits in the header's."""
+    from confide.core import Task
+
+    weights = np.arange(1_500_000, dtype=np.float32)  # 6 MB: two data chunks
+    task = Task("s", Plan(round=3, seed=9), 2, {"control": np.ones(10, np.float32)})
+    header, tensors = wire.train_message(7, task, weights)
+    encoded = [wire.encode_chunk(c) for c in wire.chunks(header, tensors)]
+    assert len(encoded) == 4  # header, two chunks of the weights, the control variate
+    header, tensors = wire.train_message(7, task, weights)
+    assert wire.message_bytes(header, tensors) == sum(len(e) + wire.GRPC_FRAME for e in encoded)
+    answer = wire.answer_message(1, b"session", b"")
+    assert wire.message_bytes(*answer) == len(wire.encode_chunk(next(wire.chunks(*answer)))) + 5

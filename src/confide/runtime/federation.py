@@ -18,16 +18,22 @@ from typing import Protocol
 
 import numpy as np
 
-from confide.core import COMPUTE_SECONDS, EXAMPLES, LOSS_SUM, Plan, SiteEvaluation, Task, Update, Vector
+from confide.core import (
+    COMPUTE_SECONDS,
+    EXAMPLES,
+    LOSS_SUM,
+    Plan,
+    SiteEvaluation,
+    Task,
+    Traffic,
+    Update,
+    Vector,
+)
 from confide.errors import UpdateError
 from confide.pipeline import Aggregator, Layer, RoundAbandoned, RoundContext, check_stack
 from confide.randomness import Randomness, SecretRandomness
 from confide.server.strategy import Strategy
 from confide.server.validate import ValidateLayer
-
-PLAN_HEADER_BYTES = 64
-"""What a task costs on the wire besides the weights: round, seed, epochs, batch size, learning rate."""
-EVALUATION_BYTES = 48
 
 
 class Backend(Protocol):
@@ -53,15 +59,11 @@ class Backend(Protocol):
         with something. Multi-step protocols (secure aggregation) run over this in every backend."""
         ...
 
+    def traffic(self) -> Traffic:
+        """Bytes moved so far each way, counted where the backend serializes its messages (cumulative)."""
+        ...
+
     def close(self) -> None: ...
-
-
-@dataclass
-class _Traffic:
-    """Bytes that crossed between the server and the sites in one round, each way."""
-
-    sent: int = 0
-    received: int = 0
 
 
 @dataclass
@@ -174,15 +176,9 @@ class Federation:
         plans = self.strategy.plans(r, sites)
         if observer is not None:
             observer.round_started(r, sites)
-        traffic = _Traffic()
+        counted = backend.traffic()
         shared = self.strategy.shared
         size = state.weights.size if shared is None else shared.size
-
-        def exchange(messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
-            traffic.sent += sum(len(m) for m in messages.values())
-            for site, answer in backend.exchange(messages):
-                traffic.received += len(answer)
-                yield site, answer
 
         ctx = RoundContext(
             round=r,
@@ -190,7 +186,7 @@ class Federation:
             tasks={site: Task(site, plans[site], model_version=state.round) for site in sites},
             weights=state.weights,
             server_state=state.optimizer_state,
-            exchange=exchange,
+            exchange=backend.exchange,
             min_updates=max(self.min_updates, min_updates or 0),
             randomness=randomness,
             population=population if population is not None else len(everyone),
@@ -199,7 +195,7 @@ class Federation:
             shared=shared,
         )
         try:
-            self._run(ctx, state, backend, traffic, observer)
+            self._run(ctx, state, backend, observer)
             reported = len(ctx.participants)
             if reported < ctx.min_updates:
                 raise RoundAbandoned(
@@ -207,7 +203,7 @@ class Federation:
                     f"{ctx.min_updates}"
                 )
         except RoundAbandoned as e:
-            return _abandoned(state, ctx, started, str(e), traffic)
+            return _abandoned(state, ctx, started, str(e), backend.traffic() - counted)
         if charge is not None:
             charge(r, ctx.participants)
         if ctx.participants:
@@ -221,7 +217,7 @@ class Federation:
             for layer in self.layers:
                 layer.finish(ctx)
         state.round = r
-        return _result(ctx, started, traffic)
+        return _result(ctx, started, backend.traffic() - counted)
 
     def _decode(self, update: Update, ctx: RoundContext) -> Update | None:
         """The update through the layers in reverse stack order; None when a layer keeps it (secure
@@ -238,20 +234,14 @@ class Federation:
         ctx: RoundContext,
         state: ServerState,
         backend: Backend,
-        traffic: _Traffic,
         observer: Observer | None,
     ) -> None:
         """The round up to its aggregate: begin, every update through the layers, close."""
         for layer in self.layers:
             layer.begin(ctx)
         tasks = [ctx.tasks[site] for site in ctx.sites]
-        weights = state.weights if ctx.shared is None else state.weights[ctx.shared]
-        traffic.sent += sum(
-            weights.nbytes + sum(v.nbytes for v in t.extras.values()) + PLAN_HEADER_BYTES for t in tasks
-        )
         seen: set[str] = set()
         for update in backend.train(state.weights, tasks):
-            traffic.received += update.nbytes
             try:
                 _check(update, ctx.round, ctx.tasks, seen)
                 decoded = self._decode(update, ctx)
@@ -279,7 +269,7 @@ def _check(update: Update, round: int, tasks: Mapping[str, Task], seen: set[str]
     seen.add(update.site)
 
 
-def _result(ctx: RoundContext, started: float, traffic: _Traffic) -> RoundResult:
+def _result(ctx: RoundContext, started: float, traffic: Traffic) -> RoundResult:
     examples = ctx.sums.get(EXAMPLES, 0.0)
     return RoundResult(
         round=ctx.round,
@@ -298,7 +288,7 @@ def _result(ctx: RoundContext, started: float, traffic: _Traffic) -> RoundResult
 
 
 def _abandoned(
-    state: ServerState, ctx: RoundContext, started: float, reason: str, traffic: _Traffic
+    state: ServerState, ctx: RoundContext, started: float, reason: str, traffic: Traffic
 ) -> RoundResult:
     """The round ends without a result: the model stays as it was, and what was sent is still counted."""
     state.round = ctx.round

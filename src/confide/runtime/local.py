@@ -13,10 +13,11 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 from confide.client.site import Site, SiteKit, evaluate_many
-from confide.core import Plan, SiteEvaluation, Task, Update, Vector
+from confide.core import Plan, SiteEvaluation, Task, Traffic, Update, Vector
 from confide.data import FederatedDataset
 from confide.errors import ConfideError, UpdateError
 from confide.randomness import Stream, public_rng
+from confide.runtime.grpc import wire
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,17 @@ class LocalBackend:
         self.seed = seed
         self._by_name = {s.name: s for s in dataset.sites}
         self._sites: dict[str, Site] = {}
+        self._traffic = Traffic()
+
+    def traffic(self) -> Traffic:
+        """The bytes of every message carried so far, each way, as the deployment's wire encodes them
+        (:func:`~confide.runtime.grpc.wire.message_bytes`): the work with its weights, the updates, the
+        evaluations and the protocol messages. A deployment adds its polls, heartbeats and
+        acknowledgements."""
+        return self._traffic
+
+    def _count(self, sent: int = 0, received: int = 0) -> None:
+        self._traffic = self._traffic + Traffic(sent, received)
 
     def site(self, name: str) -> Site:
         """The simulated site ``name`` (made on first use; it keeps its protocol sessions)."""
@@ -50,6 +62,7 @@ class LocalBackend:
             rng = public_rng(self.seed, tasks[0].plan.round, Stream.DROPOUT)
             dropped = {t.site for t in tasks if rng.random() < self.dropout}
         for task in tasks:
+            self._count(sent=wire.message_bytes(*wire.train_message(0, task, weights)))
             if task.site in dropped:
                 continue
             try:
@@ -59,27 +72,35 @@ class LocalBackend:
                 # to the server it has dropped out, as a deployed site that gives up would.
                 log.warning("site %s sends no update in round %d: %s", task.site, task.plan.round, e)
                 continue
+            self._count(received=wire.message_bytes(*wire.update_message(0, b"", update)))
             yield update
 
     def evaluate(
         self, weights: Vector, sites: Sequence[str], plan: Plan | None = None
     ) -> Iterator[SiteEvaluation]:
-        if plan is not None and plan.personalization != "none":
+        personal = plan is not None and plan.personalization != "none"
+        work = wire.message_bytes(*wire.evaluate_message(0, weights, plan if personal else None))
+        self._count(sent=work * len(sites))
+        if personal:
             # Each site has its own model here, so each evaluates on its own.
-            for name in sites:
-                yield self.site(name).evaluate(weights, plan)
-            return
-        # Every site evaluates the same model: in large batches across sites, split back by site.
-        yield from evaluate_many(self.kit, [self.site(name) for name in sites], weights)
+            evaluations = [self.site(name).evaluate(weights, plan) for name in sites]
+        else:
+            # Every site evaluates the same model: in large batches across sites, split back by site.
+            evaluations = evaluate_many(self.kit, [self.site(name) for name in sites], weights)
+        for evaluation in evaluations:
+            self._count(received=wire.message_bytes(wire.evaluation_message(0, b"", evaluation)))
+            yield evaluation
 
     def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
         for name, data in messages.items():
+            self._count(sent=wire.message_bytes(*wire.exchange_message(0, data)))
             try:
                 answer = self.site(name).answer(data)
             except ConfideError as e:  # the site gives up on this round; for the server it has dropped
                 log.info("site %s left the secure-aggregation round: %s", name, e)
                 continue
             if answer:
+                self._count(received=wire.message_bytes(*wire.answer_message(0, b"", answer)))
                 yield name, answer
 
     def close(self) -> None:

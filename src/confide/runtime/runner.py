@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -32,7 +32,6 @@ from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
 from confide.randomness import Stream, public_rng
 from confide.runtime.federation import (
-    EVALUATION_BYTES,
     Backend,
     Federation,
     RoundResult,
@@ -189,9 +188,11 @@ class Runner:
         sites: Sequence[SiteInfo] | None = None,
         backend: Backend | None = None,
         dp: SiteDP | None = None,
+        registry: Mapping[str, bytes] | None = None,
     ) -> None:
         """A run over ``dataset`` with every site simulated in this process (the local backend), or, with
-        ``backend``, over sites that live elsewhere and are described only by ``sites`` (a deployment)."""
+        ``backend``, over sites that live elsewhere and are described only by ``sites`` (a deployment);
+        ``registry``: a deployment's enrolled identity keys, for authenticated secure aggregation."""
         self.config = config
         self.store = store
         self.dataset = dataset
@@ -207,7 +208,7 @@ class Runner:
         if backend is not None:
             check_deployment(config)
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
-        secure, identities = build_secure(config, [s.name for s in self.sites], self.dp)
+        secure, identities = build_secure(config, [s.name for s in self.sites], self.dp, registry)
         self.secure = secure
         _, shared = personal_parts(config, self.model, self.layout)
         update_size = self.layout.size if shared is None else shared.size
@@ -456,6 +457,7 @@ class Runner:
 
     def evaluate(self, result: RoundResult, totals: dict[str, float]) -> dict[str, Any]:
         started = time.perf_counter()
+        counted = self.backend.traffic()
         evaluations = list(self.backend.evaluate(self.state.weights, self.eval_sites))
         metrics, per_site = summarize(evaluations)
         if not np.isfinite(metrics["loss"]):
@@ -466,9 +468,6 @@ class Runner:
             )
             self.store.event("diverged", message, result.round)
             raise DivergedError(message)
-        eval_bytes = len(evaluations) * self.state.weights.nbytes
-        totals["bytes_sent"] += eval_bytes
-        totals["bytes_received"] += len(evaluations) * EVALUATION_BYTES
         personal: list[tuple[str, float, float, int]] = []
         personal_metrics: dict[str, float] = {}
         if self.strategy.personalization != "none":
@@ -479,6 +478,9 @@ class Runner:
             pooled, personal = summarize(personal_evals)
             personal_metrics = {f"personal_{k}": v for k, v in pooled.items() if k != "eval_sites"}
             personal_metrics["personalized_sites"] = float(self._personalized_sites())
+        moved = self.backend.traffic() - counted
+        totals["bytes_sent"] += moved.sent
+        totals["bytes_received"] += moved.received
         record: dict[str, Any] = {
             "round": result.round,
             **metrics,
@@ -488,13 +490,13 @@ class Runner:
             "seconds": result.seconds,
             "compute_seconds": result.compute_seconds,
             "eval_seconds": time.perf_counter() - started,
-            "bytes_sent": result.bytes_sent + eval_bytes,
-            "bytes_received": result.bytes_received + len(evaluations) * EVALUATION_BYTES,
+            "bytes_sent": result.bytes_sent + moved.sent,
+            "bytes_received": result.bytes_received + moved.received,
             "total_seconds": totals["seconds"],
             "total_bytes_sent": totals["bytes_sent"],
             "total_bytes_received": totals["bytes_received"],
-            "eval_bytes_sent": eval_bytes,
-            "eval_bytes_received": len(evaluations) * EVALUATION_BYTES,
+            "eval_bytes_sent": moved.sent,
+            "eval_bytes_received": moved.received,
             "rejected_updates": len(result.rejected),
             **self._privacy_metrics(),
         }

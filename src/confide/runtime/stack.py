@@ -98,10 +98,14 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
 
 
 def build_secure(
-    config: Config, sites: Sequence[str], dp: SiteDP | None
+    config: Config,
+    sites: Sequence[str],
+    dp: SiteDP | None,
+    registry: Mapping[str, bytes] | None = None,
 ) -> tuple[SecureAggregation | None, dict[str, Ed25519PrivateKey]]:
-    """Secure aggregation's settings (None when off) and, in the authenticated mode, each simulated site's
-    long-term identity (the registry of their public keys goes to the server and to every site)."""
+    """Secure aggregation's settings (None when off) and, in the authenticated mode, the sites' identity
+    keys: a deployment's ``registry`` (enrolled, endorsed by its CA), or in a simulation a long-term identity
+    made for each simulated site (returned, with their public keys as the registry)."""
     p = config.privacy
     if not p.secure_aggregation:
         return None, {}
@@ -114,8 +118,9 @@ def build_secure(
             spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
             clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
     identities: dict[str, Ed25519PrivateKey] = {}
-    registry = None
-    if p.secagg_authenticated:
+    if not p.secagg_authenticated:
+        registry = None
+    elif registry is None:
         identities = {site: keys.generate_identity() for site in sites}
         registry = {site: keys.identity_public_bytes(key) for site, key in identities.items()}
     settings = SecureAggregation(

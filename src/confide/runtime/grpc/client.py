@@ -35,8 +35,10 @@ from confide.data import DEFAULT_TOKENIZER
 from confide.data.dataset import WINDOW, SiteData, has_test_window, make_site, split_text
 from confide.data.text import read_sites
 from confide.errors import ConfideError, DataError, DeploymentError, WireError
+from confide.privacy.secure import SecAggLayer
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
+from confide.runtime.grpc.identity import verify_registry
 from confide.runtime.grpc.security import Credentials
 from confide.runtime.grpc.server import MODEL_WORK, FederationClient, channel_options
 from confide.runtime.stack import (
@@ -334,9 +336,12 @@ class SiteClient:
                 torch.set_num_threads(threads)
             model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
             dp = build_site_dp(config, int(reply.population))
-            secure, _ = build_secure(config, [], dp)
-            if secure is not None:
-                secure = replace(secure, registry=dict(reply.registry) or None)
+            secure, _ = build_secure(config, [], dp, registry={})
+            if secure is not None and secure.authenticated:
+                # Every identity key is checked against this site's own CA certificate: a key the server
+                # made up (to stand in for another site and unmask it) is refused here.
+                entries = {e.site: (e.public_key, e.endorsement) for e in reply.identities}
+                secure = replace(secure, registry=verify_registry(self.credentials.ca_pem, entries))
             layout = Layout.of_module(model)
             _, shared = personal_parts(config, model, layout)
             size = layout.size if shared is None else shared.size
@@ -345,6 +350,16 @@ class SiteClient:
             return config, layout, kit
 
         config, layout, kit = self.group.kit(key, build) if self.group is not None else build()
+        if config.privacy.secure_aggregation and config.privacy.secagg_authenticated:
+            identity = self.credentials.identity()
+            if identity is None:
+                raise DeploymentError(
+                    f"the run signs secure aggregation's keys, but site {self.site!r} has no identity key: "
+                    "make its keys with `confide keys` and enroll it with --csr"
+                )
+            for layer in kit.layers:
+                if isinstance(layer, SecAggLayer):
+                    layer.identities[self.site] = identity  # this process signs for this site alone
         self.setup = _Setup(key, config, layout, Site(self.site, self.data, kit))
 
     def _serve(self, stub: FederationClient, session: bytes) -> str:

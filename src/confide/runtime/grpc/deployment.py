@@ -107,6 +107,8 @@ class Deployment:
                 )
         self.identities = self._identities() if config.privacy.secagg_authenticated else {}
         """With ``privacy.secagg_authenticated``: each site -> (identity key, the CA's endorsement)."""
+        self.registry = {site: public for site, (public, _) in self.identities.items()} or None
+        """The identity keys the server checks the sites' signatures with (verified against its ca.pem)."""
         self.dp = build_site_dp(self.config, len(self.population))
         self.hub = Hub(config.deploy.heartbeat_timeout, config.deploy.task_timeout)
         self.backend = GrpcBackend(self.hub, self.population)
@@ -117,6 +119,10 @@ class Deployment:
             population=len(self.population),
             heartbeat_seconds=config.deploy.heartbeat_seconds,
             max_message_bytes=config.deploy.max_message_bytes,
+            identities=[
+                pb.Identity(site=site, public_key=public, endorsement=endorsement)
+                for site, (public, endorsement) in sorted(self.identities.items())
+            ],
         )
         self.authenticator = Authenticator(self.enrollment, config.deploy.auth)
         self.server: grpc.Server | None = None
@@ -125,14 +131,7 @@ class Deployment:
 
     def _identities(self) -> dict[str, Identity]:
         try:
-            identities = endorsed_registry(self.enrollment, self.population, self.directory)
-            # The registry is ready; what is left is on the sites' side: the join reply must carry it (with
-            # the endorsements) and the client must verify it. Until both are wired, refuse.
-            raise ConfigError(
-                "privacy.secagg_authenticated is not available in a deployment yet: the identities of the "
-                f"{len(identities)} sites are enrolled and endorsed, but sites do not yet receive and check "
-                "them; set it to false"
-            )
+            return endorsed_registry(self.enrollment, self.population, self.directory)
         except ConfideError:
             if self.store is not None:
                 self.store.close()
@@ -192,7 +191,12 @@ class Deployment:
         """The runner: a new run over the sites that joined, or the stored run, resumed."""
         if self.store is not None:
             runner = Runner(
-                self.config, self.store, sites=stored_sites(self.store), backend=self.backend, dp=self.dp
+                self.config,
+                self.store,
+                sites=stored_sites(self.store),
+                backend=self.backend,
+                dp=self.dp,
+                registry=self.registry,
             )
             runner.restore()
         else:
@@ -202,7 +206,9 @@ class Deployment:
                 s = sessions.get(name)
                 sites.append(SiteInfo(name, name, s.num_train if s else 0, s.num_test if s else 0))
             self.store = Runner.create_store(self.config, sites)
-            runner = Runner(self.config, self.store, sites=sites, backend=self.backend, dp=self.dp)
+            runner = Runner(
+                self.config, self.store, sites=sites, backend=self.backend, dp=self.dp, registry=self.registry
+            )
         self.runner = runner
         return runner
 

@@ -16,27 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import grpc
 
-GRPC_FRAME = 5
-"""Bytes gRPC puts before every message on the wire: a compressed flag and a 4-byte length (the
-Length-Prefixed-Message of gRPC over HTTP/2). Counted with each message, as it travels."""
-
-
-@dataclass(frozen=True)
-class Traffic:
-    """Bytes of messages moved each way, seen from the server: ``sent`` to sites, ``received`` from them."""
-
-    sent: int = 0
-    received: int = 0
-
-    def __add__(self, other: Traffic) -> Traffic:
-        return Traffic(self.sent + other.sent, self.received + other.received)
-
-    def __sub__(self, other: Traffic) -> Traffic:
-        return Traffic(self.sent - other.sent, self.received - other.received)
+from confide.core import Traffic
+from confide.runtime.grpc.wire import GRPC_FRAME
 
 
 class Meter:

@@ -22,12 +22,12 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message as ProtoMessage
 
-from confide.core import Plan, Update, Vector
+from confide.core import Plan, Traffic, Update, Vector
 from confide.errors import ConfideError, WireError
 from confide.runtime.federation import SiteEvaluation, Task
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
-from confide.runtime.grpc.flow import Abandoned, ByteBudget, Traffic, Watch, Watchdog
+from confide.runtime.grpc.flow import Abandoned, ByteBudget, Watch, Watchdog
 from confide.runtime.grpc.hub import Hub, Result, Session, SessionGone, Work
 
 __all__ = [

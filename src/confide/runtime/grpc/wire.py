@@ -25,6 +25,9 @@ VERSION = 1
 """The wire version this code speaks; a peer that sends another is refused with a message saying both."""
 
 CHUNK_BYTES = 4 << 20
+GRPC_FRAME = 5
+"""Bytes gRPC puts before every message on the wire: a compressed flag and a 4-byte length (the
+Length-Prefixed-Message of gRPC over HTTP/2). Counted with each message, as it travels."""
 """Bytes of tensor data per chunk: half the message limit both sides set (GRPC_MESSAGE_LIMIT)."""
 
 GRPC_MESSAGE_LIMIT = 8 << 20
@@ -134,6 +137,21 @@ def chunks(header: pb.Header, tensors: Sequence[tuple[str, np.ndarray]] = ()) ->
         data = memoryview(array.reshape(-1).view(np.uint8).data)  # copied once, when a chunk is encoded
         for start in range(0, len(data), CHUNK_BYTES):
             yield DataChunk(data[start : start + CHUNK_BYTES])
+
+
+def message_bytes(header: pb.Header, tensors: Sequence[tuple[str, np.ndarray]] = ()) -> int:
+    """The bytes :func:`chunks` puts on the wire for this message, each chunk with gRPC's message prefix,
+    counted without copying a tensor: what the local backend counts for the work it carries, so that a
+    simulation reports the bytes a deployment moves for the same work (less its polls and heartbeats)."""
+    total = 0
+    for part in chunks(header, tensors):
+        if isinstance(part, DataChunk):
+            n = len(part.data)
+            total += len(_DATA_TAG) + max(1, (n.bit_length() + 6) // 7) + n
+        else:
+            total += part.ByteSize()
+        total += GRPC_FRAME
+    return total
 
 
 def declared_bytes(header: pb.Header) -> int:
@@ -278,6 +296,7 @@ def update_message(
         model_version=update.model_version,
         metrics={k: float(v) for k, v in update.metrics.items()},
         has_vector=update.vector is not None,
+        sums={k: float(v) for k, v in update.sums.items()},
     )
     tensors: list[tuple[str, np.ndarray]] = []
     if update.vector is not None:
@@ -310,6 +329,7 @@ def read_update(message: Message) -> Update:
         model_version=body.model_version,
         metrics=dict(body.metrics),
         payload=payload,
+        sums=dict(body.sums),
     )
 
 
