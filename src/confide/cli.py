@@ -3,6 +3,9 @@
 The command line owns everything a person sees: rich progress, one summary line per evaluated round, and exit
 codes. A :class:`~confide.errors.ConfideError` is printed as one line (exit 2); any other exception is a bug
 and keeps its traceback.
+
+Over ~400 lines because every command's parser, progress display and output live here, the only place that
+prints; ``_parser`` is one long list of arguments and their help, read top to bottom.
 """
 
 from __future__ import annotations

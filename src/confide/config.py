@@ -12,6 +12,9 @@ An option that names a plug-in (a strategy, an optimizer, a model kind) takes th
 help texts from :mod:`confide.registry`, and the ``[model]`` table is checked against the model's config
 dataclass in :mod:`confide.models.configs`; neither imports torch, so loading a config stays light. The file
 is long because it is the list of every option; the checks that involve several options follow the sections.
+
+Over ~400 lines because every option is declared here once, with its help text and its check; the parsing
+itself is the last ~150 lines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The core types every part of confide speaks: flat vectors and their Layout, Update, Plan, and Layer.
+"""The core types every part of confide speaks: flat vectors and their Layout, Plan, Task, Update,
+SiteEvaluation and Traffic (the layers of a round are in :mod:`confide.pipeline`).
 
 The unit of exchange between server and sites is one flat ``float32`` numpy vector holding the trainable
 parameters, in the order a :class:`Layout` gives. Aggregation, privacy and compression all work on these

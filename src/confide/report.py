@@ -11,6 +11,8 @@ Everything that comes out of the store (names, messages, the config text) goes t
 site names and event messages are free text and the page must not be something they can inject into.
 
 One file for one page: its sections, plots and stylesheet are read together, hence the length.
+
+Over ~400 lines because each plot is a function of its own beside the page that holds them.
 """
 
 from __future__ import annotations

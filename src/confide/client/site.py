@@ -126,11 +126,26 @@ def run_task(
     elif plan.personalization == "ditto":
         seconds += train_ditto(trainer, site, windows, weights, plan, personal)
 
+    vector = delta if shared is None else delta[shared]
+    return _update(site, plan.round, model_version, result, vector, seconds, metrics, payload)
+
+
+def _update(
+    site: str,
+    round: int,
+    model_version: int,
+    result: FitResult,
+    vector: Vector,
+    seconds: float,
+    metrics: dict[str, float],
+    payload: dict[str, np.ndarray],
+) -> Update:
+    """The update of a fit: its delta, what the site reports in clear, and what the server needs summed."""
     return Update(
         site=site,
-        round=plan.round,
+        round=round,
         num_examples=result.num_examples,
-        vector=delta if shared is None else delta[shared],
+        vector=vector,
         model_version=model_version,
         metrics={
             "train_loss": result.loss,

@@ -20,6 +20,9 @@ Trust model: every epsilon is stated against one adversary (:data:`TRUST`).
   the budget holds for the worst site.
 
 Both are always computed and reported; the trust model decides which one the budget governs.
+
+Slightly over ~400 lines: the run's two accounts (amplified and per site) and the budget check that reads
+both stay side by side.
 """
 
 from __future__ import annotations

@@ -168,6 +168,43 @@ class Federation:
         unaccounted. If it raises, the round is abandoned and ``state`` is unchanged.
         """
         started = time.perf_counter()
+        counted = backend.traffic()
+        ctx = self._context(state, backend, observer, population, exclude, min_updates)
+        try:
+            self._run(ctx, state, backend, observer)
+            reported = len(ctx.participants)
+            if reported < ctx.min_updates:
+                raise RoundAbandoned(
+                    f"only {reported} of {len(ctx.sites)} sites sent an update; a round needs at least "
+                    f"{ctx.min_updates}"
+                )
+        except RoundAbandoned as e:
+            return _abandoned(state, ctx, started, str(e), backend.traffic() - counted)
+        if charge is not None:
+            charge(ctx.round, ctx.participants)
+        if ctx.participants:
+            delta = self.aggregator.result(ctx.aggregate, ctx.randomness)
+            if ctx.shared is not None:
+                full = np.zeros_like(state.weights)
+                full[ctx.shared] = delta
+                delta = full
+            ctx.delta = delta
+            self.strategy.optimizer.step(state.weights, delta, state.optimizer_state)
+            for layer in self.layers:
+                layer.finish(ctx)
+        state.round = ctx.round
+        return _result(ctx, started, backend.traffic() - counted)
+
+    def _context(
+        self,
+        state: ServerState,
+        backend: Backend,
+        observer: Observer | None,
+        population: int | None,
+        exclude: Collection[str],
+        min_updates: int | None,
+    ) -> RoundContext:
+        """The next round's sites, plans and empty aggregate."""
         r = state.round + 1
         everyone = backend.sites()
         available = [s for s in everyone if s not in exclude] if exclude else everyone
@@ -176,11 +213,8 @@ class Federation:
         plans = self.strategy.plans(r, sites)
         if observer is not None:
             observer.round_started(r, sites)
-        counted = backend.traffic()
         shared = self.strategy.shared
-        size = state.weights.size if shared is None else shared.size
-
-        ctx = RoundContext(
+        return RoundContext(
             round=r,
             sites=sites,
             tasks={site: Task(site, plans[site], model_version=state.round) for site in sites},
@@ -191,33 +225,9 @@ class Federation:
             randomness=randomness,
             population=population if population is not None else len(everyone),
             aggregator=self.aggregator,
-            aggregate=self.aggregator.init(size),
+            aggregate=self.aggregator.init(state.weights.size if shared is None else shared.size),
             shared=shared,
         )
-        try:
-            self._run(ctx, state, backend, observer)
-            reported = len(ctx.participants)
-            if reported < ctx.min_updates:
-                raise RoundAbandoned(
-                    f"only {reported} of {len(sites)} sites sent an update; a round needs at least "
-                    f"{ctx.min_updates}"
-                )
-        except RoundAbandoned as e:
-            return _abandoned(state, ctx, started, str(e), backend.traffic() - counted)
-        if charge is not None:
-            charge(r, ctx.participants)
-        if ctx.participants:
-            delta = self.aggregator.result(ctx.aggregate, ctx.randomness)
-            if shared is not None:
-                full = np.zeros_like(state.weights)
-                full[shared] = delta
-                delta = full
-            ctx.delta = delta
-            self.strategy.optimizer.step(state.weights, delta, state.optimizer_state)
-            for layer in self.layers:
-                layer.finish(ctx)
-        state.round = r
-        return _result(ctx, started, backend.traffic() - counted)
 
     def _decode(self, update: Update, ctx: RoundContext) -> Update | None:
         """The update through the layers in reverse stack order; None when a layer keeps it (secure

@@ -4,6 +4,9 @@ The runner owns the loop over rounds: a round, then (every ``eval.every`` rounds
 ``run.checkpoint_every`` rounds) a checkpoint. Everything random is derived from ``(run.seed, round)``, never
 from a stream that runs across rounds, so resuming from the checkpoint of round r recomputes rounds r+1, ...
 exactly as an uninterrupted run computes them.
+
+Over ~400 lines because the loop and what it does around each round (budget limits, retries, evaluation,
+checkpoints, resume) are one object's state; the builders it shares with a site are in :mod:`.stack`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ RUN_DIR/
 SQLite is the source of truth. Every write is one transaction, and a checkpoint file is written under a
 temporary name and renamed before the database refers to it, so a run killed at any instant leaves a store
 that resumes from its last complete checkpoint with nothing half-written.
+
+Slightly over ~400 lines: one table's reads and writes after another, kept in one class so that every write
+goes through its transactions.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ a version byte, a type byte, then the fields in order: integers little-endian of
 with a length prefix, lists with a count. Decoding checks every length against what is left and against the
 limits below before it allocates anything, and refuses trailing bytes, so a malformed or hostile message
 raises :class:`MalformedMessage` rather than anything else. No pickle: decoding never runs code.
+
+Over ~400 lines because every message of the protocol has its strict codec here, each checked the same way.
 """
 
 from __future__ import annotations

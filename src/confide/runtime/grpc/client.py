@@ -6,6 +6,9 @@ own data, submit the result. While a poll is open the server knows the site is a
 when the connection breaks); while the site works, a background thread sends heartbeats instead. When the
 server cannot be reached (it restarted, the network went away) the site waits with exponential backoff and
 joins again; the work it was doing is posted again by the server, so nothing is lost.
+
+Over ~400 lines because the site's loop of join, poll, work and submit, its heartbeats and the group of sites
+sharing one model are one state machine of the connection.
 """
 
 from __future__ import annotations

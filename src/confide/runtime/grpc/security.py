@@ -53,6 +53,9 @@ verify_registry`), never because the server sent it. What that gives depends on 
 Over 400 lines because the registry, the credentials file and the Authenticator make one trust decision
 together and are read together; the CA and certificates are in ``pki.py``, a site's keys, its request and
 identity endorsements in ``identity.py``.
+
+Over ~400 lines because certificates, enrollment, credentials files and the per-call authentication are the
+one trust boundary of a deployment, and read best together.
 """
 
 from __future__ import annotations
