@@ -113,9 +113,10 @@ def test_fedrep_shares_only_the_body_and_keeps_each_head_at_its_site(text_corpus
     for site in result.sites:
         assert sites.get(site, FEDREP_KEY) is not None
         assert not np.allclose(sites.get(site, FEDREP_KEY), weights[head_index])
-    # Only the body travels: each update is the body's size (plus a small header), not the model's.
+    # Only the body comes back: each update is the body's size (plus a small header), not the model's. The
+    # server still sends each site the whole model (the site puts its own head on it), as counted.
     assert result.bytes_received < 3 * (shared.size * 4 + 1024)
-    assert result.bytes_sent < 3 * (shared.size * 4 + 1024)
+    assert 3 * layout.size * 4 < result.bytes_sent < 3 * (layout.size * 4 + 1024)
 
 
 def test_impossible_combinations_are_refused_with_reasons(tiny_config_path: Path) -> None:

@@ -7,11 +7,11 @@ import re
 import signal
 from pathlib import Path
 
-import pytest
+import numpy as np
 
 from tests.conftest import tiny_config
 from tests.runtime.grpc_harness import enroll, metrics, query, wait_for
-from tests.runtime.test_grpc_deploy import assert_same, local_metrics
+from tests.runtime.test_grpc_deploy import local_metrics
 
 SITES = [f"site{i}" for i in range(6)]
 QUICK_DROP = ["deploy.heartbeat_timeout=12"]
@@ -101,11 +101,15 @@ def test_a_killed_server_restarts_where_it_was_with_its_privacy_ledger(
     assert "Resuming" in c.log("server")
     assert events(run_dir, "resume")
     assert "forgot this session" in c.log("site0") or "server unreachable" in c.log("site0")
-    # Nothing lost and nothing counted twice: one ledger entry per round, and every metric (the privacy
-    # spent included) as in one uninterrupted simulation with the same seed.
-    ledger = query(run_dir, "SELECT round FROM privacy_ledger ORDER BY round")
-    assert [r for (r,) in ledger] == [1, 2, 3, 4, 5]
+    # Nothing released is forgotten: every round is charged, and a round released before the kill and redone
+    # after it (with fresh, secret noise: a second release) is charged again, so the run spends at least
+    # what an uninterrupted one does. The noise and the central-DP sample are secret, so the metrics are
+    # not a seeded simulation's.
+    charged = [r for (r,) in query(run_dir, "SELECT round FROM privacy_ledger ORDER BY charge")]
+    assert sorted(set(charged)) == [1, 2, 3, 4, 5] and charged[:2] == [1, 2]
     deployed = metrics(run_dir)
     local = local_metrics(text, tmp_path)
-    assert_same(deployed, local)
-    assert deployed[-1]["epsilon"] == pytest.approx(local[-1]["epsilon"], rel=1e-12)
+    assert [m["round"] for m in deployed] == [m["round"] for m in local]
+    assert all(np.isfinite(m["loss"]) for m in deployed)
+    assert deployed[-1]["epsilon"] >= local[-1]["epsilon"] * (1 - 1e-12)
+    assert (len(charged) > 5) == (deployed[-1]["epsilon"] > local[-1]["epsilon"] * (1 + 1e-9))

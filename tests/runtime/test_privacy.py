@@ -189,7 +189,8 @@ def test_the_report_of_a_dp_run_shows_the_privacy_spent(path: Path) -> None:
     runner.store.close()
     page = write_report(runner.store.run_dir).read_text(encoding="utf-8")
     last = metrics(runner.store.run_dir)[-1]
-    assert "Site-level epsilon spent (from the privacy ledger)" in page
+    assert "Site-level epsilon the budget holds (from the privacy ledger)" in page
+    assert "Worst site, against a server that knows who took part" in page
     assert f"{last['epsilon']:.3f} at delta" in page
     assert 'alt="Epsilon spent per round, from the privacy ledger, beside accuracy"' in page
 
