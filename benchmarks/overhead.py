@@ -44,6 +44,8 @@ import numpy as np
 from common import Recorder, build_config, console, machine, merge, output_folder, run, show
 from confide.core import Plan, Update
 from confide.randomness import SecretRandomness
+from confide.runtime.grpc import wire
+from confide.runtime.local import LocalBackend
 from confide.server.strategy import WeightedMean
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,13 +153,15 @@ def round_overhead(args: argparse.Namespace, output: Path) -> float:
 
     # Where the non-compute time goes: the framework's own calls, timed directly on the same model.
     sites_per_round = statistics.mean(len(r.sites) for r, _ in measured)
-    trainer = runner.backend.trainer
+    backend = runner.backend
+    assert isinstance(backend, LocalBackend)
+    trainer = backend.kit.trainer
     layout, model = runner.layout, runner.model
     weights = runner.state.weights.copy()
     strategy = runner.strategy
     aggregator = WeightedMean()
     delta = layout.read(model) - weights
-    update = Update("s", 1, 100, delta, 0)
+    update = u = Update("s", 1, 100, delta, 0)
     state = aggregator.init(layout.size)
     empty = np.zeros((0, 81), dtype=np.uint8)
     plan = Plan(round=1, epochs=1, max_steps=1, batch_size=16, learning_rate=0.001, seed=1)
@@ -180,6 +184,7 @@ def round_overhead(args: argparse.Namespace, output: Path) -> float:
         (fit_name, fit_without_steps),
         ("isfinite check of the update", lambda: np.isfinite(delta).all()),
         ("WeightedMean.add", lambda: aggregator.add(state, update)),
+        ("counting the update's wire bytes", lambda: wire.message_bytes(*wire.update_message(0, b"", u))),
     ]
     per_round = [
         ("Strategy.select + plans", lambda: strategy.plans(1, strategy.select(1, sites))),
@@ -197,7 +202,9 @@ def round_overhead(args: argparse.Namespace, output: Path) -> float:
         breakdown.append((name, "per round", median_seconds(fn, reps), 1.0))
     non_compute = (wall - compute) / len(measured)
     # The fit without steps already holds the write, read and subtraction: they are counted once, there.
-    counted = {fit_name, "isfinite check of the update", "WeightedMean.add"} | {name for name, _ in per_round}
+    counted = {fit_name, "isfinite check of the update", "WeightedMean.add"}
+    counted |= {"counting the update's wire bytes"}
+    counted |= {name for name, _ in per_round}
     explained = sum(t * n for name, _, t, n in breakdown if name in counted)
     rows = [
         [name, where, f"{t * 1e3:.3f}", f"{t * n * 1e3:.2f}", f"{100 * t * n / non_compute:.1f}%"]
