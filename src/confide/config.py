@@ -307,7 +307,11 @@ class DeployConfig:
         5.0, "how often a site says it is alive while it works", positive, "> 0"
     )
     heartbeat_timeout: float = option(
-        20.0, "a site not heard from for this long is dropped from the current step", positive, "> 0"
+        60.0,
+        "a working site not heard from for this long is dropped from the current step (generous: a site "
+        "training on a busy machine may be slow to send its heartbeats)",
+        positive,
+        "> 0",
     )
     max_message_mb: float = option(
         1024.0, "the largest message (weights or update) either side accepts, in MB", positive, "> 0"
