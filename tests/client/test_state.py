@@ -64,3 +64,17 @@ def test_a_broken_state_file_is_named_with_what_to_do(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="move the broken file aside"):
         DurableSiteState(path)
+
+
+def test_the_survivor_sets_a_site_agreed_to_survive_a_restart_and_are_never_replaced(tmp_path: Path) -> None:
+    """A site must never unmask one round for two different survivor sets (their sums would differ by one
+    site's input): the set it agreed to outlives the process, and a second one does not replace it."""
+    path = tmp_path / "group.state.sqlite"
+    first = DurableSiteState(path)
+    first.survivor_store("a").put("run", 3, ("a", "b", "c"))
+    first.survivor_store("a").put("run", 3, ("a", "b"))  # the server tries another set: ignored
+    first.close()
+    restarted = DurableSiteState(path)
+    assert restarted.survivor_store("a").get("run", 3) == ("a", "b", "c")
+    assert restarted.survivor_store("b").get("run", 3) is None  # another site of the group: its own sets
+    assert restarted.survivor_store("a").get("other run", 3) is None

@@ -11,6 +11,7 @@ neither knows any algorithm. Adding one is a new module here plus its registrati
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +20,22 @@ from confide.client.trainer import PLAIN, Objective
 from confide.core import Plan, Vector
 from confide.pipeline import Aggregator, Layer
 from confide.registry import STRATEGIES
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a site knows when it starts a fit: everything an algorithm's site half may use."""
+
+    site: str
+    weights: Vector
+    """The global weights it received (the fit starts from them)."""
+    plan: Plan
+    extras: Mapping[str, Vector]
+    """The vectors the server sent with the task (SCAFFOLD's control variate)."""
+    state: SiteState
+    """The site's own state between rounds."""
+    momentum: float
+    """The momentum of the site's optimizer."""
 
 
 class LocalFit:
@@ -36,17 +53,8 @@ class Algorithm:
 
     name = "fedavg"
 
-    def local(
-        self,
-        site: str,
-        weights: Vector,
-        plan: Plan,
-        extras: Mapping[str, Vector],
-        state: SiteState,
-        momentum: float,
-    ) -> LocalFit:
-        """The site's fit for ``plan``, starting from ``weights``, with the task's ``extras`` and its own
-        ``state``; ``momentum`` is that of the site's optimizer."""
+    def local(self, fit: FitContext) -> LocalFit:
+        """The site's fit: its objective, and what it does once training is done."""
         return LocalFit()
 
     def layers(self) -> list[Layer]:

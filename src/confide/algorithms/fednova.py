@@ -10,14 +10,12 @@ a_i, with p_i the example weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from confide.algorithms import Algorithm, LocalFit
-from confide.client.state import SiteState
-from confide.core import Plan, Update, Vector
+from confide.algorithms import Algorithm, FitContext, LocalFit
+from confide.core import Update, Vector
 from confide.errors import UpdateError
 from confide.pipeline import Aggregator, Traits
 from confide.randomness import Randomness
@@ -47,16 +45,8 @@ class _NovaFit(LocalFit):
 class FedNova(Algorithm):
     name = "fednova"
 
-    def local(
-        self,
-        site: str,
-        weights: Vector,
-        plan: Plan,
-        extras: Mapping[str, Vector],
-        state: SiteState,
-        momentum: float,
-    ) -> LocalFit:
-        return _NovaFit(momentum)
+    def local(self, fit: FitContext) -> LocalFit:
+        return _NovaFit(fit.momentum)
 
     def aggregator(self, default: Aggregator) -> Aggregator:
         return default if isinstance(default, NormalizedMean) else NormalizedMean()

@@ -9,13 +9,12 @@ site's c_i (sites not sampled keep theirs).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from confide.algorithms import Algorithm, LocalFit
+from confide.algorithms import Algorithm, FitContext, LocalFit
 from confide.client.state import SiteState
 from confide.client.trainer import Objective
 from confide.core import STEPS, Plan, Update, Vector
@@ -35,19 +34,13 @@ SITE_KEY = "scaffold.control"
 class Scaffold(Algorithm):
     name = "scaffold"
 
-    def local(
-        self,
-        site: str,
-        weights: Vector,
-        plan: Plan,
-        extras: Mapping[str, Vector],
-        state: SiteState,
-        momentum: float,
-    ) -> LocalFit:
-        control = extras.get(CONTROL)
-        if control is None or control.shape != weights.shape:
-            raise UpdateError(f"SCAFFOLD needs the server's control variate with the task for site {site!r}")
-        return _ScaffoldFit(site, plan, control, state)
+    def local(self, fit: FitContext) -> LocalFit:
+        control = fit.extras.get(CONTROL)
+        if control is None or control.shape != fit.weights.shape:
+            raise UpdateError(
+                f"SCAFFOLD needs the server's control variate with the task for site {fit.site!r}"
+            )
+        return _ScaffoldFit(fit.site, fit.plan, control, fit.state)
 
     def layers(self) -> list[Layer]:
         return [ScaffoldLayer()]

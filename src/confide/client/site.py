@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from confide.algorithms import algorithm
+from confide.algorithms import FitContext, algorithm
 from confide.client.dpsgd import DPSGD, record_accountant
 from confide.client.personalize import FEDREP_KEY, Personal, personal_weights, train_ditto, train_head
 from confide.client.state import MemorySiteState
@@ -99,8 +99,8 @@ def run_task(
     seconds = 0.0
 
     start = weights
-    momentum = trainer.config.momentum
-    fit = algorithm(plan.algorithm).local(site, weights, plan, extras, personal.state, momentum)
+    context = FitContext(site, weights, plan, extras, personal.state, trainer.config.momentum)
+    fit = algorithm(plan.algorithm).local(context)
     objective = fit.objective
     if plan.personalization == "fedrep":
         start, seconds = train_head(trainer, site, windows, weights, plan, personal)

@@ -104,26 +104,35 @@ class DurableSiteState:
         answered for with another set."""
         return _Survivors(self, site)
 
+    def agreed(self, site: str, run: str, round: int) -> tuple[str, ...] | None:
+        """The survivor set ``site`` agreed to unmask for ``round`` of ``run``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT survivors FROM survivors WHERE run = ? AND site = ? AND round = ?", (run, site, round)
+            ).fetchone()
+        return None if row is None else tuple(json.loads(row[0]))
+
+    def agree(self, site: str, run: str, round: int, survivors: tuple[str, ...]) -> None:
+        """Remember the set ``site`` agreed to for ``round`` of ``run``; an entry is never replaced."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO survivors VALUES (?, ?, ?, ?)",
+                (run, site, round, json.dumps(list(survivors))),
+            )
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
 class _Survivors:
+    """One site's view of its durable state's survivor sets (a SurvivorStore)."""
+
     def __init__(self, state: DurableSiteState, site: str) -> None:
         self.state, self.site = state, site
 
     def get(self, run: str, round: int) -> tuple[str, ...] | None:
-        with self.state._lock:
-            row = self.state._db.execute(
-                "SELECT survivors FROM survivors WHERE run = ? AND site = ? AND round = ?",
-                (run, self.site, round),
-            ).fetchone()
-        return None if row is None else tuple(json.loads(row[0]))
+        return self.state.agreed(self.site, run, round)
 
     def put(self, run: str, round: int, survivors: tuple[str, ...]) -> None:
-        with self.state._lock:
-            self.state._db.execute(
-                "INSERT OR IGNORE INTO survivors VALUES (?, ?, ?, ?)",
-                (run, self.site, round, json.dumps(list(survivors))),
-            )
+        self.state.agree(self.site, run, round, survivors)

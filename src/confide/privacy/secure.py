@@ -230,8 +230,7 @@ class SecAggLayer(Layer):
         bound = self.settings.clip_range
         outside = int(np.count_nonzero(np.abs(update.vector) > bound))
         sums = dict(update.sums)
-        examples = sums.get(EXAMPLES, float(update.num_examples))
-        sums[EXAMPLES] = examples
+        examples = sums[EXAMPLES] = float(update.num_examples)
         sums[MEAN_LOSS] = sums.pop(LOSS_SUM, 0.0) / examples if examples else 0.0
         sums[SECAGG_CLIPPED] = float(outside > 0)
         extra = np.array(

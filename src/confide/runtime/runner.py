@@ -327,9 +327,11 @@ class Runner:
         observer.run_started(self, self.state.round + 1)
         totals = self._totals()
         retries = 0
+        # The next round's limits, worked out after the last one (nothing is charged in between).
+        ahead: tuple[int, tuple[frozenset[str], int] | str] | None = None
         while self.state.round < config.run.rounds:
             r = self.state.round + 1
-            limits = self._limits(r)
+            limits = ahead[1] if ahead is not None and ahead[0] == r else self._limits(r)
             if isinstance(limits, str):
                 # Only when the budget cannot pay for the first round left: every other stop happens after
                 # the last affordable round, below, once it is evaluated and checkpointed.
@@ -366,8 +368,9 @@ class Runner:
             totals["bytes_received"] += result.bytes_received
             observer.round_finished(result)
             stop = None
-            if r < config.run.rounds and isinstance(next_limits := self._limits(r + 1), str):
-                stop = next_limits
+            if r < config.run.rounds:
+                ahead = (r + 1, self._limits(r + 1))
+                stop = ahead[1] if isinstance(ahead[1], str) else None
             last = r == config.run.rounds or stop is not None
             if r % config.eval.every == 0 or last:
                 metrics = self.evaluate(result, totals)
