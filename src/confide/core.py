@@ -218,12 +218,17 @@ class Task:
 
 @dataclass(frozen=True)
 class SiteEvaluation:
-    """A site's evaluation of a model on its held-out windows, as sums that add up across sites."""
+    """A site's evaluation of a model on its held-out windows, as sums that add up across sites.
+
+    Under secure aggregation the sums travel only inside ``masked`` (the site's masked input to the
+    evaluation's secure sum) and the three clear fields are zero."""
 
     site: str
     loss_sum: float
     correct: int
     targets: int
+    masked: np.ndarray | None = None
+    """The masked input (uint8 bytes) to the evaluation's secure sum, or None when it travels in clear."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ A site trains, then passes its :class:`~confide.core.Update` through the layers 
 clip, noise, protect); the server takes each update back through them in reverse (``decode``), folds what
 comes out into the aggregate, and after the last update lets each layer finish its part of the round
 (``close``: secure aggregation unmasks the sum there). After the model step, ``finish`` lets a layer keep
-state across rounds (SCAFFOLD's control variate, the adaptive clip norm). A layer is one module behind this
+state across rounds (SCAFFOLD's control variate, the adaptive clip norm). An evaluation goes through the
+same stack: a site's sums pass ``encode_evaluation``, and the server takes them back through
+``begin_evaluation``, ``decode_evaluation`` and ``close_evaluation`` (secure aggregation sums them there, so
+that what hides a site's update hides its evaluation too). A layer is one module behind this
 one interface; the round loop (:class:`confide.runtime.federation.Federation`) knows none of them by name.
 
 Each layer declares, in its :class:`Traits`, what the server sees after it and what it needs from the layers
@@ -26,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from confide.core import EXAMPLES, Plan, Task, Update, Vector
+from confide.core import EXAMPLES, Plan, SiteEvaluation, Task, Update, Vector
 from confide.errors import ConfideError, ConfigError
 from confide.randomness import Randomness
 
@@ -151,6 +154,37 @@ class RoundContext:
             self.sums[key] = self.sums.get(key, 0.0) + float(value)
 
 
+GLOBAL_EVALUATION = "global"
+"""The evaluation of the global model (an :class:`EvaluationContext`'s ``kind``)."""
+PERSONAL_EVALUATION = "personal"
+"""The evaluation of each site's personalization of the global model."""
+
+
+@dataclass
+class EvaluationContext:
+    """The server's view of one evaluation while the layers work on it."""
+
+    round: int
+    sites: list[str]
+    exchange: Exchange
+    kind: str = GLOBAL_EVALUATION
+    """:data:`GLOBAL_EVALUATION` or :data:`PERSONAL_EVALUATION`: the sites know which one they answer."""
+    evaluations: list[SiteEvaluation] = field(default_factory=list)
+    """The evaluations the server can read, one per site."""
+    total: SiteEvaluation | None = None
+    """The sum of the evaluations that arrived only summed (secure aggregation), if any."""
+    summed: list[str] = field(default_factory=list)
+    """The sites in ``total``."""
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    scratch: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluation_kind(plan: Plan | None) -> str:
+    """Which evaluation a site answers: of its personalization when the plan personalizes, else global."""
+    personal = plan is not None and plan.personalization != "none"
+    return PERSONAL_EVALUATION if personal else GLOBAL_EVALUATION
+
+
 @dataclass(frozen=True)
 class StackContext:
     """What a layer may need to build itself from a run's config (the same on the server and the sites)."""
@@ -207,6 +241,25 @@ class Layer:
 
     def finish(self, round: RoundContext) -> None:
         """On the server, after the model step of a completed round: keep state for the next round."""
+
+    def encode_evaluation(
+        self, evaluation: SiteEvaluation, kind: str, sessions: dict[str, Any]
+    ) -> SiteEvaluation:
+        """On the site: transform an evaluation (of ``kind``) on its way out."""
+        return evaluation
+
+    def begin_evaluation(self, evaluation: EvaluationContext) -> None:
+        """On the server, before any site evaluates: run exchanges that precede it."""
+
+    def decode_evaluation(
+        self, evaluation: SiteEvaluation, context: EvaluationContext
+    ) -> SiteEvaluation | None:
+        """On the server, for each evaluation as it arrives: undo the encoding, or keep it (return None)."""
+        return evaluation
+
+    def close_evaluation(self, evaluation: EvaluationContext) -> None:
+        """On the server, once every evaluation is in: set what it kept (a sum) on the context, or raise
+        :class:`RoundAbandoned`."""
 
 
 def check_stack(layers: Sequence[Layer], aggregator: Aggregator | None = None) -> None:

@@ -81,7 +81,7 @@ def test_an_update_travels_with_its_payload_and_metrics() -> None:
 
 
 def test_an_evaluation_must_be_possible() -> None:
-    header = wire.evaluation_message(1, b"s", SiteEvaluation("a", 3.0, 5, 4))
+    header, _ = wire.evaluation_message(1, b"s", SiteEvaluation("a", 3.0, 5, 4))
     with pytest.raises(WireError, match="correct"):
         wire.read_evaluation(roundtrip(header, []))
 

@@ -1,5 +1,6 @@
 """Secure aggregation inside federated rounds: the same model as plain aggregation to fixed-point precision,
-dropouts, abandoned rounds, the authenticated mode, distributed DP on top, and the refused combinations."""
+dropouts, abandoned rounds, the authenticated mode, distributed DP on top, the refused combinations, and
+evaluations summed securely."""
 
 from __future__ import annotations
 
@@ -12,13 +13,19 @@ import torch
 from confide import config
 from confide.client.site import SiteKit
 from confide.client.trainer import Trainer
-from confide.core import Layout
+from confide.core import Layout, SiteEvaluation
 from confide.data.text import load_text
 from confide.errors import ConfigError
 from confide.models import build_model
 from confide.pipeline import Layer, Traits
 from confide.privacy.dp import EqualMean
-from confide.privacy.secure import SecAggLayer, SecureAggregation
+from confide.privacy.secure import (
+    EVALUATION_SIZE,
+    SecAggLayer,
+    SecureAggregation,
+    evaluation_digits,
+    evaluation_total,
+)
 from confide.runtime.federation import Federation, ServerState
 from confide.runtime.local import LocalBackend
 from confide.runtime.runner import Runner
@@ -162,3 +169,47 @@ def test_sites_that_diverge_under_secure_aggregation_drop_out_instead_of_crashin
     # Every site's update is NaN, which has no fixed-point value: no site can send, so no sum can be unmasked.
     assert result.abandoned is not None
     np.testing.assert_array_equal(state.weights, before)
+
+
+def test_evaluation_sums_travel_as_digits_that_add_up_exactly() -> None:
+    sites = [
+        SiteEvaluation("a", 1234.56789, 17, 40),
+        SiteEvaluation("b", 0.0, 0, 0),
+        SiteEvaluation("c", 2.0**39 - 0.5, 2**39 + 3, 2**39 + 5),  # near the per-site bound of 2^40
+    ]
+    digits = [evaluation_digits(e) for e in sites]
+    assert all(d.dtype == np.float32 and d.size == EVALUATION_SIZE for d in digits)
+    assert all(((d >= 0) & (d < 1)).all() for d in digits)  # inside the range R = 1, so never clipped
+    # The secure sum adds the digits coordinate by coordinate (each an exact multiple of 2^-8).
+    total = evaluation_total(np.sum(digits, axis=0, dtype=np.float32), len(sites))
+    assert total.targets == sum(e.targets for e in sites)
+    assert total.correct == sum(e.correct for e in sites)
+    assert abs(total.loss_sum - sum(e.loss_sum for e in sites)) <= len(sites) * 2**-16
+    # A diverged site's loss shows in the total as infinite, not as a finite number that hides it.
+    diverged = evaluation_total(digits[0] + evaluation_digits(SiteEvaluation("d", float("nan"), 0, 9)), 2)
+    assert diverged.loss_sum == float("inf") and diverged.targets == 49
+
+
+def test_a_secure_evaluation_with_too_few_sites_is_abandoned_and_training_goes_on(
+    tmp_path: Path, text_corpus: Path
+) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "runs", run__rounds="2"))
+    runner = Runner.start(config.load(path, ["privacy.secure_aggregation=true", "eval.sites=1"]))
+    runner.run()
+    rows = [m for _, m in runner.store.evaluations()]
+    assert [m["round"] for m in rows] == [1, 2]
+    assert all(np.isnan(m["loss"]) for m in rows)  # no site's evaluation was sent in clear instead
+    events = [m for (m,) in runner.store.db.execute("SELECT message FROM events WHERE kind = 'evaluation'")]
+    assert len(events) == 2 and all("needs at least 2 sites" in m for m in events), events
+
+
+def test_personalized_evaluations_are_summed_securely_too(tmp_path: Path, text_corpus: Path) -> None:
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "runs", run__rounds="2"))
+    overrides = ["privacy.secure_aggregation=true", "client.personalization='finetune'"]
+    runner = Runner.start(config.load(path, overrides))
+    runner.run()
+    rows = [m for _, m in runner.store.evaluations()]
+    assert rows and all(np.isfinite(m["personal_loss"]) and np.isfinite(m["loss"]) for m in rows)
+    assert all(runner.store.site_metrics(r, personal=True) == [] for r, _ in runner.store.evaluations())

@@ -35,7 +35,7 @@ from confide.core import (
 )
 from confide.data.dataset import SiteData
 from confide.errors import UpdateError
-from confide.pipeline import Layer, SiteContext
+from confide.pipeline import Layer, SiteContext, evaluation_kind
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream
 
 DPSGD_STEPS_KEY = "dpsgd.steps"
@@ -226,7 +226,15 @@ class Site:
                 kit.trainer, self.name, self.data.train, weights, site_plan, kit.personal
             )
         loss_sum, correct, targets = kit.trainer.evaluate(weights, self.data.test, kit.eval_batch_size).sum(0)
-        return SiteEvaluation(self.name, float(loss_sum), int(correct), int(targets))
+        return self.seal(SiteEvaluation(self.name, float(loss_sum), int(correct), int(targets)), plan)
+
+    def seal(self, evaluation: SiteEvaluation, plan: Plan | None = None) -> SiteEvaluation:
+        """The evaluation as it leaves the site: through every layer of the stack (secure aggregation masks
+        its sums)."""
+        kind = evaluation_kind(plan)
+        for layer in self.kit.layers:
+            evaluation = layer.encode_evaluation(evaluation, kind, self.sessions)
+        return evaluation
 
     def answer(self, data: bytes) -> bytes:
         """The answer to one protocol message from the server (empty when none is due)."""
@@ -241,7 +249,8 @@ class Site:
 
 def evaluate_many(kit: SiteKit, sites: Sequence[Site], weights: Vector) -> list[SiteEvaluation]:
     """Every site's evaluation of the same global ``weights``, computed in large batches across the sites and
-    split back per site: the sums equal each site's own :meth:`Site.evaluate`, much faster in one process."""
+    split back per site: the sums equal each site's own :meth:`Site.evaluate` (sealed by the same layers),
+    much faster in one process."""
     parts = [site.data.test for site in sites]
     if not parts:
         return []
@@ -249,6 +258,6 @@ def evaluate_many(kit: SiteKit, sites: Sequence[Site], weights: Vector) -> list[
     scores = kit.trainer.evaluate(weights, np.concatenate(parts), kit.eval_batch_size)
     sums = np.add.reduceat(scores, starts, axis=0)
     return [
-        SiteEvaluation(site.name, float(loss_sum), int(correct), int(targets))
+        site.seal(SiteEvaluation(site.name, float(loss_sum), int(correct), int(targets)))
         for site, (loss_sum, correct, targets) in zip(sites, sums, strict=True)
     ]

@@ -15,6 +15,15 @@ clipping bit (:data:`confide.core.SUMMED` and the layers' own sums) are appended
 masked, so the server learns them only summed over the round's survivors. The encoding scales each sum into
 the fixed-point range, which bounds it per site (:data:`SUM_BOUNDS`) and rounds it to 2^-f times its bound
 over R; the training loss goes in as the site's mean, so the round reports the sites' unweighted mean loss.
+
+A site's evaluation (its sums of loss, correct predictions and targets on its held-out data) is summed the
+same way, in a secure sum of its own: the layer runs the protocol's exchanges before the sites evaluate, each
+site answers its evaluation work with a masked input instead of its sums, and the server unmasks only their
+total, so it reports the pooled loss, accuracy and perplexity but no site's own. The sums are exact: each is
+an integer (the loss in units of 2^-16) cut into 8-bit digits, one digit per coordinate, which the
+fixed-point encoding carries without rounding and whose sums the server recombines. Every exchange message
+starts with one byte naming its secure sum (training, or evaluation of the global or personalized model),
+so that a site keeps one protocol state per sum.
 """
 
 from __future__ import annotations
@@ -23,14 +32,25 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from confide.core import EXAMPLES, LOSS_SUM, SUMMED, Update
+from confide.core import EXAMPLES, LOSS_SUM, SUMMED, SiteEvaluation, Update
 from confide.errors import UpdateError
-from confide.pipeline import Layer, RoundAbandoned, RoundContext, SiteContext, StackContext, Traits
+from confide.pipeline import (
+    GLOBAL_EVALUATION,
+    PERSONAL_EVALUATION,
+    EvaluationContext,
+    Exchange,
+    Layer,
+    RoundAbandoned,
+    RoundContext,
+    SiteContext,
+    StackContext,
+    Traits,
+)
 from confide.privacy.dp import UNCLIPPED
 from confide.privacy.secagg import (
     SERVER,
@@ -43,6 +63,7 @@ from confide.privacy.secagg import (
     SecAggClient,
     SecAggExpectation,
     SecAggParams,
+    SecAggResult,
     SecAggServer,
     Setup,
     ShareBroadcast,
@@ -67,6 +88,17 @@ SUM_BOUNDS: dict[str, float] = {
 }
 """The largest value one site may contribute to each sum (larger ones are cut to it); any other sum (a
 layer's bit) is bounded by 1."""
+CHANNELS = ("train", GLOBAL_EVALUATION, PERSONAL_EVALUATION)
+"""The secure sums a round may run, by the byte that starts each of their exchange messages."""
+DIGIT_BITS = 8
+"""Evaluation sums travel as digits of this many bits, one per coordinate (each digit d as d / 2^8, which the
+encoding with R = 1 and 8 fractional bits carries exactly)."""
+LOSS_UNIT_BITS = 16
+"""A site's evaluation loss sum travels as an integer number of 2^-16 units."""
+EVALUATION_DIGITS = (("targets", 5), ("correct", 5), ("loss", 7), ("nonfinite", 1))
+"""Each evaluation sum and its digits: up to 2^40 targets (and correct ones) per site, a loss sum up to
+2^40, and a bit for a loss that is not finite (a diverged model), so that the total shows it."""
+EVALUATION_SIZE = sum(digits for _, digits in EVALUATION_DIGITS)
 SECAGG_CLIPPED = "secagg_clipped"
 """Sum key: 1 for a site whose update had coordinates outside [-R, R], which the fixed-point encoding clipped
 (a bit, so that it survives even a tiny R: a count would be rounded away)."""
@@ -90,6 +122,11 @@ class SecureAggregation:
 
     def params(self, sites: int) -> SecAggParams:
         return self.expectation(1, "").params(sites)
+
+    def for_evaluation(self) -> SecureAggregation:
+        """The settings of an evaluation's secure sum: the same sites and threshold rule, with the encoding
+        of digits (R = 1, 8 fractional bits) that carries its integer sums exactly."""
+        return replace(self, clip_range=1.0, fractional_bits=DIGIT_BITS)
 
     def expectation(self, vector_size: int, run: str) -> SecAggExpectation:
         """What a site checks every Setup against: these settings, from its own copy of the config."""
@@ -205,26 +242,35 @@ class SecAggLayer(Layer):
     # -- the site ------------------------------------------------------------------------------------------
 
     def answer(self, data: bytes, site: str, sessions: dict[str, object], state: object = None) -> bytes:
-        """A site's answer to one protocol message of the server. ``state`` is the site's own store; a
-        durable one (a deployed site's) keeps the survivor sets it agreed to across restarts."""
-        secure = sessions.get(self.name)
+        """A site's answer to one protocol message of the server (its first byte names the secure sum it
+        belongs to). ``state`` is the site's own store; a durable one (a deployed site's) keeps the survivor
+        sets it agreed to across restarts."""
+        if not data or data[0] >= len(CHANNELS):
+            raise UpdateError(f"site {site!r} got a secure-aggregation message for no known secure sum")
+        channel = CHANNELS[data[0]]
+        key = self._session(channel)
+        secure = sessions.get(key)
         if not isinstance(secure, SecureSite):
             run = getattr(state, "run", "") or self.run
             durable = getattr(state, "survivor_store", None)
+            if channel == "train":
+                expect = self.settings.expectation(self.vector_size, run)
+            else:  # its own survivor sets: an evaluation never unmasks under a training round's agreement
+                expect = self.settings.for_evaluation().expectation(EVALUATION_SIZE, f"{run}#{channel}")
             secure = SecureSite(
                 site,
-                self.settings.expectation(self.vector_size, run),
+                expect,
                 self.identities.get(site),
                 self.settings.registry,
                 durable(site) if durable is not None else None,
             )
-            sessions[self.name] = secure
-        return secure.answer(data)
+            sessions[key] = secure
+        return secure.answer(data[1:])
 
     def encode(self, update: Update, site: SiteContext) -> Update:
         if update.vector is None:
             raise UpdateError(f"site {update.site!r}: secure aggregation needs the update's vector")
-        state = site.sessions.get(self.name)
+        state = site.sessions.get(self._session("train"))
         if not isinstance(state, SecureSite):
             raise UpdateError(f"site {update.site!r} took no part in this round's key exchange")
         bound = self.settings.clip_range
@@ -246,67 +292,33 @@ class SecAggLayer(Layer):
             payload={MASKED: np.frombuffer(masked, dtype=np.uint8)},
         )
 
-    # -- the server ----------------------------------------------------------------------------------------
+    def encode_evaluation(
+        self, evaluation: SiteEvaluation, kind: str, sessions: dict[str, object]
+    ) -> SiteEvaluation:
+        state = sessions.get(self._session(kind))
+        if not isinstance(state, SecureSite):
+            raise UpdateError(f"site {evaluation.site!r} took no part in this evaluation's key exchange")
+        masked = state.mask(evaluation_digits(evaluation))
+        return SiteEvaluation(evaluation.site, 0.0, 0, 0, masked=np.frombuffer(masked, dtype=np.uint8))
+
+    def _session(self, channel: str) -> str:
+        return self.name if channel == "train" else f"{self.name}#{channel}"
+
+    # -- the server: training ------------------------------------------------------------------------------
 
     def begin(self, round: RoundContext) -> None:
-        sites = round.sites
-        if len(sites) < max(2, self.settings.min_sites):
-            raise RoundAbandoned(
-                f"secure aggregation needs at least {max(2, self.settings.min_sites)} sites and the round "
-                f"drew {len(sites)}"
-            )
-        # A fresh nonce names this attempt; the session value (and so the graph) is drawn with the sites.
-        server = SecAggServer(
-            self.settings.params(len(sites)),
-            sites,
-            round.round,
-            self.vector_size,
-            nonce=os.urandom(32),
-            registry=self.settings.registry,
-        )
+        server = self._start(round.round, round.sites, self.settings, self.vector_size)
         round.scratch[self.name] = _Round(server)
-        try:
-            self._exchange(round, server, dict.fromkeys(sites, server.setup().to_bytes()))
-            self._exchange(round, server, _bytes(server.broadcast_commitments()))
-            self._exchange(round, server, _bytes(server.broadcast_keys()))
-            self._exchange(round, server, _bytes(server.forward_shares()))
-        except SecAggAbort as e:
-            raise RoundAbandoned(str(e)) from None
+        self._open(round.exchange, round.rejected, server, "train")
 
     def decode(self, update: Update, round: RoundContext) -> Update | None:
         state: _Round = round.scratch[self.name]
-        masked = update.payload.get(MASKED)
-        if not isinstance(masked, np.ndarray):
-            raise UpdateError(f"site {update.site!r} sent no masked input under secure aggregation")
-        try:
-            state.server.receive(update.site, decode(masked.tobytes()))
-        except MessageError as e:
-            raise UpdateError(str(e)) from None
-        except SecAggAbort as e:
-            raise RoundAbandoned(str(e)) from None
-        state.inputs += 1
+        state.take(update.site, update.payload.get(MASKED))
         return None  # only the sum will reach the aggregate, in close()
 
     def close(self, round: RoundContext) -> None:
         state: _Round = round.scratch[self.name]
-        server, inputs = state.server, state.inputs
-        if inputs < max(round.min_updates, 1):
-            # Decided before anything is unmasked: a round retried after an unmasking could be compared
-            # with this one, and the two sums would give away the sites that differ.
-            raise RoundAbandoned(
-                f"only {inputs} of {len(round.sites)} sites sent a masked update; a round needs at least "
-                f"{max(round.min_updates, 1)}"
-            )
-        try:
-            self._exchange(round, server, _bytes(server.request_consistency()))
-            self._exchange(round, server, _bytes(server.request_unmasking()))
-            total = server.finish()
-        except SumOutOfRange as e:
-            raise RoundAbandoned(
-                f"the unmasked sum was refused: {e} (a site sent an input that is not a clipped update)"
-            ) from None
-        except SecAggAbort as e:
-            raise RoundAbandoned(str(e)) from None
+        total = self._unmask(round.exchange, round.rejected, state, "train", max(round.min_updates, 1))
         model = total.vector[: -len(self.sum_keys)]
         extra = total.vector[-len(self.sum_keys) :]
         count = len(total.survivors)
@@ -317,22 +329,150 @@ class SecAggLayer(Layer):
         sums[LOSS_SUM] = sums.pop(MEAN_LOSS) / count * sums[EXAMPLES] if count else 0.0
         round.add_sum(np.ascontiguousarray(model), list(total.survivors), sums)
 
-    def _exchange(self, round: RoundContext, server: SecAggServer, messages: Mapping[str, bytes]) -> None:
-        """One step over the backend. A site whose answer is refused counts as dropped from that step on; the
-        protocol decides if the round survives."""
-        for site, answer in round.exchange(messages):
-            try:
-                server.receive(site, decode(answer))
-            except MessageError as e:
-                round.rejected.append((site, str(e)))
+    # -- the server: evaluation ----------------------------------------------------------------------------
+
+    def begin_evaluation(self, evaluation: EvaluationContext) -> None:
+        settings = self.settings.for_evaluation()
+        server = self._start(evaluation.round, evaluation.sites, settings, EVALUATION_SIZE)
+        evaluation.scratch[self.name] = _Round(server)
+        self._open(evaluation.exchange, evaluation.rejected, server, evaluation.kind)
+
+    def decode_evaluation(
+        self, evaluation: SiteEvaluation, context: EvaluationContext
+    ) -> SiteEvaluation | None:
+        state: _Round = context.scratch[self.name]
+        state.take(evaluation.site, evaluation.masked)
+        return None
+
+    def close_evaluation(self, evaluation: EvaluationContext) -> None:
+        state: _Round = evaluation.scratch[self.name]
+        total = self._unmask(evaluation.exchange, evaluation.rejected, state, evaluation.kind, 1)
+        evaluation.total = evaluation_total(total.vector, len(total.survivors))
+        evaluation.summed = list(total.survivors)
+
+    # -- the protocol's steps --------------------------------------------------------------------------------
+
+    def _start(self, round: int, sites: list[str], settings: SecureAggregation, size: int) -> SecAggServer:
+        if len(sites) < max(2, settings.min_sites):
+            raise RoundAbandoned(
+                f"secure aggregation needs at least {max(2, settings.min_sites)} sites and the round "
+                f"drew {len(sites)}"
+            )
+        # A fresh nonce names this attempt; the session value (and so the graph) is drawn with the sites.
+        return SecAggServer(
+            settings.params(len(sites)),
+            sites,
+            round,
+            size,
+            nonce=os.urandom(32),
+            registry=settings.registry,
+        )
+
+    def _open(
+        self, exchange: Exchange, rejected: list[tuple[str, str]], server: SecAggServer, channel: str
+    ) -> None:
+        """The steps before the sites' inputs: setup, commitments, keys, shares."""
+        try:
+            _step(exchange, rejected, server, dict.fromkeys(server.sites, server.setup()), channel)
+            _step(exchange, rejected, server, server.broadcast_commitments(), channel)
+            _step(exchange, rejected, server, server.broadcast_keys(), channel)
+            _step(exchange, rejected, server, server.forward_shares(), channel)
+        except SecAggAbort as e:
+            raise RoundAbandoned(str(e)) from None
+
+    def _unmask(
+        self,
+        exchange: Exchange,
+        rejected: list[tuple[str, str]],
+        state: _Round,
+        channel: str,
+        least: int,
+    ) -> SecAggResult:
+        """The steps after the sites' inputs: consistency and unmasking, once ``least`` inputs are in."""
+        server, inputs = state.server, state.inputs
+        if inputs < least:
+            # Decided before anything is unmasked: a round retried after an unmasking could be compared
+            # with this one, and the two sums would give away the sites that differ.
+            raise RoundAbandoned(
+                f"only {inputs} of {len(server.sites)} sites sent a masked input; at least {least} are needed"
+            )
+        try:
+            _step(exchange, rejected, server, server.request_consistency(), channel)
+            _step(exchange, rejected, server, server.request_unmasking(), channel)
+            return server.finish()
+        except SumOutOfRange as e:
+            raise RoundAbandoned(
+                f"the unmasked sum was refused: {e} (a site sent an input that is not a clipped update)"
+            ) from None
+        except SecAggAbort as e:
+            raise RoundAbandoned(str(e)) from None
+
+
+def _step(
+    exchange: Exchange,
+    rejected: list[tuple[str, str]],
+    server: SecAggServer,
+    messages: Mapping[str, Message],
+    channel: str,
+) -> None:
+    """One step over the backend. A site whose answer is refused counts as dropped from that step on; the
+    protocol decides if the round survives."""
+    tag = bytes([CHANNELS.index(channel)])
+    for site, answer in exchange({site: tag + m.to_bytes() for site, m in messages.items()}):
+        try:
+            server.receive(site, decode(answer))
+        except MessageError as e:
+            rejected.append((site, str(e)))
+
+
+def evaluation_digits(evaluation: SiteEvaluation) -> np.ndarray:
+    """A site's evaluation sums as the digits its secure sum carries (see :data:`EVALUATION_DIGITS`)."""
+    loss = evaluation.loss_sum
+    finite = math.isfinite(loss)
+    values = {
+        "targets": evaluation.targets,
+        "correct": evaluation.correct,
+        "loss": round(max(loss, 0.0) * 2**LOSS_UNIT_BITS) if finite else 0,
+        "nonfinite": 0 if finite else 1,
+    }
+    digits: list[float] = []
+    for key, count in EVALUATION_DIGITS:
+        value = min(max(int(values[key]), 0), (1 << (DIGIT_BITS * count)) - 1)
+        digits.extend(((value >> (DIGIT_BITS * i)) & 0xFF) / 2**DIGIT_BITS for i in range(count))
+    return np.array(digits, dtype=np.float32)
+
+
+def evaluation_total(vector: np.ndarray, sites: int) -> SiteEvaluation:
+    """The sum of ``sites`` evaluations from the sum of their digits: each coordinate's sum is an exact
+    integer (at most 255 per site), recombined in Python's unbounded integers."""
+    sums = np.rint(vector.astype(np.float64) * 2**DIGIT_BITS).astype(np.int64)
+    values: dict[str, int] = {}
+    position = 0
+    for key, count in EVALUATION_DIGITS:
+        values[key] = sum(int(sums[position + i]) << (DIGIT_BITS * i) for i in range(count))
+        position += count
+    loss = values["loss"] / 2**LOSS_UNIT_BITS if values["nonfinite"] == 0 else math.inf
+    return SiteEvaluation(f"the sum of {sites} sites", loss, values["correct"], values["targets"])
 
 
 @dataclass
 class _Round:
-    """The server's protocol state in one round, and how many masked inputs it has taken."""
+    """The server's protocol state in one secure sum, and how many masked inputs it has taken."""
 
     server: SecAggServer
     inputs: int = 0
+
+    def take(self, site: str, masked: object) -> None:
+        """One site's masked input (uint8 bytes), or an UpdateError that costs the site this sum."""
+        if not isinstance(masked, np.ndarray):
+            raise UpdateError(f"site {site!r} sent no masked input under secure aggregation")
+        try:
+            self.server.receive(site, decode(masked.tobytes()))
+        except MessageError as e:
+            raise UpdateError(str(e)) from None
+        except SecAggAbort as e:
+            raise RoundAbandoned(str(e)) from None
+        self.inputs += 1
 
 
 def _bound(key: str) -> float:
@@ -347,7 +487,3 @@ def _scale(value: float, bound: float, clip_range: float) -> float:
 
 def _unscale(value: float, bound: float, clip_range: float) -> float:
     return value * (bound / clip_range)
-
-
-def _bytes(messages: Mapping[str, Message]) -> dict[str, bytes]:
-    return {site: m.to_bytes() for site, m in messages.items()}

@@ -30,7 +30,15 @@ from confide.core import (
     Vector,
 )
 from confide.errors import UpdateError
-from confide.pipeline import Aggregator, Layer, RoundAbandoned, RoundContext, check_stack
+from confide.pipeline import (
+    Aggregator,
+    EvaluationContext,
+    Layer,
+    RoundAbandoned,
+    RoundContext,
+    check_stack,
+    evaluation_kind,
+)
 from confide.randomness import Randomness, SecretRandomness
 from confide.server.strategy import Strategy
 from confide.server.validate import ValidateLayer
@@ -195,6 +203,35 @@ class Federation:
         state.round = ctx.round
         return _result(ctx, started, backend.traffic() - counted)
 
+    def evaluate(
+        self, round: int, weights: Vector, sites: Sequence[str], backend: Backend, plan: Plan | None = None
+    ) -> EvaluationContext:
+        """Have ``sites`` evaluate ``weights`` (their personalizations of them, with a personalizing
+        ``plan``), through the layers: the result holds the evaluations the server may read one by one, and
+        the total of those it may only read summed (secure aggregation). Raises :class:`RoundAbandoned` when
+        a layer cannot complete it (too few sites for a secure sum)."""
+        ctx = EvaluationContext(round, list(sites), backend.exchange, evaluation_kind(plan))
+        for layer in self.layers:
+            layer.begin_evaluation(ctx)
+        seen: set[str] = set()
+        for evaluation in backend.evaluate(weights, ctx.sites, plan):
+            try:
+                if evaluation.site not in ctx.sites or evaluation.site in seen:
+                    raise UpdateError(f"an unasked or second evaluation came from site {evaluation.site!r}")
+                seen.add(evaluation.site)
+                decoded: SiteEvaluation | None = evaluation
+                for layer in reversed(self.layers):
+                    if decoded is None:
+                        break
+                    decoded = layer.decode_evaluation(decoded, ctx)
+                if decoded is not None:
+                    ctx.evaluations.append(decoded)
+            except UpdateError as e:
+                ctx.rejected.append((evaluation.site, str(e)))
+        for layer in reversed(self.layers):
+            layer.close_evaluation(ctx)
+        return ctx
+
     def _context(
         self,
         state: ServerState,
@@ -316,32 +353,46 @@ def _abandoned(
 
 
 def summarize(
-    evaluations: Sequence[SiteEvaluation],
+    evaluations: Sequence[SiteEvaluation], total: SiteEvaluation | None = None, summed: int = 0
 ) -> tuple[dict[str, float], list[tuple[str, float, float, int]]]:
     """Pooled and per-site metrics from the sites' sums.
 
     The pooled numbers weight every predicted character equally; the per-site spread (mean, and the worst
     decile: 10th percentile of accuracy, 90th of loss and perplexity) shows how the worst-served sites fare.
+    ``total`` is the sum of ``summed`` more sites' evaluations that the server may read only summed (secure
+    aggregation): they count in the pooled numbers, and the spread, which no sum shows, is NaN without any
+    evaluation read one by one.
     """
+    pooled = [*evaluations, *([total] if total is not None else [])]
+    all_targets = sum(e.targets for e in pooled)
+    loss = float(sum(e.loss_sum for e in pooled) / max(all_targets, 1)) if pooled else float("nan")
+    metrics: dict[str, float] = {
+        "loss": loss,
+        "accuracy": float(sum(e.correct for e in pooled) / max(all_targets, 1)) if pooled else float("nan"),
+        "perplexity": float(np.exp(loss)),
+        "eval_sites": float(len(evaluations) + summed),
+    }
     targets = np.array([e.targets for e in evaluations], dtype=np.float64)
     losses = np.array([e.loss_sum for e in evaluations]) / np.maximum(targets, 1)
     accuracies = np.array([e.correct for e in evaluations]) / np.maximum(targets, 1)
-    loss = float(sum(e.loss_sum for e in evaluations) / targets.sum())
     site_perplexity = np.exp(losses)
-    metrics: Mapping[str, float] = {
-        "loss": loss,
-        "accuracy": float(sum(e.correct for e in evaluations) / targets.sum()),
-        "perplexity": float(np.exp(loss)),
-        "site_accuracy_mean": float(accuracies.mean()),
-        "site_accuracy_p10": float(np.percentile(accuracies, 10)),
-        "site_loss_mean": float(losses.mean()),
-        "site_loss_p90": float(np.percentile(losses, 90)),
-        "site_perplexity_mean": float(site_perplexity.mean()),
-        "site_perplexity_p90": float(np.percentile(site_perplexity, 90)),
-        "eval_sites": float(len(evaluations)),
+    spread = {
+        "site_accuracy_mean": (accuracies, None),
+        "site_accuracy_p10": (accuracies, 10),
+        "site_loss_mean": (losses, None),
+        "site_loss_p90": (losses, 90),
+        "site_perplexity_mean": (site_perplexity, None),
+        "site_perplexity_p90": (site_perplexity, 90),
     }
+    for key, (values, percentile) in spread.items():
+        if not len(values):
+            metrics[key] = float("nan")
+        elif percentile is None:
+            metrics[key] = float(values.mean())
+        else:
+            metrics[key] = float(np.percentile(values, percentile))
     per_site = [
         (e.site, float(lo), float(a), int(n))
         for e, lo, a, n in zip(evaluations, losses, accuracies, targets, strict=True)
     ]
-    return dict(metrics), per_site
+    return metrics, per_site

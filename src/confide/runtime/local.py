@@ -88,7 +88,7 @@ class LocalBackend:
             # Every site evaluates the same model: in large batches across sites, split back by site.
             evaluations = evaluate_many(self.kit, [self.site(name) for name in sites], weights)
         for evaluation in evaluations:
-            self._count(received=wire.message_bytes(wire.evaluation_message(0, b"", evaluation)))
+            self._count(received=wire.message_bytes(*wire.evaluation_message(0, b"", evaluation)))
             yield evaluation
 
     def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 import torch
@@ -25,11 +25,12 @@ from torch import nn
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.config import Config, check_deployment
-from confide.core import Layout
+from confide.core import Layout, Plan
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
 from confide.data.text import load_text
 from confide.errors import DivergedError, StoreError
 from confide.models import CharModel
+from confide.pipeline import RoundAbandoned
 from confide.privacy.accountant import LedgerEntry
 from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
@@ -134,6 +135,12 @@ class SiteInfo:
 
 def stored_sites(store: Store) -> list[SiteInfo]:
     return [SiteInfo(*row) for row in store.db.execute("SELECT name, grp, num_train, num_test FROM sites")]
+
+
+class _Evaluated(NamedTuple):
+    metrics: dict[str, float]
+    per_site: list[tuple[str, float, float, int]]
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -464,9 +471,8 @@ class Runner:
     def evaluate(self, result: RoundResult, totals: dict[str, float]) -> dict[str, Any]:
         started = time.perf_counter()
         counted = self.backend.traffic()
-        evaluations = list(self.backend.evaluate(self.state.weights, self.eval_sites))
-        metrics, per_site = summarize(evaluations)
-        if not np.isfinite(metrics["loss"]):
+        metrics, per_site, complete = self._evaluate(result.round)
+        if complete and not np.isfinite(metrics["loss"]):
             message = (
                 f"training diverged: after round {result.round} the global model's held-out loss is "
                 f"{metrics['loss']}; lower client.learning_rate (now {self.config.client.learning_rate}) or "
@@ -480,8 +486,7 @@ class Runner:
             # The same sites evaluate their personalized models; the eval plan's seed is per round.
             seed = int(public_rng(self.config.run.seed, result.round, Stream.EVAL).integers(2**31 - 1))
             plan = self.strategy.plan(result.round, seed)
-            personal_evals = list(self.backend.evaluate(self.state.weights, self.eval_sites, plan))
-            pooled, personal = summarize(personal_evals)
+            pooled, personal, _ = self._evaluate(result.round, plan)
             personal_metrics = {f"personal_{k}": v for k, v in pooled.items() if k != "eval_sites"}
             personal_metrics["personalized_sites"] = float(self._personalized_sites())
         moved = self.backend.traffic() - counted
@@ -508,6 +513,20 @@ class Runner:
         }
         self.store.record_evaluation(result.round, record, per_site, personal)
         return record
+
+    def _evaluate(self, round: int, plan: Plan | None = None) -> _Evaluated:
+        """The eval sites' evaluation through the federation's layers (summed only, under secure
+        aggregation). One that cannot be completed (too few sites for a secure sum) leaves NaN metrics and
+        an event that says why; training goes on."""
+        try:
+            ctx = self.federation.evaluate(round, self.state.weights, self.eval_sites, self.backend, plan)
+        except RoundAbandoned as e:
+            what = "personalized models" if plan is not None else "global model"
+            self.store.event("evaluation", f"the evaluation of the {what} was abandoned: {e}", round)
+            return _Evaluated(*summarize([]), complete=False)
+        for site, why in ctx.rejected:
+            self.store.event("rejected", f"site {site}'s evaluation was refused: {why}", round)
+        return _Evaluated(*summarize(ctx.evaluations, ctx.total, len(ctx.summed)))
 
     def _privacy_metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}

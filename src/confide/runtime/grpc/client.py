@@ -499,7 +499,7 @@ class SiteClient:
             body = message.header.evaluate
             weights = message.tensor("weights", np.float32, setup.layout.size)
             plan = wire.plan_from_proto(body.plan) if body.personal else None
-            return wire.evaluation_message(ticket, session, site.evaluate(weights, plan)), []
+            return wire.evaluation_message(ticket, session, site.evaluate(weights, plan))
         if kind == "exchange":
             answer = site.answer(message.tensor("message", np.uint8).tobytes())
             return wire.answer_message(ticket, session, answer)

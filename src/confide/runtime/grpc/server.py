@@ -285,6 +285,10 @@ class Servicer:
                 context.abort(e.code, str(e))
             return pb.SubmitReply(accepted=False, reason=str(e))
         except WireError as e:
+            if upload.watch.cancelled is not None:
+                # The server ended the call itself: gRPC may show that as the stream ending early rather than
+                # as an error, and it is the stall, not a malformed message, that the caller records.
+                return pb.SubmitReply(accepted=False, reason="the upload ended before it was complete")
             header = getattr(e, "header", None)
             self._fail(site, header.ticket if header is not None else 0, f"a malformed message: {e}")
             code = (

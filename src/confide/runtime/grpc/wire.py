@@ -38,6 +38,8 @@ DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "uint
 
 PAYLOAD = "payload/"
 """Prefix of an update's payload arrays among its tensors."""
+MASKED_EVALUATION = "masked"
+"""The tensor of an evaluation that travels only as a masked input to a secure sum."""
 
 PLAN_FIELDS = tuple(f.name for f in fields(Plan))
 
@@ -333,14 +335,18 @@ def read_update(message: Message) -> Update:
     )
 
 
-def evaluation_message(ticket: int, session: bytes, evaluation: SiteEvaluation) -> pb.Header:
+def evaluation_message(
+    ticket: int, session: bytes, evaluation: SiteEvaluation
+) -> tuple[pb.Header, list[tuple[str, np.ndarray]]]:
+    """An evaluation: its sums in the header, or under secure aggregation only its masked input."""
     body = pb.EvaluationResult(
         site=evaluation.site,
         loss_sum=evaluation.loss_sum,
         correct=evaluation.correct,
         targets=evaluation.targets,
     )
-    return pb.Header(ticket=ticket, session=session, evaluation=body)
+    tensors = [] if evaluation.masked is None else [(MASKED_EVALUATION, evaluation.masked)]
+    return pb.Header(ticket=ticket, session=session, evaluation=body), tensors
 
 
 def read_evaluation(message: Message) -> SiteEvaluation:
@@ -355,7 +361,13 @@ def read_evaluation(message: Message) -> SiteEvaluation:
             f"an evaluation must have 0 <= correct <= targets and a finite loss, got correct {body.correct}, "
             f"targets {body.targets}, loss {body.loss_sum}"
         )
-    return SiteEvaluation(body.site, body.loss_sum, body.correct, body.targets)
+    unknown = set(message.tensors) - {MASKED_EVALUATION}
+    if unknown:
+        raise WireError(f"an evaluation carries tensors it has no use for: {', '.join(sorted(unknown))}")
+    masked = message.tensor(MASKED_EVALUATION, np.uint8) if message.tensors else None
+    if masked is not None and (body.loss_sum or body.correct or body.targets):
+        raise WireError("a masked evaluation must not carry its sums in clear as well")
+    return SiteEvaluation(body.site, body.loss_sum, body.correct, body.targets, masked)
 
 
 def answer_message(
