@@ -109,7 +109,10 @@ def test_a_secure_evaluation_carries_no_site_s_sums_and_sums_them_exactly(
         local.kit.trainer.evaluate(runner.state.weights, local.site(name).data.test, 64).sum(0)
         for name in runner.eval_sites
     ]
-    clear = [SiteEvaluation(n, float(s[0]), int(s[1]), int(s[2])) for n, s in zip(runner.eval_sites, sums)]
+    clear = [
+        SiteEvaluation(n, float(s[0]), int(s[1]), int(s[2]))
+        for n, s in zip(runner.eval_sites, sums, strict=True)
+    ]
     expected, per_site = summarize(clear)
     assert reported["eval_sites"] == len(clear) == len(per_site)
     assert reported["accuracy"] == expected["accuracy"]

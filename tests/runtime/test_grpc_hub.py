@@ -131,8 +131,8 @@ def test_an_open_call_is_proof_of_life_and_its_end_starts_the_silence() -> None:
     h, clock = hub(heartbeat_timeout=20, task_timeout=10_000)
     session = h.join("a", 1, 1)
     h.session(session.id, "a")
-    assert h.call_opened("a", "upload", exclusive=True)
-    assert not h.call_opened("a", "upload", exclusive=True)  # one upload at a time
+    assert h.call_opened("a", "upload", limit=1)
+    assert not h.call_opened("a", "upload", limit=1)  # one upload at a time
     work = h.post("a", train("a"))
     clock.now = 5_000.0
     answered = threading.Timer(0.3, lambda: h.submit("a", work.ticket, value="late"))

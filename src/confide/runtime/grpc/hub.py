@@ -183,12 +183,12 @@ class Hub:
         self._results.put(Result(work, value, failure))
         return None
 
-    def call_opened(self, site: str, kind: str, exclusive: bool = False) -> bool:
-        """Count a call of ``site`` as open; False (and nothing counted) when ``exclusive`` and one of the
-        same kind is open already."""
+    def call_opened(self, site: str, kind: str, limit: int | None = None) -> bool:
+        """Count a call of ``site`` as open; False (and nothing counted) when ``limit`` calls of the same
+        kind are open already."""
         with self._cond:
             calls = self._calls.setdefault(site, {})
-            if exclusive and calls.get(kind):
+            if limit is not None and calls.get(kind, 0) >= limit:
                 return False
             calls[kind] = calls.get(kind, 0) + 1
             self._seen[site] = self.clock()

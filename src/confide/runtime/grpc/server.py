@@ -74,6 +74,9 @@ bytes. (gRPC itself receives up to GRPC_MESSAGE_LIMIT, the limit of an upload's 
 runs; nothing of it is decoded unless the caller is authenticated and it fits here.)"""
 
 STALL_SECONDS = 120.0
+POLLS_PER_SITE = 4
+"""Polls one site may hold open at once: it needs one; a few more let a client that reconnects overlap its
+old poll, and the limit keeps one site from holding many of the server's threads."""
 """A stream that moves no message for this long is cancelled (a chunk is 4 MiB: this allows an uplink of
 about 0.3 Mbit/s)."""
 
@@ -152,14 +155,14 @@ class Servicer:
             watch.moved()
 
     @contextmanager
-    def _open(
-        self, site: str, kind: str, context: grpc.ServicerContext, exclusive: bool = False
-    ) -> Iterator[None]:
-        """The call counts as open (its site is connected) until it ends; gRPC says at once when it does."""
-        if not self.hub.call_opened(site, kind, exclusive):
+    def _open(self, site: str, kind: str, context: grpc.ServicerContext, limit: int = 1) -> Iterator[None]:
+        """The call counts as open (its site is connected) until it ends; gRPC says at once when it does.
+        A site may have at most ``limit`` calls of a kind open: each holds one of the server's threads."""
+        if not self.hub.call_opened(site, kind, limit):
             context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"site {site!r} has a {kind} call in progress already; a site makes one at a time",
+                f"site {site!r} has {limit} {kind} call{'s' if limit > 1 else ''} in progress already, the "
+                "most a site may have at once",
             )
         closed = threading.Event()
 
@@ -213,7 +216,7 @@ class Servicer:
     def Poll(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self.identify(context)
         request = self._parse(site, pb.PollRequest, raw, context)
-        with self._open(site, "poll", context):
+        with self._open(site, "poll", context, limit=POLLS_PER_SITE):
             try:
                 session = self.hub.session(request.session, site)
                 wait = min(max(request.wait_seconds, 0.0), MAX_POLL_SECONDS)
@@ -236,7 +239,7 @@ class Servicer:
     def Fetch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self.identify(context)
         request = self._parse(site, pb.FetchRequest, raw, context)
-        with self._open(site, "fetch", context, exclusive=True):
+        with self._open(site, "fetch", context):
             try:
                 self.hub.session(request.session, site)
             except SessionGone:
@@ -257,7 +260,7 @@ class Servicer:
         """One answer, read only once its session and ticket are known to be open, within the byte budget,
         and while it keeps moving; one upload per site at a time."""
         site = self.identify(context)
-        with self._open(site, "submit", context, exclusive=True), self.watchdog.watch(context) as watch:
+        with self._open(site, "submit", context), self.watchdog.watch(context) as watch:
             upload = _Upload(site, context, watch)
             try:
                 reply = self._receive(upload, requests)
