@@ -191,7 +191,6 @@ def gpt2_config(model: GPT) -> Any:
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=None,
-        pad_token_id=DEFAULT_TOKENIZER.unknown,
     )
 
 
