@@ -745,6 +745,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"exported the model of round {done.round} of {done.rounds} of {args.run_dir} to {done.out_dir}: "
         f"{done.description}",
         markup=False,
+        soft_wrap=True,
     )
     return 0
 

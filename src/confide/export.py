@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import secrets
 import shutil
-import tempfile
 import tomllib
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+# _TYPOGRAPHY: the very table CharTokenizer.normalize applies first, which the exported tokenizer must repeat.
 from confide.data.tokenize import _TYPOGRAPHY, DEFAULT_TOKENIZER
 from confide.errors import ConfideError, StoreError
 
@@ -300,9 +301,9 @@ def export_run(
     and no round is given, the round has no checkpoint, the kind of model has no export, or ``out_dir`` holds
     files (unless ``force`` and they are a previous export).
     """
-    _check_out_dir(out_dir, force)
     if not run_dir.is_dir():
         raise StoreError(f"there is no run directory {run_dir}; give the folder `confide run` wrote")
+    _check_out_dir(out_dir, force)  # before the work, not after it
     kind = _model_kind(run_dir)
     if kind == "hf":
         return _export_hf_run(run_dir, out_dir, merged=merged, round=round, force=force)
@@ -327,7 +328,7 @@ def export_run(
     layout = Layout.of_module(model)
     layout.check(weights, "checkpoint's weights")
     layout.write(model, weights)
-    export_gpt(model, out_dir, force=force)  # type: ignore[arg-type]
+    export_gpt(cast("GPT", model), out_dir, force=force)
     return Exported(
         chosen,
         config.run.rounds,
@@ -429,7 +430,10 @@ def _fresh_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     file of it left beside the new one)."""
     _check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    # Not tempfile.mkdtemp: its folder is private to the user (0700), and the export should have the
+    # permissions any new folder gets here.
+    folder = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.partial"
+    folder.mkdir()
     try:
         yield folder
         if out_dir.is_dir():
