@@ -300,3 +300,28 @@ def test_a_forced_export_replaces_the_previous_one_whole(
     # A stale adapter_config.json beside config.json would make transformers load the folder as an adapter.
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]
+
+
+def test_confide_imports_without_the_language_model_libraries(tmp_path: Path) -> None:
+    """transformers, peft and tokenizers are an extra: importing confide loads none of them, and an export
+    without them says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import confide.cli, confide.export\n"
+        "loaded = [m for m in ('transformers', 'peft', 'tokenizers', 'torch') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "sys.modules['transformers'] = None  # as if it were not installed: importing it fails\n"
+        "from confide.errors import ConfideError\n"
+        "from confide.export import char_tokenizer\n"
+        "try:\n"
+        "    char_tokenizer(80)\n"
+        "except ConfideError as e:\n"
+        "    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "needs 'transformers', which is not installed" in result.stdout
+    assert "pip install 'confide[llm]'" in result.stdout
