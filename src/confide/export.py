@@ -30,6 +30,9 @@ a confide model built with ``bias = false`` is exported with zero biases, which 
 
 Every import of ``transformers``, ``tokenizers`` and ``peft`` is inside a function: confide imports and runs
 without them, and only an export needs them.
+
+A little over ~400 lines: the tokenizer, the GPT-2 mapping, the adapter export and the reading of a run are
+each short, and kept in the one module that ``confide export`` drives.
 """
 
 from __future__ import annotations
