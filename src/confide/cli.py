@@ -1,4 +1,5 @@
-"""The ``confide`` command: run, server, client, certs, keys, enroll, generate, report, audit, data, config.
+"""The ``confide`` command: run, server, client, certs, keys, enroll, generate, export, report, audit, data,
+config.
 
 The command line owns everything a person sees: rich progress, one summary line per evaluated round, and exit
 codes. A :class:`~confide.errors.ConfideError` is printed as one line (exit 2); any other exception is a bug
@@ -82,6 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest characters (0: all)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser(
+        "export", help="write a run's model in Hugging Face's formats, for transformers and peft to load"
+    )
+    exp.add_argument("run_dir", type=Path)
+    exp.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (new)")
+    exp.add_argument(
+        "--merged",
+        action="store_true",
+        help="for an adapter run: write the base with the adapter merged in (and the adapter to DIR/adapter)",
+    )
+    exp.add_argument("--round", type=int, help="export the stored model of this round (default: the last)")
+    exp.add_argument("--force", action="store_true", help="replace a previous export in DIR")
+    exp.set_defaults(func=cmd_export)
 
     rep = sub.add_parser("report", help="write RUN_DIR/report.html with plots of the run")
     rep.add_argument("run_dir", type=Path)
@@ -715,6 +730,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.seed,
     )
     console.print(text, markup=False)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from confide.export import export_run
+
+    with contextlib.suppress(ImportError):  # without transformers, export_run says what to install
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # one progress bar per file written: noise here
+    done = export_run(args.run_dir, args.out, merged=args.merged, round=args.round, force=args.force)
+    console.print(
+        f"exported the model of round {done.round} of {done.rounds} of {args.run_dir} to {done.out_dir}: "
+        f"{done.description}",
+        markup=False,
+        soft_wrap=True,
+    )
     return 0
 
 
