@@ -380,7 +380,7 @@ class RichObserver:
             f"round {round:>4}  accuracy {m['accuracy']:.3f}"
             + (f" (unigram {self.baseline:.3f})  " if self.baseline is not None else "  ")
             + f"loss {m['loss']:.3f}  perplexity {m['perplexity']:6.2f}  "
-            f"worst-decile site accuracy {m['site_accuracy_p10']:.3f}  "
+            f"{_worst_decile(m['site_accuracy_p10'])}  "
             f"{m['seconds']:5.1f}s  sent {human_bytes(m['bytes_sent'])}  "
             f"received {human_bytes(m['bytes_received'])}"
         )
@@ -403,12 +403,18 @@ class RichObserver:
             console.print(
                 f"            personalized: accuracy {m['personal_accuracy']:.3f}  "
                 f"loss {m['personal_loss']:.3f}  "
-                f"worst-decile site accuracy {m['personal_site_accuracy_p10']:.3f}  "
+                f"{_worst_decile(m['personal_site_accuracy_p10'])}  "
                 f"({int(m['personalized_sites'])} of {int(m['eval_sites'])} sites hold a personal model)"
             )
 
     def run_finished(self, runner: Any) -> None:
         pass
+
+
+def _worst_decile(accuracy: float) -> str:
+    if math.isnan(accuracy):  # only the sum of the sites' evaluations is known (secure aggregation)
+        return "per-site accuracy hidden by secure aggregation"
+    return f"worst-decile site accuracy {accuracy:.3f}"
 
     def stopped(self, reason: str) -> None:
         console.print(f"[bold yellow]{reason}[/]")

@@ -557,7 +557,7 @@ def _totals(
 
 
 def _num(value: Any, digits: int = 3) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
         return _e(f"{value:.{digits}f}")
     return "&mdash;"
 
