@@ -410,12 +410,6 @@ class RichObserver:
     def run_finished(self, runner: Any) -> None:
         pass
 
-
-def _worst_decile(accuracy: float) -> str:
-    if math.isnan(accuracy):  # only the sum of the sites' evaluations is known (secure aggregation)
-        return "per-site accuracy hidden by secure aggregation"
-    return f"worst-decile site accuracy {accuracy:.3f}"
-
     def stopped(self, reason: str) -> None:
         console.print(f"[bold yellow]{reason}[/]")
 
@@ -882,3 +876,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _worst_decile(accuracy: float) -> str:
+    if math.isnan(accuracy):  # only the sum of the sites' evaluations is known (secure aggregation)
+        return "per-site accuracy hidden by secure aggregation"
+    return f"worst-decile site accuracy {accuracy:.3f}"
