@@ -544,6 +544,7 @@ class Runner:
             "eval_bytes_sent": moved.sent,
             "eval_bytes_received": moved.received,
             "rejected_updates": len(result.rejected),
+            "quarantined_sites": len(self.store.quarantined()),
             **self._privacy_metrics(),
         }
         self.store.record_evaluation(result.round, record, per_site, personal)
