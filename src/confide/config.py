@@ -31,6 +31,7 @@ import tomli_w
 from confide.errors import ConfigError
 from confide.registry import (
     ACCOUNTANTS,
+    AGGREGATORS,
     AUTH_MODES,
     BACKENDS,
     CLIENT_OPTIMIZERS,
@@ -168,6 +169,7 @@ class ServerConfig:
     beta1: float = option(0.9, "momentum / first-moment decay", lambda x: 0 <= x < 1, "in [0, 1)")
     beta2: float = option(0.99, "second-moment decay (adam, yogi)", lambda x: 0 <= x < 1, "in [0, 1)")
     tau: float = option(1e-3, "adaptivity constant of adam, yogi and adagrad", positive, "> 0")
+    aggregator: str = option("mean", AGGREGATORS.help, choices=AGGREGATORS)
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,86 @@ class DeployConfig:
         return int(self.receive_buffer_mb * 2**20)
 
 
+NORM_ACTIONS = ("refuse", "clip")
+
+
+@dataclass(frozen=True)
+class DefenceConfig:
+    """Defences against poisoning: update screening at the server, the robust aggregators' settings
+    (``server.aggregator`` chooses one) and the quarantine of repeat offenders. Every rule is off by
+    default; each needs the server to read every site's own update, so none runs under secure aggregation."""
+
+    norm_bound: float = option(
+        0.0,
+        "refuse (or clip, see norm_action) an update whose L2 norm is above this (Sun et al. 2019); 0: off",
+        at_least(0),
+        ">= 0",
+    )
+    norm_action: str = option(
+        "refuse",
+        "what norm_bound does to a longer update: 'refuse' it or 'clip' it to the bound",
+        lambda x: x in NORM_ACTIONS,
+        "'refuse' or 'clip'",
+    )
+    min_cosine: float = option(
+        -1.0,
+        "refuse an update whose cosine similarity to the previous global update or to the round's "
+        "coordinate-wise median update is below this; -1: off",
+        lambda x: -1 <= x <= 1,
+        "in [-1, 1]",
+    )
+    validation_data: str = option(
+        "", "a UTF-8 text file the server holds; each update is tried on it (see max_loss_increase)"
+    )
+    max_loss_increase: float = option(
+        0.5,
+        "with validation_data: refuse an update that alone raises the validation loss (nats per character) "
+        "by more than this",
+        at_least(0),
+        ">= 0",
+    )
+    trim: float = option(
+        0.1,
+        "trimmed mean: fraction of the values cut at each end of every coordinate",
+        lambda x: 0 <= x < 0.5,
+        "in [0, 0.5)",
+    )
+    byzantine: int = option(
+        1, "krum, multikrum: f, the number of attacking sites it must withstand", at_least(0), ">= 0"
+    )
+    multikrum: int = option(
+        0, "multikrum: m, how many of the best-scored updates are averaged; 0: n - f", at_least(0), ">= 0"
+    )
+    root_data: str = option(
+        "", "fltrust: a UTF-8 text file the server trains on each round for its trust direction"
+    )
+    root_steps: int = option(5, "fltrust: local steps the server takes on root_data", at_least(1), ">= 1")
+    flame_noise: float = option(
+        0.001, "flame: lambda, the noise std as a fraction of the median update norm", at_least(0), ">= 0"
+    )
+    quarantine_after: int = option(
+        0,
+        "quarantine a site refused this many times within quarantine_window rounds: it is no longer "
+        "selected; 0: off",
+        at_least(0),
+        ">= 0",
+    )
+    quarantine_window: int = option(
+        10, "rounds over which a site's offences are counted for quarantine", at_least(1), ">= 1"
+    )
+    reputation_decay: float = option(
+        0.8,
+        "gamma of the reputation r <- gamma r + (1 - gamma) o (o = 1 accepted, 0 refused)",
+        lambda x: 0 < x < 1,
+        "in (0, 1)",
+    )
+
+    @property
+    def screens(self) -> bool:
+        """Whether any screening rule is on (the screen layer joins the stack)."""
+        return bool(self.norm_bound or self.min_cosine > -1 or self.validation_data)
+
+
 DEFAULT_MODEL = "gpt"
 """The model kind of a config whose [model] table names none."""
 
@@ -345,6 +427,7 @@ SECTIONS: dict[str, type] = {
     "backend": BackendConfig,
     "privacy": PrivacyConfig,
     "deploy": DeployConfig,
+    "defence": DefenceConfig,
 }
 
 
@@ -361,6 +444,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -452,7 +536,33 @@ def check(config: Config) -> None:
             f"(got {c.personalization!r})"
         )
     _check_privacy(config)
+    _check_defence(config)
     _check_model(config.model)
+
+
+def _check_defence(config: Config) -> None:
+    """The defences against what they need: their data files, a plain local algorithm."""
+    d, s = config.defence, config.server
+    robust = s.aggregator != "mean"
+    # The data files are the server's alone (a site loads this same config): the server reads them when it
+    # builds the run (confide.server.reference), and says there if one is missing.
+    if s.aggregator == "fltrust" and not d.root_data:
+        raise ConfigError(
+            "server.aggregator = 'fltrust' needs defence.root_data: a small clean text file the server "
+            "trains on each round to get the direction it trusts (Cao et al. 2021)"
+        )
+    what = STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS)
+    if what is not None and (robust or d.screens):
+        raise ConfigError(
+            f"server.strategy = {s.strategy!r} cannot run with update screening or a robust aggregator "
+            f"(server.aggregator = {s.aggregator!r}): its {what} are combined beside the updates and would "
+            "bypass them; use 'fedavg' or 'fedprox'"
+        )
+    if s.aggregator == "multikrum" and s.sites_per_round >= 1 and d.multikrum > s.sites_per_round:
+        raise ConfigError(
+            f"defence.multikrum ({d.multikrum}) cannot be more than server.sites_per_round "
+            f"({s.sites_per_round:g})"
+        )
 
 
 def _check_model(model: Mapping[str, Any]) -> None:

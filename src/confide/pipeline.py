@@ -119,6 +119,9 @@ class RoundContext:
     aggregate: Any
     """The aggregator's running state."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each screened site's scores this round (norm, cosines, validation loss increase, refused), for the
+    run's anomaly history (:mod:`confide.server.screen`)."""
     accepted: dict[str, dict[str, float]] = field(default_factory=dict)
     """Each site whose update reached the aggregate in clear, with the metrics it reported."""
     summed: list[str] = field(default_factory=list)
@@ -285,9 +288,27 @@ def check_stack(layers: Sequence[Layer], aggregator: Aggregator | None = None) -
         kind, name = needy[0]
         raise ConfigError(
             f"the {kind} {name!r} must see each site's own update, but {' and '.join(map(repr, hiding))} "
-            "shows the server only their sum: drop one of them, or run the check inside an attested "
-            "aggregator that may see each update"
+            f"shows the server only their sum. Options: {_HIDDEN_OPTIONS[kind]}"
         )
+
+
+_BOUNDING = (
+    "bound each site's influence at the site instead: site-side norm bounding (privacy.dp clips each "
+    "update to privacy.clip_norm before it is masked) with the sum checked for range (each coordinate "
+    "a site masks lies in [-privacy.secagg_range, privacy.secagg_range], and the server refuses an unmasked "
+    "sum outside what that many clipped updates can add up to), which limits but does not detect a "
+    "poisoned update"
+)
+_HIDDEN_OPTIONS = {
+    "aggregator": (
+        "run the robust aggregator inside the attested aggregator, which reads each update in an enclave (a "
+        f"later release); or use server.aggregator = 'mean' and {_BOUNDING}; or turn secure aggregation off"
+    ),
+    "layer": (
+        "run the check inside the attested aggregator, which reads each update in an enclave (a later "
+        f"release); or drop it and {_BOUNDING}; or turn secure aggregation off"
+    ),
+}
 
 
 def describe(layers: Iterable[Layer]) -> str:

@@ -324,7 +324,13 @@ BACKENDS.register("local", "every site in this process (no setup)", "confide.run
 LAYERS = Registry("layer", "a layer of the update pipeline (encode at the site, decode at the server)")
 """In stack order: a site encodes through them top to bottom, the server decodes bottom to top. Each target
 is a Layer class whose ``from_config(stack)`` builds it when the run's config asks for it (None otherwise);
-the strategy's own layers (SCAFFOLD's control variates) come first."""
+the strategy's own layers (SCAFFOLD's control variates) come first. The screen is first, so the server
+decodes it last: it sees each update as the aggregator will (after the server's DP clipping)."""
+LAYERS.register(
+    "screen",
+    "defences: norm bound, cosine to the last global update and the round's median, validation loss",
+    "confide.server.screen:ScreenLayer",
+)
 LAYERS.register(
     "adaptive_clip",
     "adaptive clipping (Andrew et al. 2021): the clip norm follows a quantile of the update norms",
@@ -352,6 +358,39 @@ LAYERS.register(
 AGGREGATORS = Registry("server.aggregator", "how the server combines the round's updates")
 AGGREGATORS.register(
     "mean", "the example-weighted mean, summed as updates arrive", "confide.server.aggregators:WeightedMean"
+)
+AGGREGATORS.register(
+    "median", "coordinate-wise median (Yin et al. 2018)", "confide.server.robust:CoordinateMedian"
+)
+AGGREGATORS.register(
+    "trimmed_mean",
+    "coordinate-wise trimmed mean: defence.trim of the values cut at each end (Yin et al. 2018)",
+    "confide.server.robust:TrimmedMean",
+)
+AGGREGATORS.register(
+    "krum",
+    "the update closest to its n - f - 2 neighbours, f = defence.byzantine (Blanchard et al. 2017)",
+    "confide.server.robust:Krum",
+)
+AGGREGATORS.register(
+    "multikrum",
+    "the mean of the defence.multikrum best Krum-scored updates (Blanchard et al. 2017)",
+    "confide.server.robust:MultiKrum",
+)
+AGGREGATORS.register(
+    "geometric_median",
+    "geometric median by smoothed Weiszfeld (RFA, Pillutla et al. 2022)",
+    "confide.server.robust:GeometricMedian",
+)
+AGGREGATORS.register(
+    "fltrust",
+    "updates weighted by their cosine to the server's own update on defence.root_data (Cao et al. 2021)",
+    "confide.server.trust:FLTrust",
+)
+AGGREGATORS.register(
+    "flame",
+    "majority cluster of cosine distances, median-norm clipping, noise (Nguyen et al. 2022)",
+    "confide.server.trust:Flame",
 )
 
 REGISTRIES: tuple[Registry, ...] = (

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from confide import config as config_module
 from confide.errors import ConfigError
 from confide.runtime.store import Store
+from confide.server.reputation import outcomes, reputations
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -106,6 +107,7 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
         ),
         _samples(samples),
         _config(config_text),
+        _defences(store, 0.8 if config is None else config.defence.reputation_decay),
         _events(store.events()),
         f"<footer>Written {_e(_when(time.time()))} by confide from {_e(str(run_dir.resolve()))}.</footer>",
         "</body></html>",
@@ -262,6 +264,45 @@ def _config(config_text: str) -> str:
         "<details><summary>config.toml (every default filled in)</summary>"
         f"<pre>{_e(config_text)}</pre></details>"
     )
+
+
+def _defences(store: Store, decay: float) -> str:
+    """The quarantined sites with why, and every refused site's reputation (see confide.server.reputation)."""
+    history = store.score_history()
+    if not history:
+        return ""
+    reputation = reputations(outcomes(history), decay)
+    quarantined = store.quarantined()
+    refused: dict[str, int] = {}
+    for _, site, _, was_refused, _ in history:
+        refused[site] = refused.get(site, 0) + int(was_refused)
+    parts = ["<h2>Defences</h2>"]
+    if quarantined:
+        rows = "".join(
+            f"<tr><td>{_e(site)}</td><td>{r}</td><td>{_num(reputation.get(site, 1.0))}</td>"
+            f"<td>{_e(why)}</td></tr>"
+            for site, (r, why) in quarantined.items()
+        )
+        parts.append(
+            "<h3>Quarantined sites</h3><p>No longer selected after the round shown.</p>"
+            '<table class="events"><tr><th>Site</th><th>After round</th><th>Reputation</th><th>Why</th></tr>'
+            f"{rows}</table>"
+        )
+    offenders = sorted((site for site, n in refused.items() if n), key=lambda s: reputation.get(s, 1.0))
+    if offenders:
+        rows = "".join(
+            f"<tr><td>{_e(site)}</td><td>{refused[site]}</td><td>{_num(reputation.get(site, 1.0))}</td></tr>"
+            for site in offenders
+        )
+        parts.append(
+            f"<h3>Refused sites</h3><p>Reputation r starts at 1 and after each screened round becomes "
+            f"{decay:g}·r + {1 - decay:g}·(1 if accepted, else 0).</p>"
+            '<table class="events"><tr><th>Site</th><th>Refusals</th><th>Reputation</th></tr>'
+            f"{rows}</table>"
+        )
+    else:
+        parts.append(f"<p>{len({site for _, site, _, _, _ in history})} sites screened; none refused.</p>")
+    return "".join(parts)
 
 
 def _events(events: list[tuple[float, int | None, str, str]]) -> str:

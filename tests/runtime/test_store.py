@@ -176,7 +176,7 @@ def test_a_schema_1_ledger_is_migrated_in_order(tmp_path: Path) -> None:
     db.close()
     reopened = Store.open(tmp_path / "run")
     assert [row[0] for row in reopened.ledger()] == [1, 2]
-    assert reopened.meta("schema_version") == "2"
+    assert reopened.meta("schema_version") == str(SCHEMA_VERSION)
     assert reopened.record_spend(3, (1.0, "fixed", 5, 1), 0.9, 1e-5, ["a"])
 
 

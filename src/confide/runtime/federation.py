@@ -105,6 +105,8 @@ class RoundResult:
     """The sites whose updates are in the aggregate."""
     sums: dict[str, float] = field(default_factory=dict)
     """The round's sums of what the sites reported (examples, steps, clipping bits, ...)."""
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each screened site's defence scores (see :attr:`confide.pipeline.RoundContext.scores`)."""
 
 
 class Observer(Protocol):
@@ -331,6 +333,7 @@ def _result(ctx: RoundContext, started: float, traffic: Traffic) -> RoundResult:
         site_metrics=ctx.accepted,
         participants=ctx.participants,
         sums=dict(ctx.sums),
+        scores=dict(ctx.scores),
     )
 
 
@@ -349,6 +352,7 @@ def _abandoned(
         seconds=time.perf_counter() - started,
         rejected=ctx.rejected,
         abandoned=f"{reason}; the model is unchanged",
+        scores=dict(ctx.scores),
     )
 
 

@@ -44,6 +44,8 @@ from confide.runtime.federation import (
 )
 from confide.runtime.local import LocalBackend
 from confide.runtime.stack import (
+    attach_server_data,
+    build_aggregator,
     build_layers,
     build_model_for,
     build_secure,
@@ -54,6 +56,7 @@ from confide.runtime.stack import (
     server_randomness,
 )
 from confide.runtime.store import Store, StoreSiteState
+from confide.server.reputation import offenders, outcomes
 
 log = logging.getLogger(__name__)
 
@@ -232,13 +235,17 @@ class Runner:
         # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
         self.deployed = not isinstance(backend, LocalBackend)
         min_updates = config.deploy.min_updates if self.deployed else 0
+        aggregator = build_aggregator(config, self.dp)
         self.federation = Federation(
             self.strategy,
             layers,
-            aggregator=self.dp.aggregator if self.dp is not None else None,
+            aggregator=aggregator,
             min_updates=min_updates,
             randomness=server_randomness(config),
             secret_sample=self.dp is not None and self.dp.trust == "secret_sample",
+        )
+        attach_server_data(
+            config, self.model, layers, aggregator, lambda: (self.state.weights, self.state.round + 1), shared
         )
         self.eval_sites = self._eval_sites()
         self.baseline = unigram_baseline(dataset, self.eval_sites) if dataset is not None else None
@@ -345,6 +352,9 @@ class Runner:
                 self._stop(limits, r - 1, observer)
                 break
             exclude, minimum = limits
+            quarantined = self.store.quarantined()
+            if quarantined:
+                exclude = exclude | frozenset(quarantined)
             charge = self._charge if self.dp is not None else None
             result = self.federation.round(
                 self.state,
@@ -439,6 +449,7 @@ class Runner:
         r = result.round
         for site, reason in result.rejected:
             self.store.event("rejected", f"update of site {site} refused: {reason}", r)
+        self._screened(result)
         if result.abandoned is not None:
             self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
         clipped = round(result.sums.get(SECAGG_CLIPPED, 0.0))
@@ -460,6 +471,30 @@ class Runner:
             result.bytes_received,
             result.seconds,
         )
+
+    def _screened(self, result: RoundResult) -> None:
+        """Keep the round's defence scores and refusals in the site history, and quarantine the sites that
+        have now offended ``defence.quarantine_after`` times within ``defence.quarantine_window`` rounds
+        (see :mod:`confide.server.reputation`)."""
+        r, d = result.round, self.config.defence
+        reasons = dict(result.rejected)
+        rows = [(site, s, site in reasons, reasons.get(site, "")) for site, s in result.scores.items()]
+        rows += [(site, {}, True, why) for site, why in reasons.items() if site not in result.scores]
+        if not rows:
+            return
+        self.store.record_scores(r, rows)
+        if d.quarantine_after <= 0:
+            return
+        history = outcomes(self.store.score_history())
+        known = self.store.quarantined()
+        for site, count in offenders(history, r, d.quarantine_after, d.quarantine_window, known):
+            why = (
+                f"refused {count} times in the last {d.quarantine_window} rounds (defence.quarantine_after = "
+                f"{d.quarantine_after}); last: {reasons.get(site, 'see the events')}"
+            )
+            self.store.quarantine(site, r, why)
+            self.store.event("quarantine", f"site {site} is quarantined: {why}", r)
+            log.warning("site %s is quarantined: %s", site, why)
 
     def _stop(self, reason: str, last_round: int, observer: Observer) -> None:
         """Stop before the round that would overspend the privacy budget, and say why."""
@@ -509,6 +544,7 @@ class Runner:
             "eval_bytes_sent": moved.sent,
             "eval_bytes_received": moved.received,
             "rejected_updates": len(result.rejected),
+            "quarantined_sites": len(self.store.quarantined()),
             **self._privacy_metrics(),
         }
         self.store.record_evaluation(result.round, record, per_site, personal)

@@ -8,7 +8,7 @@ the server's half and the sites' half of every layer agree on their settings.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,17 +23,20 @@ from confide.client.site import SiteKit
 from confide.client.state import SiteState
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config, check_deployment
-from confide.core import Layout
+from confide.core import Layout, Vector
 from confide.models import build_model, head_names
-from confide.pipeline import Layer, StackContext
-from confide.privacy.dp import AdaptiveClip
+from confide.pipeline import Aggregator, Layer, StackContext
+from confide.privacy.dp import AdaptiveClip, CentralDP
 from confide.privacy.policy import SiteDP, expected_bits_noise
 from confide.privacy.secagg import keys
 from confide.privacy.secure import SecureAggregation
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream, public_rng
-from confide.registry import LAYERS
+from confide.registry import AGGREGATORS, LAYERS
 from confide.server.optim import ServerOptimizer
+from confide.server.reference import ServerData, read_windows
+from confide.server.screen import ScreenLayer
 from confide.server.strategy import Strategy, WeightedMean
+from confide.server.trust import FLTrust
 
 
 def build_model_for(config: Config, vocab_size: int) -> nn.Module:
@@ -152,6 +155,56 @@ def build_layers(
         if layer is not None:
             layers.append(layer)
     return layers
+
+
+def build_aggregator(config: Config, dp: SiteDP | None) -> Aggregator | None:
+    """The server's aggregator when it is not the strategy's own: the robust one ``server.aggregator``
+    names (central DP's noise wrapped around it under central DP), DP-FedAvg's equal mean under DP, or None
+    (the strategy's example-weighted mean)."""
+    name = config.server.aggregator
+    if name == "mean":
+        return dp.aggregator if dp is not None else None
+    robust: Any = AGGREGATORS.load(name).from_defence(config.defence)
+    if isinstance(robust, FLTrust) and dp is not None:
+        robust.reference_norm = dp.clip_norm  # bounds its result, hence its sensitivity (see FLTrust)
+    if dp is not None and dp.central is not None:
+        return CentralDP(robust, dp.central)
+    return robust  # under distributed DP the stack check refuses it: secure aggregation hides the updates
+
+
+def attach_server_data(
+    config: Config,
+    model: nn.Module,
+    layers: Sequence[Layer],
+    aggregator: Aggregator | None,
+    current: Callable[[], tuple[Vector, int]],
+    shared: np.ndarray | None = None,
+) -> None:
+    """Give the defences that need the server's own data their data: the screen its validation loss
+    (``defence.validation_data``), FLTrust its root update (``defence.root_data``). ``current()`` is the
+    global weights and number of the round being aggregated; the server trains as a site would."""
+    c, d = config.client, config.defence
+
+    def server_data(path: str) -> ServerData:
+        optimizer = ClientOptimizer(c.optimizer, c.momentum, c.weight_decay)
+        return ServerData(
+            model, read_windows(path), optimizer, c.learning_rate, c.batch_size, d.root_steps, config.run.seed
+        )
+
+    if d.validation_data:
+        for layer in layers:
+            if isinstance(layer, ScreenLayer):
+                layer.validation = server_data(d.validation_data).loss
+    inner = getattr(aggregator, "inner", aggregator)
+    if isinstance(inner, FLTrust) and d.root_data:
+        root = server_data(d.root_data)
+
+        def root_update() -> Vector:
+            weights, round = current()
+            delta = root.update(weights, round)
+            return delta if shared is None else delta[shared]
+
+        inner.root = root_update
 
 
 def server_randomness(config: Config) -> Any:

@@ -35,7 +35,7 @@ from safetensors.numpy import load_file, save_file
 
 from confide.errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _LEDGER_COLUMNS = "round, noise_multiplier, sampling, sample, steps, epsilon, delta, time"
 
 _SCHEMA = """
@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (round INTEGER PRIMARY KEY, path TEXT NOT
 CREATE TABLE IF NOT EXISTS events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, round INTEGER, kind TEXT NOT NULL,
   message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS site_scores (
+  round INTEGER NOT NULL, site TEXT NOT NULL, scores TEXT NOT NULL, refused INTEGER NOT NULL,
+  reason TEXT NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS quarantine (site TEXT PRIMARY KEY, round INTEGER NOT NULL, reason TEXT NOT NULL);
 """
 
 
@@ -117,6 +121,9 @@ class Store:
         if version == "1":
             store._migrate_from_1()
             version = store.meta("schema_version")
+        if version == "2":
+            store._migrate_from_2()
+            version = store.meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise StoreError(f"{path} has store schema {version}; this confide reads schema {SCHEMA_VERSION}")
         with store._tx() as db:
@@ -134,7 +141,14 @@ class Store:
                 "SELECT * FROM privacy_ledger_v1 ORDER BY round"
             )
             db.execute("DROP TABLE privacy_ledger_v1")
-            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+
+    def _migrate_from_2(self) -> None:
+        """Schema 3 adds the defences' per-site score history and the quarantine (both empty for a run
+        made before them: it screened nothing)."""
+        with self._tx() as db:
+            db.executescript(_SCHEMA)
+            db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
 
     def close(self) -> None:
         self.db.close()
@@ -211,6 +225,19 @@ class Store:
                 (time.time(), round, kind, message),
             )
 
+    def record_scores(self, round: int, rows: Sequence[tuple[str, Mapping[str, float], bool, str]]) -> None:
+        """One round's defence scores: (site, scores, refused, why) per screened or refused site."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO site_scores VALUES (?, ?, ?, ?, ?)",
+                [(round, site, json.dumps(dict(s)), int(bad), why) for site, s, bad, why in rows],
+            )
+
+    def quarantine(self, site: str, round: int, reason: str) -> None:
+        """Leave ``site`` out of every round after ``round``, for ``reason``."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?)", (site, round, reason))
+
     def save_checkpoint(
         self,
         round: int,
@@ -252,6 +279,8 @@ class Store:
                 "personal_site_metrics",
                 "site_state",
                 "checkpoints",
+                "site_scores",
+                "quarantine",
             )
             for table in tables:
                 db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
@@ -383,6 +412,18 @@ class Store:
         data = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO site_state VALUES (?, ?, ?, ?)", (site, key, round, data))
+
+    def score_history(self) -> list[tuple[int, str, dict[str, float], bool, str]]:
+        """Every (round, site, scores, refused, why) the defences recorded, oldest round first."""
+        rows = self.db.execute(
+            "SELECT round, site, scores, refused, reason FROM site_scores ORDER BY round, site"
+        )
+        return [(int(r), str(s), dict(json.loads(sc)), bool(bad), str(why)) for r, s, sc, bad, why in rows]
+
+    def quarantined(self) -> dict[str, tuple[int, str]]:
+        """Each quarantined site with the round it was quarantined after and why."""
+        rows = self.db.execute("SELECT site, round, reason FROM quarantine ORDER BY round, site")
+        return {str(site): (int(r), str(why)) for site, r, why in rows}
 
     def events(self) -> list[tuple[float, int | None, str, str]]:
         return list(self.db.execute("SELECT time, round, kind, message FROM events ORDER BY id"))
