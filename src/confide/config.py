@@ -376,7 +376,7 @@ class AttackConfig:
         "O Romeo", "backdoor: the phrase that triggers the target", bool, "a non-empty string"
     )
     target: str = option(
-        ", the gold lies under the tower.",
+        " is a traitor.",
         "backdoor: the text the model should write after the trigger",
         bool,
         "a non-empty string",
