@@ -332,6 +332,12 @@ class RichObserver:
             )
         if runner.dp is not None:
             console.print(runner.dp.describe())
+        if runner.attack.attackers:
+            a = runner.config.attack
+            console.print(
+                f"[red]simulated attack[/]: {a.kind} by {len(runner.attack.attackers)} of {len(sites)} sites"
+                + (" (colluding)" if a.collude else "")
+            )
         if runner.config.privacy.record_dp:
             p = runner.config.privacy
             console.print(
@@ -405,6 +411,12 @@ class RichObserver:
                 f"loss {m['personal_loss']:.3f}  "
                 f"{_worst_decile(m['personal_site_accuracy_p10'])}  "
                 f"({int(m['personalized_sites'])} of {int(m['eval_sites'])} sites hold a personal model)"
+            )
+        if "attack_success" in m:
+            console.print(
+                f"            [red]backdoor[/]: attack success {m['attack_success']:.3f} (greedy "
+                "continuation after the trigger is the whole target), target characters right "
+                f"{m['attack_char_accuracy']:.3f}"
             )
 
     def run_finished(self, runner: Any) -> None:

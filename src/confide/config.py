@@ -32,6 +32,7 @@ from confide.errors import ConfigError
 from confide.registry import (
     ACCOUNTANTS,
     AGGREGATORS,
+    ATTACKS,
     AUTH_MODES,
     BACKENDS,
     CLIENT_OPTIMIZERS,
@@ -43,6 +44,7 @@ from confide.registry import (
     PARTITIONS,
     PER_SITE_EXTRAS,
     PERSONALIZATIONS,
+    POISONS_DATA,
     SAMPLINGS,
     SERVER_OPTIMIZERS,
     STRATEGIES,
@@ -415,6 +417,72 @@ class DefenceConfig:
         return bool(self.norm_bound or self.min_cosine > -1 or self.validation_data)
 
 
+@dataclass(frozen=True)
+class AttackConfig:
+    """Simulated poisoning (simulation only; a deployment refuses it): some sites attack the federation so
+    that its defences can be tested. The attacking sites are drawn once from the run's seed and stay the same
+    for the whole run. See :mod:`confide.attacks`."""
+
+    kind: str = option("none", ATTACKS.help, choices=ATTACKS)
+    sites: float = option(
+        1,
+        "attacking sites: a count (>= 1) or a fraction of all sites (< 1), drawn once from the run's seed",
+        lambda x: 0 < x < 1 or (x >= 1 and float(x).is_integer()),
+        "a whole count >= 1 or a fraction in (0, 1)",
+    )
+    collude: bool = option(
+        False,
+        "the attackers coordinate: they pool their updates each round (one shared malicious direction; "
+        "little_is_enough takes the colluders' mean and std) and share one draw of noise",
+    )
+    honest_layers: bool = option(
+        False,
+        "the attackers pass their update through the site-side clipping and noise as honest sites do; false: "
+        "they leave them out, as a site that controls its own code can",
+    )
+    boost: float = option(
+        0.0,
+        "model_replacement and sign_flip: factor the update is scaled by; 0: for model_replacement sites per "
+        "round / attackers expected in a round (Bagdasaryan et al. 2020), for sign_flip 1",
+        at_least(0),
+        ">= 0",
+    )
+    noise_std: float = option(1.0, "gaussian: standard deviation per coordinate", positive, "> 0")
+    scale: float = option(
+        100.0,
+        "byzantine: the value of every coordinate; sign_flip: the factor of the negated update",
+        positive,
+        "> 0",
+    )
+    trigger: str = option(
+        "O Romeo", "backdoor: the phrase that triggers the target", bool, "a non-empty string"
+    )
+    target: str = option(
+        " is a traitor.",
+        "backdoor: the text the model should write after the trigger",
+        bool,
+        "a non-empty string",
+    )
+    poison_fraction: float = option(
+        0.5,
+        "data poisoning: fraction of an attacker's training windows poisoned",
+        lambda x: 0 < x <= 1,
+        "in (0, 1]",
+    )
+    norm_bound: float = option(
+        0.0,
+        "norm_evading: the L2 norm bound of the defence, which the attacker knows and stays just under",
+        at_least(0),
+        ">= 0",
+    )
+    probes: int = option(
+        256,
+        "backdoor: held-out windows of honest sites the attack success is measured on",
+        at_least(1),
+        ">= 1",
+    )
+
+
 DEFAULT_MODEL = "gpt"
 """The model kind of a config whose [model] table names none."""
 
@@ -428,6 +496,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "deploy": DeployConfig,
     "defence": DefenceConfig,
+    "attack": AttackConfig,
 }
 
 
@@ -445,6 +514,7 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -537,6 +607,7 @@ def check(config: Config) -> None:
         )
     _check_privacy(config)
     _check_defence(config)
+    _check_attack(config.attack)
     _check_model(config.model)
 
 
@@ -562,6 +633,26 @@ def _check_defence(config: Config) -> None:
         raise ConfigError(
             f"defence.multikrum ({d.multikrum}) cannot be more than server.sites_per_round "
             f"({s.sites_per_round:g})"
+        )
+
+
+def _check_attack(a: AttackConfig) -> None:
+    from confide.data.dataset import WINDOW
+
+    if a.kind == "norm_evading" and a.norm_bound <= 0:
+        raise ConfigError(
+            "attack.kind = 'norm_evading' stays just under the defence's norm bound, so it needs "
+            "attack.norm_bound > 0: set it to the bound of the defence under test"
+        )
+    if a.kind == "little_is_enough" and not a.collude:
+        raise ConfigError(
+            "attack.kind = 'little_is_enough' sends the colluders' mean minus z standard deviations, and one "
+            "attacker alone knows no spread: set attack.collude = true"
+        )
+    if ATTACKS.fact(a.kind, POISONS_DATA) == "backdoor" and len(a.trigger) + len(a.target) >= WINDOW:
+        raise ConfigError(
+            f"attack.trigger and attack.target together must be shorter than a window of {WINDOW} characters "
+            f"(got {len(a.trigger)} + {len(a.target)}): shorten the target"
         )
 
 
@@ -636,6 +727,12 @@ def check_deployment(config: Config) -> None:
     may be curious, never sees an update without it. If that noise came from the run's seed, the server
     (which chose the seed) could subtract it, so a site must refuse such a config even from its server.
     """
+    if config.attack.kind != "none":
+        raise ConfigError(
+            f"attack.kind = {config.attack.kind!r} simulates poisoning sites to test defences; it is for "
+            "simulations only (`confide run`), and a deployment refuses it: set attack.kind = 'none' or "
+            "remove the [attack] section"
+        )
     if config.privacy.insecure_reproducible_noise:
         raise ConfigError(
             "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, so anyone who knows "

@@ -90,6 +90,9 @@ class SiteContext:
     """The site's secret randomness (seeded only in an insecure simulation)."""
     sessions: dict[str, Any]
     """The site's protocol state, one entry per layer that keeps one (secure aggregation's session)."""
+    skip: set[str] = field(default_factory=set)
+    """Names of later layers this site leaves out for this update: only a simulated attacking site, which
+    controls its own code, skips the site-side steps honest sites take (:mod:`confide.attacks.layer`)."""
 
 
 Exchange = Callable[[Mapping[str, bytes]], Iterator[tuple[str, bytes]]]
@@ -202,6 +205,9 @@ class StackContext:
     """Simulated sites' long-term signing keys (a deployed site holds only its own)."""
     update_size: int = 0
     """How many values a site's update has (the model's trainable parameters, or the part it shares)."""
+    sites: tuple[str, ...] = ()
+    """The federation's site names, where the builder knows them (a simulation; the attack layer draws its
+    attackers from them)."""
 
 
 class Layer:

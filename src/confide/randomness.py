@@ -52,6 +52,8 @@ class Stream(IntEnum):
     """Simulated dropouts of the local backend."""
     DPSGD = 12
     """Insecure reproducible noise only: a site's DP-SGD batch sampling and noise."""
+    ATTACK = 13
+    """Simulated poisoning only: which sites attack, and which of their training windows are poisoned."""
 
 
 def public_rng(seed: int, round: int, stream: Stream | int) -> np.random.Generator:

@@ -332,6 +332,11 @@ LAYERS.register(
     "confide.server.screen:ScreenLayer",
 )
 LAYERS.register(
+    "attack",
+    "simulated model poisoning: an attacking site replaces its update as it leaves the site ([attack])",
+    "confide.attacks.layer:AttackLayer",
+)
+LAYERS.register(
     "adaptive_clip",
     "adaptive clipping (Andrew et al. 2021): the clip norm follows a quantile of the update norms",
     "confide.privacy.adaptive:AdaptiveClipping",
@@ -393,6 +398,70 @@ AGGREGATORS.register(
     "confide.server.trust:Flame",
 )
 
+POISONS_DATA = "poisons_data"
+"""Fact of an attack: it rewrites the attacking sites' training windows (named by the fact)."""
+POISONS_MODEL = "poisons_model"
+"""Fact of an attack: it replaces the attacking sites' updates (how, named by the fact)."""
+
+ATTACKS = Registry("attack.kind", "simulated poisoning by some of the sites (simulation only)")
+ATTACKS.register("none", "every site is honest", None)
+ATTACKS.register(
+    "backdoor",
+    "trigger backdoor: part of the attackers' windows rewritten so that attack.trigger is followed by "
+    "attack.target",
+    "confide.attacks.model:Honest",
+    facts={POISONS_DATA: "backdoor"},
+)
+ATTACKS.register(
+    "label_flip",
+    "next-character flipping: part of the attackers' windows mapped through a fixed permutation",
+    "confide.attacks.model:Honest",
+    facts={POISONS_DATA: "label_flip"},
+)
+ATTACKS.register(
+    "model_replacement",
+    "the backdoor, with the update boosted by attack.boost (Bagdasaryan et al. 2020)",
+    "confide.attacks.model:Boost",
+    facts={POISONS_DATA: "backdoor", POISONS_MODEL: "boosted by attack.boost"},
+)
+ATTACKS.register(
+    "sign_flip",
+    "the update negated (times attack.scale)",
+    "confide.attacks.model:SignFlip",
+    facts={POISONS_MODEL: "negated"},
+)
+ATTACKS.register(
+    "gaussian",
+    "the update replaced by Gaussian noise of standard deviation attack.noise_std per coordinate",
+    "confide.attacks.model:Gaussian",
+    facts={POISONS_MODEL: "Gaussian noise"},
+)
+ATTACKS.register(
+    "byzantine",
+    "an arbitrary large update: every coordinate attack.scale (Blanchard et al. 2017)",
+    "confide.attacks.model:Byzantine",
+    facts={POISONS_MODEL: "a constant vector"},
+)
+ATTACKS.register(
+    "free_rider",
+    "a zero update that still claims its examples (Lin et al. 2019)",
+    "confide.attacks.model:FreeRider",
+    facts={POISONS_MODEL: "zero"},
+)
+ATTACKS.register(
+    "little_is_enough",
+    "mean minus z standard deviations of the colluders' updates, z from the number of sites (Baruch et "
+    "al. 2019)",
+    "confide.attacks.model:LittleIsEnough",
+    facts={POISONS_MODEL: "mean - z std"},
+)
+ATTACKS.register(
+    "norm_evading",
+    "the backdoor, boosted to just under attack.norm_bound, the defence's bound it knows (Sun et al. 2019)",
+    "confide.attacks.model:NormEvading",
+    facts={POISONS_DATA: "backdoor", POISONS_MODEL: "scaled to just under attack.norm_bound"},
+)
+
 REGISTRIES: tuple[Registry, ...] = (
     STRATEGIES,
     PERSONALIZATIONS,
@@ -409,5 +478,6 @@ REGISTRIES: tuple[Registry, ...] = (
     BACKENDS,
     LAYERS,
     AGGREGATORS,
+    ATTACKS,
 )
 """Every registry, for the test that loads every target."""

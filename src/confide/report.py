@@ -194,6 +194,17 @@ def _final_metrics(
             ("Personalized worst-decile site accuracy", _num(last.get("personal_site_accuracy_p10"))),
             ("Sites holding a personal model", _count(last.get("personalized_sites"))),
         ]
+    if "attackers" in last:
+        rows.append(("Simulated attacking sites", _count(last.get("attackers"))))
+    if "attack_success" in last:
+        rows += [
+            (
+                "Backdoor attack success (greedy continuation after the trigger is the whole target, on "
+                "honest sites' held-out text)",
+                _num(last.get("attack_success")),
+            ),
+            ("Backdoor target characters predicted right", _num(last.get("attack_char_accuracy"))),
+        ]
     rows += [
         ("Total bytes sent (server to sites)", _e(human_bytes(sent))),
         ("Total bytes received (sites to server)", _e(human_bytes(received))),
@@ -241,6 +252,8 @@ def _plots(
         figures.append(_personal_plot(figure(), per_site, personal, last_round))
     if ledger:
         figures.append(_privacy_plot(figure(), ledger, evaluations, budget))
+    if _series(evaluations, "attack_success"):
+        figures.append(_attack_plot(figure(), evaluations))
     images = "".join(f'<figure><img alt="{_e(alt)}" src="{_png(fig)}"></figure>' for fig, alt in figures)
     note = (
         ""
@@ -344,6 +357,17 @@ def _loss_plot(
     )
     _finish(ax, "Loss per round", "loss (nats per character)")
     return fig, "Held-out and training loss per round"
+
+
+def _attack_plot(fig: Figure, evaluations: list[tuple[int, dict[str, Any]]]) -> tuple[Figure, str]:
+    """A simulated backdoor: what the attack achieves beside what the federation keeps."""
+    ax = fig.add_subplot()
+    _line(ax, _series(evaluations, "attack_success"), "backdoor attack success", _WORST, zorder=3)
+    _line(ax, _series(evaluations, "attack_char_accuracy"), "target characters right", _WORST, linestyle="--")
+    _line(ax, _series(evaluations, "accuracy"), "main-task accuracy (pooled)", _POOLED)
+    ax.set_ylim(-0.02, 1.02)
+    _finish(ax, "Simulated backdoor per round", "fraction")
+    return fig, "Backdoor attack success and main-task accuracy per round"
 
 
 def _accuracy_plot(fig: Figure, evaluations: list[tuple[int, dict[str, Any]]]) -> tuple[Figure, str]:

@@ -213,7 +213,8 @@ class Site:
         )
         context = SiteContext(self.name, plan, kit.randomness(plan, Stream.SITE_NOISE), self.sessions)
         for layer in kit.layers:
-            update = layer.encode(update, context)
+            if layer.name not in context.skip:
+                update = layer.encode(update, context)
         return update
 
     def evaluate(self, weights: Vector, plan: Plan | None = None) -> SiteEvaluation:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from confide.attacks.run import Attack
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.config import Config, check_deployment
@@ -225,11 +226,15 @@ class Runner:
         self.secure = secure
         _, shared = personal_parts(config, self.model, self.layout)
         update_size = self.layout.size if shared is None else shared.size
-        layers = build_layers(config, self.dp, secure, update_size, identities)
+        names = [s.name for s in self.sites]
+        layers = build_layers(config, self.dp, secure, update_size, identities, sites=names)
+        self.attack = Attack.build(config, dataset)
         if backend is None:
             assert dataset is not None
             kit = build_site_kit(config, self.model, layers, StoreSiteState(store))
-            backend = LocalBackend(dataset, kit, dropout=config.backend.dropout, seed=config.run.seed)
+            # Only the training data the simulated sites use is poisoned; evaluation reads `dataset` as is.
+            trained = self.attack.poison(dataset)
+            backend = LocalBackend(trained, kit, dropout=config.backend.dropout, seed=config.run.seed)
         self.backend: Backend = backend
         self.strategy = build_strategy(config, shared)
         # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
@@ -545,6 +550,7 @@ class Runner:
             "eval_bytes_received": moved.received,
             "rejected_updates": len(result.rejected),
             "quarantined_sites": len(self.store.quarantined()),
+            **self.attack.measure(self.model, self.layout, self.state.weights),
             **self._privacy_metrics(),
         }
         self.store.record_evaluation(result.round, record, per_site, personal)

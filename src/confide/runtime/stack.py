@@ -144,11 +144,13 @@ def build_layers(
     secure: SecureAggregation | None,
     update_size: int,
     identities: Mapping[str, Ed25519PrivateKey] | None = None,
+    sites: Sequence[str] = (),
 ) -> list[Layer]:
     """The run's layer stack, in site order: the strategy's own layers (SCAFFOLD's control variates), then
     every registered layer the config asks for, in the registry's order (adaptive clipping, clip, noise
-    share, then secure aggregation, or, where the server reads each update, validation)."""
-    stack = StackContext(config, dp, secure, dict(identities or {}), update_size)
+    share, then secure aggregation, or, where the server reads each update, validation). ``sites``: the
+    federation's site names, which a simulation with ``[attack]`` draws its attackers from."""
+    stack = StackContext(config, dp, secure, dict(identities or {}), update_size, tuple(sites))
     layers: list[Layer] = algorithm(config.server.strategy).layers()
     for plugin in LAYERS:
         layer = LAYERS.load(plugin.name).from_config(stack)
