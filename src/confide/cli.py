@@ -288,6 +288,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worst_decile(accuracy: float) -> str:
+    if math.isnan(accuracy):  # only the sum of the sites' evaluations is known (secure aggregation)
+        return "per-site accuracy hidden by secure aggregation"
+    return f"worst-decile site accuracy {accuracy:.3f}"
+
+
 class RichObserver:
     """A live display of rounds and sites, and one line per evaluated round."""
 
@@ -888,9 +894,3 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _worst_decile(accuracy: float) -> str:
-    if math.isnan(accuracy):  # only the sum of the sites' evaluations is known (secure aggregation)
-        return "per-site accuracy hidden by secure aggregation"
-    return f"worst-decile site accuracy {accuracy:.3f}"
