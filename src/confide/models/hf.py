@@ -77,15 +77,31 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+def model_directory(where: str, key: str = "model.path") -> Path:
+    """The directory of a saved model: ``where`` itself, or the base a finished confide run wrote there."""
+    directory = Path(where).expanduser()
+    if (directory / "run.sqlite").exists():
+        # A finished confide run of an 'hf' model without adapters keeps its final model here (save_base).
+        if not (directory / "base").is_dir():
+            raise ConfigError(
+                f"{key} = {where!r} is a confide run without a base model: only a finished run that trains "
+                "every weight (adapter.kind = 'none') writes one"
+            )
+        return directory / "base"
+    if not directory.is_dir():
+        raise ConfigError(f"{key} = {where!r} is not a directory; give a directory written by save_pretrained")
+    return directory
+
+
 def load_tokenizer(config: HFConfig) -> Any:
-    where = config.tokenizer or config.path
-    if not where:
+    if not (config.tokenizer or config.path):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    directory = Path(where).expanduser()
-    if (directory / "run.sqlite").exists():
-        directory = directory / "base"
+    if config.tokenizer:
+        directory = model_directory(config.tokenizer, "model.tokenizer")
+    else:
+        directory = model_directory(config.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, TypeError) as e:
@@ -110,19 +126,7 @@ def _load_lm(config: HFConfig, adapter: AdapterConfig | None) -> Any:
             return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"model.config cannot build a causal language model: {e}") from None
-    directory = Path(config.path).expanduser()
-    if (directory / "run.sqlite").exists():
-        # A finished confide run of an 'hf' model without adapters keeps its final model here (save_base).
-        if not (directory / "base").is_dir():
-            raise ConfigError(
-                f"model.path = {config.path!r} is a confide run without a base model: only a finished run "
-                "that trains every weight (adapter.kind = 'none') writes one"
-            )
-        directory = directory / "base"
-    if not directory.is_dir():
-        raise ConfigError(
-            f"model.path = {config.path!r} is not a directory; give a directory written by save_pretrained"
-        )
+    directory = model_directory(config.path)
     try:
         hf_config = AutoConfig.from_pretrained(str(directory))
     except (OSError, ValueError) as e:
@@ -175,6 +179,7 @@ def _with_lora(lm: Any, adapter: AdapterConfig) -> Any:
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=targets,
+        fan_in_fan_out=lm.config.model_type == "gpt2",  # GPT-2 stores its projections transposed (Conv1D)
         task_type="CAUSAL_LM",
     )
     try:
@@ -303,6 +308,9 @@ def build_hf(config: HFConfig, adapter: AdapterConfig | None = None) -> HFCausal
 
     Random weights (``model.config``) come from torch's global RNG: the caller seeds it (the run's seed).
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the library never prints; the CLI owns the display
     device = device_of(config)
     tokenizer = load_tokenizer(config)
     lm = _load_lm(config, adapter)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -85,7 +84,3 @@ class LanguageModelRun:
         """After the last round of a run without adapters: the model as a base for later runs."""
         if self.config.adapter.kind == "none":
             save_base(self.model, weights, run_dir / "base")
-
-    def complete(self, weights: Vector, prompt: str, length: int, **sampling: Any) -> str:
-        self.layout.write(self.model, weights)
-        return self.model.complete([prompt], length, **sampling)[0]

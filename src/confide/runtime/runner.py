@@ -606,10 +606,6 @@ class Runner:
     def generate(
         self, prompt: str, length: int, temperature: float = 0.8, top_k: int | None = 20, seed: int = 0
     ) -> str:
-        if self.lm is not None:
-            return prompt + self.lm.complete(
-                self.state.weights, prompt, length, temperature=temperature, top_k=top_k, seed=seed
-            )
         return generate_text(
             self.model, self.layout, self.state.weights, prompt, length, temperature, top_k, seed
         )
@@ -624,9 +620,13 @@ def generate_text(
     temperature: float = 0.8,
     top_k: int | None = 20,
     seed: int = 0,
+    top_p: float | None = None,
 ) -> str:
-    """``prompt`` continued by ``length`` sampled characters from the model with ``weights``."""
+    """``prompt`` continued by ``length`` sampled characters (tokens, for an 'hf' model, which alone takes
+    ``top_p``) from the model with ``weights``."""
     layout.write(model, weights)
+    if isinstance(model, HFCausalLM):
+        return prompt + model.complete([prompt], length, temperature, top_k, top_p, seed)[0]
     codes = DEFAULT_TOKENIZER.encode(prompt or "\n")
     idx = torch.from_numpy(codes.astype(np.int64))[None, :]
     out = cast(CharModel, model).generate(

@@ -38,6 +38,7 @@ from confide.data import DEFAULT_TOKENIZER
 from confide.data.dataset import WINDOW, SiteData, has_test_window, make_site, split_text
 from confide.data.text import read_sites
 from confide.errors import ConfideError, DataError, DeploymentError, WireError
+from confide.models.hf import check_base
 from confide.privacy.secure import SecAggLayer
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
@@ -338,6 +339,10 @@ class SiteClient:
             if threads:
                 torch.set_num_threads(threads)
             model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
+            try:
+                check_base(self.site, model, config.model.get("base_sha256", ""))
+            except ConfideError as e:
+                raise DeploymentError(str(e)) from None
             dp = build_site_dp(config, int(reply.population))
             secure, _ = build_secure(config, [], dp, registry={})
             if secure is not None and secure.authenticated:
