@@ -1,4 +1,5 @@
-"""Loading Hugging Face causal LMs (by path, from a config) with LoRA, and the errors of loading that fails."""
+"""Loading Hugging Face causal LMs (by path, from a config) with LoRA, and the errors of loading that
+fails."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from confide.core import Layout
 from confide.errors import ConfideError, ConfigError
 from confide.models.configs import HFConfig, model_config
 from confide.models.hf import base_sha256, build_hf, check_base
-from tests.llm.conftest import tiny_hf_model, tiny_tokenizer
+from tests.llm.conftest import tiny_tokenizer
 
 LORA = AdapterConfig(kind="lora", r=4)
 TINY_LLAMA = {
@@ -97,19 +98,19 @@ def test_loading_that_fails_says_why_in_one_line(tmp_path: Path, llama_dir: Path
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no CUDA")
 def test_qlora_without_cuda_is_a_clear_error(llama_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="QLoRA.*needs a CUDA device and the bitsandbytes package"):
+    with pytest.raises(ConfigError, match=r"QLoRA.*needs a CUDA device and the bitsandbytes package"):
         build_hf(HFConfig(path=str(llama_dir)), AdapterConfig(kind="lora", quantize="4bit"))
 
 
 def test_the_config_checks_an_hf_model_without_importing_it() -> None:
     base = {"run": {"rounds": 1}, "data": {"dataset": "text", "path": "x"}}
-    with pytest.raises(ConfigError, match="exactly one of model.path"):
+    with pytest.raises(ConfigError, match=r"exactly one of model.path"):
         from_dict({**base, "model": {"kind": "hf"}})
-    with pytest.raises(ConfigError, match="model.dtype must be one of 'float32', 'bfloat16', 'float16'"):
+    with pytest.raises(ConfigError, match=r"model.dtype must be one of 'float32', 'bfloat16', 'float16'"):
         from_dict({**base, "model": {"kind": "hf", "path": "m", "dtype": "float8"}})
-    with pytest.raises(ConfigError, match="adapter.kind = 'lora' needs model.kind = 'hf'"):
+    with pytest.raises(ConfigError, match=r"adapter.kind = 'lora' needs model.kind = 'hf'"):
         from_dict({**base, "adapter": {"kind": "lora"}})
-    with pytest.raises(ConfigError, match="model.config must be a table with a model_type"):
+    with pytest.raises(ConfigError, match=r"model.config must be a table with a model_type"):
         model_config("hf", config={"hidden_size": 8})
     config = from_dict({**base, "model": {"kind": "hf", "config": TINY_LLAMA}, "adapter": {"kind": "lora"}})
     assert config.model["config"]["model_type"] == "llama"

@@ -89,7 +89,9 @@ def model_directory(where: str, key: str = "model.path") -> Path:
             )
         return directory / "base"
     if not directory.is_dir():
-        raise ConfigError(f"{key} = {where!r} is not a directory; give a directory written by save_pretrained")
+        raise ConfigError(
+            f"{key} = {where!r} is not a directory; give a directory written by save_pretrained"
+        )
     return directory
 
 
