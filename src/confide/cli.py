@@ -392,6 +392,13 @@ class RichObserver:
                     f"{m['record_epsilon_max']:.3f}, median {m['record_epsilon_median']:.3f}"
                 )
             console.print("            privacy: " + ";  ".join(parts))
+        if "update_bytes" in m:
+            rouge = f"  ROUGE-L {m['rouge_l']:.3f}" if "rouge_l" in m else ""
+            console.print(
+                f"            language model: update {human_bytes(m['update_bytes'])} a site "
+                f"({100 * m['update_fraction']:.2f}% of the model's {human_bytes(m['full_model_bytes'])})  "
+                f"peak memory {human_bytes(m.get('site_peak_memory_max', 0))}{rouge}"
+            )
         if "personal_accuracy" in m:
             console.print(
                 f"            personalized: accuracy {m['personal_accuracy']:.3f}  "
