@@ -43,7 +43,12 @@ def test_run_generate_and_report_on_an_hf_run(tmp_path: Path, llama_dir: Path, i
         "client": {"max_steps": 2, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.01},
         "server": {"sites_per_round": 3},
         "eval": {"rouge_samples": 2, "max_new_tokens": 4, "samples": 1, "sample_length": 8, "prompt": "To"},
-        "privacy": {"dp": "distributed", "secure_aggregation": True, "clip_norm": 0.1, "noise_multiplier": 0.5},
+        "privacy": {
+            "dp": "distributed",
+            "secure_aggregation": True,
+            "clip_norm": 0.1,
+            "noise_multiplier": 0.5,
+        },
     }
     path = tmp_path / "lora.toml"
     path.write_text(tomli_w.dumps(config))
