@@ -235,7 +235,10 @@ class HFCausalLM(nn.Module):
         for prompt in prompts:
             ids = tokenizer(prompt or (tokenizer.bos_token or "\n"), return_tensors="pt").input_ids
             ids = ids[:, -self.context :].to(self.device)
-            options: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
+            # No more tokens than the model has positions for (a small model's are few).
+            room = getattr(self.lm.config, "max_position_embeddings", None) or 2**31
+            new = max(0, min(max_new_tokens, room - ids.size(1)))
+            options: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": new}
             if temperature > 0:
                 options.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
             with torch.random.fork_rng(devices=[]):
