@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -25,6 +26,7 @@ def test_the_lora_benchmark_runs_on_a_tiny_model(tmp_path: Path, llama_dir: Path
             *("--config", config, "--rounds", "1", "--output", tmp_path),
         ],
         cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=600,

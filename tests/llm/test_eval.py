@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,13 @@ def test_rouge_l_scores_the_models_greedy_answers_against_references(llama_dir: 
 
 
 def confide(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    # One thread: the model is tiny, and two threads that wait on each other crawl on a busy machine.
     return subprocess.run(
-        [sys.executable, "-m", "confide.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "confide.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
