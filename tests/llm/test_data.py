@@ -21,6 +21,7 @@ from confide.data.llm import (
     instruction_row,
     is_instruction_rows,
     prompts_and_references,
+    retokenize,
     text_dataset,
     text_rows,
 )
@@ -115,3 +116,15 @@ def test_text_sites_split_at_a_line_and_use_the_models_tokenizer(llama_dir: Path
     ids = np.concatenate([site.train[0, 0], *(r[0, 1:] for r in site.train[1:])])
     # Rows overlap by one token, so the train rows hold the train text exactly, once.
     assert tokenizer.decode(ids[ids >= 0].tolist()) == split_text(text)[0]
+
+
+def test_a_deployed_sites_character_windows_become_token_rows_of_the_same_text(llama_dir: Path) -> None:
+    from confide.data.dataset import make_site
+    from confide.data.tokenize import DEFAULT_TOKENIZER
+
+    tokenizer = load_tokenizer(HFConfig(path=str(llama_dir)))
+    text = "\n".join(LINES * 3) + "\n"
+    site = retokenize(make_site("a", "a", text, DEFAULT_TOKENIZER), tokenizer, 32)
+    expected = text_dataset("x", [("a", "a", text)], tokenizer, 32).by_name("a")
+    np.testing.assert_array_equal(site.train, expected.train)
+    np.testing.assert_array_equal(site.test, expected.test)

@@ -159,6 +159,20 @@ def text_dataset(
     return _dataset(name, sites, tokenizer)
 
 
+def retokenize(site: SiteData, tokenizer: Any, length: int) -> SiteData:
+    """A site of character windows (:mod:`confide.data.dataset`) as token rows: the text its train and test
+    windows tile (each once: windows overlap by one character), tokenized again. A deployed site reads its
+    data before it learns the model."""
+    from confide.data.tokenize import DEFAULT_TOKENIZER, PAD
+
+    parts = []
+    for windows in (site.train, site.test):
+        codes = np.concatenate([windows[0], *(w[1:] for w in windows[1:])]) if len(windows) else windows
+        text = DEFAULT_TOKENIZER.decode(np.asarray(codes)[np.asarray(codes) != PAD])
+        parts.append(text_rows(_encode(tokenizer, text, special=False), length))
+    return SiteData(site.name, site.group, parts[0], parts[1])
+
+
 def _dataset(name: str, sites: list[SiteData], tokenizer: Any) -> FederatedDataset:
     if not sites:
         raise DataError(f"no site of {name!r} has enough data to train on and hold some out")
