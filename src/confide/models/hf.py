@@ -253,26 +253,6 @@ class HFCausalLM(nn.Module):
             out.append(tokenizer.decode(generated[0, ids.size(1) :], skip_special_tokens=True))
         return out
 
-    def generate(
-        self,
-        idx: Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """The character models' sampling interface, over token ids."""
-        options: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
-        if temperature > 0:
-            options.update(temperature=temperature, top_k=top_k or 0)
-        ids = idx.to(self.device)
-        return self.lm.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **options,
-        ).cpu()
-
     def full_model_bytes(self) -> int:
         """Bytes of every weight as float32: what full fine-tuning would send each way per site and round."""
         return 4 * sum(_numel(p) for p in self.lm.parameters())
