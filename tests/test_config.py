@@ -63,7 +63,7 @@ def test_integer_accepted_where_a_number_is_expected(tmp_path: Path) -> None:
             "data.partition must be one of 'natural', 'iid', 'dirichlet', 'quantity' (got 'random')",
         ),
         ("[data]\ndataset = 'text'\n", "data.path must name a folder"),
-        ("[model]\nkind = 'rnn'\n", "model.kind must be one of 'gpt', 'lstm' (got 'rnn')"),
+        ("[model]\nkind = 'rnn'\n", "model.kind must be one of 'gpt', 'lstm', 'hf' (got 'rnn')"),
         ("[model]\nwidth = 130\nheads = 4\n", "model.width (130) must be divisible by model.heads (4)"),
         ("[model]\nkind = 'lstm'\nwidth = 3\n", "model.width is not an option of the 'lstm' model"),
         ("[eval]\nevery = true\n", "eval.every must be an integer (got True)"),

@@ -78,9 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write text with a run's latest model")
     gen.add_argument("run_dir", type=Path)
     gen.add_argument("--prompt", default="ROMEO.\n")
-    gen.add_argument("--length", type=int, default=400, help="characters to generate")
+    gen.add_argument(
+        "--length", type=int, default=400, help="characters to generate (new tokens, for an 'hf' model)"
+    )
     gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; higher is more varied")
     gen.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest characters (0: all)")
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="'hf' models: sample among the likeliest tokens that make up this probability (1: all)",
+    )
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=cmd_generate)
 
@@ -411,6 +419,13 @@ class RichObserver:
                     f"{m['record_epsilon_max']:.3f}, median {m['record_epsilon_median']:.3f}"
                 )
             console.print("            privacy: " + ";  ".join(parts))
+        if "update_bytes" in m:
+            rouge = f"  ROUGE-L {m['rouge_l']:.3f}" if "rouge_l" in m else ""
+            console.print(
+                f"            language model: update {human_bytes(m['update_bytes'])} a site "
+                f"({100 * m['update_fraction']:.2f}% of the model's {human_bytes(m['full_model_bytes'])})  "
+                f"peak memory {human_bytes(m.get('site_peak_memory_max', 0))}{rouge}"
+            )
         if "personal_accuracy" in m:
             console.print(
                 f"            personalized: accuracy {m['personal_accuracy']:.3f}  "
@@ -736,6 +751,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfideError(f"--length must be at least 1 (got {args.length})")
     if args.temperature < 0:
         raise ConfideError(f"--temperature must be >= 0 (got {args.temperature})")
+    if not 0 < args.top_p <= 1:
+        raise ConfideError(f"--top-p must be in (0, 1] (got {args.top_p})")
     model, layout, checkpoint = _load_model(args.run_dir)
     text = generate_text(
         model,
@@ -746,6 +763,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.temperature,
         args.top_k or None,
         args.seed,
+        args.top_p if args.top_p < 1 else None,
     )
     console.print(text, markup=False)
     return 0

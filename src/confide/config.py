@@ -184,6 +184,40 @@ class EvalConfig:
     samples: int = option(2, "generated passages kept in the report", at_least(0), ">= 0")
     sample_length: int = option(300, "characters per generated passage", at_least(1), ">= 1")
     prompt: str = option("ROMEO.\n", "prompt of the generated passages")
+    rouge_samples: int = option(
+        8,
+        "model.kind = 'hf' on instruction data: held-out examples (a seeded sample) whose greedy answers are "
+        "scored by ROUGE-L against the references; 0: none",
+        at_least(0),
+        ">= 0",
+    )
+    max_new_tokens: int = option(32, "tokens generated per answer for ROUGE-L", at_least(1), ">= 1")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Parameter-efficient fine-tuning of a model.kind = 'hf' model: only the adapter travels."""
+
+    kind: str = option(
+        "none",
+        "'lora' (Hu et al. 2021, with peft): only the low-rank adapters train and travel; 'none': all",
+        lambda x: x in ("none", "lora"),
+        "'none' or 'lora'",
+    )
+    r: int = option(8, "LoRA rank", at_least(1), ">= 1")
+    alpha: int = option(16, "LoRA scaling alpha (the update is scaled by alpha / r)", at_least(1), ">= 1")
+    dropout: float = option(0.0, "dropout on the LoRA input", lambda x: 0 <= x < 1, "in [0, 1)")
+    target_modules: str = option(
+        "",
+        "comma-separated module names that get adapters; empty: q_proj,v_proj for Llama-like models, c_attn "
+        "for GPT-2, else peft's own default for the architecture",
+    )
+    quantize: str = option(
+        "none",
+        "'4bit': QLoRA (Dettmers et al. 2023), the base held in 4 bits by bitsandbytes (needs CUDA)",
+        lambda x: x in ("none", "4bit"),
+        "'none' or '4bit'",
+    )
 
 
 @dataclass(frozen=True)
@@ -497,6 +531,7 @@ SECTIONS: dict[str, type] = {
     "deploy": DeployConfig,
     "defence": DefenceConfig,
     "attack": AttackConfig,
+    "adapter": AdapterConfig,
 }
 
 
@@ -515,6 +550,7 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     defence: DefenceConfig = field(default_factory=DefenceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -609,6 +645,7 @@ def check(config: Config) -> None:
     _check_defence(config)
     _check_attack(config.attack)
     _check_model(config.model)
+    _check_language_model(config)
 
 
 def _check_defence(config: Config) -> None:
@@ -662,6 +699,22 @@ def _check_model(model: Mapping[str, Any]) -> None:
 
     kind = MODELS.check(model["kind"])
     model_config(kind, **{k: v for k, v in model.items() if k != "kind"})
+
+
+def _check_language_model(config: Config) -> None:
+    hf = config.model["kind"] == "hf"
+    if config.adapter.kind != "none" and not hf:
+        raise ConfigError(
+            f"adapter.kind = {config.adapter.kind!r} needs model.kind = 'hf' (got {config.model['kind']!r}); "
+            "confide's own models train every weight"
+        )
+    if config.adapter.quantize != "none" and config.adapter.kind != "lora":
+        raise ConfigError("adapter.quantize = '4bit' (QLoRA) needs adapter.kind = 'lora'")
+    if hf and config.privacy.record_dp:
+        raise ConfigError(
+            "privacy.record_dp (DP-SGD with Opacus) is not available for model.kind = 'hf'; use site-level "
+            "DP (privacy.dp = 'central' or 'distributed')"
+        )
 
 
 def _check_privacy(config: Config) -> None:

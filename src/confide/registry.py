@@ -318,6 +318,13 @@ MODELS.register(
     options="confide.models.configs:LSTMConfig",
 )
 
+MODELS.register(
+    "hf",
+    "a Hugging Face causal language model (model.path or model.config), optionally with LoRA adapters",
+    "confide.models.hf:build_hf",
+    options="confide.models.configs:HFConfig",
+)
+
 BACKENDS = Registry("backend.kind", "who carries messages")
 BACKENDS.register("local", "every site in this process (no setup)", "confide.runtime.local:LocalBackend")
 

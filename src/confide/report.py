@@ -205,6 +205,22 @@ def _final_metrics(
             ),
             ("Backdoor target characters predicted right", _num(last.get("attack_char_accuracy"))),
         ]
+    if "update_bytes" in last:  # a language model (model.kind = 'hf')
+        rows += [
+            (
+                "One site's update per round: adapters against every weight (full fine-tuning)",
+                _e(
+                    f"{human_bytes(last['update_bytes'])} against {human_bytes(last['full_model_bytes'])} "
+                    f"({100 * last['update_fraction']:.2f}%)"
+                ),
+            ),
+            (
+                "Peak memory of a site's training (largest site)",
+                _e(human_bytes(last.get("site_peak_memory_max", 0))),
+            ),
+        ]
+        if "rouge_l" in last:
+            rows.append(("ROUGE-L of greedy answers on held-out examples", _num(last.get("rouge_l"))))
     rows += [
         ("Total bytes sent (server to sites)", _e(human_bytes(sent))),
         ("Total bytes received (sites to server)", _e(human_bytes(received))),

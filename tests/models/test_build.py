@@ -38,7 +38,7 @@ def test_build_lstm_defaults_are_the_papers() -> None:
 
 
 def test_unknown_kind() -> None:
-    with pytest.raises(ConfigError, match=r"model.kind must be one of 'gpt', 'lstm' \(got 'rnn'\)"):
+    with pytest.raises(ConfigError, match=r"model.kind must be one of 'gpt', 'lstm', 'hf' \(got 'rnn'\)"):
         build_model("rnn", 97)
 
 

@@ -12,11 +12,13 @@ training and what it sends besides its delta: each is a plug-in of :mod:`confide
 
 from __future__ import annotations
 
+import resource
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from confide.algorithms import FitContext, algorithm
 from confide.client.dpsgd import DPSGD, record_accountant
@@ -162,6 +164,14 @@ def _update(
     )
 
 
+def peak_memory(cuda: bool) -> int:
+    """Peak bytes: on CUDA, the most the device held since the last reset (one site's training); on the CPU,
+    the process's peak resident size (ru_maxrss, KiB on Linux), which covers every site a process plays."""
+    if cuda:
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 @dataclass(frozen=True)
 class SiteKit:
     """What a site trains with: one per process, whether it plays one site (a deployment) or all of them."""
@@ -194,10 +204,15 @@ class Site:
         self.kit = kit
         self.sessions: dict[str, object] = {}
         """Protocol state of the layers that keep one (secure aggregation), by layer name."""
+        self.peak_memory = 0
+        """Peak memory of this site's last training, in bytes (see :func:`peak_memory`)."""
 
     def train(self, weights: Vector, task: Task) -> Update:
         """Train on the task and return the update, encoded by every layer of the stack in order."""
         kit, plan = self.kit, task.plan
+        cuda = any(p.is_cuda for p in kit.trainer.params[:1])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         update = run_task(
             kit.trainer,
             self.name,
@@ -211,6 +226,7 @@ class Site:
             dpsgd=kit.dpsgd,
             randomness=kit.randomness(plan, Stream.DPSGD),
         )
+        self.peak_memory = peak_memory(cuda)
         context = SiteContext(self.name, plan, kit.randomness(plan, Stream.SITE_NOISE), self.sessions)
         for layer in kit.layers:
             if layer.name not in context.skip:

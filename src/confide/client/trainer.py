@@ -20,6 +20,7 @@ from torch import nn
 from confide.core import Layout, Plan, Vector
 from confide.errors import ConfigError
 from confide.models import PAD
+from confide.models.common import IGNORE_INDEX
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 
@@ -53,6 +54,10 @@ def split_window(batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     Padding after the end of a text becomes a valid input code (0) and the PAD target, which the loss ignores;
     because attention is causal, padded inputs never influence a real target before them.
     """
+    if batch.ndim == 3:
+        # A language model's token rows (confide.data.llm): ids (-1 after the end) and labels (-100: none).
+        rows = torch.from_numpy(batch.astype(np.int64, copy=False))
+        return rows[:, 0, :-1], rows[:, 1, 1:]
     windows = torch.from_numpy(batch.astype(np.int64, copy=False))
     inputs = windows[:, :-1].masked_fill(windows[:, :-1] == PAD, 0)
     return inputs, windows[:, 1:]
@@ -172,6 +177,9 @@ class Trainer:
             terms["anchor"] = list(self.layout.unflatten(anchor).values())
         if objective.correction is not None:
             terms["correction"] = list(self.layout.unflatten(objective.correction).values())
+        if self.params and self.params[0].device.type != "cpu":  # a model on a GPU: its terms go there
+            params = self.params
+            terms = {k: [t.to(p.device) for t, p in zip(v, params, strict=True)] for k, v in terms.items()}
         return terms
 
     def _backward(
@@ -226,14 +234,17 @@ class Trainer:
         for start in range(0, len(windows), batch_size):
             inputs, targets = split_window(windows[start : start + batch_size])
             logits, _ = self.model(inputs)
-            out[start : start + len(inputs)] = per_window_scores(logits, targets)
+            ignore = IGNORE_INDEX if windows.ndim == 3 else PAD
+            out[start : start + len(inputs)] = per_window_scores(logits, targets, ignore)
         return out
 
 
-def per_window_scores(logits: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """(loss sum, correct, targets) for each row of a batch, ignoring PAD targets."""
-    valid = targets != PAD
+def per_window_scores(logits: torch.Tensor, targets: torch.Tensor, ignore: int = PAD) -> np.ndarray:
+    """(loss sum, correct, targets) for each row of a batch, ignoring targets equal to ``ignore``."""
+    targets = targets.to(logits.device)
+    valid = targets != ignore
     safe = targets.masked_fill(~valid, 0)
-    losses = nn.functional.cross_entropy(logits.transpose(1, 2), safe, reduction="none") * valid
+    losses = nn.functional.cross_entropy(logits.float().transpose(1, 2), safe, reduction="none") * valid
     correct = (logits.argmax(-1) == safe) & valid
-    return torch.stack([losses.sum(1), correct.sum(1).double(), valid.sum(1).double()], 1).double().numpy()
+    scores = torch.stack([losses.sum(1), correct.sum(1).double(), valid.sum(1).double()], 1)
+    return scores.double().cpu().numpy()

@@ -103,12 +103,15 @@ class SiteData:
     def __post_init__(self) -> None:
         for part in ("train", "test"):
             array = getattr(self, part)
-            if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 2:
+            chars = isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 2
+            # A language model's rows (confide.data.llm): token ids and labels, (n, 2, length) int32.
+            tokens = isinstance(array, np.ndarray) and array.dtype == np.int32 and array.ndim == 3
+            if not (chars or tokens):
                 raise DataError(
-                    f"site {self.name!r}: {part} windows must be a 2-D uint8 array, "
+                    f"site {self.name!r}: {part} windows must be a 2-D uint8 array (or int32 token rows), "
                     f"got {type(array).__name__} {getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}"
                 )
-        if self.train.shape[1] != self.test.shape[1]:
+        if self.train.shape[1:] != self.test.shape[1:]:
             raise DataError(
                 f"site {self.name!r}: train windows have width {self.train.shape[1]} "
                 f"but test windows {self.test.shape[1]}"

@@ -83,7 +83,61 @@ class LSTMConfig:
             check_int(name, getattr(self, name))
 
 
-ModelConfig = GPTConfig | LSTMConfig
+HF_DTYPES = ("float32", "bfloat16", "float16")
+HF_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """A Hugging Face causal language model: loaded from ``path`` or built with random weights from
+    ``config`` (a transformers config as a table, with its ``model_type``). Checked here without importing
+    transformers; :mod:`confide.models.hf` loads it."""
+
+    vocab_size: int = 0
+    """Unused: the model's own tokenizer decides its vocabulary."""
+    path: str = ""
+    """A local directory as ``save_pretrained`` writes it (config, weights, tokenizer), or the directory of a
+    finished confide run of an 'hf' model, whose last checkpoint becomes the base."""
+    config: dict[str, Any] | None = None
+    """A transformers config (``model_type`` plus its fields) for a model with fresh random weights."""
+    tokenizer: str = ""
+    """A tokenizer directory; empty: the one in ``path``, or (for ``config``) a byte-level tokenizer."""
+    dtype: str = "float32"
+    device: str = "auto"
+    """'auto': CUDA when present, else the CPU."""
+    gradient_checkpointing: bool = False
+    max_length: int = 128
+    """Tokens per training sequence: longer texts are cut into pieces, longer examples truncated."""
+    base_sha256: str = ""
+    """SHA-256 of the base weights every site must hold (filled in by the server); empty: not checked."""
+
+    def __post_init__(self) -> None:
+        if bool(self.path) == (self.config is not None):
+            raise ConfigError(
+                "model.kind = 'hf' needs exactly one of model.path (a directory written by save_pretrained) "
+                "and model.config (a transformers config table with model_type, for random weights)"
+            )
+        if self.config is not None and not (
+            isinstance(self.config, dict) and isinstance(self.config.get("model_type"), str)
+        ):
+            raise ConfigError(
+                "model.config must be a table with a model_type such as 'llama' or 'gpt2' "
+                f"(got {self.config!r})"
+            )
+        for name, accepted in (("dtype", HF_DTYPES), ("device", HF_DEVICES)):
+            if getattr(self, name) not in accepted:
+                raise ConfigError(
+                    f"model.{name} must be one of {', '.join(map(repr, accepted))} "
+                    f"(got {getattr(self, name)!r})"
+                )
+        check_int("max_length", self.max_length, minimum=2)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(
+                f"model.gradient_checkpointing must be true or false (got {self.gradient_checkpointing!r})"
+            )
+
+
+ModelConfig = GPTConfig | LSTMConfig | HFConfig
 
 
 def _config_class(kind: str) -> type[ModelConfig]:

@@ -16,6 +16,7 @@ from confide.client.site import Site, SiteKit, evaluate_many
 from confide.core import Plan, SiteEvaluation, Task, Traffic, Update, Vector
 from confide.data import FederatedDataset
 from confide.errors import ConfideError, UpdateError
+from confide.models.hf import check_base
 from confide.randomness import Stream, public_rng
 from confide.runtime.grpc import wire
 
@@ -23,8 +24,19 @@ log = logging.getLogger(__name__)
 
 
 class LocalBackend:
-    def __init__(self, dataset: FederatedDataset, kit: SiteKit, dropout: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: FederatedDataset,
+        kit: SiteKit,
+        dropout: float = 0.0,
+        seed: int = 0,
+        base_sha256: str = "",
+    ) -> None:
         self.dataset = dataset
+        self.base_sha256 = base_sha256
+        """A language model's base: each site's frozen weights must hash to this (empty: not checked)."""
+        self.peak_memory: dict[str, int] = {}
+        """Each site's peak memory while it trained last (bytes)."""
         self.kit = kit
         self.dropout = dropout
         """Simulated dropouts: the probability that a site vanishes after the key exchange (simulation)."""
@@ -47,6 +59,7 @@ class LocalBackend:
         """The simulated site ``name`` (made on first use; it keeps its protocol sessions)."""
         site = self._sites.get(name)
         if site is None:
+            check_base(name, self.kit.trainer.model, self.base_sha256)
             site = self._sites[name] = Site(name, self._by_name[name], self.kit)
         return site
 
@@ -66,7 +79,9 @@ class LocalBackend:
             if task.site in dropped:
                 continue
             try:
-                update = self.site(task.site).train(weights, task)
+                site = self.site(task.site)
+                update = site.train(weights, task)
+                self.peak_memory[task.site] = site.peak_memory
             except UpdateError as e:
                 # The site cannot send an update (say, it diverged and secure aggregation cannot encode NaN):
                 # to the server it has dropped out, as a deployed site that gives up would.

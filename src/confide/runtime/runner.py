@@ -27,10 +27,13 @@ from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.config import Config, check_deployment
 from confide.core import Layout, Plan
-from confide.data import DEFAULT_TOKENIZER, FederatedDataset, partition, shakespeare
-from confide.data.text import load_text
-from confide.errors import DivergedError, StoreError
+from confide.data import DEFAULT_TOKENIZER, FederatedDataset, llm, partition, shakespeare
+from confide.data.llm import is_instruction_rows
+from confide.data.text import load_text, read_sites
+from confide.errors import ConfigError, DivergedError, StoreError
 from confide.models import CharModel
+from confide.models.configs import HFConfig, model_config
+from confide.models.hf import HFCausalLM
 from confide.pipeline import RoundAbandoned
 from confide.privacy.accountant import LedgerEntry
 from confide.privacy.policy import CLIP_KEY, SiteDP
@@ -43,6 +46,7 @@ from confide.runtime.federation import (
     ServerState,
     summarize,
 )
+from confide.runtime.llm import LanguageModelRun
 from confide.runtime.local import LocalBackend
 from confide.runtime.stack import (
     attach_server_data,
@@ -173,7 +177,9 @@ def load_dataset(config: Config) -> FederatedDataset:
     """The config's data set, partitioned and (with data.max_sites) sampled, the same way every time."""
     d = config.data
     cache = Path(d.cache_dir) if d.cache_dir else None
-    if d.dataset == "shakespeare":
+    if config.model["kind"] == "hf":
+        dataset = load_lm_dataset(config)
+    elif d.dataset == "shakespeare":
         dataset = shakespeare.load(cache_dir=cache, min_lines=d.min_lines)
     else:
         dataset = load_text(Path(d.path))
@@ -183,11 +189,43 @@ def load_dataset(config: Config) -> FederatedDataset:
         )
         dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
     options: dict[str, Any] = {}
+    refused = d.partition == "dirichlet" and d.label != "group"
+    instructions = d.partition != "natural" and is_instruction_rows(dataset.sites[0].train)
+    if config.model["kind"] == "hf" and (instructions or refused):
+        raise ConfigError(
+            f"data.partition = {d.partition!r} (label {d.label!r}) is not available for this language "
+            "model's data: instruction data is partitioned by its site field (partition = 'natural'), "
+            "text by 'natural', 'iid', 'quantity' or 'dirichlet' over the 'group' label"
+        )
     if d.partition == "dirichlet":
         options = {"num_sites": d.num_sites, "alpha": d.alpha, "label": d.label}
     elif d.partition == "quantity":
         options = {"num_sites": d.num_sites, "alpha": d.alpha}
     return partition(dataset, d.partition, seed=config.run.seed, **options)
+
+
+def load_lm_dataset(config: Config) -> FederatedDataset:
+    """A language model's data set in its own tokenizer: Shakespeare's roles, a folder or jsonl of text, or a
+    jsonl of instruction examples (see :mod:`confide.data.llm`)."""
+    from confide.models.hf import load_tokenizer
+
+    d = config.data
+    hf = hf_config(config)
+    tokenizer = load_tokenizer(hf)
+    if d.dataset == "shakespeare":
+        cache = Path(d.cache_dir) if d.cache_dir else None
+        texts = shakespeare.site_texts(cache, d.min_lines)
+        return llm.text_dataset("shakespeare", texts, tokenizer, hf.max_length)
+    path = Path(d.path).expanduser()
+    if llm.is_instruction_file(path):
+        return llm.instruction_dataset(path, tokenizer, hf.max_length)
+    texts = [(name, name, text) for name, text in read_sites(path).items()]
+    return llm.text_dataset(path.stem, texts, tokenizer, hf.max_length)
+
+
+def hf_config(config: Config) -> HFConfig:
+    """The checked [model] table of an 'hf' run."""
+    return cast(HFConfig, model_config("hf", **{k: v for k, v in config.model.items() if k != "kind"}))
 
 
 class Runner:
@@ -229,12 +267,22 @@ class Runner:
         names = [s.name for s in self.sites]
         layers = build_layers(config, self.dp, secure, update_size, identities, sites=names)
         self.attack = Attack.build(config, dataset)
+        self.lm = None
+        if isinstance(self.model, HFCausalLM):
+            self.lm = LanguageModelRun(config, self.model, self.layout)
+            store.set_meta("base_sha256", self.lm.base_sha256)
         if backend is None:
             assert dataset is not None
             kit = build_site_kit(config, self.model, layers, StoreSiteState(store))
             # Only the training data the simulated sites use is poisoned; evaluation reads `dataset` as is.
             trained = self.attack.poison(dataset)
-            backend = LocalBackend(trained, kit, dropout=config.backend.dropout, seed=config.run.seed)
+            backend = LocalBackend(
+                trained,
+                kit,
+                dropout=config.backend.dropout,
+                seed=config.run.seed,
+                base_sha256=self.lm.base_sha256 if self.lm is not None else "",
+            )
         self.backend: Backend = backend
         self.strategy = build_strategy(config, shared)
         # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
@@ -253,7 +301,9 @@ class Runner:
             config, self.model, layers, aggregator, lambda: (self.state.weights, self.state.round + 1), shared
         )
         self.eval_sites = self._eval_sites()
-        self.baseline = unigram_baseline(dataset, self.eval_sites) if dataset is not None else None
+        chars = dataset is not None and self.lm is None
+        self.baseline = unigram_baseline(dataset, self.eval_sites) if chars and dataset else None
+        self.rouge_pairs = self.lm.sample(dataset, self.eval_sites) if self.lm is not None else []
         self.state = ServerState(
             round=0,
             weights=self.layout.read(self.model),
@@ -402,6 +452,8 @@ class Runner:
             if stop is not None:
                 self._stop(stop, r, observer)
                 break
+        if self.lm is not None and self.state.round == config.run.rounds:
+            self.lm.finish(self.store.run_dir, self.state.weights)
         if self.stopped is None:
             self.store.set_meta("status", "finished")
         observer.run_finished(self)
@@ -553,6 +605,9 @@ class Runner:
             **self.attack.measure(self.model, self.layout, self.state.weights),
             **self._privacy_metrics(),
         }
+        if self.lm is not None:
+            peaks = getattr(self.backend, "peak_memory", {})
+            record.update(self.lm.metrics(self.state.weights, self.rouge_pairs, peaks))
         self.store.record_evaluation(result.round, record, per_site, personal)
         return record
 
@@ -626,9 +681,13 @@ def generate_text(
     temperature: float = 0.8,
     top_k: int | None = 20,
     seed: int = 0,
+    top_p: float | None = None,
 ) -> str:
-    """``prompt`` continued by ``length`` sampled characters from the model with ``weights``."""
+    """``prompt`` continued by ``length`` sampled characters (tokens, for an 'hf' model, which alone takes
+    ``top_p``) from the model with ``weights``."""
     layout.write(model, weights)
+    if isinstance(model, HFCausalLM):
+        return prompt + model.complete([prompt], length, temperature, top_k, top_p, seed)[0]
     codes = DEFAULT_TOKENIZER.encode(prompt or "\n")
     idx = torch.from_numpy(codes.astype(np.int64))[None, :]
     out = cast(CharModel, model).generate(

@@ -44,6 +44,11 @@ def build_model_for(config: Config, vocab_size: int) -> nn.Module:
     options = {k: v for k, v in config.model.items() if k != "kind"}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(public_rng(config.run.seed, 0, Stream.MODEL_INIT).integers(2**31 - 1)))
+        if config.model["kind"] == "hf":
+            from confide.models.configs import model_config
+            from confide.models.hf import build_hf
+
+            return build_hf(model_config("hf", **options), config.adapter)  # type: ignore[arg-type]
         return build_model(config.model["kind"], vocab_size=vocab_size, **options)
 
 

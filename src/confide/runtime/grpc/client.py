@@ -36,8 +36,10 @@ from confide.config import Config, from_dict
 from confide.core import Layout, Task
 from confide.data import DEFAULT_TOKENIZER
 from confide.data.dataset import WINDOW, SiteData, has_test_window, make_site, split_text
+from confide.data.llm import retokenize
 from confide.data.text import read_sites
 from confide.errors import ConfideError, DataError, DeploymentError, WireError
+from confide.models.hf import HFCausalLM, check_base
 from confide.privacy.secure import SecAggLayer
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
@@ -338,6 +340,10 @@ class SiteClient:
             if threads:
                 torch.set_num_threads(threads)
             model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
+            try:
+                check_base(self.site, model, config.model.get("base_sha256", ""))
+            except ConfideError as e:
+                raise DeploymentError(str(e)) from None
             dp = build_site_dp(config, int(reply.population))
             secure, _ = build_secure(config, [], dp, registry={})
             if secure is not None and secure.authenticated:
@@ -363,7 +369,11 @@ class SiteClient:
             for layer in kit.layers:
                 if isinstance(layer, SecAggLayer):
                     layer.identities[self.site] = identity  # this process signs for this site alone
-        self.setup = _Setup(key, config, layout, Site(self.site, self.data, kit))
+        data = self.data
+        if isinstance(kit.trainer.model, HFCausalLM) and data.train.ndim == 2:
+            # The site read its text before it knew the model: now in the model's own tokenizer.
+            data = retokenize(data, kit.trainer.model.tokenizer, kit.trainer.model.context)
+        self.setup = _Setup(key, config, layout, Site(self.site, data, kit))
 
     def _serve(self, stub: FederationClient, session: bytes) -> str:
         forgotten = threading.Event()

@@ -34,7 +34,15 @@ from confide.runtime.grpc.security import (
     server_credentials,
 )
 from confide.runtime.grpc.server import GrpcBackend, Hub, Servicer, start_server
-from confide.runtime.runner import NullObserver, Observer, Runner, SiteInfo, build_site_dp, stored_sites
+from confide.runtime.runner import (
+    NullObserver,
+    Observer,
+    Runner,
+    SiteInfo,
+    build_model_for,
+    build_site_dp,
+    stored_sites,
+)
 from confide.runtime.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,6 +81,14 @@ def site_config(config: Config, dp: SiteDP | None) -> Config:
     if dp is not None and config.privacy.calibrate:
         privacy = replace(config.privacy, calibrate=False, noise_multiplier=dp.noise_multiplier)
         config = replace(config, privacy=privacy)
+    if config.model["kind"] == "hf" and config.adapter.kind != "none" and not config.model.get("base_sha256"):
+        # Only the adapters travel, so each site trains on its own copy of the base: the server hashes its
+        # own, and every site checks that it holds the same before it trains (confide.models.hf.check_base).
+        from confide.models.hf import base_sha256
+
+        model = build_model_for(config, 0)
+        config = replace(config, model={**config.model, "base_sha256": base_sha256(model)})
+        del model
     return config
 
 
