@@ -643,7 +643,7 @@ def check(config: Config) -> None:
         )
     _check_privacy(config)
     _check_defence(config)
-    _check_attack(config.attack)
+    _check_attack(config.attack, config.model["kind"])
     _check_model(config.model)
     _check_language_model(config)
 
@@ -673,8 +673,15 @@ def _check_defence(config: Config) -> None:
         )
 
 
-def _check_attack(a: AttackConfig) -> None:
+def _check_attack(a: AttackConfig, model: str) -> None:
     from confide.data.dataset import WINDOW
+
+    if ATTACKS.fact(a.kind, POISONS_DATA) is not None and model == "hf":
+        raise ConfigError(
+            f"attack.kind = {a.kind!r} poisons character windows, and model.kind = 'hf' trains on token "
+            "rows: with a language model use an attack on the update alone (sign_flip, gaussian, byzantine, "
+            "free_rider, little_is_enough)"
+        )
 
     if a.kind == "norm_evading" and a.norm_bound <= 0:
         raise ConfigError(

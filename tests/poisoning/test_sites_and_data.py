@@ -106,3 +106,7 @@ def test_attack_options_are_checked(tmp_path: Path) -> None:
         from_dict({"attack": {"kind": "sign_flip", "sites": 1.5}})
     with pytest.raises(ConfigError, match="shorter than a window"):
         from_dict({"attack": {"kind": "backdoor", "target": "x" * 80}})
+    hf = {"kind": "hf", "config": {"model_type": "llama"}}
+    with pytest.raises(ConfigError, match="poisons character windows"):
+        from_dict({"model": hf, "attack": {"kind": "model_replacement"}})
+    assert from_dict({"model": hf, "attack": {"kind": "sign_flip"}}).attack.kind == "sign_flip"
