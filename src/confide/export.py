@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from confide.models.gpt import GPT, Block
+    from confide.models.hf import HFCausalLM
 
 __all__ = [
     "Exported",
@@ -343,13 +344,43 @@ def export_run(
 
 
 def _export_hf_run(run_dir: Path, out_dir: Path, *, merged: bool, round: int | None, force: bool) -> Exported:
-    """The export of a ``model.kind = "hf"`` run: to be wired to that run's model loading, which lives with
-    the hf model (load the base and its LoRA adapter, write the checkpoint's vector in, call
-    :func:`export_adapter`)."""
-    raise ConfideError(
-        f"{run_dir} is a model.kind = 'hf' run; `confide export` cannot load its adapter yet (this build "
-        "has no loader for hf runs): export it from Python with confide.export.export_adapter"
-    )
+    """The export of a ``model.kind = "hf"`` run: its base (from the same ``model.path`` or config the run
+    started from) with the checkpoint's trainable vector written in; with LoRA, the adapter in PEFT's format
+    (or merged into the base), and without an adapter the whole model."""
+    from confide import config as config_module
+    from confide.core import Layout
+    from confide.runtime.stack import build_model_for
+
+    peft = _require("peft")
+    config = config_module.load(run_dir / "config.toml")
+    chosen, weights = _global_weights(run_dir, round, config.run.rounds)
+    model = cast("HFCausalLM", build_model_for(config, DEFAULT_TOKENIZER.vocab_size))  # its own tokenizer
+    layout = Layout.of_module(model)
+    layout.check(weights, "checkpoint's weights")
+    layout.write(model, weights)
+    lm, tokenizer = model.lm, model.tokenizer
+    if isinstance(lm, peft.PeftModel):
+        export_adapter(lm, out_dir, merged, tokenizer, force=force)
+        where = repr(str(out_dir))
+        description = (
+            f"the base with its adapter merged in; load it with AutoModelForCausalLM.from_pretrained({where})"
+            if merged
+            else f"a LoRA adapter in PEFT's format; load it with PeftModel.from_pretrained(base, {where})"
+        )
+    else:
+        if merged:
+            raise ConfideError(
+                "--merged merges an adapter into its base, and this run trained every weight "
+                "(adapter.kind = 'none'): leave --merged out"
+            )
+        with _fresh_directory(out_dir, force) as folder:
+            lm.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        description = (
+            f"the whole model and its tokenizer; load them with AutoModelForCausalLM.from_pretrained"
+            f"({str(out_dir)!r})"
+        )
+    return Exported(chosen, config.run.rounds, "hf", out_dir, description)
 
 
 def _model_kind(run_dir: Path) -> str:

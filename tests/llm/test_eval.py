@@ -1,5 +1,5 @@
-"""Evaluating language models: ROUGE-L of greedy answers with rouge-score, and `confide run` / `generate` /
-`report` on an 'hf' run, as a user types them."""
+"""Evaluating language models: ROUGE-L of greedy answers with rouge-score, and `confide run`, `generate`,
+`report` and `export` on an 'hf' run, as a user types them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import tomli_w
 
 from confide.cli import main
@@ -72,3 +73,40 @@ def test_run_generate_and_report_on_an_hf_run(tmp_path: Path, llama_dir: Path, i
     assert sampled.stdout.startswith("Now is")
     assert confide(*args, "--top-k", "20", "--top-p", "0.9", "--seed", "4").stdout == sampled.stdout
     assert main([str(a) for a in args] + ["--top-p", "1.5"]) != 0
+
+    # The export: the adapter in PEFT's format, and merged into its base, loaded by plain peft and
+    # transformers, give the logits of the run's final model as confide computes them.
+    assert confide("export", run_dir, "--out", tmp_path / "adapter").returncode == 0
+    merged = confide("export", run_dir, "--out", tmp_path / "merged", "--merged")
+    assert merged.returncode == 0, merged.stderr
+    assert_exports_match_the_run(run_dir, llama_dir, tmp_path / "adapter", tmp_path / "merged")
+
+
+def assert_exports_match_the_run(run_dir: Path, base_dir: Path, adapter_dir: Path, merged_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from confide.core import Layout
+    from confide.runtime.store import Store
+
+    store = Store.open(run_dir)
+    try:
+        (path,) = store.db.execute("SELECT path FROM checkpoints ORDER BY round DESC LIMIT 1").fetchone()
+    finally:
+        store.close()
+    model = build_hf(HFConfig(path=str(base_dir), max_length=32), AdapterConfig(kind="lora", r=4))
+    layout = Layout.of_module(model)
+    before = layout.read(model).copy()
+    final = load_file(str(run_dir / path))["weights"]
+    assert not np.allclose(final, before)  # the adapter has learned something, so a wrong load would show
+    layout.write(model, final)
+    ids = torch.tensor([[5, 9, 13, 2, 7, 11]])
+    with torch.no_grad():
+        ours = model.lm(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+        adapted = PeftModel.from_pretrained(base, str(adapter_dir))(input_ids=ids).logits
+        whole = AutoModelForCausalLM.from_pretrained(str(merged_dir))(input_ids=ids).logits
+    torch.testing.assert_close(adapted, ours)
+    torch.testing.assert_close(whole, ours, rtol=1e-4, atol=1e-5)
