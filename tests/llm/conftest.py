@@ -41,6 +41,19 @@ def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 320) -> Any
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 259,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 64,
+}
+"""A transformers config of a tiny Llama over bytes (259 ids: 256 bytes and 3 special tokens)."""
+
+
 def tiny_hf_model(path: Path, arch: str = "llama", chat_template: bool = False, seed: int = 0) -> Path:
     """A tiny causal LM (``arch`` 'llama' or 'gpt2') and its tokenizer saved to ``path``; returns ``path``."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig

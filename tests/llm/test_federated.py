@@ -15,7 +15,7 @@ from confide.errors import ConfideError
 from confide.models.hf import HFCausalLM, base_sha256
 from confide.runtime.local import LocalBackend
 from confide.runtime.runner import Runner
-from tests.llm.conftest import llm_config
+from tests.llm.conftest import TINY_LLAMA, llm_config
 
 
 def frozen_state(model: HFCausalLM) -> dict[str, torch.Tensor]:
@@ -146,17 +146,7 @@ def test_dp_noise_on_the_adapters_is_charged_and_moves_them(
 
 
 def test_a_base_pretrained_by_a_run_is_the_model_path_of_the_next(tmp_path: Path, instructions: Path) -> None:
-    tiny = {
-        "model_type": "llama",
-        "vocab_size": 259,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "max_position_embeddings": 64,
-    }
-    pretrain = llm_config({"config": tiny}, instructions, tmp_path, adapter={"kind": "none"})
+    pretrain = llm_config({"config": TINY_LLAMA}, instructions, tmp_path, adapter={"kind": "none"})
     runner = Runner.start(pretrain)
     runner.run()
     run_dir = tmp_path / "llm"

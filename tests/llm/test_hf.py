@@ -13,19 +13,9 @@ from confide.core import Layout
 from confide.errors import ConfideError, ConfigError
 from confide.models.configs import HFConfig, model_config
 from confide.models.hf import base_sha256, build_hf, check_base
-from tests.llm.conftest import tiny_tokenizer
+from tests.llm.conftest import TINY_LLAMA, tiny_tokenizer
 
 LORA = AdapterConfig(kind="lora", r=4)
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 259,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 64,
-}
 
 
 @pytest.mark.parametrize(("arch", "targets"), [("llama", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"})])
