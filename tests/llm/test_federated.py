@@ -158,3 +158,27 @@ def test_a_base_pretrained_by_a_run_is_the_model_path_of_the_next(tmp_path: Path
     ids = torch.tensor([[5, 9, 17, 3]])
     runner.layout.write(runner.model, runner.state.weights)
     torch.testing.assert_close(tuned.model(ids)[0], runner.model(ids)[0])
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"server": {"sites_per_round": 3, "optimizer": "adam", "learning_rate": 0.01}},
+        {"client": {"max_steps": 2, "batch_size": 4, "personalization": "ditto", "ditto_lambda": 0.1}},
+    ],
+    ids=["fedadam", "ditto"],
+)
+def test_server_optimizers_and_personalization_run_on_the_adapters(
+    tmp_path: Path, llama_dir: Path, instructions: Path, sections: dict[str, Any]
+) -> None:
+    config = llm_config({"path": str(llama_dir)}, instructions, tmp_path, **sections)
+    runner, base, initial = start(config)
+    runner.run()
+    assert not np.array_equal(runner.state.weights, initial)
+    assert isinstance(runner.model, HFCausalLM)
+    after = frozen_state(runner.model)
+    assert all(torch.equal(after[n], base[n]) for n in base)
+    last = runner.store.evaluations()[-1][1]
+    assert np.isfinite(last["perplexity"])
+    if "client" in sections:
+        assert np.isfinite(last["personal_perplexity"]) and last["personalized_sites"] > 0
