@@ -399,41 +399,37 @@ def _model_kind(run_dir: Path) -> str:
 
 def _global_weights(run_dir: Path, round: int | None, rounds: int) -> tuple[int, np.ndarray]:
     """The round and flat weights of the global model to export, from the run's checkpoints."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     from confide.runtime.store import Store
 
     store = Store.open(run_dir)
     try:
-        stored = dict(store.db.execute("SELECT round, path FROM checkpoints ORDER BY round").fetchall())
+        stored = store.checkpoint_rounds()
         status = store.meta("status") or "running"
+        if not stored:
+            raise StoreError(
+                f"{run_dir} has no stored model yet: the first is written after round "
+                f"run.checkpoint_every; continue the run with `confide run --resume {run_dir}`"
+            )
+        last = stored[-1]
+        if round is None:
+            if status == "running":
+                raise StoreError(
+                    f"the run in {run_dir} has not finished (its last stored model is of round {last} of "
+                    f"{rounds}): finish it with `confide run --resume {run_dir}`, or export that model with "
+                    f"--round {last}"
+                )
+            round = last
+        if round not in stored:
+            raise StoreError(
+                f"{run_dir} has no stored model of round {round}; it has those of rounds "
+                f"{', '.join(map(str, stored))} (one every run.checkpoint_every rounds, and the last)"
+            )
+        try:
+            return round, store.checkpoint(round).weights
+        except StoreError as e:
+            raise StoreError(f"{e}; export another --round") from None
     finally:
         store.close()
-    if not stored:
-        raise StoreError(
-            f"{run_dir} has no stored model yet: the first is written after round run.checkpoint_every; "
-            f"continue the run with `confide run --resume {run_dir}`"
-        )
-    last = max(stored)
-    if round is None:
-        if status == "running":
-            raise StoreError(
-                f"the run in {run_dir} has not finished (its last stored model is of round {last} of "
-                f"{rounds}): finish it with `confide run --resume {run_dir}`, or export that model with "
-                f"--round {last}"
-            )
-        round = last
-    if round not in stored:
-        raise StoreError(
-            f"{run_dir} has no stored model of round {round}; it has those of rounds "
-            f"{', '.join(map(str, sorted(stored)))} (one every run.checkpoint_every rounds, and the last)"
-        )
-    path = run_dir / stored[round]
-    try:
-        return round, load_file(str(path))["weights"]
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise StoreError(f"the checkpoint {path} cannot be read ({e}); export another --round") from e
 
 
 # -- the output folder -------------------------------------------------------------------------------------

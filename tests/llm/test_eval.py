@@ -85,7 +85,6 @@ def test_run_generate_and_report_on_an_hf_run(tmp_path: Path, llama_dir: Path, i
 def assert_exports_match_the_run(run_dir: Path, base_dir: Path, adapter_dir: Path, merged_dir: Path) -> None:
     import torch
     from peft import PeftModel
-    from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
     from confide.core import Layout
@@ -93,13 +92,14 @@ def assert_exports_match_the_run(run_dir: Path, base_dir: Path, adapter_dir: Pat
 
     store = Store.open(run_dir)
     try:
-        (path,) = store.db.execute("SELECT path FROM checkpoints ORDER BY round DESC LIMIT 1").fetchone()
+        checkpoint = store.latest_checkpoint()
     finally:
         store.close()
+    assert checkpoint is not None
     model = build_hf(HFConfig(path=str(base_dir), max_length=32), AdapterConfig(kind="lora", r=4))
     layout = Layout.of_module(model)
     before = layout.read(model).copy()
-    final = load_file(str(run_dir / path))["weights"]
+    final = checkpoint.weights
     assert not np.allclose(final, before)  # the adapter has learned something, so a wrong load would show
     layout.write(model, final)
     ids = torch.tensor([[5, 9, 13, 2, 7, 11]])

@@ -289,20 +289,33 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------------------
 
+    def checkpoint_rounds(self) -> list[int]:
+        """The rounds that have a stored checkpoint, in order."""
+        return [int(r) for (r,) in self.db.execute("SELECT round FROM checkpoints ORDER BY round")]
+
     def latest_checkpoint(self) -> Checkpoint | None:
-        row = self.db.execute("SELECT round, path FROM checkpoints ORDER BY round DESC LIMIT 1").fetchone()
-        if row is None:
+        rounds = self.checkpoint_rounds()
+        if not rounds:
             return None
-        path = self.run_dir / row[1]
+        try:
+            return self.checkpoint(rounds[-1])
+        except StoreError as e:
+            raise StoreError(f"{e}; the run cannot resume from it") from None
+
+    def checkpoint(self, round: int) -> Checkpoint:
+        """The checkpoint of ``round`` (one of :meth:`checkpoint_rounds`); StoreError if it cannot be read."""
+        row = self.db.execute("SELECT path FROM checkpoints WHERE round = ?", (round,)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.run_dir} has no checkpoint of round {round}")
+        path = self.run_dir / row[0]
         try:
             tensors = load_file(str(path))
-        except (OSError, ValueError, SafetensorError) as e:
-            raise StoreError(
-                f"the checkpoint {path} cannot be read ({e}); the run cannot resume from it"
-            ) from e
+            weights = tensors["weights"]
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            raise StoreError(f"the checkpoint {path} cannot be read ({e})") from e
         return Checkpoint(
-            round=int(row[0]),
-            weights=tensors["weights"],
+            round=round,
+            weights=weights,
             optimizer_state={k[10:]: v for k, v in tensors.items() if k.startswith("optimizer.")},
             extra={k[6:]: v for k, v in tensors.items() if k.startswith("extra.")},
         )
