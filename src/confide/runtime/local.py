@@ -59,7 +59,10 @@ class LocalBackend:
         """The simulated site ``name`` (made on first use; it keeps its protocol sessions)."""
         site = self._sites.get(name)
         if site is None:
-            check_base(name, self.kit.trainer.model, self.base_sha256)
+            if not self._sites:
+                # Every simulated site trains the kit's one model: its base is hashed once, not per site
+                # (a 7B base is gigabytes), when the first site is made.
+                check_base(name, self.kit.trainer.model, self.base_sha256)
             site = self._sites[name] = Site(name, self._by_name[name], self.kit)
         return site
 
