@@ -542,7 +542,8 @@ class Runner:
         self.store.record_scores(r, rows)
         if d.quarantine_after <= 0:
             return
-        history = outcomes(self.store.score_history())
+        # Only the window's rounds: reading the whole history every round would grow with the run.
+        history = outcomes(self.store.score_history(after=r - d.quarantine_window))
         known = self.store.quarantined()
         for site, count in offenders(history, r, d.quarantine_after, d.quarantine_window, known):
             why = (

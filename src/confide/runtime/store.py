@@ -426,10 +426,13 @@ class Store:
         with self._tx() as db:
             db.execute("INSERT OR REPLACE INTO site_state VALUES (?, ?, ?, ?)", (site, key, round, data))
 
-    def score_history(self) -> list[tuple[int, str, dict[str, float], bool, str]]:
-        """Every (round, site, scores, refused, why) the defences recorded, oldest round first."""
+    def score_history(self, after: int = 0) -> list[tuple[int, str, dict[str, float], bool, str]]:
+        """Every (round, site, scores, refused, why) the defences recorded for rounds after ``after``, oldest
+        round first."""
         rows = self.db.execute(
-            "SELECT round, site, scores, refused, reason FROM site_scores ORDER BY round, site"
+            "SELECT round, site, scores, refused, reason FROM site_scores WHERE round > ? "
+            "ORDER BY round, site",
+            (after,),
         )
         return [(int(r), str(s), dict(json.loads(sc)), bool(bad), str(why)) for r, s, sc, bad, why in rows]
 
