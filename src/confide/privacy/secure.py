@@ -346,7 +346,9 @@ class SecAggLayer(Layer):
 
     def close_evaluation(self, evaluation: EvaluationContext) -> None:
         state: _Round = evaluation.scratch[self.name]
-        total = self._unmask(evaluation.exchange, evaluation.rejected, state, evaluation.kind, 1)
+        # An honest server unmasks no fewer evaluations than a site agrees to (each site also refuses it).
+        least = max(2, self.settings.min_sites)
+        total = self._unmask(evaluation.exchange, evaluation.rejected, state, evaluation.kind, least)
         evaluation.total = evaluation_total(total.vector, len(total.survivors))
         evaluation.summed = list(total.survivors)
 
