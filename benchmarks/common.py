@@ -45,6 +45,26 @@ def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def lstm_shakespeare(args: Any) -> dict[str, Any]:
+    """The raw config of the benchmarks' Shakespeare federation: the FedAvg paper's two-layer character LSTM
+    with plain SGD at the sites and the server, from the flags every such benchmark takes (seed, rounds,
+    max_sites, hidden, lr, batch_size, steps, sites_per_round, eval_every, threads)."""
+    return {
+        "run": {"seed": args.seed, "rounds": args.rounds, "checkpoint_every": 1_000_000},
+        "data": {"dataset": "shakespeare", "max_sites": args.max_sites},
+        "model": {"kind": "lstm", "embedding": 8, "hidden": args.hidden, "layers": 2},
+        "client": {
+            "optimizer": "sgd",
+            "learning_rate": args.lr,
+            "batch_size": args.batch_size,
+            "max_steps": args.steps,
+        },
+        "server": {"sites_per_round": args.sites_per_round, "optimizer": "sgd", "learning_rate": 1.0},
+        "eval": {"every": args.eval_every, "sites": 0, "samples": 0},
+        "backend": {"threads": args.threads},
+    }
+
+
 def build_config(raw: Mapping[str, Any], output: Path, name: str) -> Config:
     """A validated Config from ``raw``, writing its run directory to ``output/name``."""
     return from_dict(merge(raw, {"run": {"output": str(output), "name": name}}))

@@ -43,7 +43,17 @@ from typing import Any
 
 import numpy as np
 
-from common import Recorder, build_config, console, machine, merge, output_folder, run, show
+from common import (
+    Recorder,
+    build_config,
+    console,
+    lstm_shakespeare,
+    machine,
+    merge,
+    output_folder,
+    run,
+    show,
+)
 from confide.runtime.runner import load_dataset
 
 
@@ -75,25 +85,11 @@ def methods(args: argparse.Namespace) -> list[Method]:
 
 
 def base_config(args: argparse.Namespace, partition: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"dataset": "shakespeare", "partition": partition, "max_sites": args.max_sites}
+    data: dict[str, Any] = {"partition": partition}
     if partition == "dirichlet":
         data.update({"num_sites": args.max_sites, "alpha": args.alpha, "label": "group"})
-    return {
-        "run": {"seed": args.seed, "rounds": args.rounds, "checkpoint_every": 1_000_000},
-        "data": data,
-        "model": {"kind": "lstm", "embedding": 8, "hidden": args.hidden, "layers": 2},
-        "client": {
-            "optimizer": "sgd",
-            "learning_rate": args.lr,
-            "batch_size": args.batch_size,
-            "max_steps": args.steps,
-            "stragglers": args.stragglers,
-            "personal_learning_rate": args.personal_lr,
-        },
-        "server": {"sites_per_round": args.sites_per_round, "optimizer": "sgd", "learning_rate": 1.0},
-        "eval": {"every": args.eval_every, "sites": 0, "samples": 0},
-        "backend": {"threads": args.threads},
-    }
+    client = {"stragglers": args.stragglers, "personal_learning_rate": args.personal_lr}
+    return merge(lstm_shakespeare(args), {"data": data, "client": client})
 
 
 @dataclass

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import Recorder, build_config, console, machine, output_folder, run, show
+from common import Recorder, build_config, console, lstm_shakespeare, machine, output_folder, run, show
 from confide.config import apply_override
 from confide.errors import ConfigError
 from confide.registry import ATTACKS, POISONS_DATA
@@ -56,20 +56,7 @@ def parse_defence(text: str) -> Defence:
 
 
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "run": {"seed": args.seed, "rounds": args.rounds, "checkpoint_every": 1_000_000},
-        "data": {"dataset": "shakespeare", "max_sites": args.max_sites},
-        "model": {"kind": "lstm", "embedding": 8, "hidden": args.hidden, "layers": 2},
-        "client": {
-            "optimizer": "sgd",
-            "learning_rate": args.lr,
-            "batch_size": args.batch_size,
-            "max_steps": args.steps,
-        },
-        "server": {"sites_per_round": args.sites_per_round, "optimizer": "sgd", "learning_rate": 1.0},
-        "eval": {"every": args.eval_every, "sites": 0, "samples": 0},
-        "backend": {"threads": args.threads},
-    }
+    return lstm_shakespeare(args)
 
 
 @dataclass
