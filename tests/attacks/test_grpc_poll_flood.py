@@ -49,7 +49,7 @@ def test_a_site_holds_only_a_few_polls_and_the_rest_are_refused_at_once(tmp_path
         stub = FederationClient(channel)
         metadata = mallory.call_metadata()
         session = stub.Join(pb.JoinRequest(version=wire.VERSION, site="mallory"), metadata=metadata).session
-        request = pb.PollRequest(version=wire.VERSION, session=session, wait_seconds=4)
+        request = pb.PollRequest(version=wire.VERSION, session=session, wait_seconds=20)
         calls = [stub.Poll(request, metadata=metadata, timeout=120) for _ in range(FLOOD)]
         outcomes = [_drain(call) for call in calls]
         refused = [o for o in outcomes if o.startswith("RESOURCE_EXHAUSTED")]
