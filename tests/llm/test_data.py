@@ -128,3 +128,20 @@ def test_a_deployed_sites_character_windows_become_token_rows_of_the_same_text(l
     expected = text_dataset("x", [("a", "a", text)], tokenizer, 32).by_name("a")
     np.testing.assert_array_equal(site.train, expected.train)
     np.testing.assert_array_equal(site.test, expected.test)
+
+
+def test_an_unreadable_instruction_file_is_one_clear_error(tmp_path: Path) -> None:
+    from confide.data.llm import is_instruction_file, read_instructions
+    from confide.errors import DataError
+
+    binary = tmp_path / "bad.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00not text")
+    assert not is_instruction_file(binary)  # so the text reader gets it, and says what is wrong
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        read_instructions(binary)
+    with pytest.raises(DataError, match="cannot read"):
+        read_instructions(tmp_path / "missing.jsonl")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"site": "a", "prompt": "x", "response": "y"}\n{oops\n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON"):
+        read_instructions(broken)

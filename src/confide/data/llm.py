@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from confide.data.dataset import FederatedDataset, SiteData, split_text
+from confide.data.text import json_lines
 from confide.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -96,13 +97,7 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
 def read_instructions(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Each site's records, in file order."""
     sites: dict[str, list[dict[str, Any]]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number} is not valid JSON: {e.msg}") from e
+    for number, record in json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get("site"), str) or not record["site"]:
             raise DataError(f"{path} line {number} must be a JSON object with a non-empty 'site' string")
         record["_where"] = f"{path} line {number}"
@@ -116,14 +111,14 @@ def is_instruction_file(path: Path) -> bool:
     """Whether ``path`` is a .jsonl of instruction records (its first record has prompt or messages)."""
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
                     first = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(first, dict) and ("prompt" in first or "messages" in first)
+                    return isinstance(first, dict) and ("prompt" in first or "messages" in first)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # not one: the text reader says clearly what is wrong with the file
     return False
 
 

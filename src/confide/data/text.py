@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from confide.data.dataset import WINDOW, FederatedDataset, has_test_window, make_site, split_text
 from confide.data.tokenize import DEFAULT_TOKENIZER, Tokenizer
@@ -78,15 +80,21 @@ def _read_folder(folder: Path) -> dict[str, str]:
     return sites
 
 
-def _read_jsonl(path: Path) -> dict[str, str]:
-    records: dict[str, list[str]] = {}
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """Each (line number, parsed JSON value) of the non-blank lines of the UTF-8 file ``path``; a DataError
+    that names the file and line for what cannot be read or parsed."""
     for number, line in enumerate(_read(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{path} line {number} is not valid JSON: {error.msg}") from error
+
+
+def _read_jsonl(path: Path) -> dict[str, str]:
+    records: dict[str, list[str]] = {}
+    for number, record in json_lines(path):
         if not isinstance(record, dict):
             raise DataError(f"{path} line {number} must be a JSON object with 'site' and 'text' fields")
         for field in ("site", "text"):
