@@ -450,7 +450,13 @@ class RichObserver:
 def _finish(runner: Any, write: bool) -> None:
     e = runner.config.eval
     samples = []
-    for i in range(e.samples):
+    readable = runner.clear_weights() is not None
+    if not readable and e.samples:
+        console.print(
+            "[yellow]No passage: this server holds the model only encrypted (CKKS), and only the sites can "
+            "decrypt it.[/]"
+        )
+    for i in range(e.samples if readable else 0):
         text = runner.generate(e.prompt, e.sample_length, seed=i)
         samples.append((e.prompt, text[len(e.prompt) :]))
     if samples:

@@ -39,6 +39,7 @@ from confide.registry import (
     DATASETS,
     DIRICHLET_LABELS,
     DP_PLACEMENTS,
+    ENCRYPTIONS,
     MODELS,
     NEEDS_SGD,
     PARTITIONS,
@@ -305,6 +306,12 @@ class PrivacyConfig:
     )
     secagg_authenticated: bool = option(
         False, "secure aggregation: sites sign their keys with registered Ed25519 identities"
+    )
+    encryption: str = option("none", ENCRYPTIONS.help, choices=ENCRYPTIONS)
+    ckks_key_holder: str = option(
+        "",
+        "CKKS: the site that makes the secret key and shares it with the others (it must take part in the "
+        "first round's key ceremony); empty: the first of the first round's sites in name order",
     )
     record_dp: bool = option(False, "record-level DP-SGD at each site (Opacus), with each site's own epsilon")
     record_clip: float = option(1.0, "DP-SGD: L2 norm each window's gradient is clipped to", positive, "> 0")
@@ -642,6 +649,7 @@ def check(config: Config) -> None:
             f"(got {c.personalization!r})"
         )
     _check_privacy(config)
+    _check_encryption(config)
     _check_defence(config)
     _check_attack(config.attack, config.model["kind"])
     _check_model(config.model)
@@ -747,11 +755,11 @@ def _check_privacy(config: Config) -> None:
                 "privacy.adaptive_clip needs privacy.dp = 'central': each site's clipping bit is noised by "
                 "the aggregator, which under distributed DP must not see it"
             )
-        if p.dp == "distributed" and not p.secure_aggregation:
+        if p.dp == "distributed" and not p.secure_aggregation and p.encryption == "none":
             raise ConfigError(
                 "privacy.dp = 'distributed' needs secure aggregation (privacy.secure_aggregation = true): "
                 "each site's update carries only its share of the noise, so the server may see only their "
-                "sum; without it use privacy.dp = 'central'"
+                "sum (or privacy.encryption = 'ckks'); without either use privacy.dp = 'central'"
             )
         if p.accounting == "pld" and s.sampling == "fixed":
             raise ConfigError(
@@ -777,6 +785,31 @@ def _check_privacy(config: Config) -> None:
             "privacy.record_dp trains with plain DP-SGD steps, so it runs with server.strategy = 'fedavg' "
             f"(got {s.strategy!r}) and without FedRep"
         )
+
+
+def _check_encryption(config: Config) -> None:
+    """Under CKKS the server only adds ciphertexts, and never holds the model in clear: refuse what would
+    need more (a division or a product on the server, a site's own update read alone, the clear model)."""
+    p, s, c = config.privacy, config.server, config.client
+    if p.encryption == "none":
+        return
+    why = "the server holds the model encrypted and can only add to it"
+    refusals = [
+        (p.secure_aggregation, "privacy.secure_aggregation = true: both hide the updates from the server; "
+         "choose one"),
+        (s.optimizer != "sgd", f"server.optimizer = {s.optimizer!r}: {why}, which is one plain SGD step "
+         "(server.optimizer = 'sgd', with any server.learning_rate)"),
+        (STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS) is not None, f"server.strategy = {s.strategy!r}: the "
+         "server needs each site's own extras beside its update; use 'fedavg' or 'fedprox'"),
+        (c.personalization == "fedrep", "client.personalization = 'fedrep': only the body travels, and the "
+         "encrypted model cannot be stepped in part; use 'ditto' or 'finetune'"),
+        (p.adaptive_clip, "privacy.adaptive_clip: each site's clipping bit would reach the server alone"),
+        (config.attack.kind != "none", f"attack.kind = {config.attack.kind!r}: the attack's success is "
+         "measured on the global model, which the server cannot read"),
+    ]
+    for refused, reason in refusals:
+        if refused:
+            raise ConfigError(f"privacy.encryption = {p.encryption!r} cannot run with {reason}")
 
 
 def check_deployment(config: Config) -> None:

@@ -23,6 +23,11 @@ Vector = np.ndarray
 """A flat float32 numpy vector of model parameters (or of an update to them)."""
 
 
+ENCRYPTED_MAGIC = b"CKKS1"
+"""The first bytes of a vector of CKKS ciphertexts (:mod:`confide.privacy.he.ckks`): a model the server
+holds encrypted is such a uint8 vector."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """Where one named tensor lives inside a flat vector."""
@@ -116,6 +121,11 @@ class Layout:
         """Raise UpdateError unless ``vector`` is a 1-D float32 array of this layout's size."""
         if not isinstance(vector, np.ndarray):
             raise UpdateError(f"the {what} must be a numpy array, got {type(vector).__name__}")
+        if vector.dtype == np.uint8 and bytes(vector[: len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC:
+            raise UpdateError(
+                f"the {what} are encrypted with CKKS (privacy.encryption = 'ckks'): the server never holds "
+                "them in clear, and only the sites hold the key that decrypts them"
+            )
         if vector.dtype != np.float32 or vector.ndim != 1 or vector.size != self.size:
             raise UpdateError(
                 f"the {what} must be a flat float32 array of {self.size} values for this model, "

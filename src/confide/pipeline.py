@@ -44,6 +44,9 @@ class Traits:
     """It must read each site's own update (or its own payload) on the server."""
     needs_hidden_updates: bool = False
     """Its output is safe only if the server never sees it alone, so a later layer must hide updates."""
+    hides_model: bool = False
+    """The server holds the global model only in a form it cannot read (CKKS): the layer steps the model
+    itself (:meth:`Layer.apply`) and the sites open it (:meth:`Layer.open_model`)."""
 
 
 class RoundAbandoned(ConfideError):
@@ -90,6 +93,9 @@ class SiteContext:
     """The site's secret randomness (seeded only in an insecure simulation)."""
     sessions: dict[str, Any]
     """The site's protocol state, one entry per layer that keeps one (secure aggregation's session)."""
+    state: Any = None
+    """The site's durable state (:class:`~confide.client.state.SiteState`): keys a layer keeps across rounds
+    and restarts (the CKKS key)."""
     skip: set[str] = field(default_factory=set)
     """Names of later layers this site leaves out for this update: only a simulated attacking site, which
     controls its own code, skips the site-side steps honest sites take (:mod:`confide.attacks.layer`)."""
@@ -208,6 +214,11 @@ class StackContext:
     sites: tuple[str, ...] = ()
     """The federation's site names, where the builder knows them (a simulation; the attack layer draws its
     attackers from them)."""
+    population: int = 0
+    """How many sites the federation has (a round asks a fraction of them)."""
+    registry: Mapping[str, bytes] | None = None
+    """Every site's enrolled Ed25519 identity public key, where the builder knows them (a deployed site checks
+    other sites' signatures against it); None in a simulation, where ``identities`` hold every key."""
 
 
 class Layer:
@@ -239,6 +250,16 @@ class Layer:
         """On the server, for each update as it arrives: undo this layer's encoding, check what it must, or
         keep the update for itself (return None: it will add to the aggregate in ``close``)."""
         return update
+
+    def apply(self, round: RoundContext, weights: Vector) -> Vector | None:
+        """On the server, once a round has its participants: the next global model, for a layer that holds
+        the round's aggregate itself and steps the model as only it can (CKKS adds the encrypted sum to the
+        encrypted model); None: the aggregator and the server optimizer take the step."""
+        return None
+
+    def open_model(self, weights: Vector, site: str, sessions: dict[str, Any], state: Any) -> Vector:
+        """On the site: the global model in clear from the form the server holds it in (CKKS decrypts)."""
+        return weights
 
     def accept(self, update: Update, round: RoundContext) -> None:
         """On the server, for an update that passed every layer and reached the aggregate: commit what

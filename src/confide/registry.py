@@ -362,9 +362,24 @@ LAYERS.register(
     "confide.privacy.secure:SecAggLayer",
 )
 LAYERS.register(
+    "ckks",
+    "homomorphic encryption (CKKS, TenSEAL): each update encrypted, the server adds ciphertexts into an "
+    "encrypted model that only the sites can decrypt",
+    "confide.privacy.he.layer:CKKSLayer",
+)
+LAYERS.register(
     "validate",
     "update validation: shape and finiteness of every update the server can read",
     "confide.server.validate:ValidateLayer",
+)
+
+ENCRYPTIONS = Registry("privacy.encryption", "homomorphic encryption of the updates and the global model")
+ENCRYPTIONS.register("none", "updates travel as the other privacy settings leave them", None)
+ENCRYPTIONS.register(
+    "ckks",
+    "CKKS (TenSEAL): sites encrypt, the server adds ciphertexts and never holds an update or the model in "
+    "clear; the secret key is made and kept at the sites",
+    "confide.privacy.he.layer:CKKSLayer",
 )
 
 AGGREGATORS = Registry("server.aggregator", "how the server combines the round's updates")
@@ -484,6 +499,7 @@ REGISTRIES: tuple[Registry, ...] = (
     MODELS,
     BACKENDS,
     LAYERS,
+    ENCRYPTIONS,
     AGGREGATORS,
     ATTACKS,
 )

@@ -46,20 +46,25 @@ def assert_same(deployed: list[dict], local: list[dict]) -> None:
 
 @pytest.mark.parametrize(
     "secure, auth",
-    [(False, "token"), (True, "token"), ("authenticated", "token"), (False, "mtls")],
-    ids=["plain", "secure-aggregation", "authenticated-secure-aggregation", "mutual-tls"],
+    [(False, "token"), (True, "token"), ("authenticated", "token"), (False, "mtls"), ("ckks", "token")],
+    ids=["plain", "secure-aggregation", "authenticated-secure-aggregation", "mutual-tls", "ckks"],
 )
 def test_a_deployed_run_gives_the_metrics_of_the_simulation(
     cluster, tmp_path, text_corpus, secure, auth
 ) -> None:
     extra = {"privacy__secure_aggregation": "true"} if secure else {}
+    if secure == "ckks":
+        # The key ceremony runs over the wire, signed with each site's enrolled identity; the server adds
+        # ciphertexts into the encrypted model, one plain SGD step.
+        extra = {"privacy__encryption": "'ckks'", "server__optimizer": "'sgd'"}
+        extra["server__learning_rate"] = "1.0"
     if secure == "authenticated":
         # Each site signs its keys with the identity it made; every site checks the others' against the
         # registry the server sends, entry by entry, against the deployment CA.
         extra["privacy__secagg_authenticated"] = "true"
     text = tiny_config(text_corpus, tmp_path / "runs", run__rounds="3", **extra)
     credentials = enroll(
-        tmp_path / "deploy", SITES, certificate=auth == "mtls", identity=secure == "authenticated"
+        tmp_path / "deploy", SITES, certificate=auth == "mtls", identity=secure in ("authenticated", "ckks")
     )
     c = cluster(text, [f"deploy.auth='{auth}'"])
     c.start_server()

@@ -210,6 +210,7 @@ class Site:
     def train(self, weights: Vector, task: Task) -> Update:
         """Train on the task and return the update, encoded by every layer of the stack in order."""
         kit, plan = self.kit, task.plan
+        weights = self.open(weights)
         cuda = any(p.is_cuda for p in kit.trainer.params[:1])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -227,7 +228,8 @@ class Site:
             randomness=kit.randomness(plan, Stream.DPSGD),
         )
         self.peak_memory = peak_memory(cuda)
-        context = SiteContext(self.name, plan, kit.randomness(plan, Stream.SITE_NOISE), self.sessions)
+        randomness = kit.randomness(plan, Stream.SITE_NOISE)
+        context = SiteContext(self.name, plan, randomness, self.sessions, kit.personal.state)
         for layer in kit.layers:
             if layer.name not in context.skip:
                 update = layer.encode(update, context)
@@ -237,6 +239,7 @@ class Site:
         """Sums of loss, correct predictions and targets of ``weights`` (or, with a personalizing ``plan``,
         of this site's personalization of them) on the site's held-out windows."""
         kit = self.kit
+        weights = self.open(weights)
         if plan is not None and plan.personalization != "none":
             site_plan = replace(plan, seed=zlib.crc32(f"{plan.seed}:{self.name}".encode()))
             weights = personal_weights(
@@ -244,6 +247,12 @@ class Site:
             )
         loss_sum, correct, targets = kit.trainer.evaluate(weights, self.data.test, kit.eval_batch_size).sum(0)
         return self.seal(SiteEvaluation(self.name, float(loss_sum), int(correct), int(targets)), plan)
+
+    def open(self, weights: Vector) -> Vector:
+        """The global model in clear, from the form the server holds it in (CKKS: encrypted)."""
+        for layer in self.kit.layers:
+            weights = layer.open_model(weights, self.name, self.sessions, self.kit.personal.state)
+        return weights
 
     def seal(self, evaluation: SiteEvaluation, plan: Plan | None = None) -> SiteEvaluation:
         """The evaluation as it leaves the site: through every layer of the stack (secure aggregation masks
@@ -257,7 +266,8 @@ class Site:
         """The answer to one protocol message from the server (empty when none is due)."""
         for layer in self.kit.layers:
             answer: Callable[..., bytes] | None = getattr(layer, "answer", None)
-            if answer is not None:
+            accepts: Callable[[bytes], bool] | None = getattr(layer, "accepts", None)
+            if answer is not None and (accepts is None or accepts(data)):
                 return answer(data, self.name, self.sessions, self.kit.personal.state)
         raise UpdateError(
             f"site {self.name!r} got a protocol message, but its run has no layer that exchanges messages"
@@ -272,6 +282,7 @@ def evaluate_many(kit: SiteKit, sites: Sequence[Site], weights: Vector) -> list[
     if not parts:
         return []
     starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    weights = sites[0].open(weights)
     scores = kit.trainer.evaluate(weights, np.concatenate(parts), kit.eval_batch_size)
     sums = np.add.reduceat(scores, starts, axis=0)
     return [

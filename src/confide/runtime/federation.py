@@ -20,6 +20,7 @@ import numpy as np
 
 from confide.core import (
     COMPUTE_SECONDS,
+    ENCRYPTED_MAGIC,
     EXAMPLES,
     LOSS_SUM,
     Plan,
@@ -192,7 +193,12 @@ class Federation:
             return _abandoned(state, ctx, started, str(e), backend.traffic() - counted)
         if charge is not None:
             charge(ctx.round, ctx.participants)
-        if ctx.participants:
+        held = next((w for layer in self.layers if (w := layer.apply(ctx, state.weights)) is not None), None)
+        if held is not None:
+            state.weights = held  # the layer stepped the model in a form the server cannot read (CKKS)
+            for layer in self.layers:
+                layer.finish(ctx)
+        elif ctx.participants:
             delta = self.aggregator.result(ctx.aggregate, ctx.randomness)
             if ctx.shared is not None:
                 full = np.zeros_like(state.weights)
@@ -264,7 +270,7 @@ class Federation:
             randomness=randomness,
             population=population if population is not None else len(everyone),
             aggregator=self.aggregator,
-            aggregate=self.aggregator.init(state.weights.size if shared is None else shared.size),
+            aggregate=self.aggregator.init(_update_size(state.weights, shared)),
             shared=shared,
         )
 
@@ -306,6 +312,17 @@ class Federation:
                 observer.site_done(ctx.round, update.site)
         for layer in reversed(self.layers):
             layer.close(ctx)
+
+
+def is_encrypted_model(weights: Vector) -> bool:
+    return weights.dtype == np.uint8 and bytes(weights[: len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC
+
+
+def _update_size(weights: Vector, shared: np.ndarray | None) -> int:
+    """How many values an update has; 0 when the model is held encrypted, whose layer sums the updates."""
+    if is_encrypted_model(weights):
+        return 0
+    return weights.size if shared is None else shared.size
 
 
 def _check(update: Update, round: int, tasks: Mapping[str, Task], seen: set[str]) -> None:

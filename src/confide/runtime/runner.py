@@ -26,16 +26,18 @@ from confide.attacks.run import Attack
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.config import Config, check_deployment
-from confide.core import Layout, Plan
+from confide.core import Layout, Plan, Vector
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, llm, partition, shakespeare
 from confide.data.llm import is_instruction_rows
 from confide.data.text import load_text, read_sites
-from confide.errors import ConfigError, DivergedError, StoreError
+from confide.errors import ConfideError, ConfigError, DivergedError, StoreError
 from confide.models import CharModel
 from confide.models.configs import HFConfig, model_config
 from confide.models.hf import HFCausalLM
 from confide.pipeline import RoundAbandoned
 from confide.privacy.accountant import LedgerEntry
+from confide.privacy.he.ceremony import SECRET, from_state
+from confide.privacy.he.ckks import ENCRYPTED_MODEL, SecretKey, is_encrypted
 from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
 from confide.randomness import Stream, public_rng
@@ -265,7 +267,11 @@ class Runner:
         _, shared = personal_parts(config, self.model, self.layout)
         update_size = self.layout.size if shared is None else shared.size
         names = [s.name for s in self.sites]
-        layers = build_layers(config, self.dp, secure, update_size, identities, sites=names)
+        layers = build_layers(
+            config, self.dp, secure, update_size, identities, sites=names, population=len(names)
+        )
+        self.encrypted = any(layer.traits.hides_model for layer in layers)
+        """The server holds the global model encrypted (CKKS): it never reads it."""
         self.attack = Attack.build(config, dataset)
         self.lm = None
         if isinstance(self.model, HFCausalLM):
@@ -358,7 +364,8 @@ class Runner:
         store = self.store
         checkpoint = store.latest_checkpoint()
         if checkpoint is not None:
-            self.layout.check(checkpoint.weights, "checkpoint's weights")
+            if not (self.encrypted and is_encrypted(checkpoint.weights)):
+                self.layout.check(checkpoint.weights, "checkpoint's weights")
             self.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
         store.rewind(self.state.round)
         if self.dp is not None:
@@ -452,7 +459,7 @@ class Runner:
             if stop is not None:
                 self._stop(stop, r, observer)
                 break
-        if self.lm is not None and self.state.round == config.run.rounds:
+        if self.lm is not None and self.state.round == config.run.rounds and not self.encrypted:
             self.lm.finish(self.store.run_dir, self.state.weights)
         if self.stopped is None:
             self.store.set_meta("status", "finished")
@@ -608,7 +615,9 @@ class Runner:
         }
         if self.lm is not None:
             peaks = getattr(self.backend, "peak_memory", {})
-            record.update(self.lm.metrics(self.state.weights, self.rouge_pairs, peaks))
+            # ROUGE-L needs answers generated with the model, which an encrypted run's server cannot read.
+            pairs = [] if self.encrypted else self.rouge_pairs
+            record.update(self.lm.metrics(self.state.weights, pairs, peaks))
         self.store.record_evaluation(result.round, record, per_site, personal)
         return record
 
@@ -665,12 +674,26 @@ class Runner:
             + sum(m["eval_bytes_received"] for m in evaluations),
         }
 
+    def clear_weights(self) -> Vector | None:
+        """The global model in clear; under CKKS only a simulation can, with a simulated site's key from the
+        run store, and None elsewhere (the server of a deployment holds no key)."""
+        if not is_encrypted(self.state.weights):
+            return self.state.weights
+        for site in self.sites:
+            secret = self.store.get_site_state(site.name, SECRET)
+            if secret is not None:
+                return SecretKey.from_secret_bytes(from_state(secret)).decrypt(
+                    self.state.weights.tobytes(), self.layout.size
+                ).astype(np.float32)
+        return None
+
     def generate(
         self, prompt: str, length: int, temperature: float = 0.8, top_k: int | None = 20, seed: int = 0
     ) -> str:
-        return generate_text(
-            self.model, self.layout, self.state.weights, prompt, length, temperature, top_k, seed
-        )
+        weights = self.clear_weights()
+        if weights is None:
+            raise ConfideError(ENCRYPTED_MODEL)
+        return generate_text(self.model, self.layout, weights, prompt, length, temperature, top_k, seed)
 
 
 def generate_text(

@@ -111,12 +111,10 @@ def build_secure(
     dp: SiteDP | None,
     registry: Mapping[str, bytes] | None = None,
 ) -> tuple[SecureAggregation | None, dict[str, Ed25519PrivateKey]]:
-    """Secure aggregation's settings (None when off) and, in the authenticated mode, the sites' identity
-    keys: a deployment's ``registry`` (enrolled, endorsed by its CA), or in a simulation a long-term identity
-    made for each simulated site (returned, with their public keys as the registry)."""
+    """Secure aggregation's settings (None when off) and the sites' identity keys where a simulation needs
+    them (secure aggregation's authenticated mode, the CKKS key ceremony): a long-term identity made for each
+    simulated site. A deployment passes its ``registry`` (enrolled, endorsed by its CA) instead."""
     p = config.privacy
-    if not p.secure_aggregation:
-        return None, {}
     clip_range = p.secagg_range
     if not clip_range:
         # A clipped update has no coordinate above C; under distributed DP each share of the noise adds
@@ -126,6 +124,11 @@ def build_secure(
             spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
             clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
     identities: dict[str, Ed25519PrivateKey] = {}
+    if p.encryption == "ckks" and registry is None:
+        # The CKKS key ceremony signs with each site's identity (a deployment's enrolled ones).
+        identities = {site: keys.generate_identity() for site in sites}
+    if not p.secure_aggregation:
+        return None, identities
     if not p.secagg_authenticated:
         registry = None
     elif registry is None:
@@ -150,12 +153,24 @@ def build_layers(
     update_size: int,
     identities: Mapping[str, Ed25519PrivateKey] | None = None,
     sites: Sequence[str] = (),
+    *,
+    population: int = 0,
+    registry: Mapping[str, bytes] | None = None,
 ) -> list[Layer]:
     """The run's layer stack, in site order: the strategy's own layers (SCAFFOLD's control variates), then
     every registered layer the config asks for, in the registry's order (adaptive clipping, clip, noise
     share, then secure aggregation, or, where the server reads each update, validation). ``sites``: the
     federation's site names, which a simulation with ``[attack]`` draws its attackers from."""
-    stack = StackContext(config, dp, secure, dict(identities or {}), update_size, tuple(sites))
+    stack = StackContext(
+        config,
+        dp,
+        secure,
+        dict(identities or {}),
+        update_size,
+        tuple(sites),
+        population=population or len(sites),
+        registry=registry,
+    )
     layers: list[Layer] = algorithm(config.server.strategy).layers()
     for plugin in LAYERS:
         layer = LAYERS.load(plugin.name).from_config(stack)

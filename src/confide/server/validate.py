@@ -22,7 +22,9 @@ class ValidateLayer(Layer):
 
     @classmethod
     def from_config(cls, stack: StackContext) -> Layer | None:
-        return cls() if stack.secure is None else None  # under secure aggregation its range check does it
+        # Under secure aggregation its range check does it; under encryption nothing on the server can.
+        hidden = stack.secure is not None or stack.config.privacy.encryption != "none"
+        return None if hidden else cls()
 
     def decode(self, update: Update, round: RoundContext) -> Update | None:
         if update.vector is None:

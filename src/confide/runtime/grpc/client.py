@@ -40,6 +40,7 @@ from confide.data.llm import retokenize
 from confide.data.text import read_sites
 from confide.errors import ConfideError, DataError, DeploymentError, WireError
 from confide.models.hf import HFCausalLM, check_base
+from confide.privacy.he.layer import CKKSLayer
 from confide.privacy.secure import SecAggLayer
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
@@ -346,29 +347,41 @@ class SiteClient:
                 raise DeploymentError(str(e)) from None
             dp = build_site_dp(config, int(reply.population))
             secure, _ = build_secure(config, [], dp, registry={})
-            if secure is not None and secure.authenticated:
+            registry = None
+            if (secure is not None and secure.authenticated) or config.privacy.encryption != "none":
                 # Every identity key is checked against this site's own CA certificate: a key the server
-                # made up (to stand in for another site and unmask it) is refused here.
+                # made up (to stand in for another site and unmask it, or to take the CKKS key) is refused.
                 entries = {e.site: (e.public_key, e.endorsement) for e in reply.identities}
-                secure = replace(secure, registry=verify_registry(self.credentials.ca_pem, entries))
+                registry = verify_registry(self.credentials.ca_pem, entries)
+                if secure is not None:
+                    secure = replace(secure, registry=registry)
             layout = Layout.of_module(model)
             _, shared = personal_parts(config, model, layout)
             size = layout.size if shared is None else shared.size
-            layers = build_layers(config, dp, secure, size)
+            layers = build_layers(
+                config, dp, secure, size, population=int(reply.population), registry=registry
+            )
             kit = build_site_kit(config, model, layers, self.state, deployed=True)
             return config, layout, kit
 
         config, layout, kit = self.group.kit(key, build) if self.group is not None else build()
-        if config.privacy.secure_aggregation and config.privacy.secagg_authenticated:
+        p = config.privacy
+        if (p.secure_aggregation and p.secagg_authenticated) or p.encryption != "none":
             identity = self.credentials.identity()
             if identity is None:
+                what = "its part of the CKKS key ceremony"
+                if p.secure_aggregation:
+                    what = "secure aggregation's keys"
                 raise DeploymentError(
-                    f"the run signs secure aggregation's keys, but site {self.site!r} has no identity key: "
-                    "make its keys with `confide keys` and enroll it with --csr"
+                    f"the run signs {what}, but site {self.site!r} has no identity key: make its keys with "
+                    "`confide keys` and enroll it with --csr"
                 )
             for layer in kit.layers:
+                # This process signs for this site alone.
                 if isinstance(layer, SecAggLayer):
-                    layer.identities[self.site] = identity  # this process signs for this site alone
+                    layer.identities[self.site] = identity
+                if isinstance(layer, CKKSLayer):
+                    layer.ceremony.identities[self.site] = identity
         data = self.data
         if isinstance(kit.trainer.model, HFCausalLM) and data.train.ndim == 2:
             # The site read its text before it knew the model: now in the model's own tokenizer.
@@ -501,16 +514,25 @@ class SiteClient:
         kind = message.kind
         if kind == "train":
             body = message.header.train
-            weights = message.tensor("weights", np.float32, setup.layout.size)
+            weights = _weights(message, setup)
             extras = {name: t for name, t in message.tensors.items() if name != "weights"}
             task = Task(self.site, wire.plan_from_proto(body.plan), body.model_version, extras)
             return wire.update_message(ticket, session, site.train(weights, task))
         if kind == "evaluate":
             body = message.header.evaluate
-            weights = message.tensor("weights", np.float32, setup.layout.size)
+            weights = _weights(message, setup)
             plan = wire.plan_from_proto(body.plan) if body.personal else None
             return wire.evaluation_message(ticket, session, site.evaluate(weights, plan))
         if kind == "exchange":
             answer = site.answer(message.tensor("message", np.uint8).tobytes())
             return wire.answer_message(ticket, session, answer)
         raise WireError(f"the server sent work of an unknown kind {kind!r}")
+
+
+def _weights(message: wire.Message, setup: _Setup) -> np.ndarray:
+    """The global model of a task: float32 of the model's size, or under encryption the ciphertexts (bytes,
+    which the CKKS layer checks as it decrypts them)."""
+    held = message.tensors.get("weights")
+    if setup.config.privacy.encryption != "none" and held is not None and held.dtype == np.uint8:
+        return message.tensor("weights", np.uint8)
+    return message.tensor("weights", np.float32, setup.layout.size)

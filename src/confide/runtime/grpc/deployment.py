@@ -68,7 +68,8 @@ def endorsed_registry(
     if paths.ca_key.exists():
         log.warning(
             "%s is in the server's folder: whoever controls this server can endorse false site identities "
-            "and so defeat authenticated secure aggregation; keep ca.key elsewhere (`confide certs --ca`, "
+            "and so defeat authenticated secure aggregation and the CKKS key ceremony; keep ca.key elsewhere "
+            "(`confide certs --ca`, "
             "`confide enroll --ca`)",
             paths.ca_key,
         )
@@ -121,8 +122,10 @@ class Deployment:
                     f"no site is enrolled in {self.directory}; enroll each with `confide enroll SITE "
                     f"--dir {self.directory}`"
                 )
-        self.identities = self._identities() if config.privacy.secagg_authenticated else {}
-        """With ``privacy.secagg_authenticated``: each site -> (identity key, the CA's endorsement)."""
+        signed = config.privacy.secagg_authenticated or config.privacy.encryption != "none"
+        self.identities = self._identities() if signed else {}
+        """With ``privacy.secagg_authenticated`` or encryption (whose key ceremony the sites sign): each site
+        -> (identity key, the CA's endorsement)."""
         self.registry = {site: public for site, (public, _) in self.identities.items()} or None
         """The identity keys the server checks the sites' signatures with (verified against its ca.pem)."""
         self.dp = build_site_dp(self.config, len(self.population))

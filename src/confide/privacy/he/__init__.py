@@ -1,0 +1,1 @@
+"""Homomorphic encryption: CKKS vectors, the key ceremony at the sites, and the layer that uses them."""
