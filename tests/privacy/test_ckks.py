@@ -96,25 +96,23 @@ def test_the_parameters_are_128_bit_secure() -> None:
 
 
 def _config(tmp_path: Path, corpus: Path, name: str, **extra: str) -> Path:
-    text = tiny_config(
-        corpus,
-        tmp_path / name,
-        run__rounds="3",
-        server__optimizer="'sgd'",
-        server__learning_rate="1.0",
+    options = {
+        "run__rounds": "3",
+        "server__optimizer": "'sgd'",
+        "server__learning_rate": "1.0",
         # SGD at the sites: Adam's normalized steps would magnify CKKS's 1e-8 errors on near-zero gradients.
-        client__optimizer="'sgd'",
-        client__learning_rate="0.5",
+        "client__optimizer": "'sgd'",
+        "client__learning_rate": "0.5",
         # Central DP with no noise: the aggregate is DP-FedAvg's equal mean over a fixed denominator, the
         # very weights CKKS applies, so the two runs must agree to CKKS's precision.
-        privacy__dp="'central'",
-        privacy__clip_norm="1000.0",
-        privacy__noise_multiplier="0.0",
+        "privacy__dp": "'central'",
+        "privacy__clip_norm": "1000.0",
+        "privacy__noise_multiplier": "0.0",
         # Central DP draws each round's sites from the server's secret randomness; seeded here, so that both
         # runs ask the same sites (a simulation-only setting).
-        privacy__insecure_reproducible_noise="true",
-        **extra,
-    )
+        "privacy__insecure_reproducible_noise": "true",
+    }
+    text = tiny_config(corpus, tmp_path / name, **{**options, **extra})
     path = tmp_path / f"{name}.toml"
     path.write_text(text)
     return path
@@ -195,3 +193,27 @@ def test_distributed_dp_runs_under_ckks(tmp_path: Path, text_corpus: Path) -> No
     assert runner.dp is not None and runner.dp.spent().epsilon > 0
     assert all(r["num_examples"] > 0 for r in runner.store.rounds())  # no round was abandoned
     assert len(runner.store.ledger()) == 2  # both rounds charged to the accountant
+
+
+def test_central_dp_under_ckks_adds_the_server_noise_inside_the_encryption(
+    tmp_path: Path, text_corpus: Path
+) -> None:
+    """The server encrypts its Gaussian noise with the public key and adds it to the encrypted sum: the model
+    the sites decrypt differs from the noiseless one by noise of standard deviation z C lr / m."""
+    models = []
+    for z in ("0.0", "2.0"):
+        path = _config(
+            tmp_path,
+            text_corpus,
+            f"central-{z}",
+            privacy__encryption="'ckks'",
+            privacy__clip_norm="0.5",
+            privacy__noise_multiplier=z,
+            run__rounds="1",
+        )
+        runner = Runner.start(load(path))
+        runner.run()
+        models.append(runner.clear_weights())
+    assert models[0] is not None and models[1] is not None
+    spread = float(np.std(models[1] - models[0]))
+    assert spread == pytest.approx(2.0 * 0.5 * 1.0 / 3, rel=0.05)  # z C lr / m, m = 3 sites per round
