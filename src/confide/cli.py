@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import math
 import sys
@@ -734,18 +735,20 @@ def _load_model(run_dir: Path) -> tuple[Any, Any, Any]:
     from confide.runtime.runner import build_model_for
     from confide.runtime.store import Store
 
-    store = Store.open(run_dir)
-    try:
-        checkpoint = store.latest_checkpoint()
-    finally:
-        store.close()
-    if checkpoint is None:
-        raise ConfideError(
-            f"{run_dir} has no checkpoint yet; it is written every run.checkpoint_every rounds"
-        )
     config = config_module.load(run_dir / "config.toml")
     model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
     layout = Layout.of_module(model)
+    store = Store.open(run_dir)
+    try:
+        checkpoint = store.latest_checkpoint()
+        if checkpoint is None:
+            raise ConfideError(
+                f"{run_dir} has no checkpoint yet; it is written every run.checkpoint_every rounds"
+            )
+        # Under CKKS, only with a simulated site's key from the run store.
+        checkpoint = dataclasses.replace(checkpoint, weights=store.readable(checkpoint.weights, layout.size))
+    finally:
+        store.close()
     layout.check(checkpoint.weights, "checkpoint's weights")
     return model, layout, checkpoint
 

@@ -327,9 +327,9 @@ def export_run(
     from confide.runtime.stack import build_model_for
 
     config = config_module.load(run_dir / "config.toml")
-    chosen, weights = _global_weights(run_dir, round, config.run.rounds)
     model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
     layout = Layout.of_module(model)
+    chosen, weights = _global_weights(run_dir, round, config.run.rounds, layout.size)
     layout.check(weights, "checkpoint's weights")
     layout.write(model, weights)
     export_gpt(cast("GPT", model), out_dir, force=force)
@@ -353,9 +353,9 @@ def _export_hf_run(run_dir: Path, out_dir: Path, *, merged: bool, round: int | N
 
     peft = _require("peft")
     config = config_module.load(run_dir / "config.toml")
-    chosen, weights = _global_weights(run_dir, round, config.run.rounds)
     model = cast("HFCausalLM", build_model_for(config, DEFAULT_TOKENIZER.vocab_size))  # its own tokenizer
     layout = Layout.of_module(model)
+    chosen, weights = _global_weights(run_dir, round, config.run.rounds, layout.size)
     layout.check(weights, "checkpoint's weights")
     layout.write(model, weights)
     lm, tokenizer = model.lm, model.tokenizer
@@ -397,8 +397,9 @@ def _model_kind(run_dir: Path) -> str:
     return str(raw.get("model", {}).get("kind", "gpt"))
 
 
-def _global_weights(run_dir: Path, round: int | None, rounds: int) -> tuple[int, np.ndarray]:
-    """The round and flat weights of the global model to export, from the run's checkpoints."""
+def _global_weights(run_dir: Path, round: int | None, rounds: int, size: int) -> tuple[int, np.ndarray]:
+    """The round and flat weights (``size`` values) of the global model to export, from the run's
+    checkpoints."""
     from confide.runtime.store import Store
 
     store = Store.open(run_dir)
@@ -425,9 +426,11 @@ def _global_weights(run_dir: Path, round: int | None, rounds: int) -> tuple[int,
                 f"{', '.join(map(str, stored))} (one every run.checkpoint_every rounds, and the last)"
             )
         try:
-            return round, store.checkpoint(round).weights
+            weights = store.checkpoint(round).weights
         except StoreError as e:
             raise StoreError(f"{e}; export another --round") from None
+        # Under CKKS, only with a simulated site's key from the run store.
+        return round, store.readable(weights, size)
     finally:
         store.close()
 

@@ -217,3 +217,23 @@ def test_central_dp_under_ckks_adds_the_server_noise_inside_the_encryption(
     assert models[0] is not None and models[1] is not None
     spread = float(np.std(models[1] - models[0]))
     assert spread == pytest.approx(2.0 * 0.5 * 1.0 / 3, rel=0.05)  # z C lr / m, m = 3 sites per round
+
+
+def test_generate_reads_a_ckks_model_only_with_a_sites_key(tmp_path: Path, text_corpus: Path, capsys) -> None:
+    import sqlite3
+
+    from confide.cli import main
+
+    path = _config(tmp_path, text_corpus, "gen", privacy__encryption="'ckks'", run__rounds="2")
+    runner = Runner.start(load(path))
+    runner.run()
+    run_dir = runner.store.run_dir
+    runner.store.close()
+    # A simulation keeps its simulated sites' keys in the run store, so its model can be read there.
+    assert main(["generate", str(run_dir), "--prompt", "To be", "--length", "10"]) == 0
+    assert "To be" in capsys.readouterr().out
+    # A server's run directory holds no site's key: the model cannot be read, and the user is told why.
+    with sqlite3.connect(run_dir / "run.sqlite") as db:
+        db.execute("DELETE FROM site_state")
+    assert main(["generate", str(run_dir), "--prompt", "To be"]) != 0
+    assert "encrypted with CKKS" in capsys.readouterr().err

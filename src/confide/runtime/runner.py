@@ -36,8 +36,7 @@ from confide.models.configs import HFConfig, model_config
 from confide.models.hf import HFCausalLM
 from confide.pipeline import RoundAbandoned
 from confide.privacy.accountant import LedgerEntry
-from confide.privacy.he.ceremony import SECRET, from_state
-from confide.privacy.he.ckks import ENCRYPTED_MODEL, SecretKey, is_encrypted
+from confide.privacy.he.ckks import ENCRYPTED_MODEL, is_encrypted
 from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
 from confide.randomness import Stream, public_rng
@@ -677,15 +676,10 @@ class Runner:
     def clear_weights(self) -> Vector | None:
         """The global model in clear; under CKKS only a simulation can, with a simulated site's key from the
         run store, and None elsewhere (the server of a deployment holds no key)."""
-        if not is_encrypted(self.state.weights):
-            return self.state.weights
-        for site in self.sites:
-            secret = self.store.get_site_state(site.name, SECRET)
-            if secret is not None:
-                return SecretKey.from_secret_bytes(from_state(secret)).decrypt(
-                    self.state.weights.tobytes(), self.layout.size
-                ).astype(np.float32)
-        return None
+        try:
+            return self.store.readable(self.state.weights, self.layout.size)
+        except StoreError:
+            return None
 
     def generate(
         self, prompt: str, length: int, temperature: float = 0.8, top_k: int | None = 20, seed: int = 0

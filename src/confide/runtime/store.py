@@ -415,6 +415,24 @@ class Store:
 
     # -- site state (simulation) ---------------------------------------------------------------------------
 
+    def readable(self, weights: np.ndarray, size: int) -> np.ndarray:
+        """A stored global model in clear. Under CKKS the server holds it encrypted: a simulation keeps its
+        simulated sites' keys in the run store and decrypts it with one; a deployed server holds no key, and
+        is told so (StoreError)."""
+        from confide.privacy.he.ceremony import SECRET, from_state
+        from confide.privacy.he.ckks import ENCRYPTED_MODEL, SecretKey, is_encrypted
+
+        if not is_encrypted(weights):
+            return weights
+        row = self.db.execute("SELECT data FROM site_state WHERE key = ? LIMIT 1", (SECRET,)).fetchone()
+        if row is None:
+            raise StoreError(
+                f"{ENCRYPTED_MODEL}: this run directory holds no site's key (a deployment's server never "
+                "does), so the model cannot be read here"
+            )
+        key = SecretKey.from_secret_bytes(from_state(np.frombuffer(row[0], dtype=np.float32)))
+        return key.decrypt(weights.tobytes(), size).astype(np.float32)
+
     def get_site_state(self, site: str, key: str) -> np.ndarray | None:
         row = self.db.execute(
             "SELECT data FROM site_state WHERE site = ? AND key = ? ORDER BY round DESC LIMIT 1", (site, key)
