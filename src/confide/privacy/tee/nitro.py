@@ -242,15 +242,15 @@ def _parse_cose_sign1(report: bytes) -> tuple[bytes, bytes, bytes]:
         if item.tag != COSE_SIGN1_TAG:
             raise AttestationError(f"the attestation document has CBOR tag {item.tag}, not COSE_Sign1 (18)")
         item = item.value
-    if not (isinstance(item, list) and len(item) == 4):
+    if not (isinstance(item, (list, tuple)) and len(item) == 4):
         raise AttestationError("the attestation document is not a COSE_Sign1 array of 4 items")
     protected, unprotected, payload, signature = item
-    if not isinstance(protected, bytes) or not isinstance(unprotected, dict):
+    if not isinstance(protected, bytes) or not isinstance(unprotected, Mapping):
         raise AttestationError("the COSE_Sign1 headers are not a protected bstr and an unprotected map")
     if not isinstance(payload, bytes) or not isinstance(signature, bytes):
         raise AttestationError("the COSE_Sign1 payload or signature is not a byte string")
     header = _decode_cbor(protected, "the COSE protected header")
-    algorithm = header.get(1) if isinstance(header, dict) else None
+    algorithm = header.get(1) if isinstance(header, Mapping) else None
     if type(algorithm) is not int or algorithm != COSE_ALGORITHM_ES384:
         raise AttestationError(
             f"the COSE protected header names algorithm {algorithm!r}, not ES384 (-35), which Nitro uses"
@@ -260,7 +260,7 @@ def _parse_cose_sign1(report: bytes) -> tuple[bytes, bytes, bytes]:
     return protected, payload, signature
 
 
-def _bytes_field(fields: dict[Any, Any], name: str, *, low: int, high: int, optional: bool) -> bytes:
+def _bytes_field(fields: Mapping[Any, Any], name: str, *, low: int, high: int, optional: bool) -> bytes:
     """A byte string of ``low`` to ``high`` bytes; an optional one may be absent or null (read as b"")."""
     value = fields.get(name)
     if value is None and optional:
@@ -276,7 +276,7 @@ def _bytes_field(fields: dict[Any, Any], name: str, *, low: int, high: int, opti
 def _parse_payload(payload: bytes) -> _Payload:
     """The payload map's fields, with the types and sizes attestation_process.md gives for each."""
     fields = _decode_cbor(payload, "the attestation payload")
-    if not isinstance(fields, dict):
+    if not isinstance(fields, Mapping):
         raise AttestationError("the attestation payload is not a CBOR map")
     module_id = fields.get("module_id")
     if not isinstance(module_id, str) or not module_id:
@@ -287,7 +287,7 @@ def _parse_payload(payload: bytes) -> _Payload:
     if not isinstance(timestamp, int) or isinstance(timestamp, bool) or not 0 < timestamp < 2**63:
         raise AttestationError("the attestation payload's timestamp is not a positive integer (ms)")
     pcrs = fields.get("pcrs")
-    if not isinstance(pcrs, dict) or not 1 <= len(pcrs) <= 32:
+    if not isinstance(pcrs, Mapping) or not 1 <= len(pcrs) <= 32:
         raise AttestationError("the attestation payload's pcrs is not a map of 1 to 32 PCRs")
     for index, value in pcrs.items():
         index_ok = type(index) is int and 0 <= index < 32
@@ -299,16 +299,16 @@ def _parse_payload(payload: bytes) -> _Payload:
     if any(index not in pcrs for index in MEASURED_PCRS):
         raise AttestationError("the attestation payload lacks PCR0, PCR1 or PCR2, which name its code")
     cabundle = fields.get("cabundle")
-    if not isinstance(cabundle, list) or not cabundle:
+    if not isinstance(cabundle, (list, tuple)) or not cabundle:
         raise AttestationError("the attestation payload's cabundle is missing or not a non-empty list")
     if not all(isinstance(der, bytes) and 1 <= len(der) <= 1024 for der in cabundle):
         raise AttestationError("the attestation payload's cabundle has an entry that is not 1-1024 bytes")
     return _Payload(
         module_id=module_id,
         timestamp_ms=timestamp,
-        pcrs=pcrs,
+        pcrs=dict(pcrs),
         certificate=_bytes_field(fields, "certificate", low=1, high=1024, optional=False),
-        cabundle=cabundle,
+        cabundle=list(cabundle),
         public_key=_bytes_field(fields, "public_key", low=1, high=1024, optional=True),
         user_data=_bytes_field(fields, "user_data", low=0, high=512, optional=True),
         nonce=_bytes_field(fields, "nonce", low=0, high=512, optional=True),
@@ -316,9 +316,13 @@ def _parse_payload(payload: bytes) -> _Payload:
 
 
 def _load_certificate(der: bytes, what: str) -> x509.Certificate:
+    """Parse a certificate, and every part the checks read: ``cryptography`` parses some of them lazily."""
     try:
-        return x509.load_der_x509_certificate(der)
-    except ValueError as error:
+        certificate = x509.load_der_x509_certificate(der)
+        _ = (certificate.subject, certificate.issuer, certificate.extensions, certificate.public_key())
+        _ = (certificate.not_valid_before_utc, certificate.not_valid_after_utc)
+        return certificate
+    except (ValueError, UnsupportedAlgorithm, x509.InvalidVersion) as error:
         raise AttestationError(
             f"{what} in the attestation document is not a DER X.509 certificate ({error})"
         ) from None
