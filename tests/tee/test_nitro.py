@@ -362,6 +362,7 @@ def test_malformed_cbor_is_refused(pki: Pki) -> None:
     for cut in (1, 2, 10, len(report) // 2, len(report) - 1):
         refused(pki, report[:cut], "not valid CBOR")
     refused(pki, report + b"\x00", "1 bytes after its CBOR item")
+    refused(pki, cbor2.dumps([b"\x00" * 70_000]), "70006 bytes, more than the 65536")
     refused(pki, cbor2.dumps({"a": 1}), "not a COSE_Sign1 array")
     refused(pki, cbor2.dumps(cbor2.CBORTag(98, [])), "CBOR tag 98, not COSE_Sign1")
     protected, unprotected, payload, signature = cbor2.loads(report)

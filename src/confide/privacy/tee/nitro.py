@@ -89,6 +89,10 @@ SIGNATURE_BYTES = 96
 PCR_SIZES = frozenset({32, 48, 64})
 """PCR values are SHA-256, -384 or -512 digests; the NSM API's attestation_process.md allows these three."""
 
+MAX_REPORT_BYTES = 64 * 1024
+"""Real documents are about 4.5 kB (16 PCRs, five certificates of at most 1024 bytes, user data and nonce
+of at most 512): anything over 64 KiB is refused before it is decoded."""
+
 MEASURED_PCRS = (0, 1, 2)
 """PCR0: the enclave image file; PCR1: the Linux kernel and boot ramfs; PCR2: the user applications."""
 
@@ -213,7 +217,7 @@ class NitroVerifier:
                 f"the attestation document carries nonce {document.nonce.hex() or '(none)'}, not the nonce "
                 f"{nonce.hex()} this site sent: it is a replay or an answer to another challenge"
             )
-        if measurement is not None and not hmac.compare_digest(document.measurement, measurement.lower()):
+        if measurement is not None and document.measurement != measurement.lower():
             raise AttestationError(
                 f"the enclave's measurement (PCR0 || PCR1 || PCR2) is {document.measurement}, not the "
                 f"expected {measurement.lower()}: it runs another image than the one pinned"
@@ -223,9 +227,9 @@ class NitroVerifier:
 def _decode_cbor(data: bytes, what: str) -> Any:
     """Decode exactly one CBOR item; bytes left over mean the data is not what it claims to be."""
     stream = io.BytesIO(data)
+    # The input is hostile: a decoder error of any kind is a malformed document, reported as one.
     try:
         item = cbor2.CBORDecoder(stream).decode()
-    # The input is hostile: a decoder error of any kind is a malformed document, reported as one.
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, RecursionError, MemoryError) as error:
         raise AttestationError(f"{what} is not valid CBOR ({type(error).__name__}: {error})") from None
     if stream.tell() != len(data):
@@ -237,6 +241,10 @@ def _parse_cose_sign1(report: bytes) -> tuple[bytes, bytes, bytes]:
     """The protected header, payload and signature of a COSE_Sign1 report, checked for type and algorithm."""
     if not isinstance(report, (bytes, bytearray)) or not report:
         raise AttestationError("the attestation document is empty or not bytes")
+    if len(report) > MAX_REPORT_BYTES:
+        raise AttestationError(
+            f"the attestation document is {len(report)} bytes, more than the {MAX_REPORT_BYTES} any NSM makes"
+        )
     item = _decode_cbor(bytes(report), "the attestation document")
     if isinstance(item, cbor2.CBORTag):
         if item.tag != COSE_SIGN1_TAG:
