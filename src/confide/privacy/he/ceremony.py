@@ -303,6 +303,3 @@ class Ceremony:
                 "reached it (is the key holder or another site that holds the key online?)"
             )
         return self._load(from_state(held))
-
-    def public_key(self, site: str, sessions: dict[str, Any], state: Any) -> PublicKey:
-        return self.secret_key(site, state)

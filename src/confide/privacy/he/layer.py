@@ -36,10 +36,12 @@ Threat model, against whom:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.core import EXAMPLES, Update, Vector
 from confide.errors import UpdateError
@@ -79,8 +81,8 @@ class CKKSLayer(Layer):
         size: int,
         central_noise: float = 0.0,
         holder: str = "",
-        identities: Any = None,
-        registry: Any = None,
+        identities: Mapping[str, Ed25519PrivateKey] | None = None,
+        registry: Mapping[str, bytes] | None = None,
     ) -> None:
         self.weight = weight
         """What each site multiplies its update by before it encrypts it: server.learning_rate / m."""
@@ -112,7 +114,7 @@ class CKKSLayer(Layer):
     def encode(self, update: Update, site: SiteContext) -> Update:
         if update.vector is None:
             raise UpdateError(f"site {site.site!r} has no clear update to encrypt")
-        key = self.ceremony.public_key(site.site, site.sessions, site.state)
+        key = self.ceremony.secret_key(site.site, site.state)
         scaled = update.vector.astype(np.float64) * self.weight
         data = key.encrypt(scaled).to_bytes()
         payload = {**update.payload, PAYLOAD: np.frombuffer(data, dtype=np.uint8)}
