@@ -38,3 +38,8 @@ class DeploymentError(ConfideError):
 
 class WireError(ConfideError):
     """A message on the wire is malformed, truncated, oversized, or of a version this side does not speak."""
+
+
+class AttestationError(ConfideError):
+    """An attestation report that does not prove what it must: a bad signature or certificate chain, an
+    expired or replayed report, or a measurement that is not the expected one."""

@@ -18,7 +18,9 @@ edits a hand-written list of combinations:
 * a layer or aggregator that ``needs_individual_updates`` (validation, robust aggregation, SCAFFOLD's
   control variates) cannot follow one that hides them;
 * a layer that ``needs_hidden_updates`` (distributed noise: one site's share of the noise protects nothing
-  on its own) needs one that hides them.
+  on its own) needs one that hides them;
+* a hiding layer that ``reads_updates_inside`` (the attested aggregator, :mod:`confide.privacy.tee`) hides
+  each update from the server but reads it inside the enclave, so what needs individual updates runs there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Traits:
     """It must read each site's own update (or its own payload) on the server."""
     needs_hidden_updates: bool = False
     """Its output is safe only if the server never sees it alone, so a later layer must hide updates."""
+    reads_updates_inside: bool = False
+    """With ``hides_updates``: the server never reads an update, but the layer reads each one inside a
+    trusted aggregator (the attested enclave), where validation and robust aggregation run instead."""
 
 
 class RoundAbandoned(ConfideError):
@@ -285,6 +290,8 @@ def check_stack(layers: Sequence[Layer], aggregator: Aggregator | None = None) -
             )
     if not hiding:
         return
+    if all(layer.traits.reads_updates_inside for layer in layers if layer.traits.hides_updates):
+        return  # the enclave runs validation and the robust aggregator on each update, inside
     needy: list[tuple[str, str]] = [
         ("layer", layer.name) for layer in layers if layer.traits.needs_individual_updates
     ]
@@ -307,12 +314,13 @@ _BOUNDING = (
 )
 _HIDDEN_OPTIONS = {
     "aggregator": (
-        "run the robust aggregator inside the attested aggregator, which reads each update in an enclave (a "
-        f"later release); or use server.aggregator = 'mean' and {_BOUNDING}; or turn secure aggregation off"
+        "run the robust aggregator inside the attested aggregator (privacy.enclave instead of secure "
+        "aggregation), which reads each update in an enclave and shows the server only the result; or use "
+        f"server.aggregator = 'mean' and {_BOUNDING}; or turn secure aggregation off"
     ),
     "layer": (
-        "run the check inside the attested aggregator, which reads each update in an enclave (a later "
-        f"release); or drop it and {_BOUNDING}; or turn secure aggregation off"
+        "run the check inside the attested aggregator (privacy.enclave instead of secure aggregation), "
+        f"which reads each update in an enclave; or drop it and {_BOUNDING}; or turn secure aggregation off"
     ),
 }
 

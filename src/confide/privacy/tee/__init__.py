@@ -1,0 +1,1 @@
+"""Trusted execution: attestation verifiers and the attested aggregator."""
