@@ -1,5 +1,5 @@
-"""The ``confide`` command: run, server, client, certs, keys, enroll, generate, export, report, audit, data,
-config.
+"""The ``confide`` command: run, server, client, aggregator, certs, keys, enroll, generate, export, report,
+audit, data, config.
 
 The command line owns everything a person sees: rich progress, one summary line per evaluated round, and exit
 codes. A :class:`~confide.errors.ConfideError` is printed as one line (exit 2); any other exception is a bug
@@ -190,7 +190,31 @@ def _parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--give-up-after", type=float, default=900.0, help="seconds without the server before giving up"
     )
+    _enclave_arguments(cli)
     cli.set_defaults(func=cmd_client)
+
+    agg = sub.add_parser(
+        "aggregator",
+        help="serve the attested aggregator (TEE) that `confide server` reaches at privacy.enclave_address",
+    )
+    agg.add_argument("--config", type=Path, required=True, help="the run's TOML config (the server's)")
+    agg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    agg.add_argument(
+        "--population", type=int, required=True, help="the number of enrolled sites (the server's run)"
+    )
+    agg.add_argument(
+        "--listen", default="127.0.0.1:7444", metavar="HOST:PORT", help="a loopback address (7444)"
+    )
+    agg.add_argument(
+        "--measurement", action="store_true", help="print the measurement the sites must expect, and exit"
+    )
+    agg.add_argument(
+        "--platform-key-out",
+        type=Path,
+        help="the INSECURE simulated platform: write its public key here, for the sites' operators",
+    )
+    agg.add_argument("--ready-file", type=Path, help="write the port here once listening (for scripts)")
+    agg.set_defaults(func=cmd_aggregator)
 
     certs = sub.add_parser(
         "certs", help="at the server: create a development CA and the server's TLS certificate"
@@ -347,6 +371,9 @@ class RichObserver:
             )
         if runner.dp is not None:
             console.print(runner.dp.describe())
+        for layer in runner.federation.layers:
+            if layer.name == "enclave":
+                console.print(layer.describe())  # says INSECURE for the simulated platform
         if runner.attack.attackers:
             a = runner.config.attack
             console.print(
@@ -516,6 +543,93 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enclave_arguments(cli: argparse.ArgumentParser) -> None:
+    cli.add_argument(
+        "--enclave-platform",
+        metavar="NAME",
+        help="the attested aggregator's platform this site trusts (e.g. 'simulated'); with the next two",
+    )
+    cli.add_argument(
+        "--enclave-platform-key",
+        type=Path,
+        metavar="PATH",
+        help="the platform's root of trust from this site's operator (never from the server)",
+    )
+    cli.add_argument(
+        "--enclave-measurement",
+        metavar="HEX",
+        help="the aggregator measurement this site accepts (`confide aggregator --measurement`)",
+    )
+    cli.add_argument(
+        "--enclave-max-age", type=float, default=600.0, help="seconds a report stays acceptable (600)"
+    )
+    cli.add_argument(
+        "--enclave-allow-insecure-simulation",
+        action="store_true",
+        help="accept the INSECURE simulated platform, which protects nothing (to test a deployment only)",
+    )
+
+
+def _enclave_trust(args: argparse.Namespace) -> Any:
+    """The site's own trust anchors for the attested aggregator, or None when none are given."""
+    given = (args.enclave_platform, args.enclave_platform_key, args.enclave_measurement)
+    if not any(given):
+        return None
+    if not all(given):
+        raise ConfideError(
+            "the attested aggregator needs all three of --enclave-platform, --enclave-platform-key and "
+            "--enclave-measurement, from this site's operator"
+        )
+    from confide.privacy.tee.layer import SiteTrust
+
+    try:
+        root = args.enclave_platform_key.read_bytes()
+    except OSError as e:
+        raise ConfideError(f"cannot read the enclave platform key {args.enclave_platform_key}: {e}") from e
+    trust = SiteTrust.from_files(
+        args.enclave_platform,
+        root,
+        args.enclave_measurement,
+        args.enclave_max_age,
+        args.enclave_allow_insecure_simulation,
+    )
+    console.print(f"attested aggregator expected: {args.enclave_platform}, measurement {trust.measurement}")
+    return trust
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.privacy.tee.attestation import INSECURE_LABEL, SimulatedPlatform
+    from confide.privacy.tee.enclave import Enclave
+    from confide.runtime.grpc.aggregator import aggregator_settings, make_platform, start_aggregator
+
+    config = config_module.load(args.config, args.overrides, stamp=False)
+    settings = aggregator_settings(config, args.population)
+    if args.measurement:
+        console.print(settings.measurement())
+        return 0
+    config_module.check_deployment(config)
+    platform = make_platform(config)
+    if platform.insecure and args.platform_key_out is None:
+        raise ConfideError("the simulated platform needs --platform-key-out PATH, for the sites to verify it")
+    enclave = Enclave(settings, platform)
+    if isinstance(platform, SimulatedPlatform) and args.platform_key_out is not None:
+        args.platform_key_out.write_bytes(platform.public_key())
+    server, port = start_aggregator(enclave, args.listen)
+    label = INSECURE_LABEL if platform.insecure else platform.platform
+    console.print(
+        f"attested aggregator on the {label}; measurement {enclave.measurement}; listening on "
+        f"{args.listen.rsplit(':', 1)[0]}:{port} (plaintext gRPC, loopback only)"
+    )
+    if args.ready_file is not None:
+        args.ready_file.write_text(str(port), encoding="utf-8")
+    try:
+        server.wait_for_termination()
+    finally:
+        server.stop(grace=1.0)
+    return 0
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     from confide.runtime.grpc.client import SiteClient, load_site_data
 
@@ -533,6 +647,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         give_up_after=args.give_up_after,
         on_status=lambda message: console.print(message),
         state=_site_state(args, site),
+        enclave_trust=_enclave_trust(args),
     )
     console.print(
         f"site {site}: {data.num_train:,} training and {data.num_test:,} test windows; dialing {args.server}"
@@ -572,6 +687,7 @@ def _client_group(args: argparse.Namespace, sites: list[str]) -> int:
     group = SiteGroup(
         share_connection=not args.connection_per_site, state=_site_state(args, "group")
     )
+    trust = _enclave_trust(args)
     clients = [
         SiteClient(
             args.server,
@@ -581,6 +697,7 @@ def _client_group(args: argparse.Namespace, sites: list[str]) -> int:
             give_up_after=args.give_up_after,
             on_status=lambda message: log.info("%s", message),
             group=group,
+            enclave_trust=trust,
         )
         for site in sites
     ]

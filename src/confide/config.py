@@ -54,6 +54,9 @@ from confide.registry import (
 
 Check = Callable[[Any], bool]
 
+ENCLAVE_PLATFORMS = ("none", "simulated")
+"""privacy.enclave's platforms (see confide.privacy.tee.attestation.VERIFIERS)."""
+
 
 def option(
     default: Any, help: str, check: Check | None = None, accepts: str = "", choices: Registry | None = None
@@ -320,6 +323,28 @@ class PrivacyConfig:
         False,
         "simulation only and insecure: DP noise and DP-SGD sampling are drawn from the run's seed so that "
         "runs repeat exactly; anyone who knows the seed can remove the noise. A deployment refuses it.",
+    )
+    enclave: str = option(
+        "none",
+        "attested aggregator (TEE): each site seals its update to an enclave, which validates, aggregates "
+        "(server.aggregator) and adds central DP inside and shows the server only the result; 'simulated' is "
+        "an INSECURE stand-in without hardware, for tests and simulations",
+        lambda x: x in ENCLAVE_PLATFORMS,
+        " or ".join(repr(x) for x in ENCLAVE_PLATFORMS),
+    )
+    enclave_address: str = option(
+        "", "`confide server`: HOST:PORT of `confide aggregator`; empty: the enclave runs in this process"
+    )
+    enclave_max_age: float = option(
+        600.0, "seconds after its issue that a site still accepts the aggregator's report", positive, "> 0"
+    )
+    enclave_min_updates: int = option(
+        2, "the fewest updates the enclave releases an aggregate of", at_least(2), ">= 2"
+    )
+    enclave_allow_insecure_simulation: bool = option(
+        False,
+        "let `confide server` and `confide aggregator` run the INSECURE simulated enclave, in which whoever "
+        "runs the aggregator can read every update (to test a deployment only)",
     )
 
 
@@ -650,6 +675,7 @@ def check(config: Config) -> None:
         )
     _check_privacy(config)
     _check_encryption(config)
+    _check_enclave(config)
     _check_defence(config)
     _check_attack(config.attack, config.model["kind"])
     _check_model(config.model)
@@ -797,6 +823,8 @@ def _check_encryption(config: Config) -> None:
     refusals = [
         (p.secure_aggregation, "privacy.secure_aggregation = true: both hide the updates from the server; "
          "choose one"),
+        (p.enclave != "none", f"privacy.enclave = {p.enclave!r}: both hide the updates from the server; "
+         "choose one"),
         (s.optimizer != "sgd", f"server.optimizer = {s.optimizer!r}: {why}, which is one plain SGD step "
          "(server.optimizer = 'sgd', with any server.learning_rate)"),
         (STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS) is not None, f"server.strategy = {s.strategy!r}: the "
@@ -810,6 +838,31 @@ def _check_encryption(config: Config) -> None:
     for refused, reason in refusals:
         if refused:
             raise ConfigError(f"privacy.encryption = {p.encryption!r} cannot run with {reason}")
+
+
+def _check_enclave(config: Config) -> None:
+    """The attested aggregator against what cannot run inside it or beside it."""
+    p, s, d = config.privacy, config.server, config.defence
+    if p.enclave == "none":
+        if p.enclave_address:
+            raise ConfigError("privacy.enclave_address names an aggregator, but privacy.enclave is 'none'")
+        return
+    why = ""
+    if p.secure_aggregation:
+        why = "secure aggregation also hides the updates: choose one of the two"
+    elif p.dp == "distributed":
+        why = "use privacy.dp = 'central': the enclave adds the noise inside, where the server cannot see it"
+    elif p.adaptive_clip:
+        why = "adaptive clipping moves the clip norm on the server; use a fixed privacy.clip_norm"
+    elif STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS) is not None:
+        why = f"server.strategy = {s.strategy!r} combines per-site values beside the updates; use 'fedavg'"
+    elif d.screens:
+        why = "update screening (defence.norm_bound, min_cosine, validation_data) runs on the server, which "
+        why += "never sees an update: use a robust server.aggregator, which runs inside the enclave"
+    elif s.aggregator == "fltrust":
+        why = "FLTrust trains on the server's root data, which the enclave does not have"
+    if why:
+        raise ConfigError(f"privacy.enclave = {p.enclave!r}: {why}")
 
 
 def check_deployment(config: Config) -> None:
@@ -830,6 +883,18 @@ def check_deployment(config: Config) -> None:
         raise ConfigError(
             "privacy.insecure_reproducible_noise draws the DP noise from the run's seed, so anyone who knows "
             "the seed can remove it; it is for simulations only, and a deployment refuses it: set it to false"
+        )
+    p = config.privacy
+    if p.enclave == "simulated" and not p.enclave_allow_insecure_simulation:
+        raise ConfigError(
+            "privacy.enclave = 'simulated' is an INSECURE stand-in without hardware (whoever runs the "
+            "aggregator reads every update); a deployment refuses it unless "
+            "privacy.enclave_allow_insecure_simulation = true, to test a deployment only"
+        )
+    if p.enclave != "none" and not p.enclave_address:
+        raise ConfigError(
+            "a deployment runs the attested aggregator in its own process: start `confide aggregator` and "
+            "set privacy.enclave_address to its HOST:PORT"
         )
 
 

@@ -18,7 +18,9 @@ edits a hand-written list of combinations:
 * a layer or aggregator that ``needs_individual_updates`` (validation, robust aggregation, SCAFFOLD's
   control variates) cannot follow one that hides them;
 * a layer that ``needs_hidden_updates`` (distributed noise: one site's share of the noise protects nothing
-  on its own) needs one that hides them.
+  on its own) needs one that hides them;
+* a hiding layer that ``reads_updates_inside`` (the attested aggregator, :mod:`confide.privacy.tee`) hides
+  each update from the server but reads it inside the enclave, so what needs individual updates runs there.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class Traits:
     hides_model: bool = False
     """The server holds the global model only in a form it cannot read (CKKS): the layer steps the model
     itself (:meth:`Layer.apply`) and the sites open it (:meth:`Layer.open_model`)."""
+    reads_updates_inside: bool = False
+    """With ``hides_updates``: the server never reads an update, but the layer reads each one inside a
+    trusted aggregator (the attested enclave), where validation and robust aggregation run instead."""
 
 
 class RoundAbandoned(ConfideError):
@@ -306,6 +311,8 @@ def check_stack(layers: Sequence[Layer], aggregator: Aggregator | None = None) -
             )
     if not hiding:
         return
+    if all(layer.traits.reads_updates_inside for layer in layers if layer.traits.hides_updates):
+        return  # the enclave runs validation and the robust aggregator on each update, inside
     needy: list[tuple[str, str]] = [
         ("layer", layer.name) for layer in layers if layer.traits.needs_individual_updates
     ]
@@ -328,12 +335,13 @@ _BOUNDING = (
 )
 _HIDDEN_OPTIONS = {
     "aggregator": (
-        "run the robust aggregator inside the attested aggregator, which reads each update in an enclave (a "
-        f"later release); or use server.aggregator = 'mean' and {_BOUNDING}; or turn secure aggregation off"
+        "run the robust aggregator inside the attested aggregator (privacy.enclave instead of secure "
+        "aggregation), which reads each update in an enclave and shows the server only the result; or use "
+        f"server.aggregator = 'mean' and {_BOUNDING}; or turn secure aggregation off"
     ),
     "layer": (
-        "run the check inside the attested aggregator, which reads each update in an enclave (a later "
-        f"release); or drop it and {_BOUNDING}; or turn secure aggregation off"
+        "run the check inside the attested aggregator (privacy.enclave instead of secure aggregation), "
+        f"which reads each update in an enclave; or drop it and {_BOUNDING}; or turn secure aggregation off"
     ),
 }
 

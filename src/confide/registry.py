@@ -368,6 +368,11 @@ LAYERS.register(
     "confide.privacy.he.layer:CKKSLayer",
 )
 LAYERS.register(
+    "enclave",
+    "attested aggregator (TEE): each update sealed to an enclave, which aggregates and releases the result",
+    "confide.privacy.tee.layer:EnclaveLayer",
+)
+LAYERS.register(
     "validate",
     "update validation: shape and finiteness of every update the server can read",
     "confide.server.validate:ValidateLayer",

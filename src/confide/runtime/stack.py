@@ -30,6 +30,7 @@ from confide.privacy.dp import AdaptiveClip, CentralDP
 from confide.privacy.policy import SiteDP, expected_bits_noise
 from confide.privacy.secagg import keys
 from confide.privacy.secure import SecureAggregation
+from confide.privacy.tee.layer import EnclaveRelease
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream, public_rng
 from confide.registry import AGGREGATORS, LAYERS
 from confide.server.optim import ServerOptimizer
@@ -98,6 +99,10 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
         "delta": p.delta,
         "adaptive": adaptive,
     }
+    if p.enclave != "none":
+        # The server, no longer trusted with the updates, chooses the sites and sees who sends a sealed
+        # update: it knows the sample, so no amplification by sampling is claimed against it.
+        options["trust"] = "knows_sample"
     if p.calibrate:
         participations = p.max_participations or None
         rounds = config.run.rounds
@@ -176,6 +181,10 @@ def build_layers(
         layer = LAYERS.load(plugin.name).from_config(stack)
         if layer is not None:
             layers.append(layer)
+    if config.privacy.enclave_address:
+        from confide.runtime.grpc.aggregator import connect_enclave
+
+        connect_enclave(layers, config.privacy.enclave_address, update_size)
     return layers
 
 
@@ -184,6 +193,8 @@ def build_aggregator(config: Config, dp: SiteDP | None) -> Aggregator | None:
     names (central DP's noise wrapped around it under central DP), DP-FedAvg's equal mean under DP, or None
     (the strategy's example-weighted mean)."""
     name = config.server.aggregator
+    if config.privacy.enclave != "none":
+        return EnclaveRelease(name)  # the aggregator and central DP run inside the enclave
     if name == "mean":
         return dp.aggregator if dp is not None else None
     robust: Any = AGGREGATORS.load(name).from_defence(config.defence)

@@ -42,6 +42,7 @@ from confide.errors import ConfideError, DataError, DeploymentError, WireError
 from confide.models.hf import HFCausalLM, check_base
 from confide.privacy.he.layer import CKKSLayer
 from confide.privacy.secure import SecAggLayer
+from confide.privacy.tee.layer import EnclaveLayer, SiteTrust
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.identity import verify_registry
@@ -231,6 +232,7 @@ class SiteClient:
         on_status: Callable[[str], None] | None = None,
         group: SiteGroup | None = None,
         state: SiteState | None = None,
+        enclave_trust: SiteTrust | None = None,
     ) -> None:
         if credentials.site != data.name:
             raise DeploymentError(
@@ -250,6 +252,8 @@ class SiteClient:
         """The site's own state (DP-SGD privacy spent, control variates, personal models): in its own file
         (``confide client --state``), so that it survives reconnections, server restarts and restarts of
         the site itself; in memory only when none is given."""
+        self.enclave_trust = enclave_trust
+        """What this site trusts of the attested aggregator (its operator's platform key and measurement)."""
         self.setup: _Setup | None = None
         self.limit = 0
         self.done = 0
@@ -382,6 +386,9 @@ class SiteClient:
                     layer.identities[self.site] = identity
                 if isinstance(layer, CKKSLayer):
                     layer.ceremony.identities[self.site] = identity
+        for layer in kit.layers:
+            if isinstance(layer, EnclaveLayer):
+                layer.trust = self.enclave_trust  # the site's own anchors, never the server's config
         data = self.data
         if isinstance(kit.trainer.model, HFCausalLM) and data.train.ndim == 2:
             # The site read its text before it knew the model: now in the model's own tokenizer.
