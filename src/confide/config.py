@@ -54,7 +54,7 @@ from confide.registry import (
 
 Check = Callable[[Any], bool]
 
-ENCLAVE_PLATFORMS = ("none", "simulated")
+ENCLAVE_PLATFORMS = ("none", "simulated", "aws-nitro")
 """privacy.enclave's platforms (see confide.privacy.tee.attestation.VERIFIERS)."""
 
 

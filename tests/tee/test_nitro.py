@@ -406,3 +406,33 @@ def test_verifier_configuration_is_checked(pki: Pki) -> None:
     assert x509.load_der_x509_certificate(NitroVerifier().root_der).subject.rfc4514_string() == (
         "CN=aws.nitro-enclaves,OU=AWS,O=Amazon,C=US"
     )
+
+
+def test_a_real_nitro_document_through_the_sites_attestation_interface() -> None:
+    """A site's `--enclave-platform aws-nitro`: the real document becomes Evidence (not insecure), the site's
+    own expected measurement (the image's PCR0-2) is checked, and its age against the site's own policy."""
+    from confide.privacy.tee.attestation import NITRO, check, verifier
+    from confide.privacy.tee.layer import SiteTrust
+
+    trust = SiteTrust.from_files(NITRO, b"", "".join(PRODUCTION_PCRS))  # b"": AWS's pinned root
+    evidence = trust.verifier.verify(real_document(PRODUCTION), now=PRODUCTION_TIME)
+    assert evidence.platform == NITRO and not evidence.insecure
+    assert evidence.measurement == "".join(PRODUCTION_PCRS)
+    check(evidence, "".join(PRODUCTION_PCRS), max_age=600, now=PRODUCTION_TIME)
+    with pytest.raises(AttestationError, match="this site expects"):
+        check(evidence, "00" * 144, max_age=600, now=PRODUCTION_TIME)
+    with pytest.raises(AttestationError, match="stale or replayed"):
+        check(evidence, "".join(PRODUCTION_PCRS), max_age=60, now=PRODUCTION_TIME)
+    with pytest.raises(AttestationError):
+        verifier(NITRO, b"").verify(real_document(DEBUG), now=PRODUCTION_TIME)
+
+
+def test_an_aggregator_asked_to_attest_on_nitro_says_what_this_release_lacks(tmp_path: Path) -> None:
+    from confide.config import load
+    from confide.runtime.grpc.aggregator import make_platform
+    from tests.conftest import tiny_config
+
+    path = tmp_path / "nitro.toml"
+    path.write_text(tiny_config(tmp_path, tmp_path / "runs", privacy__enclave="'aws-nitro'"))
+    with pytest.raises(ConfigError, match="Nitro Secure Module"):
+        make_platform(load(path))

@@ -201,9 +201,17 @@ VerifierFactory = Callable[[bytes], Verifier]
 """Builds a platform's verifier from its root of trust (the contents of the file the site's operator gives:
 the simulated platform's public key, or a vendor's root certificate)."""
 
-VERIFIERS: dict[str, VerifierFactory] = {SIMULATED: SimulatedVerifier}
-"""Platform name -> verifier factory. A real platform plugs in here (the AWS Nitro Enclaves verifier:
-``VERIFIERS["aws-nitro"] = NitroVerifier``-like factory taking the AWS root certificate)."""
+def _nitro(root_certificate: bytes) -> Verifier:
+    from confide.privacy.tee.nitro import NitroAttestation
+
+    return NitroAttestation(root_certificate or None)  # empty: AWS's pinned root (G1)
+
+
+NITRO = "aws-nitro"
+"""The platform name of AWS Nitro Enclaves (:mod:`confide.privacy.tee.nitro`)."""
+
+VERIFIERS: dict[str, VerifierFactory] = {SIMULATED: SimulatedVerifier, NITRO: _nitro}
+"""Platform name -> verifier factory, given the root of trust the site's operator gave it."""
 
 
 def verifier(platform: str, root_of_trust: bytes) -> Verifier:

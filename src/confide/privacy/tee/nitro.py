@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from confide.errors import AttestationError, ConfigError
+from confide.privacy.tee.attestation import Evidence
 
 logger = logging.getLogger(__name__)
 
@@ -399,3 +400,27 @@ def _verify_signature(leaf: x509.Certificate, protected: bytes, payload: bytes, 
             "the attestation document's signature does not verify with its leaf certificate's key: "
             "the document was altered or signed by another key"
         ) from None
+
+
+class NitroAttestation:
+    """The Nitro verifier behind the attestation interface (``attestation.Verifier``): a verified document
+    as ``attestation.Evidence``. Its measurement is the image's PCR0 || PCR1 || PCR2
+    (:attr:`NitroDocument.measurement`), which a site's operator pins from ``nitro-cli build-enclave``; the
+    age of the document is left to the site's own policy (``attestation.check``, ``privacy.enclave_max_age``).
+    """
+
+    platform = "aws-nitro"
+
+    def __init__(self, root_certificate: bytes | None = None) -> None:
+        self.verifier = NitroVerifier(root_certificate or None, max_age=float("inf"))
+
+    def verify(self, report: bytes, *, now: float) -> Evidence:
+        document = self.verifier.verify(report, now=now)
+        return Evidence(
+            platform=self.platform,
+            measurement=document.measurement,
+            public_key=document.public_key,
+            nonce=document.nonce,
+            issued_at=document.timestamp,
+            insecure=False,
+        )

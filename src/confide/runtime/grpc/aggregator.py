@@ -27,7 +27,7 @@ import numpy as np
 from confide.config import Config
 from confide.errors import ConfigError, DeploymentError, UpdateError
 from confide.pipeline import Layer, RoundAbandoned
-from confide.privacy.tee.attestation import INSECURE_LABEL, SIMULATED
+from confide.privacy.tee.attestation import INSECURE_LABEL, NITRO, SIMULATED
 from confide.privacy.tee.enclave import PLATFORMS, Enclave, EnclaveSettings, Platform, Summary
 from confide.privacy.tee.layer import EnclaveLayer, enclave_settings
 from confide.runtime.grpc import confide_pb2 as pb
@@ -247,6 +247,12 @@ def make_platform(config: Config) -> Platform:
             "privacy.enclave_allow_insecure_simulation = true (to test a deployment only)"
         )
     factory = PLATFORMS.get(p.enclave)
+    if p.enclave == NITRO and factory is None:
+        raise ConfigError(
+            "`confide aggregator` cannot attest on AWS Nitro Enclaves in this release: that needs the Nitro "
+            "Secure Module (/dev/nsm) inside an enclave image, which confide does not build yet. Sites do "
+            "verify Nitro attestation documents (confide client --enclave-platform aws-nitro)"
+        )
     if factory is None:
         raise ConfigError(
             f"this aggregator cannot run on the platform {p.enclave!r} (known: {', '.join(PLATFORMS)})"
