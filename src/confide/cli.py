@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import sys
@@ -212,6 +213,13 @@ def _parser() -> argparse.ArgumentParser:
         "--platform-key-out",
         type=Path,
         help="the INSECURE simulated platform: write its public key here, for the sites' operators",
+    )
+    agg.add_argument(
+        "--ca",
+        type=Path,
+        metavar="CA_PEM",
+        help="the deployment CA's certificate (ca.pem): the sites' identities are checked against it, and an "
+        "update counts only if its site signed it; part of the measurement",
     )
     agg.add_argument("--ready-file", type=Path, help="write the port here once listening (for scripts)")
     agg.set_defaults(func=cmd_aggregator)
@@ -605,6 +613,13 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
     config = config_module.load(args.config, args.overrides, stamp=False)
     settings = aggregator_settings(config, args.population)
+    ca_pem = None
+    if args.ca is not None:
+        try:
+            ca_pem = args.ca.read_bytes()
+        except OSError as e:
+            raise ConfideError(f"cannot read the CA certificate {args.ca}: {e}") from None
+        settings = dataclasses.replace(settings, identity_ca=hashlib.sha256(ca_pem).hexdigest())
     if args.measurement:
         console.print(settings.measurement())
         return 0
@@ -612,10 +627,15 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     platform = make_platform(config)
     if platform.insecure and args.platform_key_out is None:
         raise ConfideError("the simulated platform needs --platform-key-out PATH, for the sites to verify it")
+    if ca_pem is None:
+        raise ConfideError(
+            "`confide aggregator` needs --ca PATH/ca.pem, the deployment CA's certificate: it counts an "
+            "update only if its site signed it with the identity the CA endorsed"
+        )
     enclave = Enclave(settings, platform)
     if isinstance(platform, SimulatedPlatform) and args.platform_key_out is not None:
         args.platform_key_out.write_bytes(platform.public_key())
-    server, port = start_aggregator(enclave, args.listen)
+    server, port = start_aggregator(enclave, args.listen, ca_pem)
     label = INSECURE_LABEL if platform.insecure else platform.platform
     console.print(
         f"attested aggregator on the {label}; measurement {enclave.measurement}; listening on "

@@ -3,10 +3,12 @@ processes on 127.0.0.1, the sites trusting only their own platform key and expec
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,13 +22,13 @@ from tests.runtime.grpc_harness import Cluster, enroll, metrics
 SITES = ["site0", "site1", "site2"]
 
 
-def start_aggregator(config_path: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_aggregator(config_path: Path, tmp: Path, ca: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     ready, key = tmp / "aggregator-port", tmp / "platform.pem"
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "confide", "aggregator", "--config", str(config_path)),
             *("--population", str(len(SITES)), "--listen", "127.0.0.1:0", "--ready-file", str(ready)),
-            *("--platform-key-out", str(key)),
+            *("--platform-key-out", str(key), "--ca", str(ca)),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -57,15 +59,21 @@ def test_a_deployed_run_through_the_aggregator_gives_the_simulation(
     text = tiny_config(corpus, tmp_path / "runs", **options)
     path = tmp_path / "run.toml"
     path.write_text(text)
-    aggregator, port, key = start_aggregator(path, tmp_path)
-    files = enroll(tmp_path / "deploy", SITES)
+    # Each site makes its own identity key, which the CA endorses at enrollment: the enclave counts an
+    # update only if its site signed it, checking the identities against its own copy of ca.pem.
+    files = enroll(tmp_path / "deploy", SITES, identity=True)
+    ca = tmp_path / "deploy" / "ca.pem"
+    aggregator, port, key = start_aggregator(path, tmp_path, ca)
     folder = tmp_path / "credentials"
     folder.mkdir()
-    for site, file in files.items():
-        shutil.copy(file, folder / f"{site}.json")
+    for file in files.values():  # each site's credentials with the keys it made beside them
+        for kept in file.parent.iterdir():
+            shutil.copy(kept, folder / kept.name)
     # The site's operator computes the measurement of the approved config (here in this process, as
     # `confide aggregator --measurement` does) and hands it, with the platform key, to the site.
-    measurement = aggregator_settings(config.load(path, stamp=False), len(SITES)).measurement()
+    settings = aggregator_settings(config.load(path, stamp=False), len(SITES))
+    settings = replace(settings, identity_ca=hashlib.sha256(ca.read_bytes()).hexdigest())
+    measurement = settings.measurement()
     cluster = Cluster(tmp_path, path, tmp_path / "deploy", [f"privacy.enclave_address='127.0.0.1:{port}'"])
     try:
         cluster.start_server()

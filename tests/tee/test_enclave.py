@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.config import DefenceConfig
 from confide.core import Update
 from confide.errors import UpdateError
 from confide.pipeline import RoundAbandoned
+from confide.privacy.secagg import keys
 from confide.privacy.tee.attestation import SimulatedPlatform, SimulatedVerifier
 from confide.privacy.tee.enclave import (
     Enclave,
@@ -16,10 +18,29 @@ from confide.privacy.tee.enclave import (
     associated_data,
     pack_update,
     seal,
+    sign_update,
     unpack_update,
 )
 
 SIZE = 5
+
+
+class Identities(dict):  # type: ignore[type-arg]
+    """Each site's enrolled identity, made the first time the site is named."""
+
+    def __missing__(self, site: str) -> Ed25519PrivateKey:
+        self[site] = keys.generate_identity()
+        return self[site]
+
+
+IDENTITIES = Identities()
+
+
+class Registry(dict):  # type: ignore[type-arg]
+    """The enclave's registry: every site of IDENTITIES, with its public key."""
+
+    def get(self, site: str, default: object = None) -> object:
+        return keys.identity_public_bytes(IDENTITIES[site])
 
 
 def settings(**changes: object) -> EnclaveSettings:
@@ -50,12 +71,13 @@ def sealed(enclave: Enclave, report: bytes, u: Update, as_site: str | None = Non
     """What a site seals: to the key the (verified) report binds, bound to run, round, site and report."""
     platform_key = enclave.platform.public_key()  # type: ignore[attr-defined]
     key = SimulatedVerifier(platform_key).verify(report, now=0).public_key
-    return seal(pack_update(u), key, associated_data(run, u.round, as_site or u.site, report))
+    signed = sign_update(u, IDENTITIES[u.site], run)
+    return seal(signed, key, associated_data(run, u.round, as_site or u.site, report))
 
 
 @pytest.fixture
 def enclave() -> Enclave:
-    return Enclave(settings(), SimulatedPlatform())
+    return Enclave(settings(), SimulatedPlatform(), registry=Registry())
 
 
 def test_the_enclave_releases_the_weighted_mean_and_sums(enclave: Enclave) -> None:
@@ -94,11 +116,42 @@ def test_a_sealed_update_relabelled_as_another_site_is_refused(enclave: Enclave)
     from_a = sealed(enclave, report, update("a", 1, [1] * SIZE))
     with pytest.raises(UpdateError, match="does not open here"):
         enclave.submit(1, "b", from_a)
-    # and a site that seals under another name than the update's is caught inside
+    # and an update sealed under another site's name is caught inside: c's name, a's signature
     lying = sealed(enclave, report, update("a", 1, [1] * SIZE), as_site="c")
-    with pytest.raises(UpdateError, match="names site 'a'"):
+    with pytest.raises(UpdateError, match="not signed by its enrolled identity"):
         enclave.submit(1, "c", lying)
 
+
+def test_a_server_that_makes_up_updates_cannot_isolate_one_sites_update(enclave: Enclave) -> None:
+    """The attack: the server knows the enclave's public key (it is in the report) and can seal anything. With
+    one real update and made-up ones of known values, the released mean would give the real one away. Each
+    made-up update lacks its site's signature and is refused, without locking the real site out; one real
+    update alone is never released."""
+
+    def forge(report: bytes, round: int, site: str) -> list[bytes]:
+        platform_key = enclave.platform.public_key()  # type: ignore[attr-defined]
+        key = SimulatedVerifier(platform_key).verify(report, now=0).public_key
+        aad = associated_data("run", round, site, report)
+        signed_by_another = sign_update(update(site, round, [0] * SIZE), keys.generate_identity(), "run")
+        unsigned = pack_update(update(site, round, [0] * SIZE)) + bytes(64)
+        return [seal(signed_by_another, key, aad), seal(unsigned, key, aad)]
+
+    report = enclave.open(1)
+    enclave.submit(1, "a", sealed(enclave, report, update("a", 1, [7] * SIZE)))
+    for fake in forge(report, 1, "b"):
+        with pytest.raises(UpdateError, match="not signed by its enrolled identity"):
+            enclave.submit(1, "b", fake)
+    enclave.submit(1, "b", sealed(enclave, report, update("b", 1, [3] * SIZE)))  # the real b still counts
+    assert enclave.close(1).accepted == ("a", "b")
+    enclave.release(1)
+
+    report = enclave.open(2)
+    enclave.submit(2, "a", sealed(enclave, report, update("a", 2, [7] * SIZE)))
+    for fake in forge(report, 2, "c"):
+        with pytest.raises(UpdateError):
+            enclave.submit(2, "c", fake)
+    with pytest.raises(RoundAbandoned, match="fewer than 2"):
+        enclave.close(2)
 
 def test_a_second_update_of_a_site_and_bad_updates_are_refused(enclave: Enclave) -> None:
     report = enclave.open(1)
@@ -128,7 +181,7 @@ def test_fewer_than_two_updates_are_never_released(enclave: Enclave) -> None:
     with pytest.raises(RoundAbandoned, match="no closed round"):
         enclave.release(1)
     with pytest.raises(ValueError):
-        Enclave(settings(min_updates=1), SimulatedPlatform())
+        Enclave(settings(min_updates=1), SimulatedPlatform(), registry=Registry())
 
 
 def test_a_round_is_released_once_and_never_reopened(enclave: Enclave) -> None:
@@ -146,7 +199,7 @@ def test_a_round_is_released_once_and_never_reopened(enclave: Enclave) -> None:
 
 
 def test_central_dp_inside_clips_and_adds_secret_noise() -> None:
-    enclave = Enclave(settings(central_dp=(1.0, 0.0, 2.0)), SimulatedPlatform())
+    enclave = Enclave(settings(central_dp=(1.0, 0.0, 2.0)), SimulatedPlatform(), registry=Registry())
     report = enclave.open(1)
     enclave.submit(
         1, "a", sealed(enclave, report, update("a", 1, [30, 40, 0, 0, 0]))
@@ -154,7 +207,7 @@ def test_central_dp_inside_clips_and_adds_secret_noise() -> None:
     enclave.submit(1, "b", sealed(enclave, report, update("b", 1, [0, 0, 0, 0, 0])))
     enclave.close(1)
     np.testing.assert_allclose(enclave.release(1), [0.3, 0.4, 0, 0, 0], rtol=1e-5)  # sum / 2 sites, z = 0
-    noisy = Enclave(settings(central_dp=(1.0, 1.0, 2.0)), SimulatedPlatform())
+    noisy = Enclave(settings(central_dp=(1.0, 1.0, 2.0)), SimulatedPlatform(), registry=Registry())
     report = noisy.open(1)
     for site in "ab":
         noisy.submit(1, site, sealed(noisy, report, update(site, 1, [0] * SIZE)))
@@ -163,7 +216,7 @@ def test_central_dp_inside_clips_and_adds_secret_noise() -> None:
 
 
 def test_a_robust_aggregator_runs_inside() -> None:
-    enclave = Enclave(settings(aggregator="median"), SimulatedPlatform())
+    enclave = Enclave(settings(aggregator="median"), SimulatedPlatform(), registry=Registry())
     report = enclave.open(1)
     for site, value in zip("abc", [1.0, 2.0, 100.0], strict=True):
         enclave.submit(1, site, sealed(enclave, report, update(site, 1, [value] * SIZE)))

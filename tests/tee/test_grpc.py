@@ -15,8 +15,12 @@ import pytest
 from confide.cli import _enclave_trust, main
 from confide.config import check_deployment
 from confide.errors import ConfigError, DeploymentError
+from confide.privacy.secagg import keys
 from confide.privacy.tee.layer import EnclaveLayer, SiteTrust
+from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc.aggregator import GrpcLink, check_loopback
+from confide.runtime.grpc.identity import sign_identity
+from confide.runtime.grpc.pki import Authority, CertificatePaths, load_authority
 from confide.runtime.runner import Runner
 from tests.conftest import tiny_config
 from tests.tee.conftest import MakeConfig, run
@@ -42,14 +46,33 @@ def aggregator_config(text_corpus: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def aggregator(aggregator_config: Path, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+def authority(tmp_path: Path) -> Authority:
+    """A deployment CA (`confide certs`), which endorses the simulated sites' identities for the enclave."""
+    assert main(["certs", "--dir", str(tmp_path / "deploy")]) == 0
+    return load_authority(CertificatePaths(tmp_path / "deploy"))
+
+
+def endorse(runner: Runner, authority: Authority) -> EnclaveLayer:
+    """The run's enclave layer, its link given the sites' identities as the CA endorsed them (what a
+    deployed server sends the aggregator)."""
+    layer = next(layer for layer in runner.federation.layers if isinstance(layer, EnclaveLayer))
+    assert isinstance(layer.link, GrpcLink)
+    layer.link.identities = [
+        pb.Identity(site=site, public_key=public, endorsement=sign_identity(authority.key, site, public))
+        for site, public in ((s, keys.identity_public_bytes(k)) for s, k in layer.identities.items())
+    ]
+    return layer
+
+
+@pytest.fixture
+def aggregator(aggregator_config: Path, tmp_path: Path, authority: Authority) -> Iterator[tuple[int, Path]]:
     """A running `confide aggregator` on 127.0.0.1 (port, platform key file), killed at the end."""
     ready, key = tmp_path / "port", tmp_path / "platform.pem"
     process = subprocess.Popen(
         [
             *(sys.executable, "-m", "confide.cli", "aggregator", "--config", str(aggregator_config)),
             *("--population", "6", "--listen", "127.0.0.1:0", "--ready-file", str(ready)),
-            *("--platform-key-out", str(key)),
+            *("--platform-key-out", str(key), "--ca", str(tmp_path / "deploy" / "ca.pem")),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -69,16 +92,23 @@ def aggregator(aggregator_config: Path, tmp_path: Path) -> Iterator[tuple[int, P
 
 
 def test_a_run_through_confide_aggregator_gives_the_plain_mean(
-    make_config: MakeConfig, aggregator: tuple[int, Path], aggregator_config: Path
+    make_config: MakeConfig,
+    aggregator: tuple[int, Path],
+    aggregator_config: Path,
+    authority: Authority,
+    tmp_path: Path,
 ) -> None:
     port, key = aggregator
-    measured = confide("aggregator", "--config", aggregator_config, "--population", "6", "--measurement")
+    ca = tmp_path / "deploy" / "ca.pem"
+    measured = confide(
+        "aggregator", "--config", aggregator_config, "--population", "6", "--measurement", "--ca", ca
+    )
     assert measured.returncode == 0, measured.stderr
     measurement = measured.stdout.strip()
     assert len(measurement) == 64
     config = make_config("remote", privacy__enclave_address=f"'127.0.0.1:{port}'", **SIMULATED)
     runner = Runner.start(config)
-    layer = next(layer for layer in runner.federation.layers if isinstance(layer, EnclaveLayer))
+    layer = endorse(runner, authority)
     assert isinstance(layer.link, GrpcLink) and layer.trust is None  # trust comes from the site's own files
     layer.trust = SiteTrust.from_files("simulated", key.read_bytes(), measurement, allow_simulated=True)
     try:
@@ -92,7 +122,7 @@ def test_a_run_through_confide_aggregator_gives_the_plain_mean(
 
 
 def test_sites_refuse_a_remote_aggregator_of_another_configuration(
-    make_config: MakeConfig, aggregator: tuple[int, Path], aggregator_config: Path
+    make_config: MakeConfig, aggregator: tuple[int, Path], aggregator_config: Path, authority: Authority
 ) -> None:
     port, key = aggregator
     other = confide(
@@ -108,7 +138,7 @@ def test_sites_refuse_a_remote_aggregator_of_another_configuration(
     assert other.returncode == 0, other.stderr
     config = make_config("remote", privacy__enclave_address=f"'127.0.0.1:{port}'", **SIMULATED)
     runner = Runner.start(config)
-    layer = next(layer for layer in runner.federation.layers if isinstance(layer, EnclaveLayer))
+    layer = endorse(runner, authority)
     layer.trust = SiteTrust.from_files(
         "simulated", key.read_bytes(), other.stdout.strip(), allow_simulated=True
     )

@@ -129,8 +129,9 @@ def build_secure(
             spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
             clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
     identities: dict[str, Ed25519PrivateKey] = {}
-    if p.encryption == "ckks" and registry is None:
-        # The CKKS key ceremony signs with each site's identity (a deployment's enrolled ones).
+    if (p.encryption == "ckks" or p.enclave != "none") and registry is None:
+        # The CKKS key ceremony, and updates sealed to the enclave, are signed with each site's identity
+        # (a deployment's enrolled ones).
         identities = {site: keys.generate_identity() for site in sites}
     if not p.secure_aggregation:
         return None, identities

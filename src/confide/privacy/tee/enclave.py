@@ -32,13 +32,14 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -47,6 +48,7 @@ from confide.core import EXAMPLES, Update, Vector
 from confide.errors import UpdateError
 from confide.pipeline import Aggregator, RoundAbandoned
 from confide.privacy.dp import CentralDP, CentralNoise, EqualMean, clip
+from confide.privacy.secagg import keys
 from confide.privacy.tee.attestation import (
     INSECURE_LABEL,
     SIMULATED,
@@ -155,6 +157,22 @@ def unpack_update(data: bytes) -> Update:
         raise UpdateError(f"the opened update is malformed: {e}") from None
 
 
+SIGNATURE_BYTES = keys.SIGNATURE_BYTES
+
+
+def update_statement(run: str, round: int, site: str, packed: bytes) -> bytes:
+    """What a site signs with its enrolled identity: this packed update is its own, for this run and round."""
+    return keys.frame(b"confide/enclave/v1", "update", run, round, site, hashlib.sha256(packed).digest())
+
+
+def sign_update(update: Update, identity: Ed25519PrivateKey, run: str) -> bytes:
+    """The update packed and signed by its site: what the site seals to the enclave. The signature is inside
+    the sealed bytes, so only the enclave sees it, and it keeps a server (which knows the enclave's public
+    key and could seal anything) from making up updates in another site's name."""
+    packed = pack_update(update)
+    return packed + keys.sign(identity, update_statement(run, update.round, update.site, packed))
+
+
 # -- the aggregator inside -----------------------------------------------------------------------------------
 
 
@@ -176,6 +194,9 @@ class EnclaveSettings:
     """Refuse updates of the wrong shape or with non-finite values."""
     min_updates: int = 2
     """The fewest updates it releases an aggregate of."""
+    identity_ca: str = ""
+    """SHA-256 of the CA certificate the sites' enrolled identities are checked against (`confide aggregator
+    --ca`); empty in a simulation, whose identities are made in its own process."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)  # the [defence] dataclass too, recursively
@@ -237,7 +258,13 @@ class _Shape:
 class Enclave:
     """The attested aggregator's core: key pair, reports, and one round at a time."""
 
-    def __init__(self, settings: EnclaveSettings, platform: Platform, aggregator: Aggregator | None = None):
+    def __init__(
+        self,
+        settings: EnclaveSettings,
+        platform: Platform,
+        aggregator: Aggregator | None = None,
+        registry: Mapping[str, bytes] | None = None,
+    ):
         if settings.min_updates < 2:
             raise ValueError("an enclave releases no aggregate of fewer than 2 updates")
         self.settings = settings
@@ -253,6 +280,8 @@ class Enclave:
         self._released = 0
         """The last round released: no round up to it opens again."""
         self._lock = threading.Lock()
+        self.registry: Mapping[str, bytes] = registry if registry is not None else {}
+        """Each site's enrolled Ed25519 identity: an update counts only if its site signed it."""
         if platform.insecure:
             log.warning("the aggregator runs on the %s", INSECURE_LABEL)
 
@@ -275,9 +304,9 @@ class Enclave:
             attempt = self._current(round)
             if site in attempt.seen:
                 raise UpdateError(f"site {site!r} already has an update in round {round}")
-            attempt.seen.add(site)
             try:
                 update = self._open(attempt, site, sealed)
+                attempt.seen.add(site)  # only the site's own update: a forgery must not lock it out
                 self.aggregator.add(attempt.state, update)
             except UpdateError as e:
                 attempt.refused.append((site, str(e)))
@@ -286,9 +315,26 @@ class Enclave:
             for key, value in {EXAMPLES: float(update.num_examples), **update.sums}.items():
                 attempt.sums[key] = attempt.sums.get(key, 0.0) + value
 
+    def register(self, registry: Mapping[str, bytes]) -> None:
+        """Take the sites' identities (checked against the CA by whoever calls: `confide aggregator`)."""
+        with self._lock:
+            self.registry = {**self.registry, **registry}
+
     def _open(self, attempt: _Attempt, site: str, sealed: bytes) -> Update:
         aad = associated_data(self.settings.run, attempt.round, site, attempt.report)
-        update = unpack_update(unseal(sealed, self._key, aad))
+        signed = unseal(sealed, self._key, aad)
+        packed, signature = signed[:-SIGNATURE_BYTES], signed[-SIGNATURE_BYTES:]
+        public = self.registry.get(site)
+        if public is None:
+            raise UpdateError(f"site {site!r} is not among the enrolled sites the enclave knows")
+        try:
+            keys.verify(public, signature, update_statement(self.settings.run, attempt.round, site, packed))
+        except (InvalidSignature, ValueError):
+            raise UpdateError(
+                f"the update sealed in the name of site {site!r} is not signed by its enrolled identity: "
+                "someone else (the server, which knows the enclave's key) made it"
+            ) from None
+        update = unpack_update(packed)
         if update.site != site or update.round != attempt.round:
             raise UpdateError(
                 f"the update sealed by {site!r} names site {update.site!r}, round {update.round}"

@@ -24,15 +24,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from confide.core import Update, Vector
 from confide.errors import AttestationError, ConfigError, UpdateError
 from confide.pipeline import Layer, RoundAbandoned, RoundContext, SiteContext, StackContext, Traits
+from confide.privacy.secagg import keys
 from confide.privacy.tee.attestation import (
     INSECURE_LABEL,
     SIMULATED,
@@ -48,8 +50,8 @@ from confide.privacy.tee.enclave import (
     SimulatedPlatform,
     Summary,
     associated_data,
-    pack_update,
     seal,
+    sign_update,
 )
 from confide.randomness import Randomness
 
@@ -163,7 +165,7 @@ class EnclaveLayer(Layer):
         if p.enclave_address:
             # `confide aggregator` elsewhere: the runtime connects the link (confide.runtime.stack); a
             # deployed site gets its trust from its own command line, never from this config.
-            return cls(settings, None, None)
+            return cls(settings, None, None, stack.identities)
         if p.enclave != SIMULATED:
             raise ConfigError(
                 f"privacy.enclave = {p.enclave!r} runs in its own `confide aggregator` process on that "
@@ -172,14 +174,23 @@ class EnclaveLayer(Layer):
         # A simulation: the enclave in this process, and the sites' trust made here from it (never from a
         # server, which in a simulation is this same process).
         platform = SimulatedPlatform()
-        enclave = Enclave(settings, platform)
+        registry = {site: keys.identity_public_bytes(key) for site, key in stack.identities.items()}
+        enclave = Enclave(settings, platform, registry=registry)
         trust = SiteTrust(
             verifier(SIMULATED, platform.public_key()), enclave.measurement, p.enclave_max_age, True
         )
-        return cls(settings, LocalLink(enclave), trust)
+        return cls(settings, LocalLink(enclave), trust, stack.identities)
 
-    def __init__(self, settings: EnclaveSettings, link: EnclaveLink | None, trust: SiteTrust | None) -> None:
+    def __init__(
+        self,
+        settings: EnclaveSettings,
+        link: EnclaveLink | None,
+        trust: SiteTrust | None,
+        identities: Mapping[str, Ed25519PrivateKey] | None = None,
+    ) -> None:
         self.settings = settings
+        self.identities = dict(identities or {})
+        """The signing keys of the sites this process plays (each signs its own update for the enclave)."""
         self.link = link
         """The server's way to the enclave (None on a deployed site, which never uses it)."""
         self.trust = trust
@@ -228,8 +239,15 @@ class EnclaveLayer(Layer):
                 f"site {update.site!r} verified no attestation of the aggregator for round {update.round}, "
                 "so it sends no update"
             )
+        identity = self.identities.get(update.site)
+        if identity is None:
+            raise UpdateError(
+                f"site {update.site!r} has no identity key to sign its update for the attested aggregator: "
+                "make its keys with `confide keys` and enroll it with --csr"
+            )
         aad = associated_data(self.settings.run, update.round, update.site, verified.report)
-        sealed = seal(pack_update(update), verified.evidence.public_key, aad)
+        signed = sign_update(update, identity, self.settings.run)
+        sealed = seal(signed, verified.evidence.public_key, aad)
         return Update(
             site=update.site,
             round=update.round,

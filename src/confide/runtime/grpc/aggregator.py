@@ -31,6 +31,7 @@ from confide.privacy.tee.attestation import INSECURE_LABEL, NITRO, SIMULATED
 from confide.privacy.tee.enclave import PLATFORMS, Enclave, EnclaveSettings, Platform, Summary
 from confide.privacy.tee.layer import EnclaveLayer, enclave_settings
 from confide.runtime.grpc import confide_pb2 as pb
+from confide.runtime.grpc.identity import verify_registry
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class GrpcLink:
     def __init__(self, address: str, update_size: int) -> None:
         self.address = address
         self.update_size = update_size
+        self.identities: list[pb.Identity] = []
+        """The enrolled sites' identities and endorsements, sent with each Open (the deployment sets them)."""
         self._channel: grpc.Channel | None = None
         self._calls: dict[str, Callable[..., Any]] = {}
 
@@ -87,7 +90,11 @@ class GrpcLink:
 
     def open(self, round: int) -> bytes:
         return bytes(
-            self._call("Open", pb.AggregatorRound(version=VERSION, round=round), pb.Attestation).report
+            self._call(
+                "Open",
+                pb.AggregatorRound(version=VERSION, round=round, identities=self.identities),
+                pb.Attestation,
+            ).report
         )
 
     def submit(self, round: int, site: str, sealed: bytes) -> None:
@@ -128,8 +135,23 @@ def connect_enclave(layers: Sequence[Layer], address: str, update_size: int) -> 
 class AggregatorService:
     """The ``Aggregator`` service around one enclave: each call is one step of :class:`Enclave`."""
 
-    def __init__(self, enclave: Enclave) -> None:
+    def __init__(self, enclave: Enclave, ca_pem: bytes | None = None) -> None:
+        self.ca_pem = ca_pem
         self.enclave = enclave
+
+    def _register(self, identities: Sequence[pb.Identity]) -> None:
+        """Give the enclave the sites' identity keys, each checked against this aggregator's own copy of the
+        CA certificate (never the server's word: a key the server made up would let it sign updates)."""
+        if self.ca_pem is None:
+            raise RoundAbandoned(
+                "this aggregator has no CA certificate to check the sites' identities against: start it with "
+                "--ca PATH/ca.pem"
+            )
+        entries = {i.site: (bytes(i.public_key), bytes(i.endorsement)) for i in identities}
+        try:
+            self.enclave.register(verify_registry(self.ca_pem, entries))
+        except DeploymentError as e:
+            raise RoundAbandoned(str(e)) from None
 
     def _step(self, context: grpc.ServicerContext, step: Callable[[], T]) -> T:
         try:
@@ -149,6 +171,8 @@ class AggregatorService:
 
     def Open(self, request: pb.AggregatorRound, context: grpc.ServicerContext) -> pb.Attestation:
         self._version(request.version, context)
+        if request.identities:
+            self._step(context, lambda: self._register(request.identities))
         return pb.Attestation(report=self._step(context, lambda: self.enclave.open(int(request.round))))
 
     def Submit(self, request: pb.SealedUpdate, context: grpc.ServicerContext) -> pb.Submitted:
@@ -202,14 +226,15 @@ def check_loopback(listen: str) -> None:
         )
 
 
-def start_aggregator(enclave: Enclave, listen: str) -> tuple[grpc.Server, int]:
-    """Serve ``enclave`` on ``listen`` (a loopback HOST:PORT; port 0 picks one); returns the server, port."""
+def start_aggregator(enclave: Enclave, listen: str, ca_pem: bytes | None = None) -> tuple[grpc.Server, int]:
+    """Serve ``enclave`` on ``listen`` (a loopback HOST:PORT; port 0 picks one); returns the server, port.
+    ``ca_pem``: the CA certificate the sites' identities are checked against."""
     check_loopback(listen)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="confide-aggregator"),
         options=[*_options(enclave.settings.update_size), ("grpc.so_reuseport", 0)],
     )
-    server.add_generic_rpc_handlers((_handlers(AggregatorService(enclave)),))
+    server.add_generic_rpc_handlers((_handlers(AggregatorService(enclave, ca_pem)),))
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as e:

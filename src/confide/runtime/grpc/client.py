@@ -370,12 +370,14 @@ class SiteClient:
 
         config, layout, kit = self.group.kit(key, build) if self.group is not None else build()
         p = config.privacy
-        if (p.secure_aggregation and p.secagg_authenticated) or p.encryption != "none":
+        if (p.secure_aggregation and p.secagg_authenticated) or p.encryption != "none" or p.enclave != "none":
             identity = self.credentials.identity()
             if identity is None:
                 what = "its part of the CKKS key ceremony"
                 if p.secure_aggregation:
                     what = "secure aggregation's keys"
+                elif p.enclave != "none":
+                    what = "its updates for the attested aggregator"
                 raise DeploymentError(
                     f"the run signs {what}, but site {self.site!r} has no identity key: make its keys with "
                     "`confide keys` and enroll it with --csr"
@@ -386,6 +388,8 @@ class SiteClient:
                     layer.identities[self.site] = identity
                 if isinstance(layer, CKKSLayer):
                     layer.ceremony.identities[self.site] = identity
+                if isinstance(layer, EnclaveLayer):
+                    layer.identities[self.site] = identity
         for layer in kit.layers:
             if isinstance(layer, EnclaveLayer):
                 layer.trust = self.enclave_trust  # the site's own anchors, never the server's config

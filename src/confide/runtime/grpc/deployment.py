@@ -24,6 +24,7 @@ from confide.privacy.policy import SiteDP
 from confide.runtime.federation import RoundResult
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
+from confide.runtime.grpc.aggregator import GrpcLink
 from confide.runtime.grpc.identity import verify_registry
 from confide.runtime.grpc.pki import CertificatePaths
 from confide.runtime.grpc.security import (
@@ -122,10 +123,11 @@ class Deployment:
                     f"no site is enrolled in {self.directory}; enroll each with `confide enroll SITE "
                     f"--dir {self.directory}`"
                 )
-        signed = config.privacy.secagg_authenticated or config.privacy.encryption != "none"
+        p = config.privacy
+        signed = p.secagg_authenticated or p.encryption != "none" or p.enclave != "none"
         self.identities = self._identities() if signed else {}
-        """With ``privacy.secagg_authenticated`` or encryption (whose key ceremony the sites sign): each site
-        -> (identity key, the CA's endorsement)."""
+        """With ``privacy.secagg_authenticated``, encryption (whose key ceremony the sites sign) or the
+        attested aggregator (whose updates they sign): each site -> (identity key, the CA's endorsement)."""
         self.registry = {site: public for site, (public, _) in self.identities.items()} or None
         """The identity keys the server checks the sites' signatures with (verified against its ca.pem)."""
         self.dp = build_site_dp(self.config, len(self.population))
@@ -228,6 +230,15 @@ class Deployment:
             runner = Runner(
                 self.config, self.store, sites=sites, backend=self.backend, dp=self.dp, registry=self.registry
             )
+        for layer in runner.federation.layers:
+            link = getattr(layer, "link", None)
+            if isinstance(link, GrpcLink):
+                # The enclave counts an update only if its site signed it: it gets the endorsed identities,
+                # which it checks against its own copy of the CA certificate.
+                link.identities = [
+                    pb.Identity(site=site, public_key=public, endorsement=endorsement)
+                    for site, (public, endorsement) in sorted(self.identities.items())
+                ]
         self.runner = runner
         return runner
 
