@@ -1,19 +1,21 @@
-"""What each protection of the updates costs, and what it hides from whom: plain, SecAgg+ and CKKS, each with
-and without distributed or central DP.
+"""What each protection of the updates costs, and what it hides from whom: plain, SecAgg+, CKKS and the
+attested aggregator (on the simulated platform, in-process), each with and without distributed or central DP.
 
 a. Cost of a protected sum (``--sizes``, ``--cost-sites`` sites). For each update size d (the demo model's
    216,041 parameters, 1M and 10M by default): the plain floor is a float32 sum ``acc += update`` of the
    sites' updates (best of ``--repeats``). CKKS: a site's encryption, the server's loading and adding of every
    site's ciphertexts, a site's decryption of the result, the bytes a site uploads, and the largest error of
    the decrypted mean against the float64 mean. SecAgg+: one round of ``run_round`` with no dropout (a
-   site's masking step, the server's collection and unmasking, a site's upload). The sites' updates are a
-   pool of 2 random vectors reused across sites (the cost does not depend on the values).
+   site's masking step, the server's collection and unmasking, a site's upload). Enclave: a site's signing
+   and sealing of its update, and the enclave's opening, checking and summing of every site's. The sites'
+   updates are a pool of 2 random vectors reused across sites (the cost does not depend on the values).
 
 b. Whole rounds of the demo model (the FedAvg paper's two-layer LSTM of the demo, 216,041 parameters) on
    Shakespeare at ``--sites`` sites per round: the median wall time of a round after the first (which for
    CKKS holds the key ceremony, shown apart), the bytes up and down per site and round as the backend counts
    them, and the server's CPU time per round: the time spent in the server's halves of the layers, the
-   aggregator and the server step, less the time the simulated sites spend answering its exchanges. Sites
+   aggregator and the server step (with the in-process enclave's work), less the time the simulated sites
+   spend answering its exchanges. Sites
    train ``--steps`` local steps, so that training (the same in every row) does not drown the protection.
 
 Ratios are against the plain row measured in the same run.
@@ -39,9 +41,13 @@ import numpy as np
 
 from common import Recorder, build_config, console, machine, output_folder, show
 from confide.client.site import Site
+from confide.config import DefenceConfig
+from confide.core import Update
 from confide.errors import ConfigError
 from confide.privacy.he.ckks import SecretKey
-from confide.privacy.secagg import SecAggParams, Step, run_round
+from confide.privacy.secagg import SecAggParams, Step, keys, run_round
+from confide.privacy.tee.attestation import SimulatedPlatform
+from confide.privacy.tee.enclave import Enclave, EnclaveSettings, associated_data, seal, sign_update
 from confide.runtime.runner import Runner
 
 DEMO_SIZE = 216_041
@@ -50,6 +56,7 @@ PROTECTIONS = {
     "plain": {},
     "SecAgg+": {"secure_aggregation": True},
     "CKKS": {"encryption": "ckks"},
+    "enclave (simulated)": {"enclave": "simulated"},
 }
 DP = {
     "no DP": {},
@@ -67,6 +74,11 @@ HIDES = [
         "CKKS",
         "each update, the sum and the model from the server (honest-but-curious or malicious); nothing from "
         "a site that colludes with the server (every site holds the key)",
+    ),
+    (
+        "enclave",
+        "each update from the server (honest-but-curious or malicious), if the platform holds; the server "
+        "reads the aggregate and the model. The simulated platform hides nothing from whoever runs it",
     ),
     (
         "distributed DP",
@@ -96,6 +108,8 @@ class Cost:
     mask: float
     unmask: float
     secagg_up: float
+    seal: float
+    enclave: float
 
 
 def best(repeats: int, work: Callable[[], Any]) -> float:
@@ -139,6 +153,7 @@ def cost(size: int, sites: int, repeats: int) -> Cost:
     names = [f"site{i:03d}" for i in range(sites)]
     _, transcript = run_round(dict(zip(names, updates, strict=True)), SecAggParams(sites=sites), {}, rng)
     steps = transcript.steps
+    seal_seconds, enclave_seconds = enclave_cost(names, updates)
     return Cost(
         size,
         best(repeats, plain_sum),
@@ -150,7 +165,32 @@ def cost(size: int, sites: int, repeats: int) -> Cost:
         steps[Step.MASKED_INPUT].max_site_seconds,
         steps[Step.MASKED_INPUT].server_seconds + steps[Step.UNMASKING].server_seconds,
         float(np.mean([transcript.site_bytes(s)[0] for s in names])),
+        seal_seconds,
+        enclave_seconds,
     )
+
+
+def enclave_cost(names: list[str], updates: list[np.ndarray]) -> tuple[float, float]:
+    """A site's signing and sealing of its update (mean), and the enclave's opening, checking and summing of
+    every site's (the simulated platform; the cost of the cryptography does not depend on the platform)."""
+    identities = {name: keys.generate_identity() for name in names}
+    registry = {name: keys.identity_public_bytes(key) for name, key in identities.items()}
+    settings = EnclaveSettings("simulated", "bench", updates[0].size, "mean", DefenceConfig())
+    enclave = Enclave(settings, SimulatedPlatform(), registry=registry)
+    report = enclave.open(1)
+    sealed = []
+    started = time.perf_counter()
+    for name, vector in zip(names, updates, strict=True):
+        update = Update(name, 1, 1, vector, 0)
+        aad = associated_data("bench", 1, name, report)
+        sealed.append(seal(sign_update(update, identities[name], "bench"), enclave.public_key, aad))
+    seal_seconds = (time.perf_counter() - started) / len(names)
+    started = time.perf_counter()
+    for name, box in zip(names, sealed, strict=True):
+        enclave.submit(1, name, box)
+    enclave.close(1)
+    enclave.release(1)
+    return seal_seconds, time.perf_counter() - started
 
 
 def cost_rows(costs: list[Cost]) -> list[list[str]]:
@@ -169,6 +209,8 @@ def cost_rows(costs: list[Cost]) -> list[list[str]]:
                 f"{1e3 * c.mask:.0f}",
                 f"{1e3 * c.unmask:.0f} ({c.unmask / c.plain:.0f}x)",
                 f"{c.secagg_up / 1e6:.1f} ({c.secagg_up / plain_bytes:.1f}x)",
+                f"{1e3 * c.seal:.0f}",
+                f"{1e3 * c.enclave:.0f} ({c.enclave / c.plain:.0f}x)",
             ]
         )
     return rows
@@ -185,6 +227,8 @@ COST_COLUMNS = [
     "SecAgg+ mask ms (site)",
     "SecAgg+ collect+unmask ms",
     "SecAgg+ MB up (site)",
+    "enclave seal ms (site)",
+    "enclave open+sum ms",
 ]
 
 

@@ -115,7 +115,7 @@ class LocalBackend:
             try:
                 answer = self.site(name).answer(data)
             except ConfideError as e:  # the site gives up on this round; for the server it has dropped
-                log.info("site %s left the secure-aggregation round: %s", name, e)
+                log.info("site %s left the protocol step: %s", name, e)
                 continue
             if answer:
                 self._count(received=wire.message_bytes(*wire.answer_message(0, b"", answer)))
