@@ -312,7 +312,7 @@ def rounds(args: argparse.Namespace, output: Path) -> list[list[str]]:
                     config = build_config(raw, output, f"{sites}-{protection}-{dp}".replace(" ", "_"))
                     runner = Runner.start(config)
                 except ConfigError as e:
-                    rows.append([str(sites), label, "refused: " + str(e).split(":")[0], "", "", "", ""])
+                    rows.append([str(sites), label, f"refused: {e}", "", "", ""])
                     continue
                 clock = ServerClock()
                 clock.attach(runner)
@@ -338,7 +338,6 @@ def rounds(args: argparse.Namespace, output: Path) -> list[list[str]]:
                         first,
                         f"{up / 1e6:.2f} / {down / 1e6:.2f}",
                         f"{1e3 * clock.server / max(len(done), 1):.0f}",
-                        f"{runner.dp.spent().worst_site:.2f}" if runner.dp is not None else "-",
                     ]
                 )
                 console.print(f"  [dim]{sites} sites, {label}: {rows[-1][2]} s/round[/dim]")
@@ -352,7 +351,6 @@ ROUND_COLUMNS = [
     "first round s",
     "MB up / down per site",
     "server CPU ms/round",
-    "worst-site epsilon",
 ]
 
 

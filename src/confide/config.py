@@ -781,7 +781,8 @@ def _check_privacy(config: Config) -> None:
                 "privacy.adaptive_clip needs privacy.dp = 'central': each site's clipping bit is noised by "
                 "the aggregator, which under distributed DP must not see it"
             )
-        if p.dp == "distributed" and not p.secure_aggregation and p.encryption == "none":
+        hidden = p.secure_aggregation or p.encryption != "none"
+        if p.dp == "distributed" and not hidden and p.enclave == "none":  # the enclave says why, below
             raise ConfigError(
                 "privacy.dp = 'distributed' needs secure aggregation (privacy.secure_aggregation = true): "
                 "each site's update carries only its share of the noise, so the server may see only their "
