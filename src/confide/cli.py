@@ -380,8 +380,9 @@ class RichObserver:
         if runner.dp is not None:
             console.print(runner.dp.describe())
         for layer in runner.federation.layers:
-            if layer.name == "enclave":
-                console.print(layer.describe())  # says INSECURE for the simulated platform
+            describe = getattr(layer, "describe", None)
+            if describe is not None:  # the enclave's says INSECURE for the simulated platform
+                console.print(describe())
         if runner.attack.attackers:
             a = runner.config.attack
             console.print(
@@ -496,7 +497,8 @@ def _finish(runner: Any, write: bool) -> None:
         text = runner.generate(e.prompt, e.sample_length, seed=i)
         samples.append((e.prompt, text[len(e.prompt) :]))
     if samples:
-        console.print("\n[bold]A passage written by the federated model:[/]")
+        how = " (decrypted with a simulated site's key)" if getattr(runner, "encrypted", False) else ""
+        console.print(f"\n[bold]A passage written by the federated model{how}:[/]")
         console.print(samples[0][0] + samples[0][1], markup=False)
     if write:
         from confide.report import write_report

@@ -95,6 +95,15 @@ class CKKSLayer(Layer):
         """The server state of the last round (where the ceremony keeps the public key and who holds the
         key), for the ceremony that precedes an evaluation."""
 
+    def describe(self) -> str:
+        holder = repr(self.ceremony.holder) if self.ceremony.holder else "the first site of the first round"
+        return (
+            f"homomorphic encryption ({PARAMS.describe()}): each site encrypts its update times "
+            f"{self.weight:.4g} (server.learning_rate / sites per round); the server adds ciphertexts into "
+            f"an encrypted model it cannot read. The key is made by {holder} and reaches the other sites "
+            "sealed to their signed keys."
+        )
+
     # -- the site -------------------------------------------------------------------------------------------
 
     def open_model(self, weights: Vector, site: str, sessions: dict[str, Any], state: Any) -> Vector:
