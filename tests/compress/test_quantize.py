@@ -111,8 +111,10 @@ def test_the_rotation_shrinks_the_error_on_a_spiky_vector() -> None:
     # coordinate of the block shares them, and the range shrinks by about sqrt(BLOCK / log BLOCK).
     vector = (RNG.standard_normal(8 * BLOCK) * 0.01).astype(np.float32)
     vector[RNG.choice(vector.size, 8, replace=False)] = 5.0
-    plain = [np.linalg.norm(round_trip(QuantizeLayer(4), vector)[1] - vector) for _ in range(5)]
-    rotated = [np.linalg.norm(round_trip(QuantizeLayer(4, rotate=True), vector)[1] - vector) for _ in range(5)]
+    def errors(layer: QuantizeLayer) -> list[float]:
+        return [float(np.linalg.norm(round_trip(layer, vector)[1] - vector)) for _ in range(5)]
+
+    plain, rotated = errors(QuantizeLayer(4)), errors(QuantizeLayer(4, rotate=True))
     assert max(rotated) < min(plain) / 3
 
 
@@ -170,5 +172,5 @@ def test_a_site_whose_update_diverged_sends_nothing() -> None:
 
 @pytest.mark.parametrize("bits", [0, 17, 2.5, True])
 def test_bits_out_of_range_are_refused(bits: object) -> None:
-    with pytest.raises(ConfigError, match="compression.bits"):
+    with pytest.raises(ConfigError, match=r"compression\.bits"):
         QuantizeLayer(bits)  # type: ignore[arg-type]

@@ -80,7 +80,7 @@ def test_malformed_topk_payloads_are_refused() -> None:
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.5, True])
 def test_a_fraction_outside_0_1_is_refused(fraction: object) -> None:
-    with pytest.raises(ConfigError, match="compression.fraction"):
+    with pytest.raises(ConfigError, match=r"compression\.fraction"):
         TopKLayer(fraction)  # type: ignore[arg-type]
 
 
