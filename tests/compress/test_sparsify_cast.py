@@ -121,3 +121,12 @@ def test_half_precision_refusals() -> None:
         layer.decode(bad, round_context(4))
     with pytest.raises(ConfigError, match="float16"):
         CastLayer("float8")
+
+
+def test_each_layer_says_what_it_sends_for_the_run_display() -> None:
+    from confide.compress.quantize import QuantizeLayer
+
+    line = QuantizeLayer(2, rotate=True).describe()
+    assert "2 bits per value after a random Hadamard rotation, 0.258 bytes" in line
+    assert "10.00% largest values sent, the rest kept" in TopKLayer(0.1).describe()
+    assert "bfloat16, 2 bytes" in CastLayer("bfloat16").describe()

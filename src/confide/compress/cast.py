@@ -77,5 +77,9 @@ class CastLayer(Layer):
         vector = bits.view(np.float16).astype(np.float32) if self.kind == "float16" else from_bfloat16(bits)
         return restored(update, vector, (self.kind,))
 
+    def describe(self) -> str:
+        """One line for the run display."""
+        return f"update compression: each value sent as {self.kind}, 2 bytes instead of 4"
+
     def __repr__(self) -> str:
         return f"CastLayer({self.kind!r})"

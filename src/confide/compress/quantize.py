@@ -158,5 +158,14 @@ class QuantizeLayer(Layer):
             blocks = hadamard(blocks).reshape(-1) * rotation_signs(task.plan, update.site, padded)
         return restored(update, blocks.reshape(-1)[:size], ("levels", "ranges"))
 
+    def describe(self) -> str:
+        """One line for the run display."""
+        rotated = " after a random Hadamard rotation" if self.rotate else ""
+        per_value = self.bits / 8 + 8 / BLOCK
+        return (
+            f"update compression: stochastic quantization to {self.bits} bits per value{rotated}, "
+            f"{per_value:.3f} bytes per value instead of 4"
+        )
+
     def __repr__(self) -> str:
         return f"QuantizeLayer(bits={self.bits}, rotate={self.rotate})"

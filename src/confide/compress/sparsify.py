@@ -99,5 +99,13 @@ class TopKLayer(Layer):
         vector[indices] = values
         return restored(update, vector, ("indices", "values"))
 
+    def describe(self) -> str:
+        """One line for the run display."""
+        feedback = ", the rest kept for the next update" if self.error_feedback else ", the rest dropped"
+        return (
+            f"update compression: top-k, the {self.fraction:.2%} largest values sent{feedback}; "
+            f"{8 * self.fraction:.3f} bytes per value instead of 4"
+        )
+
     def __repr__(self) -> str:
         return f"TopKLayer(fraction={self.fraction}, error_feedback={self.error_feedback})"
