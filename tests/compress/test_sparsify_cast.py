@@ -130,3 +130,32 @@ def test_each_layer_says_what_it_sends_for_the_run_display() -> None:
     assert "2 bits per value after a random Hadamard rotation, 0.258 bytes" in line
     assert "10.00% largest values sent, the rest kept" in TopKLayer(0.1).describe()
     assert "bfloat16, 2 bytes" in CastLayer("bfloat16").describe()
+
+
+@pytest.mark.parametrize(
+    "layer_name", ["quantize 3 bits", "quantize 16 bits rotated", "topk", "float16", "bfloat16"]
+)
+def test_every_kind_crosses_the_deployments_wire_and_decodes_the_same(layer_name: str) -> None:
+    from confide.client.state import MemorySiteState
+    from confide.compress.quantize import QuantizeLayer
+    from confide.runtime.grpc import wire
+    from tests.compress.helpers import site_context
+
+    layers = {
+        "quantize 3 bits": QuantizeLayer(3),
+        "quantize 16 bits rotated": QuantizeLayer(16, rotate=True),
+        "topk": TopKLayer(0.05),
+        "float16": CastLayer("float16"),
+        "bfloat16": CastLayer("bfloat16"),
+    }
+    layer = layers[layer_name]
+    vector = RNG.standard_normal(3000).astype(np.float32)
+    encoded = layer.encode(update(vector), site_context(state=MemorySiteState()))
+    header, tensors = wire.update_message(1, b"s", encoded)
+    assert all(array.dtype in (np.uint8, np.float32) for _, array in tensors)
+    received = wire.read_update(wire.assemble(list(wire.chunks(header, tensors)), 64 << 20))
+    assert received.vector is None
+    local = layer.decode(encoded, round_context(vector.size))
+    remote = layer.decode(received, round_context(vector.size))
+    assert local is not None and remote is not None
+    assert np.array_equal(local.vector, remote.vector)  # type: ignore[arg-type]
