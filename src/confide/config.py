@@ -36,6 +36,7 @@ from confide.registry import (
     AUTH_MODES,
     BACKENDS,
     CLIENT_OPTIMIZERS,
+    COMPRESSIONS,
     DATASETS,
     DIRICHLET_LABELS,
     DP_PLACEMENTS,
@@ -549,6 +550,30 @@ class AttackConfig:
     )
 
 
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How each site's update is compressed on its way to the server (see :mod:`confide.compress`)."""
+
+    kind: str = option("none", COMPRESSIONS.help, choices=COMPRESSIONS)
+    bits: int = option(
+        8,
+        "quantize: bits per value (8: a quarter of float32's bytes)",
+        lambda x: 1 <= x <= 16,
+        "from 1 to 16",
+    )
+    rotate: bool = option(
+        False,
+        "quantize: rotate each block of values by random signs and a Hadamard transform first, which spreads "
+        "large values and shrinks the error (Suresh et al. 2017)",
+    )
+    fraction: float = option(
+        0.01, "topk: the fraction of values each site sends (k / d)", lambda x: 0 < x <= 1, "in (0, 1]"
+    )
+    error_feedback: bool = option(
+        True, "topk: each site adds what it did not send to its next update (kept in its state)"
+    )
+
+
 DEFAULT_MODEL = "gpt"
 """The model kind of a config whose [model] table names none."""
 
@@ -564,6 +589,7 @@ SECTIONS: dict[str, type] = {
     "defence": DefenceConfig,
     "attack": AttackConfig,
     "adapter": AdapterConfig,
+    "compression": CompressionConfig,
 }
 
 
@@ -583,6 +609,7 @@ class Config:
     defence: DefenceConfig = field(default_factory=DefenceConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(asdict(self))
@@ -676,6 +703,7 @@ def check(config: Config) -> None:
     _check_privacy(config)
     _check_encryption(config)
     _check_enclave(config)
+    _check_compression(config)
     _check_defence(config)
     _check_attack(config.attack, config.model["kind"])
     _check_model(config.model)
@@ -864,6 +892,26 @@ def _check_enclave(config: Config) -> None:
         why = "FLTrust trains on the server's root data, which the enclave does not have"
     if why:
         raise ConfigError(f"privacy.enclave = {p.enclave!r}: {why}")
+
+
+def _check_compression(config: Config) -> None:
+    """Compression replaces the clear vector by a payload, which the protecting layers cannot take."""
+    p, kind = config.privacy, config.compression.kind
+    if kind == "none":
+        return
+    protections = [
+        (p.secure_aggregation, "privacy.secure_aggregation = true"),
+        (p.encryption != "none", f"privacy.encryption = {p.encryption!r}"),
+        (p.enclave != "none", f"privacy.enclave = {p.enclave!r}"),
+    ]
+    for refused, what in protections:
+        if refused:
+            raise ConfigError(
+                f"compression.kind = {kind!r} cannot run with {what} yet: that layer needs each site's clear "
+                "float32 vector, which compression has replaced by a payload. Quantizing into secure "
+                "aggregation's fixed-point field (so that the masked vector shrinks too) is the next step; "
+                "for now choose one: set compression.kind = 'none', or turn the protection off"
+            )
 
 
 def check_deployment(config: Config) -> None:

@@ -357,6 +357,20 @@ LAYERS.register(
     "confide.privacy.dp:DistributedNoiseLayer",
 )
 LAYERS.register(
+    "quantize",
+    "update compression: unbiased stochastic quantization to compression.bits bits per value, optionally "
+    "after a random Hadamard rotation",
+    "confide.compress.quantize:QuantizeLayer",
+)
+LAYERS.register(
+    "topk",
+    "update compression: the compression.fraction largest values, the rest kept for the next round",
+    "confide.compress.sparsify:TopKLayer",
+)
+LAYERS.register(
+    "cast", "update compression: float16 or bfloat16 transport", "confide.compress.cast:CastLayer"
+)
+LAYERS.register(
     "secagg",
     "secure aggregation (SecAgg+): each update masked, the server unmasks only the sum",
     "confide.privacy.secure:SecAggLayer",
@@ -385,6 +399,26 @@ ENCRYPTIONS.register(
     "CKKS (TenSEAL): sites encrypt, the server adds ciphertexts and never holds an update or the model in "
     "clear; the secret key is made and kept at the sites",
     "confide.privacy.he.layer:CKKSLayer",
+)
+
+COMPRESSIONS = Registry("compression.kind", "how each site's update is compressed for the wire")
+COMPRESSIONS.register("none", "float32 values, 4 bytes each", None)
+COMPRESSIONS.register(
+    "quantize",
+    "unbiased stochastic quantization to compression.bits bits per value, with a range per block of 1024 "
+    "values; compression.rotate spreads large values first (random Hadamard rotation, Suresh et al. 2017)",
+    "confide.compress.quantize:QuantizeLayer",
+)
+COMPRESSIONS.register(
+    "topk",
+    "top-k sparsification: the compression.fraction largest values and their indices (8 bytes each), "
+    "with error feedback (Stich et al. 2018)",
+    "confide.compress.sparsify:TopKLayer",
+)
+COMPRESSIONS.register("float16", "half precision, 2 bytes per value", "confide.compress.cast:CastLayer")
+COMPRESSIONS.register(
+    "bfloat16", "bfloat16: float32's range with 8 significant bits, 2 bytes per value",
+    "confide.compress.cast:CastLayer",
 )
 
 AGGREGATORS = Registry("server.aggregator", "how the server combines the round's updates")
@@ -505,6 +539,7 @@ REGISTRIES: tuple[Registry, ...] = (
     BACKENDS,
     LAYERS,
     ENCRYPTIONS,
+    COMPRESSIONS,
     AGGREGATORS,
     ATTACKS,
 )
