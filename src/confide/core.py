@@ -28,6 +28,22 @@ ENCRYPTED_MAGIC = b"CKKS1"
 holds encrypted is such a uint8 vector."""
 
 
+def is_encrypted(vector: Any) -> bool:
+    """Whether a model vector is held encrypted (CKKS ciphertexts as bytes) rather than in clear."""
+    return (
+        isinstance(vector, np.ndarray)
+        and vector.dtype == np.uint8
+        and bytes(vector[: len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC
+    )
+
+
+def round_size(sites_per_round: float, population: int) -> int:
+    """How many sites a round asks: a fraction of the population (below 1), or a count (at most all)."""
+    if sites_per_round < 1:
+        return max(1, round(sites_per_round * population))
+    return min(int(sites_per_round), population)
+
+
 @dataclass(frozen=True)
 class Entry:
     """Where one named tensor lives inside a flat vector."""
@@ -121,7 +137,7 @@ class Layout:
         """Raise UpdateError unless ``vector`` is a 1-D float32 array of this layout's size."""
         if not isinstance(vector, np.ndarray):
             raise UpdateError(f"the {what} must be a numpy array, got {type(vector).__name__}")
-        if vector.dtype == np.uint8 and bytes(vector[: len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC:
+        if is_encrypted(vector):
             raise UpdateError(
                 f"the {what} are encrypted with CKKS (privacy.encryption = 'ckks'): the server never holds "
                 "them in clear, and only the sites hold the key that decrypts them"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from confide import config
-from confide.core import Task, Traffic, Update, Vector
+from confide.core import Task, Traffic, Update, Vector, is_encrypted
 from confide.privacy.he.ceremony import PUBLIC_KEY, SECRET, from_state
-from confide.privacy.he.ckks import PublicKey, SecretKey, is_encrypted
+from confide.privacy.he.ckks import PublicKey, SecretKey
 from confide.privacy.he.layer import PAYLOAD
 from confide.runtime.federation import Backend
 from confide.runtime.grpc import wire

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from confide.config import load
-from confide.core import Layout
+from confide.core import Layout, is_encrypted
 from confide.errors import ConfigError, UpdateError
-from confide.privacy.he.ckks import PARAMS, CKKSParams, PublicKey, SecretKey, is_encrypted
+from confide.privacy.he.ckks import PARAMS, CKKSParams, PublicKey, SecretKey
 from confide.privacy.he.layer import add_or_undo
 from confide.runtime.runner import Runner
 from tests.conftest import tiny_config

@@ -20,7 +20,6 @@ import numpy as np
 
 from confide.core import (
     COMPUTE_SECONDS,
-    ENCRYPTED_MAGIC,
     EXAMPLES,
     LOSS_SUM,
     Plan,
@@ -29,6 +28,7 @@ from confide.core import (
     Traffic,
     Update,
     Vector,
+    is_encrypted,
 )
 from confide.errors import UpdateError
 from confide.pipeline import (
@@ -314,13 +314,9 @@ class Federation:
             layer.close(ctx)
 
 
-def is_encrypted_model(weights: Vector) -> bool:
-    return weights.dtype == np.uint8 and bytes(weights[: len(ENCRYPTED_MAGIC)]) == ENCRYPTED_MAGIC
-
-
 def _update_size(weights: Vector, shared: np.ndarray | None) -> int:
     """How many values an update has; 0 when the model is held encrypted, whose layer sums the updates."""
-    if is_encrypted_model(weights):
+    if is_encrypted(weights):
         return 0
     return weights.size if shared is None else shared.size
 

@@ -26,7 +26,7 @@ from confide.attacks.run import Attack
 from confide.client.personalize import DITTO_KEY, FEDREP_KEY
 from confide.client.site import DPSGD_EPSILON_KEY
 from confide.config import Config, check_deployment
-from confide.core import Layout, Plan, Vector
+from confide.core import Layout, Plan, Vector, is_encrypted
 from confide.data import DEFAULT_TOKENIZER, FederatedDataset, llm, partition, shakespeare
 from confide.data.llm import is_instruction_rows
 from confide.data.text import load_text, read_sites
@@ -36,7 +36,7 @@ from confide.models.configs import HFConfig, model_config
 from confide.models.hf import HFCausalLM
 from confide.pipeline import RoundAbandoned
 from confide.privacy.accountant import LedgerEntry
-from confide.privacy.he.ckks import ENCRYPTED_MODEL, is_encrypted
+from confide.privacy.he.ckks import ENCRYPTED_MODEL
 from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
 from confide.randomness import Stream, public_rng

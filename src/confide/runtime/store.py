@@ -419,8 +419,9 @@ class Store:
         """A stored global model in clear. Under CKKS the server holds it encrypted: a simulation keeps its
         simulated sites' keys in the run store and decrypts it with one; a deployed server holds no key, and
         is told so (StoreError)."""
+        from confide.core import is_encrypted
         from confide.privacy.he.ceremony import SECRET, from_state
-        from confide.privacy.he.ckks import ENCRYPTED_MODEL, SecretKey, is_encrypted
+        from confide.privacy.he.ckks import ENCRYPTED_MODEL, SecretKey
 
         if not is_encrypted(weights):
             return weights

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from confide.algorithms import algorithm
-from confide.core import Plan, Vector
+from confide.core import Plan, Vector, round_size
 from confide.errors import ConfigError
 from confide.pipeline import Aggregator, Layer
 from confide.randomness import Randomness, Stream, public_rng
@@ -76,9 +76,7 @@ class Strategy:
         return algorithm(self.algorithm).layers()
 
     def count(self, available: int) -> int:
-        if self.sites_per_round < 1:
-            return max(1, round(self.sites_per_round * available))
-        return min(int(self.sites_per_round), available)
+        return round_size(self.sites_per_round, available)
 
     def select(self, round: int, sites: Sequence[str], secret: Randomness | None = None) -> list[str]:
         """The sites of round ``round`` in a stable order: ``count`` drawn uniformly without replacement, or

@@ -236,8 +236,3 @@ def _unframe(data: bytes) -> list[bytes]:
     if at != len(data):
         raise UpdateError(f"the encrypted vector has {len(data) - at} bytes after its last ciphertext")
     return blobs
-
-
-def is_encrypted(vector: Vector) -> bool:
-    """Whether a model vector is held encrypted (bytes of :class:`EncryptedVector`) rather than in clear."""
-    return vector.dtype == np.uint8 and bytes(vector[: len(MAGIC)]) == MAGIC

@@ -43,11 +43,11 @@ from typing import Any, ClassVar
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from confide.core import EXAMPLES, Update, Vector
+from confide.core import EXAMPLES, Update, Vector, is_encrypted, round_size
 from confide.errors import UpdateError
 from confide.pipeline import EvaluationContext, Layer, RoundContext, SiteContext, StackContext, Traits
 from confide.privacy.he import ceremony
-from confide.privacy.he.ckks import PARAMS, EncryptedVector, PublicKey, SecretKey, is_encrypted
+from confide.privacy.he.ckks import PARAMS, EncryptedVector, PublicKey, SecretKey
 
 PAYLOAD = "ckks"
 """The update's payload entry that carries its ciphertexts."""
@@ -189,13 +189,6 @@ def add_or_undo(total: EncryptedVector, other: EncryptedVector) -> None:
         for mine, theirs in zip(total.parts[:done], other.parts[:done], strict=True):
             mine -= theirs
         raise UpdateError(f"ciphertext {done} of the update cannot be added to the sum ({e})") from None
-
-
-def round_size(sites_per_round: float, population: int) -> int:
-    """How many sites a round asks (a fraction of the population, or a count)."""
-    if sites_per_round < 1:
-        return max(1, round(sites_per_round * population))
-    return min(int(sites_per_round), population) if population else int(sites_per_round)
 
 
 __all__ = ["PARAMS", "CKKSLayer", "PublicKey", "SecretKey"]
