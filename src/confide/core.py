@@ -219,6 +219,18 @@ class Update:
             raise UpdateError(f"site {self.site!r} sent {self.vector.size} values; the model has {size}")
         return self.vector
 
+    def sealed(self, name: str, data: bytes) -> Update:
+        """The update as a layer that hides everything sends it: ``data`` as the one payload entry ``name``,
+        and nothing else about the site in clear (no vector, examples, metrics or sums)."""
+        return Update(
+            site=self.site,
+            round=self.round,
+            num_examples=0,
+            vector=None,
+            model_version=self.model_version,
+            payload={name: np.frombuffer(data, dtype=np.uint8)},
+        )
+
 
 
 EXAMPLES = "examples"

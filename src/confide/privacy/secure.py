@@ -283,14 +283,7 @@ class SecAggLayer(Layer):
             [_scale(sums.get(key, 0.0), _bound(key), bound) for key in self.sum_keys], dtype=np.float32
         )
         masked = state.mask(np.concatenate([update.vector, extra]))  # the site checks the vector's size
-        return Update(
-            site=update.site,
-            round=update.round,
-            num_examples=0,
-            vector=None,
-            model_version=update.model_version,
-            payload={MASKED: np.frombuffer(masked, dtype=np.uint8)},
-        )
+        return update.sealed(MASKED, masked)
 
     def encode_evaluation(
         self, evaluation: SiteEvaluation, kind: str, sessions: dict[str, object]

@@ -247,15 +247,7 @@ class EnclaveLayer(Layer):
             )
         aad = associated_data(self.settings.run, update.round, update.site, verified.report)
         signed = sign_update(update, identity, self.settings.run)
-        sealed = seal(signed, verified.evidence.public_key, aad)
-        return Update(
-            site=update.site,
-            round=update.round,
-            num_examples=0,
-            vector=None,
-            model_version=update.model_version,
-            payload={SEALED: np.frombuffer(sealed, dtype=np.uint8)},
-        )
+        return update.sealed(SEALED, seal(signed, verified.evidence.public_key, aad))
 
     # -- the server ----------------------------------------------------------------------------------------
 
