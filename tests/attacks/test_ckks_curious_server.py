@@ -6,14 +6,14 @@ ciphertexts then open to the site's update and the model."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from confide import config
-from confide.core import Task, Traffic, Update, Vector, is_encrypted
+from confide.core import Task, Update, Vector, is_encrypted
 from confide.privacy.he.ceremony import PUBLIC_KEY, SECRET, from_state
 from confide.privacy.he.ckks import PublicKey, SecretKey
 from confide.privacy.he.layer import PAYLOAD
@@ -21,35 +21,21 @@ from confide.runtime.federation import Backend
 from confide.runtime.grpc import wire
 from confide.runtime.runner import Runner
 from tests.conftest import tiny_config
+from tests.relay import Relay
 
 
-class Keep:
+class Keep(Relay):
     """The server's view: every update exactly as a deployed site would put it on the wire."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.updates: list[wire.Message] = []
-
-    def sites(self) -> Sequence[str]:
-        return self.inner.sites()
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
         for update in self.inner.train(weights, tasks):
             header, tensors = wire.update_message(1, b"session", update)
             self.updates.append(wire.Message(header, dict(tensors)))
             yield update
-
-    def evaluate(self, weights: Vector, sites: Sequence[str], plan: object = None) -> Iterator[object]:
-        return self.inner.evaluate(weights, sites, plan)  # type: ignore[arg-type]
-
-    def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
-        return self.inner.exchange(messages)
-
-    def traffic(self) -> Traffic:
-        return self.inner.traffic()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_the_server_cannot_read_an_update_or_the_model_and_a_colluding_site_can(

@@ -7,31 +7,29 @@ the evaluation's) sites."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from confide import config
-from confide.core import SiteEvaluation, Task, Traffic, Update, Vector
+from confide.core import Plan, SiteEvaluation, Task, Update, Vector
 from confide.runtime.federation import Backend, summarize
 from confide.runtime.grpc import wire
 from confide.runtime.local import LocalBackend
 from confide.runtime.runner import Runner
 from tests.conftest import tiny_config
+from tests.relay import Relay
 
 
-class Eavesdrop:
+class Eavesdrop(Relay):
     """The server's view: every update exactly as a deployed site would put it on the wire."""
 
     def __init__(self, inner: Backend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.headers: list[object] = []
         self.tensors: list[list[str]] = []
         self.evaluations: list[tuple[object, list[str]]] = []
-
-    def sites(self) -> Sequence[str]:
-        return self.inner.sites()
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
         for update in self.inner.train(weights, tasks):
@@ -41,21 +39,12 @@ class Eavesdrop:
             yield update
 
     def evaluate(
-        self, weights: Vector, sites: Sequence[str], plan: object = None
+        self, weights: Vector, sites: Sequence[str], plan: Plan | None = None
     ) -> Iterator[SiteEvaluation]:
-        for evaluation in self.inner.evaluate(weights, sites, plan):  # type: ignore[arg-type]
+        for evaluation in self.inner.evaluate(weights, sites, plan):
             header, tensors = wire.evaluation_message(1, b"session", evaluation)
             self.evaluations.append((header.evaluation, [name for name, _ in tensors]))
             yield evaluation
-
-    def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
-        return self.inner.exchange(messages)
-
-    def traffic(self) -> Traffic:
-        return self.inner.traffic()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def test_a_masked_update_carries_nothing_about_its_site_in_clear(tmp_path: Path, text_corpus: Path) -> None:

@@ -3,7 +3,7 @@ model-replacement attacker does (Bagdasaryan et al. 2020: scale the update so it
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,25 +11,23 @@ from typing import Any
 import numpy as np
 
 from confide import config
-from confide.core import Plan, SiteEvaluation, Task, Traffic, Update, Vector
+from confide.core import Task, Update, Vector
 from confide.runtime.federation import Backend
 from confide.runtime.runner import Runner
 from tests.conftest import LINES, tiny_config
+from tests.relay import Relay
 
 ATTACKER = "site0"
 
 
-class Boosted:
+class Boosted(Relay):
     """Every backend call goes to ``inner``; the updates of ``attacker`` come back multiplied by ``boost``."""
 
     def __init__(self, inner: Backend, attacker: str = ATTACKER, boost: float = 30.0) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.attacker = attacker
         self.boost = boost
         self.attacked_rounds: list[int] = []
-
-    def sites(self) -> Sequence[str]:
-        return self.inner.sites()
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
         for update in self.inner.train(weights, tasks):
@@ -37,20 +35,6 @@ class Boosted:
                 self.attacked_rounds.append(update.round)
                 update = replace(update, vector=(update.vector * np.float32(self.boost)).astype(np.float32))
             yield update
-
-    def evaluate(
-        self, weights: Vector, sites: Sequence[str], plan: Plan | None = None
-    ) -> Iterator[SiteEvaluation]:
-        return self.inner.evaluate(weights, sites, plan)
-
-    def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
-        return self.inner.exchange(messages)
-
-    def traffic(self) -> Traffic:
-        return self.inner.traffic()
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def write_config(tmp: Path, corpus: Path, name: str) -> Path:
