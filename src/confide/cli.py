@@ -497,7 +497,7 @@ def _finish(runner: Any, write: bool) -> None:
         text = runner.generate(e.prompt, e.sample_length, seed=i)
         samples.append((e.prompt, text[len(e.prompt) :]))
     if samples:
-        how = " (decrypted with a simulated site's key)" if getattr(runner, "encrypted", False) else ""
+        how = " (decrypted with a simulated site's key)" if runner.encrypted else ""
         console.print(f"\n[bold]A passage written by the federated model{how}:[/]")
         console.print(samples[0][0] + samples[0][1], markup=False)
     if write:

@@ -13,9 +13,9 @@ The parameters (:data:`PARAMS`) are chosen for that use and nothing more:
   SEAL's special prime for key switching). The server only adds, so no level is ever spent, and a ciphertext
   costs 2 x 4096 x 8 bytes for 2048 values: 32 bytes per value, 8 times a float32;
 * scale 2^40: values up to 2^19 in magnitude, and an error near 1e-8 per encryption, which grows with the
-  number of ciphertexts added (about 1e-7 after a thousand: measured in tests/privacy/test_ckks.py).
+  number of ciphertexts added (below 1e-6 after a thousand: tests/privacy/test_ckks.py checks both).
 
-Keys: :class:`SecretKey` is TenSEAL context with the secret key (only the sites hold it); its
+Keys: :class:`SecretKey` is a TenSEAL context with the secret key (only the sites hold it); its
 :meth:`~SecretKey.public` half holds the public key and no secret, and is all the server gets. Keys are
 drawn by SEAL from the OS's randomness.
 """
