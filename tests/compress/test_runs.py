@@ -98,7 +98,9 @@ def test_each_kind_shrinks_the_upload_by_its_factor_and_learns_as_well(
     assert final < plain[0]["loss"]  # it learns
     # Top-k with error feedback sends part of each update rounds later, when its site is next asked: four
     # rounds of a tiny run leave much of it in the residuals (measured: 9% above; 4% after eight rounds).
-    tolerance = 0.12 if name.startswith("top-k") else 0.03
+    # Two bits with fresh secret dither: over 20 runs the final loss was 0.5% to 2.9% above the plain run's
+    # (once 3.8%, which failed a 3% bound), so the bound is twice the spread seen.
+    tolerance = 0.12 if name.startswith("top-k") else 0.06 if "2 bits" in name else 0.03
     assert abs(final - reference) < tolerance * reference
 
 
