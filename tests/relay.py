@@ -30,5 +30,8 @@ class Relay:
     def traffic(self) -> Traffic:
         return self.inner.traffic()
 
+    def now(self) -> float:
+        return self.inner.now()
+
     def close(self) -> None:
         self.inner.close()

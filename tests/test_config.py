@@ -111,7 +111,8 @@ def test_a_misspelt_choice_gets_a_guess(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(write(tmp_path, "[server]\nstrategy = 'fedprx'\n"))
     assert str(info.value) == (
-        "server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova' (got 'fedprx'); "
+        "server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova', 'fedbuff' "
+        "(got 'fedprx'); "
         "did you mean 'fedprox'?"
     )
 

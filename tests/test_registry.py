@@ -48,7 +48,8 @@ def test_an_unknown_name_says_key_value_accepted_and_the_nearest() -> None:
     with pytest.raises(ConfigError) as info:
         STRATEGIES.check("scafold")
     assert str(info.value) == (
-        "server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova' (got 'scafold'); "
+        "server.strategy must be one of 'fedavg', 'fedprox', 'scaffold', 'fednova', 'fedbuff' "
+        "(got 'scafold'); "
         "did you mean 'scaffold'?"
     )
     with pytest.raises(ConfigError, match=r"must be one of .* \(got 3\)$"):

@@ -177,6 +177,26 @@ class ServerConfig:
     beta2: float = option(0.99, "second-moment decay (adam, yogi)", lambda x: 0 <= x < 1, "in [0, 1)")
     tau: float = option(1e-3, "adaptivity constant of adam, yogi and adagrad", positive, "> 0")
     aggregator: str = option("mean", AGGREGATORS.help, choices=AGGREGATORS)
+    concurrency: int = option(
+        0,
+        "fedbuff: how many sites train at once (each on the newest model it was sent); 0: twice the "
+        "buffer (sites_per_round)",
+        at_least(0),
+        ">= 0",
+    )
+    max_staleness: int = option(
+        10,
+        "fedbuff: an update trained on a model more than this many versions old is dropped",
+        at_least(0),
+        ">= 0",
+    )
+    staleness_exponent: float = option(
+        0.5,
+        "fedbuff: an update s versions old is scaled by (1 + s)^-a, with this a (0.5: FedBuff's paper; 0: no "
+        "discount)",
+        at_least(0),
+        ">= 0",
+    )
 
 
 @dataclass(frozen=True)
@@ -235,6 +255,37 @@ class BackendConfig:
         "their update",
         lambda x: 0 <= x < 1,
         "in [0, 1)",
+    )
+    step_seconds: float = option(
+        0.1,
+        "simulation's virtual clock: seconds a site of typical speed takes for one local step",
+        positive,
+        "> 0",
+    )
+    speed_sigma: float = option(
+        0.0,
+        "virtual clock: sites' speeds (and network delays) are lognormal with this sigma around the "
+        "typical one; 0: every site is equally fast",
+        at_least(0),
+        ">= 0",
+    )
+    slow_fraction: float = option(
+        0.0,
+        "virtual clock: the fraction of sites that are very slow (slow_factor times slower to compute)",
+        lambda x: 0 <= x <= 1,
+        "in [0, 1]",
+    )
+    slow_factor: float = option(
+        10.0, "virtual clock: how many times slower a very slow site computes", at_least(1), ">= 1"
+    )
+    latency: float = option(
+        0.05, "virtual clock: one-way network delay of a typical site, in seconds", at_least(0), ">= 0"
+    )
+    bandwidth: float = option(
+        0.0,
+        "virtual clock: each site's link speed in megabytes per second, so bytes cost time; 0: unlimited",
+        at_least(0),
+        ">= 0",
     )
 
 
@@ -704,6 +755,7 @@ def check(config: Config) -> None:
     _check_encryption(config)
     _check_enclave(config)
     _check_compression(config)
+    _check_asynchronous(config)
     _check_defence(config)
     _check_attack(config.attack, config.model["kind"])
     _check_model(config.model)
@@ -911,6 +963,42 @@ def _check_compression(config: Config) -> None:
                 "float32 vector, which compression has replaced by a payload. Quantizing into secure "
                 "aggregation's fixed-point field (so that the masked vector shrinks too) is the next step; "
                 "for now choose one: set compression.kind = 'none', or turn the protection off"
+            )
+
+
+def _check_asynchronous(config: Config) -> None:
+    """What asynchronous buffered rounds (server.strategy = 'fedbuff') cannot run with yet, and why."""
+    if config.server.strategy != "fedbuff":
+        return
+    p, c = config.privacy, config.client
+    refused = [
+        (
+            p.encryption != "none",
+            f"privacy.encryption = {p.encryption!r}",
+            "CKKS sites weight their updates by a fixed denominator into a model that travels encrypted",
+        ),
+        (p.enclave != "none", f"privacy.enclave = {p.enclave!r}", "the enclave runs synchronous rounds"),
+        (
+            c.personalization != "none",
+            f"client.personalization = {c.personalization!r}",
+            "personal models are trained and evaluated in synchronous rounds",
+        ),
+        (
+            p.adaptive_clip,
+            "privacy.adaptive_clip = true",
+            "its clip-norm quantile would mix the clipping bits of updates trained on different versions",
+        ),
+        (
+            config.server.sampling == "poisson",
+            "server.sampling = 'poisson'",
+            "no sites are sampled: a buffer takes the first server.sites_per_round sites to finish",
+        ),
+    ]
+    for wrong, what, why in refused:
+        if wrong:
+            raise ConfigError(
+                f"server.strategy = 'fedbuff' cannot run with {what} yet ({why}): use server.strategy = "
+                f"'fedavg' for synchronous rounds, or drop that setting"
             )
 
 

@@ -181,6 +181,15 @@ class Plan:
     """Record-level DP-SGD: the L2 norm each window's gradient is clipped to; 0: no DP-SGD."""
     record_noise: float = 0.0
     """Record-level DP-SGD: the noise multiplier of each step."""
+    hold: bool = False
+    """Asynchronous rounds (FedBuff): train, keep the update at the site and answer only that it is ready;
+    the update leaves the site when a later task releases it (:mod:`confide.runtime.buffered`)."""
+    release: bool = False
+    """Asynchronous rounds: train nothing; send the update held since the last ``hold`` task, through the
+    layers of this plan's round (the buffer's secure aggregation, its noise)."""
+    staleness_weight: float = 1.0
+    """Asynchronous rounds: the factor a released update is scaled by after clipping, for the model versions
+    the server moved on since the site's copy (FedBuff: 1 / sqrt(1 + staleness)); 1 for a fresh update."""
 
     def local_steps(self, num_examples: int) -> int:
         """The number of optimizer steps this plan asks of a site with ``num_examples`` windows."""

@@ -54,6 +54,10 @@ class Stream(IntEnum):
     """Insecure reproducible noise only: a site's DP-SGD batch sampling and noise."""
     ATTACK = 13
     """Simulated poisoning only: which sites attack, and which of their training windows are poisoned."""
+    CLOCK = 14
+    """Simulation only: each site's compute speed and network delay on the virtual clock."""
+    ASYNC = 15
+    """Asynchronous rounds: which idle site is sent work next, and the seed of its plan."""
 
 
 def public_rng(seed: int, round: int, stream: Stream | int) -> np.random.Generator:

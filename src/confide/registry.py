@@ -176,6 +176,13 @@ STRATEGIES.register(
         PER_SITE_EXTRAS: "step counts and example weights",
     },
 )
+STRATEGIES.register(
+    "fedbuff",
+    "asynchronous buffered aggregation (Nguyen et al. 2022): sites train continuously on the newest model "
+    "they were sent, and the model steps whenever server.sites_per_round updates are in, each discounted by "
+    "its staleness",
+    "confide.algorithms.fedbuff:FedBuff",
+)
 
 PERSONALIZATIONS = Registry("client.personalization", "a model per site besides the global one")
 PERSONALIZATIONS.register("none", "only the global model", None)
@@ -350,6 +357,11 @@ LAYERS.register(
 )
 LAYERS.register(
     "clip", "site-level DP: each update clipped to L2 norm C at the site", "confide.privacy.dp:ClipLayer"
+)
+LAYERS.register(
+    "staleness",
+    "asynchronous rounds (FedBuff): each site scales its clipped update by its staleness discount",
+    "confide.algorithms.fedbuff:StalenessLayer",
 )
 LAYERS.register(
     "distributed_noise",

@@ -44,6 +44,9 @@ class ScriptedSites:
     def traffic(self) -> Traffic:
         return self.moved
 
+    def now(self) -> float:
+        return 0.0
+
     def close(self) -> None:
         pass
 

@@ -41,6 +41,8 @@ from confide.pipeline import Layer, SiteContext, evaluation_kind
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream
 
 DPSGD_STEPS_KEY = "dpsgd.steps"
+READY = "ready"
+"""The one metric of a site's answer to a ``hold`` task: its update is trained and kept, not sent."""
 DPSGD_EPSILON_KEY = "dpsgd.epsilon"
 
 
@@ -206,10 +208,20 @@ class Site:
         """Protocol state of the layers that keep one (secure aggregation), by layer name."""
         self.peak_memory = 0
         """Peak memory of this site's last training, in bytes (see :func:`peak_memory`)."""
+        self.steps = 0
+        """Local steps of this site's last training (the simulation's virtual clock charges for them)."""
+        self.held: Update | None = None
+        """Asynchronous rounds: the update trained for a ``hold`` task, kept until a task releases it."""
 
     def train(self, weights: Vector, task: Task) -> Update:
-        """Train on the task and return the update, encoded by every layer of the stack in order."""
+        """Train on the task and return the update, encoded by every layer of the stack in order.
+
+        Asynchronous rounds split this in two (:mod:`confide.runtime.buffered`): a ``hold`` task trains and
+        keeps the update, answering only that it is ready; a ``release`` task (which carries no weights)
+        sends the kept update through the layers of the buffer's round."""
         kit, plan = self.kit, task.plan
+        if plan.release:
+            return self._release(task)
         weights = self.open(weights)
         cuda = any(p.is_cuda for p in kit.trainer.params[:1])
         if cuda:
@@ -228,6 +240,25 @@ class Site:
             randomness=kit.randomness(plan, Stream.DPSGD),
         )
         self.peak_memory = peak_memory(cuda)
+        self.steps = int(update.metrics.get(STEPS, 0))
+        if plan.hold:
+            self.held = update
+            return Update(self.name, plan.round, 0, None, task.model_version, metrics={READY: 1.0})
+        return self._encode(update, plan)
+
+    def _release(self, task: Task) -> Update:
+        """The update held since the last ``hold`` task, as of the releasing plan's round, encoded."""
+        held, self.held = self.held, None
+        if held is None:
+            raise UpdateError(
+                f"site {self.name!r} was asked to release an update it does not hold (it restarted since it "
+                "trained, or the update was released already); it will train again when asked"
+            )
+        return self._encode(replace(held, round=task.plan.round), task.plan)
+
+    def _encode(self, update: Update, plan: Plan) -> Update:
+        """``update`` through every layer of the stack, in order, for the round of ``plan``."""
+        kit = self.kit
         randomness = kit.randomness(plan, Stream.SITE_NOISE)
         context = SiteContext(self.name, plan, randomness, self.sessions, kit.personal.state)
         for layer in kit.layers:

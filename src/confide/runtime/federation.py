@@ -72,7 +72,35 @@ class Backend(Protocol):
         """Bytes moved so far each way, counted where the backend serializes its messages (cumulative)."""
         ...
 
+    def now(self) -> float:
+        """Seconds since the run began: virtual ones in a simulation (:mod:`confide.runtime.clock`), the
+        wall clock's in a deployment."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A site's answer to a ``hold`` task of an asynchronous run: its update is trained and kept (or, with
+    ``failure``, it could not train)."""
+
+    site: str
+    model_version: int
+    """The model version the site trained on."""
+    failure: str | None = None
+
+
+class AsyncBackend(Backend, Protocol):
+    """A backend that can keep sites training between rounds (asynchronous rounds, FedBuff)."""
+
+    def start(self, weights: Vector, task: Task) -> None:
+        """Send ``task`` (a ``hold`` task) with ``weights`` to its site, and return at once."""
+        ...
+
+    def next_ready(self) -> Ready | None:
+        """The next site to finish a started task (waiting for it); None when none is training."""
+        ...
 
 
 @dataclass
@@ -108,6 +136,10 @@ class RoundResult:
     """The round's sums of what the sites reported (examples, steps, clipping bits, ...)."""
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     """Each screened site's defence scores (see :attr:`confide.pipeline.RoundContext.scores`)."""
+    clock: float = 0.0
+    """The backend's clock when the round ended (:meth:`Backend.now`: virtual seconds in a simulation)."""
+    staleness: list[int] = field(default_factory=list)
+    """Asynchronous rounds: how many model versions old each update of the buffer was."""
 
 
 class Observer(Protocol):
@@ -167,8 +199,12 @@ class Federation:
         *,
         exclude: Collection[str] = (),
         min_updates: int | None = None,
+        plans: Mapping[str, Plan] | None = None,
     ) -> RoundResult:
         """Run round ``state.round + 1`` and move ``state`` to its result, in place.
+
+        ``plans``: the round's sites and their plans, chosen by the caller instead of the strategy (an
+        asynchronous run's buffer: the sites whose updates are ready, each released with its discount).
 
         ``exclude``: sites not to ask this round (they have spent their privacy budget); ``min_updates``:
         this round's minimum of updates, if higher than the federation's (a round with fewer would be
@@ -180,7 +216,7 @@ class Federation:
         """
         started = time.perf_counter()
         counted = backend.traffic()
-        ctx = self._context(state, backend, observer, population, exclude, min_updates)
+        ctx = self._context(state, backend, observer, population, exclude, min_updates, plans)
         try:
             self._run(ctx, state, backend, observer)
             reported = len(ctx.participants)
@@ -190,7 +226,7 @@ class Federation:
                     f"{ctx.min_updates}"
                 )
         except RoundAbandoned as e:
-            return _abandoned(state, ctx, started, str(e), backend.traffic() - counted)
+            return _abandoned(state, ctx, started, str(e), backend.traffic() - counted, backend.now())
         if charge is not None:
             charge(ctx.round, ctx.participants)
         held = next((w for layer in self.layers if (w := layer.apply(ctx, state.weights)) is not None), None)
@@ -209,7 +245,7 @@ class Federation:
             for layer in self.layers:
                 layer.finish(ctx)
         state.round = ctx.round
-        return _result(ctx, started, backend.traffic() - counted)
+        return _result(ctx, started, backend.traffic() - counted, backend.now())
 
     def evaluate(
         self, round: int, weights: Vector, sites: Sequence[str], backend: Backend, plan: Plan | None = None
@@ -248,14 +284,18 @@ class Federation:
         population: int | None,
         exclude: Collection[str],
         min_updates: int | None,
+        plans: Mapping[str, Plan] | None = None,
     ) -> RoundContext:
         """The next round's sites, plans and empty aggregate."""
         r = state.round + 1
         everyone = backend.sites()
-        available = [s for s in everyone if s not in exclude] if exclude else everyone
         randomness = self.randomness(r)
-        sites = self.strategy.select(r, available, randomness if self.secret_sample else None)
-        plans = self.strategy.plans(r, sites)
+        if plans is None:
+            available = [s for s in everyone if s not in exclude] if exclude else everyone
+            sites = self.strategy.select(r, available, randomness if self.secret_sample else None)
+            plans = self.strategy.plans(r, sites)
+        else:
+            sites = sorted(plans)
         if observer is not None:
             observer.round_started(r, sites)
         shared = self.strategy.shared
@@ -331,7 +371,7 @@ def _check(update: Update, round: int, tasks: Mapping[str, Task], seen: set[str]
     seen.add(update.site)
 
 
-def _result(ctx: RoundContext, started: float, traffic: Traffic) -> RoundResult:
+def _result(ctx: RoundContext, started: float, traffic: Traffic, clock: float) -> RoundResult:
     examples = ctx.sums.get(EXAMPLES, 0.0)
     return RoundResult(
         round=ctx.round,
@@ -347,11 +387,12 @@ def _result(ctx: RoundContext, started: float, traffic: Traffic) -> RoundResult:
         participants=ctx.participants,
         sums=dict(ctx.sums),
         scores=dict(ctx.scores),
+        clock=clock,
     )
 
 
 def _abandoned(
-    state: ServerState, ctx: RoundContext, started: float, reason: str, traffic: Traffic
+    state: ServerState, ctx: RoundContext, started: float, reason: str, traffic: Traffic, clock: float
 ) -> RoundResult:
     """The round ends without a result: the model stays as it was, and what was sent is still counted."""
     state.round = ctx.round
@@ -366,6 +407,7 @@ def _abandoned(
         rejected=ctx.rejected,
         abandoned=f"{reason}; the model is unchanged",
         scores=dict(ctx.scores),
+        clock=clock,
     )
 
 

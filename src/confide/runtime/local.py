@@ -9,6 +9,8 @@ answer back; the Site trains, masks and evaluates exactly as a deployed one does
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -18,6 +20,8 @@ from confide.data import FederatedDataset
 from confide.errors import ConfideError, UpdateError
 from confide.models.hf import check_base
 from confide.randomness import Stream, public_rng
+from confide.runtime.clock import Speeds, VirtualClock
+from confide.runtime.federation import Ready
 from confide.runtime.grpc import wire
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,7 @@ class LocalBackend:
         dropout: float = 0.0,
         seed: int = 0,
         base_sha256: str = "",
+        speeds: Speeds | None = None,
     ) -> None:
         self.dataset = dataset
         self.base_sha256 = base_sha256
@@ -44,6 +49,11 @@ class LocalBackend:
         self._by_name = {s.name: s for s in dataset.sites}
         self._sites: dict[str, Site] = {}
         self._traffic = Traffic()
+        self.clock = VirtualClock(speeds or Speeds(), dataset.site_names, seed)
+        """Virtual seconds: what the rounds would take on sites of the configured speeds."""
+        self._training: list[tuple[float, int, Ready, int]] = []
+        """Asynchronous rounds: (virtual time it is ready, order, the answer, its bytes), a heap."""
+        self._order = itertools.count()
 
     def traffic(self) -> Traffic:
         """The bytes of every message carried so far, each way, as the deployment's wire encodes them
@@ -69,7 +79,48 @@ class LocalBackend:
     def sites(self) -> Sequence[str]:
         return self.dataset.site_names
 
+    def now(self) -> float:
+        """Virtual seconds since the run began (:mod:`confide.runtime.clock`)."""
+        return self.clock.now
+
+    def start(self, weights: Vector, task: Task) -> None:
+        """Asynchronous rounds: the site trains at once (the result is the same whenever it does), and its
+        answer is ready on the virtual clock after the download, its local steps and the answer's upload."""
+        sent = wire.message_bytes(*wire.train_message(0, task, weights))
+        self._count(sent=sent)
+        site = self.site(task.site)
+        site.steps = 0
+        try:
+            ready = site.train(weights, task)
+            answer = Ready(task.site, task.model_version)
+            size = wire.message_bytes(*wire.update_message(0, b"", ready))
+        except UpdateError as e:
+            log.warning("site %s could not train for version %d: %s", task.site, task.model_version, e)
+            answer, size = Ready(task.site, task.model_version, str(e)), 0
+        clock = self.clock
+        seconds = clock.transfer(task.site, sent) + clock.compute(task.site, site.steps)
+        moment = clock.now + seconds + clock.transfer(task.site, size)
+        heapq.heappush(self._training, (moment, next(self._order), answer, size))
+
+    def next_ready(self) -> Ready | None:
+        """The started site that is ready first on the virtual clock, which moves on to that moment."""
+        if not self._training:
+            return None
+        moment, _, answer, size = heapq.heappop(self._training)
+        self.clock.reach(moment)
+        self._count(received=size)
+        return answer
+
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
+        """Each task's update; the virtual clock moves on to when the slowest site's upload has arrived."""
+        clock, began, finished = self.clock, self.clock.now, self.clock.now
+        for update, seconds in self._train(weights, tasks):
+            finished = max(finished, began + seconds)
+            yield update
+        clock.reach(finished)
+
+    def _train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[tuple[Update, float]]:
+        """Each task's update and the virtual seconds its site took for it (download, steps, upload)."""
         dropped: set[str] = set()
         if self.dropout > 0 and tasks:
             # Simulated dropouts: a site vanishes after the key exchange, before it sends its update (the
@@ -78,7 +129,8 @@ class LocalBackend:
             rng = public_rng(self.seed, tasks[0].plan.round, Stream.DROPOUT)
             dropped = {t.site for t in tasks if rng.random() < self.dropout}
         for task in tasks:
-            self._count(sent=wire.message_bytes(*wire.train_message(0, task, weights)))
+            sent = wire.message_bytes(*wire.train_message(0, task, weights))
+            self._count(sent=sent)
             if task.site in dropped:
                 continue
             try:
@@ -90,8 +142,12 @@ class LocalBackend:
                 # to the server it has dropped out, as a deployed site that gives up would.
                 log.warning("site %s sends no update in round %d: %s", task.site, task.plan.round, e)
                 continue
-            self._count(received=wire.message_bytes(*wire.update_message(0, b"", update)))
-            yield update
+            size = wire.message_bytes(*wire.update_message(0, b"", update))
+            self._count(received=size)
+            steps = 0 if task.plan.release else site.steps
+            clock = self.clock
+            seconds = clock.transfer(task.site, sent) + clock.compute(task.site, steps)
+            yield update, seconds + clock.transfer(task.site, size)
 
     def evaluate(
         self, weights: Vector, sites: Sequence[str], plan: Plan | None = None
@@ -110,16 +166,24 @@ class LocalBackend:
             yield evaluation
 
     def exchange(self, messages: Mapping[str, bytes]) -> Iterator[tuple[str, bytes]]:
+        """Each site's answer; the virtual clock moves on by the step's slowest round trip."""
+        step = 0.0
         for name, data in messages.items():
-            self._count(sent=wire.message_bytes(*wire.exchange_message(0, data)))
+            sent = wire.message_bytes(*wire.exchange_message(0, data))
+            self._count(sent=sent)
+            seconds = self.clock.transfer(name, sent)
             try:
                 answer = self.site(name).answer(data)
             except ConfideError as e:  # the site gives up on this round; for the server it has dropped
                 log.info("site %s left the protocol step: %s", name, e)
                 continue
             if answer:
-                self._count(received=wire.message_bytes(*wire.answer_message(0, b"", answer)))
+                size = wire.message_bytes(*wire.answer_message(0, b"", answer))
+                self._count(received=size)
+                seconds += self.clock.transfer(name, size)
                 yield name, answer
+            step = max(step, seconds)
+        self.clock.advance(step)
 
     def close(self) -> None:
         self._sites.clear()

@@ -23,7 +23,8 @@ from confide.client.site import SiteKit
 from confide.client.state import SiteState
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config, check_deployment
-from confide.core import Layout, Vector
+from confide.core import Layout, Vector, round_size
+from confide.errors import ConfigError
 from confide.models import build_model, head_names
 from confide.pipeline import Aggregator, Layer, StackContext
 from confide.privacy.dp import AdaptiveClip, CentralDP
@@ -33,6 +34,9 @@ from confide.privacy.secure import SecureAggregation
 from confide.privacy.tee.layer import EnclaveRelease
 from confide.randomness import Randomness, SecretRandomness, SeededRandomness, Stream, public_rng
 from confide.registry import AGGREGATORS, LAYERS
+from confide.runtime.buffered import Buffered
+from confide.runtime.clock import Speeds
+from confide.runtime.federation import Federation
 from confide.server.optim import ServerOptimizer
 from confide.server.reference import ServerData, read_windows
 from confide.server.screen import ScreenLayer
@@ -79,6 +83,27 @@ def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy
     )
 
 
+def build_speeds(config: Config) -> Speeds:
+    """How the simulation's virtual clock draws the sites' speeds (``[backend]``)."""
+    b = config.backend
+    return Speeds(b.step_seconds, b.speed_sigma, b.slow_fraction, b.slow_factor, b.latency, b.bandwidth)
+
+
+def build_buffered(config: Config, federation: Federation, population: int) -> Buffered | None:
+    """FedBuff's asynchronous rounds over ``federation``, or None when the run's rounds are synchronous."""
+    s = config.server
+    if s.strategy != "fedbuff":
+        return None
+    size = round_size(s.sites_per_round, population)
+    concurrency = min(s.concurrency or 2 * size, population)
+    if concurrency < size:
+        raise ConfigError(
+            f"server.concurrency = {s.concurrency} sites cannot fill a buffer of server.sites_per_round = "
+            f"{size} updates: raise server.concurrency to at least {size} (or set 0: twice the buffer)"
+        )
+    return Buffered(federation, size, concurrency, s.max_staleness, s.staleness_exponent, config.run.seed)
+
+
 def build_site_dp(config: Config, population: int) -> SiteDP | None:
     """The run's site-level DP policy, or None without ``privacy.dp``."""
     p = config.privacy
@@ -99,9 +124,10 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
         "delta": p.delta,
         "adaptive": adaptive,
     }
-    if p.enclave != "none":
+    if p.enclave != "none" or config.server.strategy == "fedbuff":
         # The server, no longer trusted with the updates, chooses the sites and sees who sends a sealed
-        # update: it knows the sample, so no amplification by sampling is claimed against it.
+        # update; and a FedBuff buffer holds the sites that finish first, not a random sample: either way no
+        # amplification by sampling is claimed.
         options["trust"] = "knows_sample"
     if p.calibrate:
         participations = p.max_participations or None

@@ -525,7 +525,8 @@ class SiteClient:
         kind = message.kind
         if kind == "train":
             body = message.header.train
-            weights = _weights(message, setup)
+            # A task that releases a held update (asynchronous rounds) carries no model.
+            weights = np.empty(0, np.float32) if body.plan.release else _weights(message, setup)
             extras = {name: t for name, t in message.tensors.items() if name != "weights"}
             task = Task(self.site, wire.plan_from_proto(body.plan), body.model_version, extras)
             return wire.update_message(ticket, session, site.train(weights, task))

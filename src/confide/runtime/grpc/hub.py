@@ -99,6 +99,9 @@ class Hub:
         """Open calls per site and kind: a site with a call open is connected, however long ago it called."""
         self._pending: dict[str, Work] = {}
         self._results: queue.SimpleQueue[Result] = queue.SimpleQueue()
+        self._early: dict[int, Result] = {}
+        """Answers that came in while the federation waited for other work (an asynchronous run's training
+        answers while a buffer's round runs), kept until it collects them."""
         self._tickets = itertools.count(1)
         self.stopped: str | None = None
         self._told: set[str] = set()
@@ -240,10 +243,17 @@ class Hub:
             self._wake_site(site)
         return work
 
-    def collect(self, works: Sequence[Work], tick: float = 0.2) -> Iterator[Result]:
+    def collect(self, works: Sequence[Work], tick: float = 0.2, given_up: bool = False) -> Iterator[Result]:
         """Each site's answer as it arrives; a site silent past the heartbeat timeout (the module docstring
-        says who counts as silent), or past the work's deadline, is given up and its work withdrawn."""
+        says who counts as silent), or past the work's deadline, is given up and its work withdrawn (and,
+        with ``given_up``, yielded as a failure). Answers to other work that is still open are kept for the
+        collection that waits for them."""
         open_ = {w.ticket: w for w in works}
+        for ticket in list(open_):
+            early = self._early.pop(ticket, None)
+            if early is not None:
+                del open_[ticket]
+                yield early
         while open_:
             try:
                 result = self._results.get(timeout=tick)
@@ -252,7 +262,10 @@ class Hub:
             if result is not None:
                 if open_.pop(result.work.ticket, None) is not None:
                     yield result
+                else:
+                    self._early[result.work.ticket] = result
                 continue
+            dropped: list[Result] = []
             with self._cond:
                 for ticket, w in list(open_.items()):
                     why = self._given_up(w)
@@ -263,6 +276,9 @@ class Hub:
                         del self._pending[w.site]
                     self.events.put(("dropped", f"site {w.site} dropped from a {w.kind} step: {why}"))
                     log.info("site %s dropped from a %s step: %s", w.site, w.kind, why)
+                    dropped.append(Result(w, failure=f"given up: {why}"))
+            if given_up:
+                yield from dropped  # outside the lock: the caller may stop at any answer
 
     def _given_up(self, work: Work) -> str | None:
         """Why ``work`` is given up now, or None while its site may still answer (the caller holds the lock).

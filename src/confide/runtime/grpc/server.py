@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
@@ -24,7 +25,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from confide.core import Plan, Traffic, Update, Vector
 from confide.errors import ConfideError, WireError
-from confide.runtime.federation import SiteEvaluation, Task
+from confide.runtime.federation import Ready, SiteEvaluation, Task
 from confide.runtime.grpc import confide_pb2 as pb
 from confide.runtime.grpc import wire
 from confide.runtime.grpc.flow import Abandoned, ByteBudget, Watch, Watchdog
@@ -391,9 +392,39 @@ class GrpcBackend:
     def __init__(self, hub: Hub, population: Sequence[str]) -> None:
         self.hub = hub
         self.population = tuple(population)
+        self.began = time.monotonic()
+        self._training: dict[str, tuple[Work, int]] = {}
+        """Asynchronous rounds: each training site's work and the model version it trains on."""
 
     def sites(self) -> Sequence[str]:
         return self.population
+
+    def now(self) -> float:
+        """Wall-clock seconds since the deployment's backend was made."""
+        return time.monotonic() - self.began
+
+    def start(self, weights: Vector, task: Task) -> None:
+        """Asynchronous rounds: post the site's ``hold`` task and return; its answer comes in next_ready."""
+        work = self.hub.post(task.site, wire.train_message(0, task, weights))
+        self._training[task.site] = (work, task.model_version)
+
+    def next_ready(self) -> Ready | None:
+        """The next training site to answer (ready, failed, or given up after the hub's timeouts)."""
+        while self._training:
+            works = [work for work, _ in self._training.values()]
+            result = next(self.hub.collect(works, given_up=True), None)
+            if result is None:  # cannot happen: every open work is answered or given up
+                break
+            _, version = self._training.pop(result.work.site)
+            if result.failure is None:
+                result = _check_kind(result.work, result)
+            if result.failure is not None:
+                return Ready(result.work.site, version, result.failure)
+            update = result.value
+            if not isinstance(update, Update) or update.site != result.work.site or update.vector is not None:
+                return Ready(result.work.site, version, "it sent an update instead of a ready notice")
+            return Ready(result.work.site, version)
+        return None
 
     def _run(self, works: list[Work]) -> Iterator[Any]:
         for result in self.hub.collect(works):

@@ -256,6 +256,10 @@ def plan_from_proto(message: pb.Plan) -> Plan:
     for name in ("learning_rate", "work", "mu", "personal_learning_rate", "clip_norm", "record_clip"):
         if not math.isfinite(values[name]) or values[name] < 0:
             raise WireError(f"the plan's {name} must be a finite number >= 0, got {values[name]}")
+    if not 0 < values["staleness_weight"] <= 1:
+        raise WireError(f"the plan's staleness_weight must be in (0, 1], got {values['staleness_weight']}")
+    if values["hold"] and values["release"]:
+        raise WireError("a plan may hold a new update or release the held one, not both")
     return Plan(**values)
 
 
