@@ -423,6 +423,12 @@ class RichObserver:
                 f"in the sum  sent {human_bytes(result.bytes_sent)}  "
                 f"received {human_bytes(result.bytes_received)}{spent}  {result.seconds:.1f}s[/]"
             )
+        if result.staleness:
+            stale = result.staleness
+            console.print(
+                f"[dim]buffer {result.round:>4}  {len(stale)} updates, {sum(s > 0 for s in stale)} stale "
+                f"(by {min(stale)} to {max(stale)} versions)  clock {result.clock:,.1f}s[/]"
+            )
         if result.abandoned:
             console.print(f"[yellow]round {result.round} abandoned: {result.abandoned}[/]")
         if result.rejected:

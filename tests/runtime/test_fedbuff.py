@@ -21,8 +21,8 @@ from confide.privacy.dp import EqualMean
 from confide.randomness import SecretRandomness
 from confide.runtime.buffered import Buffered
 from confide.runtime.clock import Speeds, VirtualClock
-from confide.runtime.federation import Federation, Ready, ServerState
-from confide.runtime.runner import Runner
+from confide.runtime.federation import Federation, Ready, RoundResult, ServerState
+from confide.runtime.runner import NullObserver, Runner
 from confide.server.strategy import Strategy
 from tests.conftest import tiny_config
 
@@ -232,6 +232,53 @@ def test_fedbuff_with_secure_aggregation_and_distributed_dp(text_corpus, tmp_pat
     ordered = [next(iter(by_count[k])) for k in sorted(by_count)]
     assert ordered == sorted(ordered) and len(set(ordered)) == len(ordered)
     assert evaluations[-1]["epsilon"] == pytest.approx(max(spent.values()))
+
+
+class Results(NullObserver):
+    def __init__(self, crash_at: int = 0) -> None:
+        self.results: list[RoundResult] = []
+        self.crash_at = crash_at
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None:
+        if round == self.crash_at:
+            raise KeyboardInterrupt  # the server is killed while the buffer fills
+
+    def round_finished(self, result: RoundResult) -> None:
+        self.results.append(result)
+
+
+def test_sites_gone_after_training_drop_out_of_their_buffers_secure_sum(text_corpus, tmp_path) -> None:
+    # Simulated dropouts: a site vanishes after the buffer's key exchange, before it sends its masked update.
+    # SecAgg+ unmasks the sum of the others, and the buffer is applied with the updates it has.
+    path = tmp_path / "dropouts.toml"
+    extra = FEDBUFF | {"server__sites_per_round": "4", "server__concurrency": "6", "run__rounds": "6"}
+    path.write_text(
+        tiny_config(
+            text_corpus, tmp_path / "d", privacy__secure_aggregation="true", backend__dropout="0.3", **extra
+        )
+    )
+    observer = Results()
+    Runner.start(config.load(path)).run(observer)
+    assert [len(r.sites) for r in observer.results] == [4] * 6  # four sites released each time
+    applied = [r for r in observer.results if r.abandoned is None]
+    assert applied and any(len(r.participants) < 4 for r in applied)
+    assert all(np.isfinite(r.train_loss) for r in applied)
+
+
+def test_a_resumed_asynchronous_run_goes_on_from_its_checkpoint_and_clock(text_corpus, tmp_path) -> None:
+    path = tmp_path / "resume.toml"
+    path.write_text(tiny_config(text_corpus, tmp_path / "r", **FEDBUFF | {"run__rounds": "4"}))
+    runner = Runner.start(config.load(path))
+    observer = Results(crash_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(observer)
+    runner.store.close()
+    at_checkpoint = observer.results[1].clock  # checkpoint_every = 2
+    resumed = Runner.resume(runner.store.run_dir)
+    assert resumed.state.round == 2 and resumed.backend.now() == at_checkpoint > 0  # type: ignore[attr-defined]
+    resumed.run()
+    clocks = [m["clock_seconds"] for _, m in resumed.store.evaluations()]
+    assert len(clocks) == 4 and clocks == sorted(clocks) and clocks[2] > at_checkpoint
 
 
 @pytest.mark.parametrize(

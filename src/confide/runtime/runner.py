@@ -68,6 +68,9 @@ from confide.server.reputation import offenders, outcomes
 
 log = logging.getLogger(__name__)
 
+CLOCK_KEY = "clock"
+"""A checkpoint's extra tensor: the backend's clock (virtual seconds in a simulation) at that round."""
+
 __all__ = [
     "Baseline",
     "NullObserver",
@@ -376,6 +379,9 @@ class Runner:
             if not (self.encrypted and is_encrypted(checkpoint.weights)):
                 self.layout.check(checkpoint.weights, "checkpoint's weights")
             self.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
+            clock = checkpoint.extra.get(CLOCK_KEY)
+            if clock is not None and isinstance(self.backend, LocalBackend):
+                self.backend.clock.now = float(clock[0])  # the virtual clock goes on where it was
         store.rewind(self.state.round)
         if self.dp is not None:
             # Every charge stays spent. With secret noise each release is a new one, so rounds after the
@@ -467,7 +473,8 @@ class Runner:
                 metrics = self.evaluate(result, totals)
                 observer.evaluated(r, metrics)
             if r % config.run.checkpoint_every == 0 or last:
-                self.store.save_checkpoint(r, self.state.weights, self.state.optimizer_state)
+                clock = {CLOCK_KEY: np.array([self.backend.now()])}
+                self.store.save_checkpoint(r, self.state.weights, self.state.optimizer_state, clock)
             if stop is not None:
                 self._stop(stop, r, observer)
                 break
@@ -616,6 +623,7 @@ class Runner:
             "bytes_sent": result.bytes_sent + moved.sent,
             "bytes_received": result.bytes_received + moved.received,
             "total_seconds": totals["seconds"],
+            "clock_seconds": result.clock,
             "total_bytes_sent": totals["bytes_sent"],
             "total_bytes_received": totals["bytes_received"],
             "eval_bytes_sent": moved.sent,
