@@ -210,6 +210,8 @@ class Site:
     def train(self, weights: Vector, task: Task) -> Update:
         """Train on the task and return the update, encoded by every layer of the stack in order."""
         kit, plan = self.kit, task.plan
+        for layer in kit.layers:
+            weights, task = layer.receive(weights, task, self.name)
         weights = self.open(weights)
         cuda = any(p.is_cuda for p in kit.trainer.params[:1])
         if cuda:
