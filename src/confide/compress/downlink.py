@@ -345,4 +345,3 @@ class DownlinkLayer(Layer):
 
     def __repr__(self) -> str:
         return f"DownlinkLayer({self.codec.kind!r}, bits={self.codec.bits}, history={self.server.history})"
-
