@@ -163,10 +163,15 @@ class PublicModel:
         """P_version from P_(version-1) in ``state`` and the true model ``weights``; kept in ``state``."""
         previous = state.get(PUBLIC_KEY)
         last = int(state[VERSION_KEY][0]) if VERSION_KEY in state else None
-        if previous is None or last is None or previous.shape != weights.shape or last >= version:
-            public = np.array(weights, dtype=np.float32)  # the first version: every site gets it in full
+        first = previous is None or last is None or previous.shape != weights.shape or last >= version
+        if first or last not in self.digests:
+            # A new chain of versions (or a resumed run's: its earlier deltas are gone): every site is sent
+            # the full model once.
             self.deltas.clear()
             self.digests.clear()
+            self.held.clear()
+        if first or previous is None:
+            public = np.array(weights, dtype=np.float32)
         else:
             change = weights - previous
             if not np.isfinite(change).all():
@@ -176,8 +181,6 @@ class PublicModel:
                 )
             data = self.codec.compress(change, version)
             public = previous + self.codec.decompress(data, version, previous.size)
-            if last not in self.digests:  # a resumed run: no delta before this one is known
-                self.deltas.clear()
             self.deltas[version] = data
         self.digests[version] = digest(public)
         for old in [v for v in self.digests if v < version - self.history]:
@@ -243,6 +246,12 @@ class HeldModels:
         return held
 
     def _rebuild(self, site: str, extras: Mapping[str, np.ndarray], base: int, target: int) -> Vector:
+        if not 0 < target - base <= self.history:
+            raise UpdateError(
+                f"site {site!r} was sent the changes from version {base} to {target} of the global model; "
+                f"they must span 1 to compression.downlink_history = {self.history} versions (the server and "
+                "the site must run the same [compression] downlink settings)"
+            )
         key = (base, bytes(_tensor(extras, BASE_DIGEST, np.uint8, 32)))
         held = self.holds.get(site)
         if held != key or key not in self.copies:
