@@ -349,8 +349,14 @@ class DownlinkLayer(Layer):
 
     def describe(self) -> str:
         """One line for the run display."""
-        what = "float16" if self.codec.kind == "float16" else f"{self.codec.bits}-bit rotated quantization"
-        return f"model compression to the sites: changes to the model each site holds, as {what}"
+        codec = self.codec
+        what = "float16" if codec.kind == "float16" else f"{codec.bits}-bit levels after a Hadamard rotation"
+        per_value = 2.0 if codec.kind == "float16" else codec.bits / 8 + 8 / BLOCK
+        return (
+            f"model compression to the sites: each is sent the changes to the model it holds as {what} "
+            f"({per_value:.3f} bytes per value instead of 4), or the full model if it holds none of the last "
+            f"{self.server.history} versions"
+        )
 
     def __repr__(self) -> str:
         return f"DownlinkLayer({self.codec.kind!r}, bits={self.codec.bits}, history={self.server.history})"
