@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from confide import config
-from confide.compress.downlink import DELTA, DIGEST, MODEL, PUBLIC_KEY, Codec, DownlinkLayer
+from confide.compress.downlink import DELTA, DIGEST, MODEL, PUBLIC_KEY, VERSIONS, Codec, DownlinkLayer
 from confide.compress.quantize import BLOCK
 from confide.core import Plan, Task, Update, Vector
 from confide.errors import ConfigError, UpdateError
@@ -159,6 +159,11 @@ def test_a_wrong_digest_is_refused_and_the_site_is_sent_the_full_model_next() ->
     altered[-1] ^= 1
     extras[f"{DELTA}4"] = altered
     with pytest.raises(UpdateError, match=r"is not the .* the server sent"):
+        sites.receive(ctx.broadcast, Task("a", Plan(round=4), 3, extras), "a")  # type: ignore[arg-type]
+    # Changes that claim to span more versions than the history are refused before any is applied.
+    extras = dict(ctx.tasks["a"].extras)
+    extras[VERSIONS] = np.array([4, 100], dtype=np.int64)  # from version 4 to 100: 96 versions
+    with pytest.raises(UpdateError, match=r"they must span 1 to compression.downlink_history = 8 versions"):
         sites.receive(ctx.broadcast, Task("a", Plan(round=4), 3, extras), "a")  # type: ignore[arg-type]
 
 
