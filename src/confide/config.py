@@ -39,6 +39,7 @@ from confide.registry import (
     COMPRESSIONS,
     DATASETS,
     DIRICHLET_LABELS,
+    DOWNLINKS,
     DP_PLACEMENTS,
     ENCRYPTIONS,
     MODELS,
@@ -623,6 +624,20 @@ class CompressionConfig:
     error_feedback: bool = option(
         True, "topk: each site adds what it did not send to its next update (kept in its state)"
     )
+    downlink: str = option("none", DOWNLINKS.help, choices=DOWNLINKS)
+    downlink_bits: int = option(
+        8,
+        "downlink = 'quantize': bits per value of each change to the model the server sends",
+        lambda x: 1 <= x <= 16,
+        "from 1 to 16",
+    )
+    downlink_history: int = option(
+        8,
+        "downlink: how many past versions of the model the server keeps changes for; a site whose copy is "
+        "older (or whose changes would add up to more than the model) is sent the full model",
+        at_least(1),
+        ">= 1",
+    )
 
 
 DEFAULT_MODEL = "gpt"
@@ -947,8 +962,16 @@ def _check_enclave(config: Config) -> None:
 
 
 def _check_compression(config: Config) -> None:
-    """Compression replaces the clear vector by a payload, which the protecting layers cannot take."""
+    """Compression replaces the clear vector by a payload, which the protecting layers cannot take; the
+    downlink's needs a model in clear to take differences of."""
     p, kind = config.privacy, config.compression.kind
+    downlink = config.compression.downlink
+    if downlink != "none" and p.encryption != "none":
+        raise ConfigError(
+            f"compression.downlink = {downlink!r} cannot run with privacy.encryption = {p.encryption!r}: the "
+            "server holds the model encrypted, so it has no clear model to send the changes of (and a "
+            "ciphertext does not compress); set compression.downlink = 'none'"
+        )
     if kind == "none":
         return
     protections = [
@@ -987,6 +1010,11 @@ def _check_asynchronous(config: Config) -> None:
             p.adaptive_clip,
             "privacy.adaptive_clip = true",
             "its clip-norm quantile would mix the clipping bits of updates trained on different versions",
+        ),
+        (
+            config.compression.downlink != "none",
+            f"compression.downlink = {config.compression.downlink!r}",
+            "a buffer's sites trained on model versions that no single round's changes lead from",
         ),
         (
             config.server.sampling == "poisson",

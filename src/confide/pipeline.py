@@ -148,6 +148,10 @@ class RoundContext:
     """Layers' working state for this round only (dropped with it), keyed by layer name."""
     delta: Vector | None = None
     """The aggregate delta, once the round has one (for ``finish``)."""
+    broadcast: Vector | None = None
+    """What every task of the round carries as its weights, when a layer replaced the global model in
+    ``begin`` (downlink compression sends an empty vector, and each site its own payload in its task's
+    extras); None: the global weights."""
 
     @property
     def participants(self) -> list[str]:
@@ -261,6 +265,12 @@ class Layer:
         the round's aggregate itself and steps the model as only it can (CKKS adds the encrypted sum to the
         encrypted model); None: the aggregator and the server optimizer take the step."""
         return None
+
+    def receive(self, weights: Vector, task: Task, site: str) -> tuple[Vector, Task]:
+        """On the site, before it opens the model: the model that ``task``'s message carries. A layer that
+        sends each site a payload of its own in the task's extras (downlink compression: the changes to the
+        model the site holds) rebuilds the model here, and returns the task without that payload."""
+        return weights, task
 
     def open_model(self, weights: Vector, site: str, sessions: dict[str, Any], state: Any) -> Vector:
         """On the site: the global model in clear from the form the server holds it in (CKKS decrypts)."""

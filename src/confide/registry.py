@@ -403,6 +403,12 @@ LAYERS.register(
     "update validation: shape and finiteness of every update the server can read",
     "confide.server.validate:ValidateLayer",
 )
+LAYERS.register(
+    "downlink",
+    "model compression to the sites: each site is sent the compressed changes to the model it holds "
+    "(EF21-P, Gruntkowska et al. 2023), or the model in full",
+    "confide.compress.downlink:DownlinkLayer",
+)
 
 ENCRYPTIONS = Registry("privacy.encryption", "homomorphic encryption of the updates and the global model")
 ENCRYPTIONS.register("none", "updates travel as the other privacy settings leave them", None)
@@ -431,6 +437,20 @@ COMPRESSIONS.register("float16", "half precision, 2 bytes per value", "confide.c
 COMPRESSIONS.register(
     "bfloat16", "bfloat16: float32's range with 8 significant bits, 2 bytes per value",
     "confide.compress.cast:CastLayer",
+)
+
+DOWNLINKS = Registry("compression.downlink", "how the server compresses the model it sends the sites")
+DOWNLINKS.register("none", "the model in full float32, 4 bytes per value, to every site", None)
+DOWNLINKS.register(
+    "float16",
+    "the changes to the model a site holds, as float16 (2 bytes per value), with error feedback",
+    "confide.compress.downlink:DownlinkLayer",
+)
+DOWNLINKS.register(
+    "quantize",
+    "the changes to the model a site holds, in compression.downlink_bits bits per value after a random "
+    "Hadamard rotation, with error feedback",
+    "confide.compress.downlink:DownlinkLayer",
 )
 
 AGGREGATORS = Registry("server.aggregator", "how the server combines the round's updates")
@@ -552,6 +572,7 @@ REGISTRIES: tuple[Registry, ...] = (
     LAYERS,
     ENCRYPTIONS,
     COMPRESSIONS,
+    DOWNLINKS,
     AGGREGATORS,
     ATTACKS,
 )

@@ -288,6 +288,7 @@ def test_a_resumed_asynchronous_run_goes_on_from_its_checkpoint_and_clock(text_c
         ({"privacy__enclave": "'simulated'"}, "privacy.enclave"),
         ({"server__sampling": "'poisson'"}, "server.sampling"),
         ({"client__personalization": "'ditto'"}, "client.personalization"),
+        ({"compression__downlink": "'float16'"}, "compression.downlink"),
     ],
 )
 def test_what_fedbuff_cannot_run_with_is_refused(text_corpus, tmp_path, setting, message) -> None:

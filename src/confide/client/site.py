@@ -222,6 +222,8 @@ class Site:
         kit, plan = self.kit, task.plan
         if plan.release:
             return self._release(task)
+        for layer in kit.layers:
+            weights, task = layer.receive(weights, task, self.name)
         weights = self.open(weights)
         cuda = any(p.is_cuda for p in kit.trainer.params[:1])
         if cuda:

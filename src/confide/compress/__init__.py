@@ -10,7 +10,10 @@ the server rebuilds a float32 vector, or refuses a malformed payload with an
   a random Hadamard rotation (Suresh et al. 2017; DRIVE, Vargaftik et al. 2021);
 * :mod:`~confide.compress.sparsify`: top-k sparsification with error feedback (Stich et al. 2018; Deep
   Gradient Compression, Lin et al. 2018), the residual kept in the site's durable state;
-* :mod:`~confide.compress.cast`: float16 or bfloat16 transport.
+* :mod:`~confide.compress.cast`: float16 or bfloat16 transport;
+* :mod:`~confide.compress.downlink`: the other direction, the model the server sends: each site gets the
+  compressed changes to the public model it holds (EF21-P, Gruntkowska et al. 2023), or that model in full;
+  independent of the uplink's kind, it runs with secure aggregation and the enclave too.
 
 With DP the order is clip, noise, then compress: what the site sends is a function of the clipped (and
 noised) update alone, and the server re-clips what it decodes under central DP, so the sensitivity bound

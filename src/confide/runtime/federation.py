@@ -336,7 +336,8 @@ class Federation:
             layer.begin(ctx)
         tasks = [ctx.tasks[site] for site in ctx.sites]
         seen: set[str] = set()
-        for update in backend.train(state.weights, tasks):
+        weights = ctx.broadcast if ctx.broadcast is not None else state.weights
+        for update in backend.train(weights, tasks):
             try:
                 _check(update, ctx.round, ctx.tasks, seen)
                 decoded = self._decode(update, ctx)

@@ -543,8 +543,11 @@ class SiteClient:
 
 def _weights(message: wire.Message, setup: _Setup) -> np.ndarray:
     """The global model of a task: float32 of the model's size, or under encryption the ciphertexts (bytes,
-    which the CKKS layer checks as it decrypts them)."""
+    which the CKKS layer checks as it decrypts them), or under downlink compression an empty vector (the
+    model travels in the task's extras, which the downlink layer checks as it rebuilds the model)."""
     held = message.tensors.get("weights")
     if setup.config.privacy.encryption != "none" and held is not None and held.dtype == np.uint8:
         return message.tensor("weights", np.uint8)
+    if setup.config.compression.downlink != "none" and held is not None and held.size == 0:
+        return message.tensor("weights", np.float32, 0)
     return message.tensor("weights", np.float32, setup.layout.size)
