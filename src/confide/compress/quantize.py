@@ -109,7 +109,9 @@ class QuantizeLayer(Layer):
     @classmethod
     def from_config(cls, stack: StackContext) -> Layer | None:
         c = stack.config.compression
-        return cls(c.bits, c.rotate) if c.kind == "quantize" else None
+        # Under secure aggregation the secure-aggregation layer quantizes into its own ring instead
+        # (:mod:`confide.privacy.quantized`): a payload here would leave it nothing to mask.
+        return cls(c.bits, c.rotate) if c.kind == "quantize" and stack.secure is None else None
 
     def __init__(self, bits: int, rotate: bool = False) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:

@@ -247,8 +247,8 @@ class SecAggClient:
             return SecretRandomness().uniform(vector.size)
         if dither.shape != vector.shape or not ((dither >= 0) & (dither < 1)).all():
             raise UpdateError(
-                f"the dither of a quantized update is one value in [0, 1) per coordinate ({vector.size}), got "
-                f"{_describe(dither)}"
+                f"the dither of a quantized update is one value in [0, 1) per coordinate ({vector.size}), "
+                f"got {_describe(dither)}"
             )
         return dither
 

@@ -56,7 +56,7 @@ class FixedPoint:
     sites: int
     quantize_bits: int = 0
     """q: 0 for the fixed point with ``fractional_bits``; 1 to 16 for stochastic quantization to
-    2^(q-1) - 1 levels each side of zero (1: the levels -1 and +1), where ``fractional_bits`` plays no part."""
+    2^(q-1) - 1 levels each side of zero (1: the levels -1 and +1), where ``fractional_bits`` is unused."""
 
     def __post_init__(self) -> None:
         if isinstance(self.quantize_bits, bool) or not 0 <= self.quantize_bits <= MAX_QUANTIZE_BITS:
@@ -142,7 +142,7 @@ class FixedPoint:
         return encoded
 
     def _quantize(self, scaled: np.ndarray, dither: np.ndarray | None) -> np.ndarray:
-        """floor(y + u) on the grid of levels, clamped to [-L, L] (y = L (1 + 2^-52) must not become L + 1)."""
+        """floor(y + u) on the grid, clamped to [-L, L] (y = L (1 + 2^-52) must not become L + 1)."""
         if dither is None or dither.shape != scaled.shape:
             raise ValueError(
                 f"the quantized encoding needs one dither value per coordinate ({scaled.shape}), got "

@@ -19,9 +19,10 @@ step              server -> site                               site -> server
 Every message is a frozen dataclass with ``sender``, ``round`` and ``step``. On the wire: the magic ``CSA``,
 a version byte, a type byte, then the fields in order: integers little-endian of fixed width, text and bytes
 with a length prefix, lists with a count, and the masked vector packed at exactly b bits per value (the
-bits, the count, then ceil(count b / 8) bytes: :mod:`.packing`). Decoding checks every length against what is left and against the
-limits below before it allocates anything, and refuses trailing bytes, so a malformed or hostile message
-raises :class:`MalformedMessage` rather than anything else. No pickle: decoding never runs code.
+bits, the count, then ceil(count b / 8) bytes: :mod:`.packing`). Decoding checks every length against what
+is left and against the limits below before it allocates anything, and refuses trailing bytes, so a
+malformed or hostile message raises :class:`MalformedMessage` rather than anything else. No pickle:
+decoding never runs code.
 
 Over ~400 lines because every message of the protocol has its strict codec here, each checked the same way.
 """

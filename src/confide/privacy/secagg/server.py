@@ -302,7 +302,7 @@ class SecAggServer:
         if message.width != self.fixed_point.modulus_bits:
             raise MessageError(
                 f"site {sender!r} sent its masked vector packed at {message.width} bits per value; this "
-                f"round's ring Z_(2^{self.fixed_point.modulus_bits}) packs at {self.fixed_point.modulus_bits}",
+                f"round's ring Z_(2^b) has b = {self.fixed_point.modulus_bits}",
                 sender,
             )
         # The sum grows as inputs arrive: the server holds one vector, however many sites report.
