@@ -184,7 +184,8 @@ def test_bad_field_contents_are_refused_with_the_field_named() -> None:
         decode(header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15))
     with pytest.raises(MalformedMessage, match="padding bits after the last value are not zero"):
         decode(header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15) + b"\x80")
-    assert MaskedInput.from_bytes(header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15) + b"\x01").bits == 25
+    padded = header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15) + b"\x01"  # 125 bits: 3 spare
+    assert MaskedInput.from_bytes(padded).bits == 25
     # A flag that is neither 0 nor 1, and a clip range that is not finite.
     setup = examples()[0].to_bytes()
     with pytest.raises(MalformedMessage, match="'authenticated' is a flag"):
