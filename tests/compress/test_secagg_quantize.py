@@ -20,7 +20,7 @@ from confide import config
 from confide.compress.quantize import QuantizeLayer
 from confide.core import Plan, Task, Update
 from confide.errors import UpdateError
-from confide.pipeline import RoundContext, SiteContext
+from confide.pipeline import RoundAbandoned, RoundContext, SiteContext
 from confide.privacy.quantized import rotated_range
 from confide.privacy.secagg import (
     SERVER,
@@ -155,6 +155,27 @@ def test_the_sum_never_wraps_at_the_extremes(bits: int) -> None:
         round = secure_sum(layer, vectors)
         np.testing.assert_array_equal(round.aggregate["total"], np.full(1024, sign * 1.5))
         assert round.sums["secagg_clipped"] == 3.0
+
+
+def test_a_site_that_pushes_the_small_ring_to_wrap_loses_the_round() -> None:
+    """A hostile site adds 2^(b-1) - 1 to one masked value (b = 10: 511, more than the 3 L = 381 that three
+    sites' levels can add up to): the sum leaves [-3L, 3L], and the server refuses the whole sum instead of
+    decoding a wrong one. (What stays within the range, a site's level pushed to L, no check can tell from an
+    honest update: the range bounds a poisoned update, it does not detect one.)"""
+    layer = quantized(8)
+    bits = layer.settings.params(3).fixed_point.modulus_bits
+
+    def push(site: str, update: Update) -> Update:
+        if site != "site1":
+            return update
+        message = MaskedInput.from_bytes(update.payload[MASKED].tobytes())
+        vector = message.vector.copy()
+        vector[7] = (int(vector[7]) + (1 << (bits - 1)) - 1) % (1 << bits)
+        hostile = replace(message, vector=vector)
+        return replace(update, payload={MASKED: np.frombuffer(hostile.to_bytes(), dtype=np.uint8)})
+
+    with pytest.raises(RoundAbandoned, match=r"unmasked sum was refused.*on 1 of"):
+        secure_sum(layer, {s: np.zeros(1024, dtype=np.float32) for s in SITES}, push)
 
 
 def masked_header(bits: int) -> int:

@@ -14,6 +14,11 @@ Randomness: the rotation's signs protect nothing, they only spread the coordinat
 seed both sides know (the site's plan seed and its name; the server reads the same plan). The dither u is
 the site's own secret randomness (:class:`~confide.randomness.SecretRandomness`): quantization after the DP
 noise is post-processing, and the server has no reason to know the site's coins.
+
+Under secure aggregation this layer steps aside: the server never sees one site's update, so per-site block
+ranges and per-site rotations cannot be undone on the sum; the secure-aggregation layer quantizes into its
+ring with one range R and a rotation common to the round instead (:mod:`confide.privacy.quantized`), reusing
+:func:`hadamard` and :func:`padded_size` from here.
 """
 
 from __future__ import annotations
