@@ -134,9 +134,9 @@ class SecAggExpectation:
     """The run this site takes part in: with the round number, the key under which the site remembers the
     survivor set it answered for (see :class:`~confide.privacy.secagg.history.SurvivorStore`)."""
     quantize_bits: int = 0
-    """q as the site's config gives it (0: the fixed point). A server that proposes another q would make
-    the site send a coarser encoding than it agreed to, or (with fewer levels than the ring was sized for)
-    change what the sum means; a larger ring than n L needs is refused as well, since the ring follows."""
+    """q as the site's config gives it (0: the fixed point). A server that proposed a smaller q would make
+    the site send a coarser encoding than its config allows; any other q would change what the sum means.
+    The ring follows from q and the round's size (b = bit_length(n L) + 1), so it cannot be made to wrap."""
     rotated: bool = False
     """Whether the site's config rotates its update before encoding."""
 
