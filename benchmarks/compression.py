@@ -15,10 +15,16 @@ against the upload the uncompressed run spent to reach it first (the issue's goa
 bytes within 1 point of its accuracy). The downlink (the global model
 sent to every site) is not compressed and not shown.
 
+With ``--secagg`` every run, the uncompressed one included, has secure aggregation on, and only the methods
+that run with it (stochastic quantization, which secure aggregation then does into its own ring, packed at
+b = bit_length(n (2^(bits-1) - 1)) + 1 bits a value) are compared with uncompressed secure aggregation (its
+fixed point packed at b = bit_length(n 2^20 R) + 1 bits). ``--secagg-range`` sets privacy.secagg_range.
+
 Run from the repository root:
 
     .venv/bin/python benchmarks/compression.py --markdown    # 40 rounds, 10 of 100 sites, ~30 min on 2 cores
     .venv/bin/python benchmarks/compression.py --quick       # about a minute: a small LSTM, 16 rounds
+    .venv/bin/python benchmarks/compression.py --quick --secagg --secagg-range 0.5
 """
 
 from __future__ import annotations
@@ -76,10 +82,13 @@ class Outcome:
 
 
 def run_method(args: argparse.Namespace, output: Path, method: str) -> Outcome:
-    raw = merge(lstm_shakespeare(args), {"compression": METHODS[method]})
+    overrides: dict[str, Any] = {"compression": METHODS[method]}
+    if args.secagg:
+        overrides["privacy"] = {"secure_aggregation": True, "secagg_range": args.secagg_range}
+    raw = merge(lstm_shakespeare(args), overrides)
     raw["eval"] = {**raw["eval"], "sites": args.eval_sites}
     recorder = Recorder(echo=not args.quiet, label=method)
-    name = method.replace(" ", "_").replace(",", "").replace("%", "pct")
+    name = ("secagg_" if args.secagg else "") + method.replace(" ", "_").replace(",", "").replace("%", "pct")
     runner = run(build_config(raw, output, name), recorder)
     rounds = recorder.rounds
     return Outcome(
@@ -95,7 +104,7 @@ def megabytes(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def report(outcomes: list[Outcome], as_markdown: bool) -> None:
+def report(outcomes: list[Outcome], as_markdown: bool, secagg: bool = False) -> None:
     plain = outcomes[0]
     target = plain.final
     plain_reached = plain.upload_to(target)
@@ -125,8 +134,9 @@ def report(outcomes: list[Outcome], as_markdown: bool) -> None:
         "round to none's accuracy",
         "fewer bytes to it",
     ]
+    protected = " with secure aggregation" if secagg else ""
     show(
-        f"Upload and accuracy after {len(plain.upload)} rounds ({plain.size:,} values per update)",
+        f"Upload and accuracy after {len(plain.upload)} rounds ({plain.size:,} values per update){protected}",
         columns,
         rows,
         as_markdown,
@@ -148,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=128, help="LSTM units per layer (128: the demo)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--secagg", action="store_true", help="secure aggregation on in every run")
+    parser.add_argument(
+        "--secagg-range", type=float, default=0.0, help="with --secagg: privacy.secagg_range (0: its default)"
+    )
     parser.add_argument("--output", default="", help="keep the run directories here")
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     parser.add_argument("--quiet", action="store_true", help="no line per evaluation")
@@ -157,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.eval_every, args.steps, args.max_sites, args.hidden = 16, 4, 10, 40, 64
         args.eval_sites, args.sites_per_round = 20, 8
         methods = methods if args.methods else list(QUICK)
+    if args.secagg:  # only quantization runs with secure aggregation
+        methods = [m for m in methods if METHODS[m].get("kind", "quantize") == "quantize"]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         console.print(f"unknown methods {unknown}; choose from {', '.join(map(repr, METHODS))}")
@@ -166,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(machine())
     with output_folder(args.output, "compression") as output:
         outcomes = [run_method(args, output, m) for m in [PLAIN, *methods]]
-    report(outcomes, args.markdown)
+    report(outcomes, args.markdown, args.secagg)
     return 0
 
 

@@ -349,8 +349,9 @@ class PrivacyConfig:
     )
     secagg_range: float = option(
         0.0,
-        "secure aggregation: every coordinate is clipped to [-R, R] for fixed-point encoding; 0: the clip "
-        "norm plus room for the noise under DP, else 1",
+        "secure aggregation: every coordinate is clipped to [-R, R] for fixed-point encoding (or "
+        "quantization); 0: the clip norm plus room for the noise under DP (about a 32nd of it with "
+        "compression.rotate), else 1",
         at_least(0),
         ">= 0",
     )
@@ -609,14 +610,16 @@ class CompressionConfig:
     kind: str = option("none", COMPRESSIONS.help, choices=COMPRESSIONS)
     bits: int = option(
         8,
-        "quantize: bits per value (8: a quarter of float32's bytes)",
+        "quantize: bits per value (8: a quarter of float32's bytes); with secure aggregation the masked "
+        "values take bit_length(sites x (2^(bits-1) - 1)) + 1 bits each",
         lambda x: 1 <= x <= 16,
         "from 1 to 16",
     )
     rotate: bool = option(
         False,
         "quantize: rotate each block of values by random signs and a Hadamard transform first, which spreads "
-        "large values and shrinks the error (Suresh et al. 2017)",
+        "large values and shrinks the error (Suresh et al. 2017); with secure aggregation every site of a "
+        "round rotates alike and privacy.secagg_range = 0 defaults to 6 x clip_norm / 32 (plus the noise)",
     )
     fraction: float = option(
         0.01, "topk: the fraction of values each site sends (k / d)", lambda x: 0 < x <= 1, "in (0, 1]"
@@ -962,8 +965,9 @@ def _check_enclave(config: Config) -> None:
 
 
 def _check_compression(config: Config) -> None:
-    """Compression replaces the clear vector by a payload, which the protecting layers cannot take; the
-    downlink's needs a model in clear to take differences of."""
+    """Compression replaces the clear vector by a payload, which the protecting layers cannot take; only
+    quantization runs with secure aggregation, which then quantizes into its own ring. The downlink's needs
+    a model in clear to take differences of."""
     p, kind = config.privacy, config.compression.kind
     downlink = config.compression.downlink
     if downlink != "none" and p.encryption != "none":
@@ -974,18 +978,26 @@ def _check_compression(config: Config) -> None:
         )
     if kind == "none":
         return
+    if p.secure_aggregation and kind != "quantize":
+        why = {
+            "topk": "each site's top-k picks its own coordinates, and a masked sum only adds up when every "
+            "site sends the same ones",
+        }.get(kind, "secure aggregation masks integers in its ring, not 16-bit floats")
+        raise ConfigError(
+            f"compression.kind = {kind!r} cannot run with privacy.secure_aggregation = true: {why}. Use "
+            "compression.kind = 'quantize' (secure aggregation then quantizes each update into its ring, "
+            "so the masked vector shrinks too), or set compression.kind = 'none'"
+        )
     protections = [
-        (p.secure_aggregation, "privacy.secure_aggregation = true"),
         (p.encryption != "none", f"privacy.encryption = {p.encryption!r}"),
         (p.enclave != "none", f"privacy.enclave = {p.enclave!r}"),
     ]
     for refused, what in protections:
         if refused:
             raise ConfigError(
-                f"compression.kind = {kind!r} cannot run with {what} yet: that layer needs each site's clear "
-                "float32 vector, which compression has replaced by a payload. Quantizing into secure "
-                "aggregation's fixed-point field (so that the masked vector shrinks too) is the next step; "
-                "for now choose one: set compression.kind = 'none', or turn the protection off"
+                f"compression.kind = {kind!r} cannot run with {what}: that layer needs each site's clear "
+                "float32 vector, which compression has replaced by a payload; set compression.kind = 'none', "
+                "or use privacy.secure_aggregation = true with compression.kind = 'quantize'"
             )
 
 

@@ -149,20 +149,29 @@ def test_a_central_dp_run_with_quantization_spends_the_same_epsilon(baseline: di
 
 
 @pytest.mark.parametrize(
-    ("overrides", "named"),
+    ("overrides", "kind", "named"),
     [
-        (("privacy.secure_aggregation=true",), "privacy.secure_aggregation = true"),
-        (("privacy.encryption=ckks", "server.optimizer=sgd"), "privacy.encryption = 'ckks'"),
-        (("privacy.enclave=simulated",), "privacy.enclave = 'simulated'"),
+        (("privacy.secure_aggregation=true",), "float16", "privacy.secure_aggregation = true"),
+        (("privacy.secure_aggregation=true",), "topk", "privacy.secure_aggregation = true"),
+        (("privacy.encryption=ckks", "server.optimizer=sgd"), "quantize", "privacy.encryption = 'ckks'"),
+        (("privacy.enclave=simulated",), "quantize", "privacy.enclave = 'simulated'"),
     ],
 )
-def test_compression_with_a_protection_is_refused_for_now(
-    tiny_config_path: Path, overrides: tuple[str, ...], named: str
+def test_compression_with_a_protection_it_cannot_join_is_refused(
+    tiny_config_path: Path, overrides: tuple[str, ...], kind: str, named: str
 ) -> None:
     with pytest.raises(ConfigError) as info:
-        config.load(tiny_config_path, [*overrides, "compression.kind=float16"])
+        config.load(tiny_config_path, [*overrides, f"compression.kind={kind}"])
     message = str(info.value)
-    assert named in message and "next step" in message and "compression.kind = 'none'" in message
+    assert named in message and f"compression.kind = {kind!r}" in message
+    assert "compression.kind = 'none'" in message and "'quantize'" in message
+    if kind == "topk":  # why top-k cannot: each site picks its own coordinates
+        assert "its own coordinates" in message
+
+
+def test_quantization_with_secure_aggregation_is_accepted(tiny_config_path: Path) -> None:
+    loaded = config.load(tiny_config_path, ["privacy.secure_aggregation=true", "compression.kind=quantize"])
+    assert loaded.compression.kind == "quantize" and loaded.privacy.secure_aggregation
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ evaluations summed securely."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +78,12 @@ def test_secure_rounds_give_the_plain_mean_to_fixed_point_precision(
     # Each coordinate of the sum is rounded to 2^-24 per site; the mean moves by less than that.
     np.testing.assert_allclose(hidden.weights, plain.weights, rtol=0, atol=2 * 2.0**-24)
     assert not np.array_equal(hidden.weights, plain.weights)  # it really went through fixed point
-    # The masked updates and the protocol's messages are counted on the wire.
-    assert results[0].bytes_received > plain_results[0].bytes_received  # type: ignore[attr-defined]
+    # The masked updates (packed at b = bit_length(6 * 2^24) + 1 = 28 bits a value, not 32) and the
+    # protocol's messages are counted on the wire.
+    layer = layers[0]
+    assert isinstance(layer, SecAggLayer) and layer.settings.params(6).fixed_point.modulus_bits == 28
+    masked = math.ceil(layer.vector_size * 28 / 8)
+    assert results[0].bytes_received > len(results[0].participants) * masked  # type: ignore[attr-defined]
 
 
 def test_fewer_survivors_than_the_threshold_abandon_the_round(text_corpus: Path) -> None:

@@ -17,8 +17,9 @@ the server rebuilds a float32 vector, or refuses a malformed payload with an
 
 With DP the order is clip, noise, then compress: what the site sends is a function of the clipped (and
 noised) update alone, and the server re-clips what it decodes under central DP, so the sensitivity bound
-and the accountant are unaffected. Compression cannot yet run with secure aggregation, CKKS or the enclave,
-which need the clear vector at the site (the config says so).
+and the accountant are unaffected. With secure aggregation only quantization runs, and the secure-aggregation
+layer does it into its own ring (:mod:`confide.privacy.quantized`), so the masked vector shrinks too;
+compression cannot run with CKKS or the enclave, which need the clear vector at the site (the config says so).
 """
 
 from __future__ import annotations

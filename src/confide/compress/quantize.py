@@ -14,6 +14,11 @@ Randomness: the rotation's signs protect nothing, they only spread the coordinat
 seed both sides know (the site's plan seed and its name; the server reads the same plan). The dither u is
 the site's own secret randomness (:class:`~confide.randomness.SecretRandomness`): quantization after the DP
 noise is post-processing, and the server has no reason to know the site's coins.
+
+Under secure aggregation this layer steps aside: the server never sees one site's update, so per-site block
+ranges and per-site rotations cannot be undone on the sum; the secure-aggregation layer quantizes into its
+ring with one range R and a rotation common to the round instead (:mod:`confide.privacy.quantized`), reusing
+:func:`hadamard` and :func:`padded_size` from here.
 """
 
 from __future__ import annotations
@@ -109,7 +114,9 @@ class QuantizeLayer(Layer):
     @classmethod
     def from_config(cls, stack: StackContext) -> Layer | None:
         c = stack.config.compression
-        return cls(c.bits, c.rotate) if c.kind == "quantize" else None
+        # Under secure aggregation the secure-aggregation layer quantizes into its own ring instead
+        # (:mod:`confide.privacy.quantized`): a payload here would leave it nothing to mask.
+        return cls(c.bits, c.rotate) if c.kind == "quantize" and stack.secure is None else None
 
     def __init__(self, bits: int, rotate: bool = False) -> None:
         if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:

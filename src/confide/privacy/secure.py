@@ -24,6 +24,17 @@ an integer (the loss in units of 2^-16) cut into 8-bit digits, one digit per coo
 fixed-point encoding carries without rounding and whose sums the server recombines. Every exchange message
 starts with one byte naming its secure sum (training, or evaluation of the global or personalized model),
 so that a site keeps one protocol state per sum.
+
+With ``[compression] kind = "quantize"`` the layer quantizes into the protocol's ring instead of encoding in
+fixed point (no separate quantize layer runs): each coordinate, after clipping and any DP noise, is clipped
+to [-R, R] and rounded stochastically to 2^(bits-1) - 1 levels each side of zero, with the site's secret
+randomness as dither, so the decoded sum is unbiased and the masked vector takes b = bit_length(n L) + 1
+bits a value; ``compression.rotate`` rotates every site's update alike first
+(see :mod:`confide.privacy.quantized`).
+Masked vectors travel packed at b bits in either encoding.
+
+Over ~400 lines because the training sum, the evaluation sums and their two encodings share one protocol
+driver here.
 """
 
 from __future__ import annotations
@@ -33,10 +44,12 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from confide.compress.quantize import padded_size
 from confide.core import EXAMPLES, LOSS_SUM, SUMMED, SiteEvaluation, Update
 from confide.errors import UpdateError
 from confide.pipeline import (
@@ -52,6 +65,7 @@ from confide.pipeline import (
     Traits,
 )
 from confide.privacy.dp import UNCLIPPED
+from confide.privacy.quantized import Digits, rotate, rotated_range, rotation_signs, unrotate
 from confide.privacy.secagg import (
     SERVER,
     CommitmentBroadcast,
@@ -119,14 +133,38 @@ class SecureAggregation:
     own, or in a deployment the registry each site verifies against the deployment CA."""
     min_sites: int = 2
     """The fewest sites a round may start with or unmask a sum of: a site refuses a smaller round."""
+    quantize_bits: int = 0
+    """0: the fixed-point encoding; 1 to 16: each coordinate quantized to that many bits into the ring
+    (``[compression] kind = "quantize"``, see :meth:`with_compression`)."""
+    rotate: bool = False
+    """Under quantization: every site rotates its update alike before encoding (``compression.rotate``)."""
 
     def params(self, sites: int) -> SecAggParams:
         return self.expectation(1, "").params(sites)
 
     def for_evaluation(self) -> SecureAggregation:
         """The settings of an evaluation's secure sum: the same sites and threshold rule, with the encoding
-        of digits (R = 1, 8 fractional bits) that carries its integer sums exactly."""
-        return replace(self, clip_range=1.0, fractional_bits=DIGIT_BITS)
+        of digits (R = 1, 8 fractional bits, no quantization) that carries its integer sums exactly."""
+        return replace(self, clip_range=1.0, fractional_bits=DIGIT_BITS, quantize_bits=0, rotate=False)
+
+    def with_compression(
+        self, compression: Any, dp: Any = None, configured_range: float = 0.0
+    ) -> SecureAggregation:
+        """These settings with the run's ``[compression]`` folded in: quantization into the ring for
+        ``kind = "quantize"`` (the only compression that runs with secure aggregation), else unchanged.
+
+        With the rotation, and R left to its default (``configured_range`` = privacy.secagg_range = 0) under
+        site-level DP, R becomes :func:`~confide.privacy.quantized.rotated_range` of the clip norm and the
+        noise share instead of the clip norm itself: a rotated coordinate is about C / 32, and R = C would
+        spend all but a few of the levels on values that never occur."""
+        if compression.kind != "quantize":
+            return self
+        clip_range = self.clip_range
+        if compression.rotate and not configured_range and dp is not None:
+            distributed = dp.placement == "distributed"
+            spread = dp.update_noise / math.sqrt(dp.share_sites) if distributed else 0.0
+            clip_range = rotated_range(dp.clip_norm, spread)
+        return replace(self, clip_range=clip_range, quantize_bits=compression.bits, rotate=compression.rotate)
 
     def expectation(self, vector_size: int, run: str) -> SecAggExpectation:
         """What a site checks every Setup against: these settings, from its own copy of the config."""
@@ -139,6 +177,8 @@ class SecureAggregation:
             self.threshold,
             min_sites=self.min_sites,
             run=run,
+            quantize_bits=self.quantize_bits,
+            rotated=self.rotate,
         )
 
 
@@ -192,14 +232,23 @@ class SecureSite:
             return client.unmask(SERVER, message).to_bytes()
         raise UpdateError(f"site {self.site!r} got a {type(message).__name__}, which no site answers")
 
-    def mask(self, vector: np.ndarray) -> bytes:
-        """The masked input for ``vector``, once the shares have been forwarded."""
+    def mask(self, vector: np.ndarray, dither: np.ndarray | None = None) -> bytes:
+        """The masked input for ``vector`` (with the quantized encoding's ``dither``), once the shares have
+        been forwarded."""
         client = self._client()
         if self.forwarded is None:
             raise UpdateError(
                 f"site {self.site!r} has no forwarded shares for this round, so it cannot mask its update"
             )
-        return client.masked_input(SERVER, self.forwarded, vector).to_bytes()
+        return client.masked_input(SERVER, self.forwarded, vector, dither).to_bytes()
+
+    def rotation(self, size: int) -> np.ndarray:
+        """The signs of the round's common rotation, from its session value (known once the keys are
+        shared) and round number, which the server holds too."""
+        client = self._client()
+        if client.session is None:
+            raise UpdateError(f"site {self.site!r} has no session value yet: the keys were not shared")
+        return rotation_signs(client.session, client.round, size)
 
     def _client(self) -> SecAggClient:
         if self.client is None:
@@ -219,7 +268,9 @@ class SecAggLayer(Layer):
         if stack.secure is None:
             return None
         sums = SUMMED + ((UNCLIPPED,) if stack.dp is not None else ())
-        return cls(stack.secure, stack.update_size, sums, stack.config.run.name, stack.identities)
+        p = stack.config.privacy
+        settings = stack.secure.with_compression(stack.config.compression, stack.dp, p.secagg_range)
+        return cls(settings, stack.update_size, sums, stack.config.run.name, stack.identities)
 
     def __init__(
         self,
@@ -233,7 +284,17 @@ class SecAggLayer(Layer):
         run's name, under which a site remembers the survivor sets it agreed to."""
         self.settings = settings
         self.sum_keys = (*(MEAN_LOSS if key == LOSS_SUM else key for key in sum_keys), SECAGG_CLIPPED)
-        self.vector_size = update_size + len(self.sum_keys)
+        self.update_size = update_size
+        self.model_size = padded_size(update_size) if settings.rotate else update_size
+        """The update's values in the masked vector: padded to whole rotation blocks when rotated."""
+        self.encoding = settings.params(2).fixed_point
+        """The encoding's scale and levels (its ring depends on each round's size)."""
+        self.digits: Digits | None = None
+        if settings.quantize_bits:
+            bounds = {key: _bound(key) for key in self.sum_keys}
+            self.digits = Digits(self.sum_keys, bounds, self.encoding)
+        extras = self.digits.size if self.digits is not None else len(self.sum_keys)
+        self.vector_size = self.model_size + extras
         self.run = run
         self.identities = dict(identities or {})
         """The long-term signing keys of the sites this process plays (all of them in a simulation, its
@@ -274,15 +335,25 @@ class SecAggLayer(Layer):
         if not isinstance(state, SecureSite):
             raise UpdateError(f"site {update.site!r} took no part in this round's key exchange")
         bound = self.settings.clip_range
-        outside = int(np.count_nonzero(np.abs(update.vector) > bound))
+        vector = update.vector
+        if self.settings.rotate:
+            vector = rotate(vector, state.rotation(self.model_size)).astype(np.float32)
+        outside = int(np.count_nonzero(np.abs(vector) > bound))
         sums = dict(update.sums)
         examples = sums[EXAMPLES] = float(update.num_examples)
         sums[MEAN_LOSS] = sums.pop(LOSS_SUM, 0.0) / examples if examples else 0.0
         sums[SECAGG_CLIPPED] = float(outside > 0)
-        extra = np.array(
-            [_scale(sums.get(key, 0.0), _bound(key), bound) for key in self.sum_keys], dtype=np.float32
-        )
-        masked = state.mask(np.concatenate([update.vector, extra]))  # the site checks the vector's size
+        if self.digits is None:
+            extra = np.array(
+                [_scale(sums.get(key, 0.0), _bound(key), bound) for key in self.sum_keys], dtype=np.float32
+            )
+            masked = state.mask(np.concatenate([vector, extra]))  # the site checks the vector's size
+            return update.sealed(MASKED, masked)
+        extra = self.digits.encode(sums, {key: _bound(key) for key in self.sum_keys})
+        # The update's coordinates rounded stochastically with the site's secret coins; the digits of its
+        # sums to nearest (u = 1/2), which carries them exactly.
+        dither = np.concatenate([site.randomness.uniform(vector.size), np.full(extra.size, 0.5)])
+        masked = state.mask(np.concatenate([vector, extra]), dither)
         return update.sealed(MASKED, masked)
 
     def encode_evaluation(
@@ -312,15 +383,24 @@ class SecAggLayer(Layer):
     def close(self, round: RoundContext) -> None:
         state: _Round = round.scratch[self.name]
         total = self._unmask(round.exchange, round.rejected, state, "train", max(round.min_updates, 1))
-        model = total.vector[: -len(self.sum_keys)]
-        extra = total.vector[-len(self.sum_keys) :]
         count = len(total.survivors)
-        sums = {
-            key: _unscale(float(value), _bound(key), self.settings.clip_range)
-            for key, value in zip(self.sum_keys, extra, strict=True)
-        }
+        if self.digits is None:
+            model = total.vector[: self.model_size]
+            sums = {
+                key: _unscale(float(value), _bound(key), self.settings.clip_range)
+                for key, value in zip(self.sum_keys, total.vector[self.model_size :], strict=True)
+            }
+        else:
+            integers = state.server.fixed_point.signed(total.encoded_sum)
+            model = integers[: self.model_size].astype(np.float64) / self.encoding.scale
+            sums = self.digits.decode(integers[self.model_size :], count)
+        if self.settings.rotate:
+            server = state.server
+            assert server.session is not None  # known since step 2
+            signs = rotation_signs(server.session, server.round, self.model_size)
+            model = unrotate(np.asarray(model, dtype=np.float64), signs, self.update_size)
         sums[LOSS_SUM] = sums.pop(MEAN_LOSS) / count * sums[EXAMPLES] if count else 0.0
-        round.add_sum(np.ascontiguousarray(model), list(total.survivors), sums)
+        round.add_sum(np.ascontiguousarray(model, dtype=np.float32), list(total.survivors), sums)
 
     # -- the server: evaluation ----------------------------------------------------------------------------
 

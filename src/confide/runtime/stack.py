@@ -174,7 +174,7 @@ def build_secure(
         p.secagg_authenticated,
         registry,
         min_sites=max(2, config.deploy.min_updates),
-    )
+    ).with_compression(config.compression, dp, p.secagg_range)
     return settings, identities
 
 

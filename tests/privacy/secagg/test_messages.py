@@ -175,14 +175,22 @@ def test_bad_field_contents_are_refused_with_the_field_named() -> None:
         decode(header(4, step=2) + struct.pack("<I", 1_000_000))
     with pytest.raises(MalformedMessage, match="more than the limit"):
         decode(header(4, step=2) + struct.pack("<I", 2**31))
-    # Vector words of 2 bytes, and a vector longer than its bytes.
-    with pytest.raises(MalformedMessage, match="words of 2 bytes"):
-        decode(header(6, step=3) + struct.pack("<BI", 2, 4) + bytes(8))
-    with pytest.raises(MalformedMessage, match="too short"):
-        decode(header(6, step=3) + struct.pack("<BI", 4, 5) + bytes(16))
+    # Values packed at 0 or 65 bits, a vector longer than its bytes, and non-zero padding bits.
+    with pytest.raises(MalformedMessage, match="values of 0 bits; 1 to 64 are allowed"):
+        decode(header(6, step=4) + struct.pack("<BI", 0, 4) + bytes(8))
+    with pytest.raises(MalformedMessage, match="values of 65 bits"):
+        decode(header(6, step=4) + struct.pack("<BI", 65, 1) + bytes(9))
+    with pytest.raises(MalformedMessage, match=r"5 values of 25 bits \(16 bytes\).*truncated"):
+        decode(header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15))
+    with pytest.raises(MalformedMessage, match="padding bits after the last value are not zero"):
+        decode(header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15) + b"\x80")
+    padded = header(6, step=4) + struct.pack("<BI", 25, 5) + bytes(15) + b"\x01"  # 125 bits: 3 spare
+    assert MaskedInput.from_bytes(padded).bits == 25
     # A flag that is neither 0 nor 1, and a clip range that is not finite.
     setup = examples()[0].to_bytes()
     with pytest.raises(MalformedMessage, match="'authenticated' is a flag"):
+        decode(setup[:-3] + b"\x02" + setup[-2:])
+    with pytest.raises(MalformedMessage, match="'rotated' is a flag"):
         decode(setup[:-1] + b"\x02")
     nan = setup.replace(struct.pack("<d", 1.5), struct.pack("<d", float("nan")))
     with pytest.raises(MalformedMessage, match="'clip_range' is not a finite number"):

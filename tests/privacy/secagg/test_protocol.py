@@ -423,7 +423,9 @@ def test_transcript_counts_the_bytes_of_each_message() -> None:
     _, transcript = run_round(vectors, params, {}, np.random.default_rng(0))
     masked = transcript.steps[Step.MASKED_INPUT].upload_bytes
     header = MaskedInput(sender="site00", round=1, vector=np.zeros(0, dtype=np.uint32)).nbytes
-    assert masked == dict.fromkeys(vectors, header + 4 * 1000)
+    # Packed at b bits: 5 sites of M = 2^20 need b = bit_length(5 * 2^20) + 1 = 24, so 3 bytes a value.
+    assert params.fixed_point.modulus_bits == 24
+    assert masked == dict.fromkeys(vectors, header + 3 * 1000)
     received, sent = transcript.server_bytes
     assert received == sum(transcript.site_bytes(s)[0] for s in vectors)
     assert sent == sum(transcript.site_bytes(s)[1] for s in vectors)

@@ -52,6 +52,7 @@ from confide.privacy.secagg.messages import (
     UnmaskResponse,
 )
 from confide.privacy.secagg.params import SecAggExpectation, SecAggParams
+from confide.randomness import SecretRandomness
 
 
 class SecAggClient:
@@ -195,9 +196,15 @@ class SecAggClient:
         self._mask_key = None
         return ShareKeys(sender=self.site, round=self.round, shares=tuple(ciphertexts))
 
-    def masked_input(self, sender: str, forwarded: ShareBroadcast, vector: np.ndarray) -> MaskedInput:
+    def masked_input(
+        self, sender: str, forwarded: ShareBroadcast, vector: np.ndarray, dither: np.ndarray | None = None
+    ) -> MaskedInput:
         """Step 4: keep the neighbours' shares, and send the update masked with the self mask and the
-        pairwise masks of every neighbour that shared."""
+        pairwise masks of every neighbour that shared, packed at b bits per value.
+
+        ``dither``: under quantization, the u of each coordinate's stochastic rounding, from the site's
+        secret randomness (default: drawn here from the OS); 1/2 rounds a coordinate to nearest, which carries
+        a value on the grid exactly. Refused under the fixed point, which rounds to nearest."""
         if not isinstance(vector, np.ndarray) or vector.dtype != np.float32 or vector.ndim != 1:
             raise UpdateError(f"secure aggregation masks a flat float32 vector, got {_describe(vector)}")
         if vector.size != self.setup.vector_size:
@@ -210,6 +217,7 @@ class SecAggClient:
                 f"the update of site {self.site!r} holds NaN or infinite values; they have no fixed-point "
                 "value (and after masking nobody could see them)"
             )
+        dither = self._dither(vector, dither)
         self._receive(sender, forwarded, ShareBroadcast, Stage.MASK)
         try:
             held = self._open_shares(sender, forwarded.shares)
@@ -218,7 +226,7 @@ class SecAggClient:
             raise
         self._held = held
         self.clipped = int(np.count_nonzero(np.abs(vector) > self.params.clip_range))
-        masked = self.fixed_point.encode(vector)
+        masked = self.fixed_point.encode(vector, dither)
         partners = sorted(held)
         prg.add_masks(
             masked,
@@ -226,7 +234,23 @@ class SecAggClient:
             [1] + [self._sign(v) for v in partners],
         )
         masked &= masked.dtype.type(self.fixed_point.mask)
-        return MaskedInput(sender=self.site, round=self.round, vector=masked)
+        return MaskedInput(
+            sender=self.site, round=self.round, vector=masked, bits=self.fixed_point.modulus_bits
+        )
+
+    def _dither(self, vector: np.ndarray, dither: np.ndarray | None) -> np.ndarray | None:
+        if not self.fixed_point.quantized:
+            if dither is not None:
+                raise UpdateError("this round encodes in fixed point, which takes no dither")
+            return None
+        if dither is None:
+            return SecretRandomness().uniform(vector.size)
+        if dither.shape != vector.shape or not ((dither >= 0) & (dither < 1)).all():
+            raise UpdateError(
+                f"the dither of a quantized update is one value in [0, 1) per coordinate ({vector.size}), "
+                f"got {_describe(dither)}"
+            )
+        return dither
 
     def confirm_survivors(self, sender: str, request: ConsistencyRequest) -> ConsistencyResponse:
         """Step 5 (the consistency check of Bonawitz et al. 2017): agree to one survivor set for this round,
@@ -548,6 +572,8 @@ def _check_expectation(setup: Setup, params: SecAggParams, expect: SecAggExpecta
         "threshold": params.threshold,
         "authenticated": params.authenticated,
         "vector size": setup.vector_size,
+        "quantization bits": params.quantize_bits,
+        "rotation": params.rotated,
     }
     expected = {
         "clip range": wanted.clip_range,
@@ -556,6 +582,8 @@ def _check_expectation(setup: Setup, params: SecAggParams, expect: SecAggExpecta
         "threshold": wanted.threshold,
         "authenticated": wanted.authenticated,
         "vector size": expect.vector_size,
+        "quantization bits": wanted.quantize_bits,
+        "rotation": wanted.rotated,
     }
     for name, value in proposed.items():
         if value != expected[name]:

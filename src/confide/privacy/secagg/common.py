@@ -59,6 +59,8 @@ def params_of(setup: Setup) -> SecAggParams:
         clip_range=setup.clip_range,
         fractional_bits=setup.fractional_bits,
         authenticated=setup.authenticated,
+        quantize_bits=setup.quantize_bits,
+        rotated=setup.rotated,
     )
     if (params.neighbours, params.threshold) != (setup.neighbours, setup.threshold):
         raise ConfigError(

@@ -18,9 +18,11 @@ step              server -> site                               site -> server
 
 Every message is a frozen dataclass with ``sender``, ``round`` and ``step``. On the wire: the magic ``CSA``,
 a version byte, a type byte, then the fields in order: integers little-endian of fixed width, text and bytes
-with a length prefix, lists with a count. Decoding checks every length against what is left and against the
-limits below before it allocates anything, and refuses trailing bytes, so a malformed or hostile message
-raises :class:`MalformedMessage` rather than anything else. No pickle: decoding never runs code.
+with a length prefix, lists with a count, and the masked vector packed at exactly b bits per value (the
+bits, the count, then ceil(count b / 8) bytes: :mod:`.packing`). Decoding checks every length against what
+is left and against the limits below before it allocates anything, and refuses trailing bytes, so a
+malformed or hostile message raises :class:`MalformedMessage` rather than anything else. No pickle:
+decoding never runs code.
 
 Over ~400 lines because every message of the protocol has its strict codec here, each checked the same way.
 """
@@ -36,11 +38,13 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
+from confide.privacy.secagg import packing
 from confide.privacy.secagg.errors import MalformedMessage
 from confide.privacy.secagg.keys import KEY_BYTES, SIGNATURE_BYTES
 
 MAGIC = b"CSA"
-VERSION = 2
+VERSION = 3
+"""3: the Setup names the quantization (bits, rotation) and masked vectors travel packed at b bits."""
 SERVER = "@server"
 """The sender id of the server; no site may take it."""
 
@@ -217,22 +221,31 @@ def _pair(first: Codec, second: Codec) -> Codec:
     return write, read
 
 
-def _write_vector(out: Parts, value: np.ndarray) -> None:
-    if value.ndim != 1 or value.dtype.kind != "u" or value.dtype.itemsize not in (4, 8):
-        raise ValueError(f"a masked vector is a flat uint32 or uint64 array, got {value.dtype} {value.shape}")
-    out.append(struct.pack("<BI", value.dtype.itemsize, value.size))
-    little = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-    out.append(little.data.cast("B"))  # joined once into the message: no intermediate copy
+def _write_vector(out: Parts, value: tuple[int, np.ndarray]) -> None:
+    bits, vector = value
+    if vector.ndim != 1 or vector.dtype.kind != "u" or vector.dtype.itemsize not in (4, 8):
+        raise ValueError(
+            f"a masked vector is a flat uint32 or uint64 array, got {vector.dtype} {vector.shape}"
+        )
+    out.append(struct.pack("<BI", bits, vector.size))
+    out.append(packing.pack(vector, bits))
 
 
-def _read_vector(reader: _Reader, field: str) -> np.ndarray:
-    width = reader.unpack("<B", field)
-    if width not in (4, 8):
-        raise reader.fail(f"field {field!r} has words of {width} bytes; 4 or 8 are allowed")
-    size = reader.count(field, MAX_VECTOR_SIZE, width)
-    data = reader.take(size * width, field)
-    # A view of the received bytes, not a copy: the server adds it into its running sum and lets it go.
-    return np.frombuffer(data, dtype=np.dtype(f"<u{width}"), count=size)
+def _read_vector(reader: _Reader, field: str) -> tuple[int, np.ndarray]:
+    bits = reader.unpack("<B", field)
+    if not 1 <= bits <= 64:
+        raise reader.fail(f"field {field!r} packs values of {bits} bits; 1 to 64 are allowed")
+    size = reader.unpack("<I", field)
+    nbytes = packing.packed_size(size, bits)
+    if nbytes > len(reader.view) - reader.offset:
+        raise reader.fail(
+            f"field {field!r} claims {size} values of {bits} bits ({nbytes} bytes), but only "
+            f"{len(reader.view) - reader.offset} bytes are left (truncated?)"
+        )
+    try:
+        return bits, packing.unpack(reader.take(nbytes, field), bits, size)
+    except ValueError as e:
+        raise reader.fail(f"field {field!r}: {e}") from None
 
 
 UINT8: Codec = (_write_uint("<B"), _read_uint("<B"))
@@ -287,6 +300,12 @@ class Message:
         return b"".join(out)
 
     @classmethod
+    def from_fields(cls: type[M], values: dict[str, Any]) -> M:
+        """The message of the decoded wire fields (a message whose wire fields differ from its dataclass
+        fields overrides this)."""
+        return cls(**values)
+
+    @classmethod
     def from_bytes(cls: type[M], data: bytes) -> M:
         """The message of type ``cls`` that ``data`` encodes; MalformedMessage for anything else."""
         message = decode(data)
@@ -316,7 +335,7 @@ def decode(data: bytes) -> Message:
     values = {name: read(reader, name) for name, (_, read) in HEADER + cls.BODY}
     reader.done()
     try:
-        return cls(**values)
+        return cls.from_fields(values)
     except ValueError as e:
         raise MalformedMessage(f"malformed {cls.__name__} message: {e}") from None
 
@@ -336,6 +355,10 @@ class Setup(Message):
     clip_range: float
     fractional_bits: int
     authenticated: bool
+    quantize_bits: int = 0
+    """0: the fixed-point encoding; 1 to 16: stochastic quantization to that many bits (see
+    :class:`~confide.privacy.secagg.params.SecAggParams`)."""
+    rotated: bool = False
 
     TAG = 1
     STEP = Step.COMMIT
@@ -348,6 +371,8 @@ class Setup(Message):
         ("clip_range", FLOAT),
         ("fractional_bits", UINT8),
         ("authenticated", BOOL),
+        ("quantize_bits", UINT8),
+        ("rotated", BOOL),
     )
 
 
@@ -462,21 +487,41 @@ class ShareBroadcast(Message):
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class MaskedInput(Message):
-    """Site -> server, step 4: the site's encoded update plus its masks, in Z_(2^b)."""
+    """Site -> server, step 4: the site's encoded update plus its masks, in Z_(2^b), packed at b bits."""
 
     step: Step = Step.MASKED_INPUT
     vector: np.ndarray
+    """The masked values, as uint32 (b <= 32) or uint64 words."""
+    bits: int = 0
+    """b: the bits each value is sent in; 0: the words' full width."""
 
     TAG = 6
     STEP = Step.MASKED_INPUT
-    BODY = (("vector", VECTOR),)
+    BODY = (("packed", VECTOR),)
+
+    @property
+    def packed(self) -> tuple[int, np.ndarray]:
+        return self.width, self.vector
+
+    @property
+    def width(self) -> int:
+        """The bits each value travels in."""
+        return self.bits or self.vector.dtype.itemsize * 8
+
+    @classmethod
+    def from_fields(cls, values: dict[str, Any]) -> MaskedInput:
+        bits, vector = values.pop("packed")
+        return cls(**values, vector=vector, bits=bits)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MaskedInput):
             return NotImplemented
-        return (self.sender, self.round, self.step) == (other.sender, other.round, other.step) and (
-            self.vector.dtype == other.vector.dtype and np.array_equal(self.vector, other.vector)
-        )
+        return (self.sender, self.round, self.step, self.width) == (
+            other.sender,
+            other.round,
+            other.step,
+            other.width,
+        ) and (self.vector.dtype == other.vector.dtype and np.array_equal(self.vector, other.vector))
 
     __hash__ = None  # type: ignore[assignment]
 

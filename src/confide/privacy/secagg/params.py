@@ -42,6 +42,13 @@ class SecAggParams:
     authenticated: bool = False
     """Sites sign their advertised keys with a registered Ed25519 identity and check each other's
     signatures, so a server cannot substitute keys (a man in the middle)."""
+    quantize_bits: int = 0
+    """q: 0 encodes with ``fractional_bits`` (the fixed point); 1 to 16 quantizes each coordinate
+    stochastically to 2^(q-1) - 1 levels each side of zero (see :mod:`.fixedpoint`)."""
+    rotated: bool = False
+    """The sites rotate their updates (random signs, then a Hadamard transform, the same for every site of
+    the round) before encoding, and the server rotates the sum back. The protocol only carries the flag, so
+    that the server and every site agree on what the sum means (:mod:`confide.privacy.secure` rotates)."""
 
     def __post_init__(self) -> None:
         if not 2 <= self.sites <= MAX_SITES:
@@ -74,7 +81,7 @@ class SecAggParams:
 
     @property
     def fixed_point(self) -> FixedPoint:
-        return FixedPoint(self.clip_range, self.fractional_bits, self.sites)
+        return FixedPoint(self.clip_range, self.fractional_bits, self.sites, self.quantize_bits)
 
 
 def default_threshold(neighbours: int) -> int:
@@ -126,6 +133,12 @@ class SecAggExpectation:
     run: str = ""
     """The run this site takes part in: with the round number, the key under which the site remembers the
     survivor set it answered for (see :class:`~confide.privacy.secagg.history.SurvivorStore`)."""
+    quantize_bits: int = 0
+    """q as the site's config gives it (0: the fixed point). A server that proposed a smaller q would make
+    the site send a coarser encoding than its config allows; any other q would change what the sum means.
+    The ring follows from q and the round's size (b = bit_length(n L) + 1), so it cannot be made to wrap."""
+    rotated: bool = False
+    """Whether the site's config rotates its update before encoding."""
 
     def __post_init__(self) -> None:
         if self.vector_size < 1:
@@ -143,7 +156,14 @@ class SecAggExpectation:
         k = min(self.neighbours or default_neighbours(sites), sites - 1)
         threshold = min(self.threshold, k + 1) if self.threshold else 0
         return SecAggParams(
-            sites, k, threshold, self.clip_range, self.fractional_bits, authenticated=self.authenticated
+            sites,
+            k,
+            threshold,
+            self.clip_range,
+            self.fractional_bits,
+            authenticated=self.authenticated,
+            quantize_bits=self.quantize_bits,
+            rotated=self.rotated,
         )
 
     @classmethod
@@ -161,4 +181,6 @@ class SecAggExpectation:
             params.threshold,
             min_sites=min_sites,
             run=run,
+            quantize_bits=params.quantize_bits,
+            rotated=params.rotated,
         )

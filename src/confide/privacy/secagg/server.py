@@ -128,6 +128,8 @@ class SecAggServer:
             clip_range=p.clip_range,
             fractional_bits=p.fractional_bits,
             authenticated=p.authenticated,
+            quantize_bits=p.quantize_bits,
+            rotated=p.rotated,
         )
 
     def receive(self, sender: str, message: Message) -> None:
@@ -295,6 +297,12 @@ class SecAggServer:
             raise MessageError(
                 f"site {sender!r} sent a masked vector of {vector.dtype}; this round's are "
                 f"{self.fixed_point.dtype.itemsize * 8}-bit unsigned integers",
+                sender,
+            )
+        if message.width != self.fixed_point.modulus_bits:
+            raise MessageError(
+                f"site {sender!r} sent its masked vector packed at {message.width} bits per value; this "
+                f"round's ring Z_(2^b) has b = {self.fixed_point.modulus_bits}",
                 sender,
             )
         # The sum grows as inputs arrive: the server holds one vector, however many sites report.
