@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from confide.core import Plan, SiteEvaluation, Task, Traffic, Update, Vector
-from confide.runtime.federation import Backend
+from confide.runtime.federation import Backend, Ready
 
 
 class Relay:
@@ -32,6 +32,13 @@ class Relay:
 
     def now(self) -> float:
         return self.inner.now()
+
+    def start(self, weights: Vector, task: Task) -> None:
+        """Asynchronous rounds (an inner backend without them raises AttributeError, as it would)."""
+        self.inner.start(weights, task)  # type: ignore[attr-defined]
+
+    def next_ready(self) -> Ready | None:
+        return self.inner.next_ready()  # type: ignore[attr-defined, no-any-return]
 
     def close(self) -> None:
         self.inner.close()

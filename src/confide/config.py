@@ -905,10 +905,10 @@ def _check_privacy(config: Config) -> None:
             "run adds none: set privacy.dp = 'central' or 'distributed', or privacy.record_dp = true (or "
             "leave the option out)"
         )
-    if p.record_dp and (s.strategy != "fedavg" or c.personalization == "fedrep"):
+    if p.record_dp and (s.strategy not in ("fedavg", "fedbuff") or c.personalization == "fedrep"):
         raise ConfigError(
             "privacy.record_dp trains with plain DP-SGD steps, so it runs with server.strategy = 'fedavg' "
-            f"(got {s.strategy!r}) and without FedRep"
+            f"or 'fedbuff' (got {s.strategy!r}) and without FedRep"
         )
 
 

@@ -305,15 +305,19 @@ def test_a_concurrency_below_the_buffer_is_refused(text_corpus, tmp_path) -> Non
         Runner.start(config.load(path))
 
 
-def test_fedbuff_over_grpc_with_secure_aggregation(cluster, tmp_path, text_corpus) -> None:
+def test_fedbuff_over_grpc_with_quantized_secure_aggregation(cluster, tmp_path, text_corpus) -> None:
     # Real `confide server` and `confide client` processes: sites train side by side, each buffer is a
-    # secure-aggregation instance among the sites that filled it, and evaluations wait for those in training.
+    # secure-aggregation instance among the sites that filled it (its masked updates quantized to 4 bits
+    # after a rotation common to the buffer), and evaluations wait for the sites in training.
     from tests.runtime.grpc_harness import enroll, metrics
 
     text = tiny_config(
         text_corpus,
         tmp_path / "runs",
         privacy__secure_aggregation="true",
+        compression__kind="'quantize'",
+        compression__bits="4",
+        compression__rotate="true",
         **FEDBUFF | {"server__sites_per_round": "3", "server__concurrency": "5", "run__rounds": "3"},
     )
     sites = [f"site{i}" for i in range(6)]
