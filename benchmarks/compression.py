@@ -146,7 +146,9 @@ def report(outcomes: list[Outcome], as_markdown: bool, secagg: bool = False) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="about a minute: small LSTM, 6 methods")
-    parser.add_argument("--methods", default="", help="comma-separated method names (default: all)")
+    parser.add_argument(
+        "--methods", default="", help="method names separated by ';' (some hold commas; default: all)"
+    )
     parser.add_argument("--rounds", type=int, default=40, help="rounds per run (default 40)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds (default 5)")
     parser.add_argument("--eval-sites", type=int, default=50, help="sites in the evaluation sample (50)")
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     parser.add_argument("--quiet", action="store_true", help="no line per evaluation")
     args = parser.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(METHODS)
+    methods = [m.strip() for m in args.methods.split(";") if m.strip()] or list(METHODS)
     if args.quick:
         args.rounds, args.eval_every, args.steps, args.max_sites, args.hidden = 16, 4, 10, 40, 64
         args.eval_sites, args.sites_per_round = 20, 8
