@@ -22,16 +22,21 @@ LINES = [
 ]
 
 
-@pytest.fixture
-def text_corpus(tmp_path: Path) -> Path:
-    """Six sites, one .txt file each, with different mixes of the lines above (non-IID on purpose)."""
-    root = tmp_path / "corpus"
+def write_corpus(root: Path) -> Path:
+    """Six sites in ``root``, one .txt file each, with different mixes of the lines above (non-IID on
+    purpose); the same corpus every time."""
     root.mkdir()
     rng = np.random.default_rng(0)
     for i in range(6):
         picks = rng.choice(len(LINES), size=40, p=np.roll([0.5, 0.2, 0.1, 0.1, 0.05, 0.05], i))
         (root / f"site{i}.txt").write_text("\n".join(LINES[j] for j in picks) + "\n")
     return root
+
+
+@pytest.fixture
+def text_corpus(tmp_path: Path) -> Path:
+    """The six sites of :func:`write_corpus`, for one test."""
+    return write_corpus(tmp_path / "corpus")
 
 
 def tiny_config(corpus: Path, output: Path, model: dict[str, str] | None = None, **extra: str) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -51,3 +53,39 @@ def round_trip(
     decoded = layer.decode(encoded, round_context(vector.size, plan))
     assert decoded is not None and decoded.vector is not None
     return sent, decoded.vector
+
+
+def deploy_three_sites(tmp_path: Path, text_corpus: Path, text: str) -> Path:
+    """Run ``text`` (a tiny config whose output is ``tmp_path / "runs"``, over a corpus of site0 to site2) as
+    a real deployment on 127.0.0.1: a `confide server` and one `confide client` process that plays the three
+    sites. Returns the run directory; nobody may have been dropped."""
+    from tests.runtime.grpc_harness import Cluster, enroll, query
+
+    sites = ["site0", "site1", "site2"]
+    credentials = enroll(tmp_path / "deploy", sites)
+    folder = tmp_path / "credentials"
+    folder.mkdir()
+    for file in credentials.values():
+        shutil.copy(file, folder / file.name)
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    c = Cluster(tmp_path, path, tmp_path / "deploy")
+    try:
+        c.start_server()
+        c.start_client("site0", folder, text_corpus, "--site", "site1", "--site", "site2")
+        assert c.wait_server() == 0, c.log("server")
+        assert set(c.wait_clients().values()) == {0}, c.log("site0")
+    finally:
+        c.close()
+    run = tmp_path / "runs" / "tiny"
+    assert query(run, "SELECT message FROM events WHERE kind IN ('dropped', 'failed')") == []
+    return run
+
+
+def three_sites(tmp_path: Path, text_corpus: Path) -> Path:
+    """A corpus of the first three of ``text_corpus``'s sites (one client process plays them)."""
+    corpus = tmp_path / "three-sites"
+    corpus.mkdir()
+    for site in ("site0", "site1", "site2"):
+        shutil.copy(text_corpus / f"{site}.txt", corpus / f"{site}.txt")
+    return corpus

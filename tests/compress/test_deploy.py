@@ -5,15 +5,15 @@ run's metrics are the simulation's (both compressions here are deterministic).""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from confide import config
 from confide.runtime.runner import Runner
+from tests.compress.helpers import deploy_three_sites, three_sites
 from tests.conftest import tiny_config
-from tests.runtime.grpc_harness import Cluster, enroll, metrics, query
+from tests.runtime.grpc_harness import metrics
 
 SITES = ["site0", "site1", "site2"]
 
@@ -29,27 +29,9 @@ SITES = ["site0", "site1", "site2"]
 def test_a_deployed_compressed_run_gives_the_simulation(
     tmp_path: Path, text_corpus: Path, compression: dict[str, str]
 ) -> None:
-    corpus = tmp_path / "three-sites"  # one client process plays the three sites
-    corpus.mkdir()
-    for site in SITES:
-        shutil.copy(text_corpus / f"{site}.txt", corpus / f"{site}.txt")
+    corpus = three_sites(tmp_path, text_corpus)  # one client process plays the three sites
     text = tiny_config(corpus, tmp_path / "runs", run__rounds="3", eval__every="1", **compression)
-    credentials = enroll(tmp_path / "deploy", SITES)
-    folder = tmp_path / "credentials"
-    folder.mkdir()
-    for file in credentials.values():
-        shutil.copy(file, folder / file.name)
-    path = tmp_path / "run.toml"
-    path.write_text(text)
-    c = Cluster(tmp_path, path, tmp_path / "deploy")
-    try:
-        c.start_server()
-        c.start_client("site0", folder, corpus, "--site", "site1", "--site", "site2")
-        assert c.wait_server() == 0, c.log("server")
-        assert set(c.wait_clients().values()) == {0}, c.log("site0")
-    finally:
-        c.close()
-    assert query(tmp_path / "runs" / "tiny", "SELECT message FROM events WHERE kind = 'dropped'") == []
+    deploy_three_sites(tmp_path, corpus, text)
     deployed = metrics(tmp_path / "runs" / "tiny")
 
     local = tmp_path / "local.toml"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from confide.pipeline import RoundContext
 from confide.randomness import SecretRandomness
 from confide.runtime.runner import Runner
 from confide.server.strategy import WeightedMean
-from tests.conftest import LINES, tiny_config
-from tests.runtime.grpc_harness import Cluster, enroll, query
+from tests.compress.helpers import deploy_three_sites, three_sites
+from tests.conftest import tiny_config, write_corpus
 from tests.runtime.grpc_harness import metrics as deployed_metrics
 from tests.runtime.test_runner import Crash, CrashAfter
 
@@ -246,12 +245,7 @@ OVERHEAD = 300
 @pytest.fixture(scope="module")
 def corpus_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("downlink")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):  # the text_corpus fixture's corpus, made once for the module
-        picks = rng.choice(len(LINES), size=40, p=np.roll([0.5, 0.2, 0.1, 0.1, 0.05, 0.05], i))
-        (corpus / f"site{i}.txt").write_text("\n".join(LINES[j] for j in picks) + "\n")
+    corpus = write_corpus(tmp / "corpus")  # the text_corpus fixture's corpus, made once for the module
     path = tmp / "tiny.toml"
     path.write_text(tiny_config(corpus, tmp / "runs"))
     return path
@@ -366,29 +360,9 @@ def test_a_deployed_run_rebuilds_the_model_from_changes_and_gives_the_simulation
 ) -> None:
     # Real `confide server` and `confide client` processes on 127.0.0.1: one client process plays the three
     # sites (their copies of the model shared in it), and the changes cross the real wire.
-    sites = ["site0", "site1", "site2"]
-    corpus = tmp_path / "three-sites"
-    corpus.mkdir()
-    for site in sites:
-        shutil.copy(text_corpus / f"{site}.txt", corpus / f"{site}.txt")
+    corpus = three_sites(tmp_path, text_corpus)
     text = tiny_config(corpus, tmp_path / "runs", run__rounds="3", compression__downlink="'quantize'")
-    credentials = enroll(tmp_path / "deploy", sites)
-    folder = tmp_path / "credentials"
-    folder.mkdir()
-    for file in credentials.values():
-        shutil.copy(file, folder / file.name)
-    path = tmp_path / "run.toml"
-    path.write_text(text)
-    c = Cluster(tmp_path, path, tmp_path / "deploy")
-    try:
-        c.start_server()
-        c.start_client("site0", folder, corpus, "--site", "site1", "--site", "site2")
-        assert c.wait_server() == 0, c.log("server")
-        assert set(c.wait_clients().values()) == {0}, c.log("site0")
-    finally:
-        c.close()
-    assert query(tmp_path / "runs" / "tiny", "SELECT message FROM events WHERE kind = 'dropped'") == []
-    assert query(tmp_path / "runs" / "tiny", "SELECT message FROM events WHERE kind = 'failed'") == []
+    deploy_three_sites(tmp_path, corpus, text)
     deployed = deployed_metrics(tmp_path / "runs" / "tiny")
 
     local = tmp_path / "local.toml"

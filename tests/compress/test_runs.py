@@ -51,15 +51,10 @@ def payload_bytes(name: str, size: int) -> int:
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.conftest import LINES
+    from tests.conftest import write_corpus
 
     tmp = tmp_path_factory.mktemp("compress")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):  # the text_corpus fixture's corpus, made once for the module
-        picks = rng.choice(len(LINES), size=40, p=np.roll([0.5, 0.2, 0.1, 0.1, 0.05, 0.05], i))
-        (corpus / f"site{i}.txt").write_text("\n".join(LINES[j] for j in picks) + "\n")
+    corpus = write_corpus(tmp / "corpus")  # the text_corpus fixture's corpus, made once for the module
     path = tmp / "tiny.toml"
     path.write_text(tiny_config(corpus, tmp / "runs"))
     runner, rows = run(path, "run.name=plain")

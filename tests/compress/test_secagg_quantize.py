@@ -34,7 +34,7 @@ from confide.privacy.secagg import (
 from confide.privacy.secure import MASKED, SecAggLayer, SecureAggregation
 from confide.randomness import SecretRandomness
 from confide.runtime.runner import Runner
-from tests.conftest import LINES, tiny_config
+from tests.conftest import tiny_config, write_corpus
 
 SITES = ("site0", "site1", "site2")
 
@@ -257,12 +257,7 @@ def test_the_rotated_default_range_follows_the_clip_norm_and_the_noise() -> None
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("secagg_quantize")
-    corpus = tmp / "corpus"
-    corpus.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):  # the text_corpus fixture's corpus, made once for the module
-        picks = rng.choice(len(LINES), size=40, p=np.roll([0.5, 0.2, 0.1, 0.1, 0.05, 0.05], i))
-        (corpus / f"site{i}.txt").write_text("\n".join(LINES[j] for j in picks) + "\n")
+    corpus = write_corpus(tmp / "corpus")  # the text_corpus fixture's corpus, made once for the module
     path = tmp / "tiny.toml"
     path.write_text(tiny_config(corpus, tmp / "runs"))
     return path
