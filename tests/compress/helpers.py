@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
+from confide import config
 from confide.client.state import MemorySiteState
 from confide.core import Plan, Task, Update, Vector
 from confide.pipeline import Layer, RoundContext, SiteContext
 from confide.randomness import SecretRandomness
+from confide.runtime.runner import Runner
 from confide.server.strategy import WeightedMean
 
 SITE = "site0"
@@ -89,3 +94,25 @@ def three_sites(tmp_path: Path, text_corpus: Path) -> Path:
     for site in ("site0", "site1", "site2"):
         shutil.copy(text_corpus / f"{site}.txt", corpus / f"{site}.txt")
     return corpus
+
+
+def module_config(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A tiny config over the text_corpus fixture's corpus, made once for a test module's runs."""
+    from tests.conftest import tiny_config, write_corpus
+
+    tmp = tmp_path_factory.mktemp(name)
+    corpus = write_corpus(tmp / "corpus")
+    path = tmp / "tiny.toml"
+    path.write_text(tiny_config(corpus, tmp / "runs"))
+    return path
+
+
+def run(path: Path, *overrides: str) -> tuple[Runner, list[dict[str, Any]]]:
+    """A whole run of the config at ``path`` with ``overrides``, and the rows of its metrics.jsonl."""
+    runner = Runner.start(config.load(path, list(overrides)))
+    try:
+        runner.run()
+    finally:
+        runner.store.close()
+    rows = [json.loads(line) for line in (runner.store.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return runner, rows

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,8 @@ from confide.pipeline import RoundContext
 from confide.randomness import SecretRandomness
 from confide.runtime.runner import Runner
 from confide.server.strategy import WeightedMean
-from tests.compress.helpers import deploy_three_sites, three_sites
-from tests.conftest import tiny_config, write_corpus
+from tests.compress.helpers import deploy_three_sites, module_config, run, three_sites
+from tests.conftest import tiny_config
 from tests.runtime.grpc_harness import metrics as deployed_metrics
 from tests.runtime.test_runner import Crash, CrashAfter
 
@@ -211,19 +210,6 @@ def test_simulated_sites_share_one_copy_per_version() -> None:
         assert {v for v, _ in sites.sites.copies} <= set(range(round - 3, round + 1))
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("compression.downlink=zip", "compression.downlink must be one of 'none', 'float16', 'quantize'"),
-        ("compression.downlink_bits=0", "compression.downlink_bits must be from 1 to 16 (got 0)"),
-        ("compression.downlink_history=0", "compression.downlink_history must be >= 1 (got 0)"),
-    ],
-)
-def test_bad_downlink_settings_are_refused(tiny_config_path: Path, override: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        config.load(tiny_config_path, [override])
-
-
 def test_downlink_compression_is_refused_with_ckks(tiny_config_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         config.load(
@@ -244,21 +230,9 @@ OVERHEAD = 300
 
 @pytest.fixture(scope="module")
 def corpus_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("downlink")
-    corpus = write_corpus(tmp / "corpus")  # the text_corpus fixture's corpus, made once for the module
-    path = tmp / "tiny.toml"
-    path.write_text(tiny_config(corpus, tmp / "runs"))
-    return path
+    return module_config(tmp_path_factory, "downlink")
 
 
-def run(path: Path, *overrides: str) -> tuple[Runner, list[dict[str, Any]]]:
-    runner = Runner.start(config.load(path, list(overrides)))
-    try:
-        runner.run()
-    finally:
-        runner.store.close()
-    rows = [json.loads(line) for line in (runner.store.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return runner, rows
 
 
 def sent(row: dict[str, Any]) -> int:

@@ -5,7 +5,6 @@ refused."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -20,10 +19,8 @@ from confide.compress.sparsify import RESIDUAL_KEY
 from confide.core import Plan
 from confide.errors import ConfigError
 from confide.privacy.dp import ClipLayer, l2_norm
-from confide.runtime.runner import Runner
 from confide.runtime.store import Store
-from tests.compress.helpers import round_context, site_context, update
-from tests.conftest import tiny_config
+from tests.compress.helpers import module_config, round_context, run, site_context, update
 
 KINDS: dict[str, tuple[str, ...]] = {
     "quantize 8 bits": ("compression.kind=quantize",),
@@ -51,24 +48,11 @@ def payload_bytes(name: str, size: int) -> int:
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from tests.conftest import write_corpus
-
-    tmp = tmp_path_factory.mktemp("compress")
-    corpus = write_corpus(tmp / "corpus")  # the text_corpus fixture's corpus, made once for the module
-    path = tmp / "tiny.toml"
-    path.write_text(tiny_config(corpus, tmp / "runs"))
+    path = module_config(tmp_path_factory, "compress")
     runner, rows = run(path, "run.name=plain")
     return {"path": path, "rows": rows, "size": runner.layout.size}
 
 
-def run(path: Path, *overrides: str) -> tuple[Runner, list[dict[str, Any]]]:
-    runner = Runner.start(config.load(path, list(overrides)))
-    try:
-        runner.run()
-    finally:
-        runner.store.close()
-    rows = [json.loads(line) for line in (runner.store.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return runner, rows
 
 
 def upload(rows: list[dict[str, Any]]) -> int:
@@ -178,6 +162,9 @@ def test_quantization_with_secure_aggregation_is_accepted(tiny_config_path: Path
         ("compression.fraction=1.5", "compression.fraction must be in (0, 1] (got 1.5)"),
         ("compression.kind=zip", "compression.kind must be one of"),
         ("compression.rotate=1", "compression.rotate must be true or false"),
+        ("compression.downlink=zip", "compression.downlink must be one of 'none', 'float16', 'quantize'"),
+        ("compression.downlink_bits=0", "compression.downlink_bits must be from 1 to 16 (got 0)"),
+        ("compression.downlink_history=0", "compression.downlink_history must be >= 1 (got 0)"),
     ],
 )
 def test_bad_compression_settings_are_refused(tiny_config_path: Path, override: str, message: str) -> None:

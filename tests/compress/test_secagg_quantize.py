@@ -6,7 +6,6 @@ the upload shrunk by the factor b predicts, with DP's epsilon unchanged."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide import config
 from confide.compress.quantize import QuantizeLayer
 from confide.core import Plan, Task, Update
 from confide.errors import UpdateError
@@ -34,7 +32,8 @@ from confide.privacy.secagg import (
 from confide.privacy.secure import MASKED, SecAggLayer, SecureAggregation
 from confide.randomness import SecretRandomness
 from confide.runtime.runner import Runner
-from tests.conftest import tiny_config, write_corpus
+from tests.compress import helpers
+from tests.compress.helpers import module_config
 
 SITES = ("site0", "site1", "site2")
 
@@ -256,21 +255,11 @@ def test_the_rotated_default_range_follows_the_clip_norm_and_the_noise() -> None
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("secagg_quantize")
-    corpus = write_corpus(tmp / "corpus")  # the text_corpus fixture's corpus, made once for the module
-    path = tmp / "tiny.toml"
-    path.write_text(tiny_config(corpus, tmp / "runs"))
-    return path
+    return module_config(tmp_path_factory, "secagg_quantize")
 
 
 def run(path: Path, *overrides: str) -> tuple[Runner, list[dict[str, Any]]]:
-    runner = Runner.start(config.load(path, ["privacy.secure_aggregation=true", *overrides]))
-    try:
-        runner.run()
-    finally:
-        runner.store.close()
-    rows = [json.loads(line) for line in (runner.store.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return runner, rows
+    return helpers.run(path, "privacy.secure_aggregation=true", *overrides)
 
 
 @pytest.fixture(scope="module")
