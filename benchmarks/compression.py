@@ -49,6 +49,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "quantize 2 bits, rotated": {"kind": "quantize", "bits": 2, "rotate": True},
     "quantize 1 bit": {"kind": "quantize", "bits": 1},
     "quantize 1 bit, rotated": {"kind": "quantize", "bits": 1, "rotate": True},
+    "quantize 2 bits, rotated, common half": {"kind": "quantize", "bits": 2, "rotate": True, "subset": 0.5},
+    "quantize 2 bits, rotated, common quarter": {
+        "kind": "quantize",
+        "bits": 2,
+        "rotate": True,
+        "subset": 0.25,
+    },
     "top-k 10%": {"kind": "topk", "fraction": 0.1},
     "top-k 1%": {"kind": "topk", "fraction": 0.01},
 }
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         methods = methods if args.methods else list(QUICK)
     if args.secagg:  # only quantization runs with secure aggregation
         methods = [m for m in methods if METHODS[m].get("kind", "quantize") == "quantize"]
+    else:  # a subset common to the round is for secure aggregation only
+        methods = [m for m in methods if "subset" not in METHODS[m]]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         console.print(f"unknown methods {unknown}; choose from {', '.join(map(repr, METHODS))}")

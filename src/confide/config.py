@@ -625,7 +625,14 @@ class CompressionConfig:
         0.01, "topk: the fraction of values each site sends (k / d)", lambda x: 0 < x <= 1, "in (0, 1]"
     )
     error_feedback: bool = option(
-        True, "topk: each site adds what it did not send to its next update (kept in its state)"
+        True, "topk and subset: each site adds what it did not send to its next update (kept in its state)"
+    )
+    subset: float = option(
+        1.0,
+        "with secure aggregation: the fraction of the values every site of a round sends, the same ones for "
+        "all (drawn per round from the run's seed); 1: all of them",
+        lambda x: 0 < x <= 1,
+        "in (0, 1]",
     )
     downlink: str = option("none", DOWNLINKS.help, choices=DOWNLINKS)
     downlink_bits: int = option(
@@ -975,6 +982,14 @@ def _check_compression(config: Config) -> None:
             f"compression.downlink = {downlink!r} cannot run with privacy.encryption = {p.encryption!r}: the "
             "server holds the model encrypted, so it has no clear model to send the changes of (and a "
             "ciphertext does not compress); set compression.downlink = 'none'"
+        )
+    fedrep = config.client.personalization == "fedrep"
+    if config.compression.subset < 1 and (not p.secure_aggregation or fedrep):
+        raise ConfigError(
+            f"compression.subset = {config.compression.subset} sends a subset of the values common to the "
+            "round's sites, which is for secure aggregation (and not with FedRep's shared body): set "
+            "privacy.secure_aggregation = true, or use compression.kind = 'topk' to send each site's largest "
+            "values in clear"
         )
     if kind == "none":
         return

@@ -58,6 +58,8 @@ class Stream(IntEnum):
     """Simulation only: each site's compute speed and network delay on the virtual clock."""
     ASYNC = 15
     """Asynchronous rounds: which idle site is sent work next, and the seed of its plan."""
+    SUBSET = 16
+    """Compression under secure aggregation: the coordinates every site of a round sends."""
 
 
 def public_rng(seed: int, round: int, stream: Stream | int) -> np.random.Generator:

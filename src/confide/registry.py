@@ -364,6 +364,12 @@ LAYERS.register(
     "confide.algorithms.fedbuff:StalenessLayer",
 )
 LAYERS.register(
+    "subset",
+    "update compression under secure aggregation: every site of a round sends the same random "
+    "compression.subset of its values, the rest kept for later rounds",
+    "confide.compress.subset:SubsetLayer",
+)
+LAYERS.register(
     "distributed_noise",
     "distributed DP: each site adds its share of the Gaussian noise",
     "confide.privacy.dp:DistributedNoiseLayer",

@@ -165,6 +165,8 @@ def test_quantization_with_secure_aggregation_is_accepted(tiny_config_path: Path
         ("compression.downlink=zip", "compression.downlink must be one of 'none', 'float16', 'quantize'"),
         ("compression.downlink_bits=0", "compression.downlink_bits must be from 1 to 16 (got 0)"),
         ("compression.downlink_history=0", "compression.downlink_history must be >= 1 (got 0)"),
+        ("compression.subset=0", "compression.subset must be in (0, 1] (got 0.0)"),
+        ("compression.subset=0.5", "compression.subset = 0.5 sends a subset of the values common to the"),
     ],
 )
 def test_bad_compression_settings_are_refused(tiny_config_path: Path, override: str, message: str) -> None:

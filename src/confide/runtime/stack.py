@@ -22,6 +22,7 @@ from confide.client.personalize import Personal
 from confide.client.site import SiteKit
 from confide.client.state import SiteState
 from confide.client.trainer import ClientOptimizer, Trainer
+from confide.compress.subset import subset_size
 from confide.config import Config, check_deployment
 from confide.core import Layout, Vector, round_size
 from confide.errors import ConfigError
@@ -193,6 +194,9 @@ def build_layers(
     every registered layer the config asks for, in the registry's order (adaptive clipping, clip, noise
     share, then secure aggregation, or, where the server reads each update, validation). ``sites``: the
     federation's site names, which a simulation with ``[attack]`` draws its attackers from."""
+    if config.compression.subset < 1:
+        # What the protecting layers see of an update: the round's common subset of its values.
+        update_size = subset_size(update_size, config.compression.subset)
     stack = StackContext(
         config,
         dp,
