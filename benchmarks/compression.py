@@ -50,6 +50,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "quantize 1 bit": {"kind": "quantize", "bits": 1},
     "quantize 1 bit, rotated": {"kind": "quantize", "bits": 1, "rotate": True},
     "quantize 2 bits, rotated, common half": {"kind": "quantize", "bits": 2, "rotate": True, "subset": 0.5},
+    "quantize 2 bits, rotated, common half, no feedback": {
+        "kind": "quantize",
+        "bits": 2,
+        "rotate": True,
+        "subset": 0.5,
+        "error_feedback": False,
+    },
     "quantize 2 bits, rotated, common quarter": {
         "kind": "quantize",
         "bits": 2,
