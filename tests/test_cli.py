@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from confide.cli import main
 
 
@@ -77,15 +79,21 @@ def test_data_summary_of_user_text(text_corpus: Path) -> None:
     assert "6 sites" in result.stdout and "median" in result.stdout
 
 
+@pytest.mark.parametrize("rounds", ["synchronous", "fedbuff"])
 def test_a_run_with_secure_aggregation_and_distributed_dp_prints_its_spend(
-    tiny_config_path: Path, tmp_path: Path
+    tiny_config_path: Path, tmp_path: Path, rounds: str
 ) -> None:
     privacy = ["privacy.secure_aggregation=true", "privacy.dp=distributed", "privacy.noise_multiplier=2"]
+    if rounds == "fedbuff":
+        privacy.append("server.strategy=fedbuff")
     result = confide("run", tiny_config_path, *[a for p in privacy for a in ("--set", p)], "--no-report")
     assert result.returncode == 0, result.stderr
     out = result.stdout.replace("\n", " ")
     assert "site-level DP (distributed: each site adds its share)" in out
     assert out.count("sites in the sum") == 4  # a line per round with its bytes and epsilon
+    if rounds == "fedbuff":
+        assert "asynchronous (FedBuff): 6 sites training at once, 4 buffers of 3 updates" in out
+        assert out.count("buffer ") == 4 and "none stale" in out  # a line per buffer, the first fresh
     rows = [
         json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
     ]

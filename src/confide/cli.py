@@ -366,10 +366,16 @@ class RichObserver:
         sites = runner.sites
         self.dp = runner.dp
         self.secure = runner.secure is not None
+        buffered = runner.buffered
+        rounds = (
+            f"{runner.strategy.count(len(sites))} sites per round, {runner.config.run.rounds} rounds"
+            if buffered is None
+            else f"asynchronous (FedBuff): {buffered.concurrency} sites training at once, "
+            f"{runner.config.run.rounds} buffers of {buffered.buffer_size} updates"
+        )
         console.print(
             f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
-            f"{len(sites)} sites ({sum(s.num_train for s in sites):,} training windows), "
-            f"{runner.strategy.count(len(sites))} sites per round, {runner.config.run.rounds} rounds"
+            f"{len(sites)} sites ({sum(s.num_train for s in sites):,} training windows), {rounds}"
         )
         if runner.baseline is not None:
             self.baseline = runner.baseline.accuracy
@@ -424,10 +430,11 @@ class RichObserver:
                 f"received {human_bytes(result.bytes_received)}{spent}  {result.seconds:.1f}s[/]"
             )
         if result.staleness:
-            stale = result.staleness
+            stale = [s for s in result.staleness if s > 0]
+            how = f"{len(stale)} stale (by {min(stale)} to {max(stale)} versions)" if stale else "none stale"
             console.print(
-                f"[dim]buffer {result.round:>4}  {len(stale)} updates, {sum(s > 0 for s in stale)} stale "
-                f"(by {min(stale)} to {max(stale)} versions)  clock {result.clock:,.1f}s[/]"
+                f"[dim]buffer {result.round:>4}  {len(result.staleness)} updates, {how}  "
+                f"clock {result.clock:,.1f}s[/]"
             )
         if result.abandoned:
             console.print(f"[yellow]round {result.round} abandoned: {result.abandoned}[/]")
