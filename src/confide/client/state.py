@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +20,9 @@ import numpy as np
 
 from confide.core import Vector
 from confide.errors import StoreError
+
+LOCK_TIMEOUT = 120.0
+"""Seconds a site's state file waits for another process's lock before it gives up."""
 
 
 class SiteState(Protocol):
@@ -68,21 +72,39 @@ class DurableSiteState:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS site_state (run TEXT NOT NULL, site TEXT NOT NULL, "
-                "key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run, site, key))"
+            # Several processes may share one file (site groups started from one folder): a lock another
+            # holds is waited for, on a busy machine for long, never taken as a broken file.
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=LOCK_TIMEOUT
             )
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS survivors (run TEXT NOT NULL, site TEXT NOT NULL, "
-                "round INTEGER NOT NULL, survivors TEXT NOT NULL, PRIMARY KEY (run, site, round))"
-            )
+            self._prepare()
         except sqlite3.DatabaseError as e:
             raise StoreError(
                 f"cannot use {self.path} as the site's state file ({e}); give another path with --state, or "
                 "move the broken file aside (the site then starts without its earlier state)"
             ) from e
+
+    def _prepare(self) -> None:
+        """WAL mode and the tables. Switching to WAL needs the file to itself, and SQLite reports another
+        process's open transaction at that moment as 'locked' without waiting: so retry, within the
+        timeout."""
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS site_state (run TEXT NOT NULL, site TEXT NOT NULL, "
+            "key TEXT NOT NULL, round INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (run, site, key))"
+        )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS survivors (run TEXT NOT NULL, site TEXT NOT NULL, "
+            "round INTEGER NOT NULL, survivors TEXT NOT NULL, PRIMARY KEY (run, site, round))"
+        )
 
     def get(self, site: str, key: str) -> Vector | None:
         with self._lock:
