@@ -11,7 +11,7 @@ import numpy as np
 
 from confide.core import Update
 from confide.errors import UpdateError
-from confide.pipeline import RoundContext
+from confide.pipeline import RoundContext, SiteContext
 
 PREFIX = "compressed_"
 """Prefix of the payload names the compression layers write (other layers' payload entries pass through)."""
@@ -95,3 +95,17 @@ def restored(update: Update, vector: np.ndarray, names: tuple[str, ...]) -> Upda
         update.payload.pop(PREFIX + name, None)
     update.vector = np.ascontiguousarray(vector, dtype=np.float32)
     return update
+
+
+def with_residual(update: Update, vector: np.ndarray, site: SiteContext, key: str) -> np.ndarray:
+    """``vector`` plus what this site kept back under ``key`` in its durable state (error feedback), or
+    ``vector`` alone if it has kept nothing yet; an UpdateError if the site keeps no state."""
+    if site.state is None:
+        raise UpdateError(
+            f"site {update.site!r}: error feedback keeps the unsent values in the site's state, and the site "
+            "has none; set compression.error_feedback = false"
+        )
+    residual = site.state.get(update.site, key)
+    if residual is not None and residual.shape == vector.shape:
+        return vector + residual
+    return vector

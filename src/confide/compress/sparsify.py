@@ -28,6 +28,7 @@ from confide.compress.codec import (
     read_floats,
     restored,
     take_vector,
+    with_residual,
 )
 from confide.core import Update
 from confide.errors import ConfigError, UpdateError
@@ -62,14 +63,7 @@ class TopKLayer(Layer):
     def encode(self, update: Update, site: SiteContext) -> Update:
         vector = check_finite(update, take_vector(update, "top-k sparsification"), "top-k sparsification")
         if self.error_feedback:
-            if site.state is None:
-                raise UpdateError(
-                    f"site {update.site!r}: error feedback keeps the unsent residual in the site's state, "
-                    "and this site has none; set compression.error_feedback = false"
-                )
-            residual = site.state.get(update.site, RESIDUAL_KEY)
-            if residual is not None and residual.shape == vector.shape:
-                vector = vector + residual
+            vector = with_residual(update, vector, site, RESIDUAL_KEY)
         k = kept(vector.size, self.fraction)
         indices = np.sort(np.argpartition(np.abs(vector), vector.size - k)[vector.size - k :])
         values = vector[indices].astype(np.float32)

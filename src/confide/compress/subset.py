@@ -26,9 +26,9 @@ import math
 
 import numpy as np
 
-from confide.compress.codec import check_finite, take_vector
+from confide.compress.codec import check_finite, take_vector, with_residual
 from confide.core import Update
-from confide.errors import ConfigError, UpdateError
+from confide.errors import ConfigError
 from confide.pipeline import Layer, RoundContext, SiteContext, StackContext
 from confide.privacy.dp import l2_norm
 from confide.randomness import Stream, public_rng
@@ -75,14 +75,7 @@ class SubsetLayer(Layer):
     def encode(self, update: Update, site: SiteContext) -> Update:
         vector = check_finite(update, take_vector(update, "the common subset"), "the common subset")
         if self.error_feedback:
-            if site.state is None:
-                raise UpdateError(
-                    f"site {update.site!r}: error feedback keeps the unsent values in the site's state, and "
-                    "this site has none; set compression.error_feedback = false"
-                )
-            residual = site.state.get(update.site, RESIDUAL_KEY)
-            if residual is not None and residual.shape == vector.shape:
-                vector = vector + residual
+            vector = with_residual(update, vector, site, RESIDUAL_KEY)
         positions = subset(self.seed, site.plan.round, vector.size, self.fraction)
         sent = np.array(vector[positions], dtype=np.float32)
         bound = self._bound(site)
