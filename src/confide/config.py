@@ -110,6 +110,12 @@ class DataConfig:
         0, "keep only this many sites (a seeded sample); 0 keeps all", at_least(0), ">= 0"
     )
     cache_dir: str = option("", "where processed data is cached; empty: $CONFIDE_CACHE or ~/.cache/confide")
+    lazy: bool = option(
+        False,
+        "register the sites of data.path (a folder, one .txt file or folder per site) from its listing and "
+        "read a site's text only when it is drawn: for very many sites (window counts are estimated from "
+        "file sizes until then)",
+    )
 
 
 @dataclass(frozen=True)
@@ -759,6 +765,14 @@ def check(config: Config) -> None:
     """Checks that involve more than one option."""
     if config.data.dataset == "text" and not config.data.path:
         raise ConfigError("data.path must name a folder or .jsonl file when data.dataset = 'text'")
+    d = config.data
+    if d.lazy and (d.dataset != "text" or d.partition != "natural" or config.model["kind"] == "hf"):
+        raise ConfigError(
+            "data.lazy = true registers the sites of a folder of character text as they are (data.dataset = "
+            f"'text', data.partition = 'natural', a character model); got data.dataset = {d.dataset!r}, "
+            f"data.partition = {d.partition!r}, model.kind = {config.model['kind']!r}. Shakespeare's roles "
+            "and re-partitioned data sets are loaded whole; set data.lazy = false for them"
+        )
     c, s = config.client, config.server
     why = STRATEGIES.fact(s.strategy, NEEDS_SGD)
     if why is not None and c.optimizer != "sgd":

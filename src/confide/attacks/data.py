@@ -79,6 +79,6 @@ def poison(dataset: FederatedDataset, attack: Any, attackers: Collection[str], s
                 train = backdoor(site.train, attack.trigger, attack.target, attack.poison_fraction, rng)
             else:
                 train = label_flip(site.train, attack.poison_fraction, rng)
-            site = replace(site, train=train)
+            site = site.with_train(train)
         sites.append(site)
     return replace(dataset, sites=tuple(sites))

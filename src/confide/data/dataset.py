@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,39 +93,120 @@ def has_test_window(test_text: str, window: int = WINDOW) -> bool:
     return len(test_text) >= window + 1
 
 
-@dataclass(frozen=True)
-class SiteData:
-    """One site's windows; ``group`` is a coarser label: the play for Shakespeare, else the site itself."""
-
-    name: str
-    group: str
-    train: np.ndarray
-    test: np.ndarray
-
-    def __post_init__(self) -> None:
-        for part in ("train", "test"):
-            array = getattr(self, part)
-            chars = isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 2
-            # A language model's rows (confide.data.llm): token ids and labels, (n, 2, length) int32.
-            tokens = isinstance(array, np.ndarray) and array.dtype == np.int32 and array.ndim == 3
-            if not (chars or tokens):
-                raise DataError(
-                    f"site {self.name!r}: {part} windows must be a 2-D uint8 array (or int32 token rows), "
-                    f"got {type(array).__name__} {getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}"
-                )
-        if self.train.shape[1:] != self.test.shape[1:]:
+def _check_windows(name: str, train: Any, test: Any) -> None:
+    for part, array in (("train", train), ("test", test)):
+        chars = isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.ndim == 2
+        # A language model's rows (confide.data.llm): token ids and labels, (n, 2, length) int32.
+        tokens = isinstance(array, np.ndarray) and array.dtype == np.int32 and array.ndim == 3
+        if not (chars or tokens):
             raise DataError(
-                f"site {self.name!r}: train windows have width {self.train.shape[1]} "
-                f"but test windows {self.test.shape[1]}"
+                f"site {name!r}: {part} windows must be a 2-D uint8 array (or int32 token rows), "
+                f"got {type(array).__name__} {getattr(array, 'dtype', '')} {getattr(array, 'shape', '')}"
             )
+    if train.shape[1:] != test.shape[1:]:
+        raise DataError(
+            f"site {name!r}: train windows have width {train.shape[1]} but test windows {test.shape[1]}"
+        )
+
+
+Loader = Callable[[], tuple[np.ndarray, np.ndarray]]
+"""A lazily registered site's loader: its (train, test) windows, read when they are first needed."""
+
+
+class SiteData:
+    """One site's windows; ``group`` is a coarser label: the play for Shakespeare, else the site itself.
+
+    A site is either loaded (``train`` and ``test`` given) or registered lazily (``load`` given, with
+    ``counts``, its (train, test) window counts as known before loading, estimated from a file's size):
+    its windows are read the first time ``train`` or ``test`` is read, and :meth:`release` lets them go
+    again, so a data set of 100,000 registered sites holds in memory only the windows of the sites at work
+    (``data.lazy``; see :mod:`confide.data.text`). A lazily registered site's loader must be picklable when
+    sites run in other processes (a module-level function with its arguments bound, for example).
+    """
+
+    __slots__ = ("_counts", "_load", "_test", "_train", "group", "name")
+
+    def __init__(
+        self,
+        name: str,
+        group: str,
+        train: np.ndarray | None = None,
+        test: np.ndarray | None = None,
+        *,
+        load: Loader | None = None,
+        counts: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.name = name
+        self.group = group
+        self._load = load
+        self._counts = counts
+        if load is None:
+            if train is None or test is None:
+                raise DataError(f"site {name!r} needs both its train and test windows, or a loader")
+            _check_windows(name, train, test)
+        self._train = train
+        self._test = test
+
+    @property
+    def lazy(self) -> bool:
+        """Whether the site was registered lazily (its windows are read when needed)."""
+        return self._load is not None
+
+    @property
+    def loaded(self) -> bool:
+        return self._train is not None
+
+    @property
+    def train(self) -> np.ndarray:
+        return self._windows()[0]
+
+    @property
+    def test(self) -> np.ndarray:
+        return self._windows()[1]
+
+    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
+        train, test = self._train, self._test
+        if train is None or test is None:
+            assert self._load is not None
+            train, test = self._load()
+            _check_windows(self.name, train, test)
+            self._train, self._test = train, test
+        return train, test
+
+    def release(self) -> None:
+        """Let a lazily registered site's windows go (they are read again when next needed); a loaded
+        site keeps them."""
+        if self._load is not None:
+            self._train = self._test = None
 
     @property
     def num_train(self) -> int:
-        return int(self.train.shape[0])
+        """Training windows: a lazily registered site not loaded yet gives its estimate."""
+        return int(self._train.shape[0]) if self._train is not None else self._counts[0]
 
     @property
     def num_test(self) -> int:
-        return int(self.test.shape[0])
+        return int(self._test.shape[0]) if self._test is not None else self._counts[1]
+
+    def with_train(self, train: np.ndarray) -> SiteData:
+        """The same site with other training windows (a poisoned copy, planted canaries)."""
+        return SiteData(self.name, self.group, train, self.test)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to another process (a Ray worker), a lazily registered site goes without its windows.
+        windows = (None, None) if self._load is not None else (self._train, self._test)
+        return {"name": self.name, "group": self.group, "load": self._load, "counts": self._counts,
+                "windows": windows}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.name, self.group = state["name"], state["group"]
+        self._load, self._counts = state["load"], state["counts"]
+        self._train, self._test = state["windows"]
+
+    def __repr__(self) -> str:
+        how = "lazy, loaded" if self.lazy and self.loaded else "lazy" if self.lazy else "loaded"
+        counts = f"{self.num_train} train, {self.num_test} test"
+        return f"SiteData({self.name!r}, group={self.group!r}, {counts}, {how})"
 
 
 @dataclass(frozen=True)
@@ -139,7 +222,7 @@ class FederatedDataset:
         dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
             raise DataError(f"data set {self.name!r}: site names must be unique, repeated: {dupes[:5]}")
-        widths = {s.train.shape[1] for s in self.sites}
+        widths = {s.train.shape[1] for s in self.sites if s.loaded}
         if len(widths) > 1:
             raise DataError(f"data set {self.name!r}: sites have different window widths {sorted(widths)}")
 
@@ -147,10 +230,19 @@ class FederatedDataset:
     def site_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.sites)
 
+    @cached_property
+    def _index(self) -> dict[str, SiteData]:
+        return {s.name: s for s in self.sites}
+
+    @property
+    def lazy(self) -> bool:
+        """Whether any site was registered lazily (``data.lazy``)."""
+        return any(s.lazy for s in self.sites)
+
     def by_name(self, name: str) -> SiteData:
-        for site in self.sites:
-            if site.name == name:
-                return site
+        site = self._index.get(name)
+        if site is not None:
+            return site
         shown = ", ".join(self.site_names[:5]) + (", ..." if len(self.sites) > 5 else "")
         raise DataError(f"data set {self.name!r} has no site {name!r} (its sites: {shown})")
 

@@ -8,6 +8,11 @@ Accepted layouts:
 * a ``.jsonl`` file whose lines are objects with ``site`` and ``text`` fields: a site's records joined in file
   order with newlines.
 
+With ``lazy=True`` (``data.lazy``), a folder's sites are registered from its listing alone: a site's text is
+read, split and windowed only when the site is first drawn (:class:`~confide.data.dataset.SiteData`), and its
+window counts are estimated from its files' sizes until then. Only a site smaller than ``min_chars`` bytes is
+skipped; one whose test part turns out too short for a full window still trains, with no test windows.
+
 Names starting with "." are ignored. A site whose text is too short to leave a full window in its test part is
 SKIPPED with a logged warning rather than failing the whole load, the same way the Shakespeare loader drops
 small roles; only when no site is left does loading fail. Files must be UTF-8.
@@ -19,10 +24,13 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from confide.data.dataset import WINDOW, FederatedDataset, has_test_window, make_site, split_text
+import numpy as np
+
+from confide.data.dataset import WINDOW, FederatedDataset, SiteData, has_test_window, make_site, split_text
 from confide.data.tokenize import DEFAULT_TOKENIZER, Tokenizer
 from confide.errors import DataError
 
@@ -126,19 +134,81 @@ def read_sites(path: str | os.PathLike[str]) -> dict[str, str]:
     raise DataError(f"{source} is neither a folder nor a .jsonl file")
 
 
+def _site_text(entry: Path) -> str:
+    """The text of one site of a folder: a .txt file, or a folder's .txt files in sorted order."""
+    if entry.is_dir():
+        return "".join(_normalise(_read(p)) for p in _visible(entry) if p.is_file() and p.suffix == ".txt")
+    return _normalise(_read(entry))
+
+
+def _load_site(entry: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """A lazily registered site's (train, test) windows, read from ``entry`` when the site is first needed."""
+    if not entry.exists():
+        raise DataError(
+            f"site file {entry} is gone since the run began; restore it for the site to train again"
+        )
+    site = make_site(entry.name, entry.name, _site_text(entry), tokenizer)
+    return site.train, site.test
+
+
+def _estimate(chars: int) -> tuple[int, int]:
+    """(train, test) windows of a text of ``chars`` characters split near 80%, before it is read."""
+    train = int(0.8 * chars)
+    return -(-max(train - 1, 0) // WINDOW), -(-max(chars - train - 1, 0) // WINDOW)
+
+
+def register_folder(folder: Path, min_chars: int, tokenizer: Tokenizer) -> FederatedDataset:
+    """The sites of ``folder`` registered lazily: from its listing and file sizes only (see the module)."""
+    if not folder.is_dir():
+        raise DataError(
+            f"data.lazy needs a folder with one .txt file or folder per site; {folder} is not a folder"
+        )
+    sites = []
+    small = 0
+    with os.scandir(folder) as entries:
+        listing = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    for entry in listing:
+        if entry.is_dir():
+            name = entry.name
+            size = sum(p.stat().st_size for p in _visible(Path(entry.path)) if p.suffix == ".txt")
+        elif entry.is_file() and entry.name.endswith(".txt"):
+            name = entry.name[: -len(".txt")]
+            size = entry.stat().st_size
+        else:
+            continue
+        if size < min_chars:  # bytes: at least as many as characters
+            small += 1
+            continue
+        load = partial(_load_site, Path(entry.path), tokenizer)
+        sites.append(SiteData(name, name, load=load, counts=_estimate(size)))
+    if small:
+        logger.warning("skipped %d sites of %s smaller than %d bytes", small, folder, min_chars)
+    if not sites:
+        raise DataError(
+            f"{folder} holds no site of at least {min_chars} bytes: put one .txt file per site in it, or one "
+            "folder of .txt files per site"
+        )
+    return FederatedDataset(name=folder.name, sites=tuple(sites), vocab_size=tokenizer.vocab_size)
+
+
 def load_text(
     path: str | os.PathLike[str],
     min_chars: int = MIN_CHARS,
     tokenizer: Tokenizer = DEFAULT_TOKENIZER,
+    *,
+    lazy: bool = False,
 ) -> FederatedDataset:
     """A federated data set from a folder or a .jsonl file; short sites are skipped with a warning.
 
     A site is kept when it has at least ``min_chars`` characters and its test part (the text after the line
-    boundary nearest 80%) holds a full window of ``WINDOW + 1`` characters.
+    boundary nearest 80%) holds a full window of ``WINDOW + 1`` characters. With ``lazy``, a folder's sites
+    are registered without reading them (see the module).
     """
     if min_chars < 0:
         raise DataError(f"min_chars must not be negative, got {min_chars}")
     source = Path(path).expanduser()
+    if lazy:
+        return register_folder(source, min_chars, tokenizer)
     texts = read_sites(source)
     sites = []
     skipped: list[str] = []

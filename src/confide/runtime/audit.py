@@ -77,7 +77,7 @@ def plant(
             continue
         window = windows(DEFAULT_TOKENIZER.encode(canary.text + "\n"))
         planted = np.concatenate([site.train, np.repeat(window, repeats, axis=0)])
-        out.append(replace(site, train=planted))
+        out.append(site.with_train(planted))
     return replace(dataset, sites=tuple(out))
 
 

@@ -5,6 +5,10 @@ and, for algorithms that keep it, its own :class:`~confide.client.state.SiteStat
 so one :class:`~confide.client.site.SiteKit`, built once, serves every :class:`~confide.client.site.Site`,
 with weights moved in and out through the Layout. The backend only hands each Site its task and carries its
 answer back; the Site trains, masks and evaluates exactly as a deployed one does.
+
+With lazily registered sites (``data.lazy``: many thousands), the backend keeps only the sites at work: when
+a round's training begins it forgets every other site (its protocol sessions and its windows, read again if
+it is drawn again), so memory grows with the sites per round, not with the sites registered.
 """
 
 from __future__ import annotations
@@ -12,12 +16,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 from confide.client.site import Site, SiteKit, evaluate_many
 from confide.core import Plan, SiteEvaluation, Task, Traffic, Update, Vector
 from confide.data import FederatedDataset
-from confide.errors import ConfideError, UpdateError
+from confide.errors import ConfideError, DataError, UpdateError
 from confide.models.hf import check_base
 from confide.randomness import Stream, public_rng
 from confide.runtime.clock import Speeds, VirtualClock
@@ -47,6 +51,8 @@ class LocalBackend:
         """Simulated dropouts: the probability that a site vanishes after the key exchange (simulation)."""
         self.seed = seed
         self._by_name = {s.name: s for s in dataset.sites}
+        self.lazy = dataset.lazy
+        """Sites registered lazily: only the sites at work are kept (see the module)."""
         self._sites: dict[str, Site] = {}
         self._traffic = Traffic()
         self.clock = VirtualClock(speeds or Speeds(), dataset.site_names, seed)
@@ -78,6 +84,15 @@ class LocalBackend:
 
     def sites(self) -> Sequence[str]:
         return self.dataset.site_names
+
+    def _forget(self, keep: Collection[str]) -> None:
+        """With lazily registered sites: forget every site but ``keep`` and those holding an update for an
+        asynchronous round (their sessions and their windows, which are read again if the site is drawn
+        again)."""
+        if not self.lazy:
+            return
+        for name in [n for n, site in self._sites.items() if n not in keep and site.held is None]:
+            self._sites.pop(name).data.release()
 
     def now(self) -> float:
         """Virtual seconds since the run began (:mod:`confide.runtime.clock`)."""
@@ -113,6 +128,7 @@ class LocalBackend:
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
         """Each task's update; the virtual clock moves on to when the slowest site's upload has arrived."""
+        self._forget({task.site for task in tasks})
         clock, began, finished = self.clock, self.clock.now, self.clock.now
         for update, seconds in self._train(weights, tasks):
             finished = max(finished, began + seconds)
@@ -137,9 +153,10 @@ class LocalBackend:
                 site = self.site(task.site)
                 update = site.train(weights, task)
                 self.peak_memory[task.site] = site.peak_memory
-            except UpdateError as e:
-                # The site cannot send an update (say, it diverged and secure aggregation cannot encode NaN):
-                # to the server it has dropped out, as a deployed site that gives up would.
+            except (UpdateError, DataError) as e:
+                # The site cannot send an update (say, it diverged and secure aggregation cannot encode NaN,
+                # or its lazily read data is unreadable): to the server it has dropped out, as a deployed
+                # site that gives up would.
                 log.warning("site %s sends no update in round %d: %s", task.site, task.plan.round, e)
                 continue
             size = wire.message_bytes(*wire.update_message(0, b"", update))

@@ -166,8 +166,12 @@ class Baseline:
 
 
 def unigram_baseline(dataset: FederatedDataset, eval_sites: Sequence[str]) -> Baseline:
+    """The baseline on the evaluated sites' held-out text; its character is the most frequent one of every
+    site's training text, or, when sites are registered lazily (``data.lazy``), of the evaluated sites'
+    only: reading every site is what lazy registration avoids."""
     counts = np.zeros(256, dtype=np.int64)
-    for site in dataset.sites:
+    sources = [dataset.by_name(name) for name in eval_sites] if dataset.lazy else dataset.sites
+    for site in sources:
         counts += np.bincount(site.train[:, 1:].ravel(), minlength=256)
     counts[255] = 0  # PAD is no character
     best = int(counts.argmax())
@@ -176,6 +180,8 @@ def unigram_baseline(dataset: FederatedDataset, eval_sites: Sequence[str]) -> Ba
         targets = dataset.by_name(name).test[:, 1:]
         hits += int((targets == best).sum())
         total += int((targets != 255).sum())
+    for name in eval_sites:
+        dataset.by_name(name).release()
     return Baseline(DEFAULT_TOKENIZER.decode(np.array([best], dtype=np.uint8)), hits / max(total, 1))
 
 
@@ -188,13 +194,15 @@ def load_dataset(config: Config) -> FederatedDataset:
     elif d.dataset == "shakespeare":
         dataset = shakespeare.load(cache_dir=cache, min_lines=d.min_lines)
     else:
-        dataset = load_text(Path(d.path))
+        dataset = load_text(Path(d.path), lazy=d.lazy)
     if d.max_sites and d.max_sites < len(dataset.sites):
         keep = np.sort(
             public_rng(config.run.seed, 0, Stream.DATA).choice(len(dataset.sites), d.max_sites, replace=False)
         )
         dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
     options: dict[str, Any] = {}
+    if d.lazy:  # registered from the folder's listing: nothing read, nothing to re-partition (config.check)
+        return dataset
     refused = d.partition == "dirichlet" and d.label != "group"
     instructions = d.partition != "natural" and is_instruction_rows(dataset.sites[0].train)
     if config.model["kind"] == "hf" and (instructions or refused):
