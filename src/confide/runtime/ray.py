@@ -90,7 +90,7 @@ class RayBackend:
         """Asynchronous rounds: started tasks not yet collected (task, bytes sent, clock then, worker, the
         worker's handle, the call)."""
         self._order = itertools.count()
-        self._weights: tuple[Vector, Any] | None = None
+        self._weights: tuple[int, int, Any] | None = None
         self._closed = False
         if not ray.is_initialized():
             try:
@@ -113,24 +113,29 @@ class RayBackend:
 
         from confide.runtime.raysites import SiteStateKeeper, SiteWorker
 
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        if num_cpus > cpus:
+            self.close()
+            raise ConfigError(
+                f"backend.num_cpus = {num_cpus:g} is more than the Ray cluster's {cpus:g} CPUs: no worker "
+                "could start; lower backend.num_cpus"
+            )
+        count = workers or max(1, int(cpus // num_cpus))
         here = ray.get_runtime_context().get_node_id()
         keeper = ray.remote(SiteStateKeeper).options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
         )
         self.keeper = keeper.remote(recipe.run_dir)
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        count = workers or max(1, int(cpus // num_cpus))
-        if num_cpus > cpus:
-            raise ConfigError(
-                f"backend.num_cpus = {num_cpus:g} is more than the Ray cluster's {cpus:g} CPUs: no worker "
-                "could start; lower backend.num_cpus"
-            )
         self._actor = ray.remote(SiteWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         self.workers: list[Any] = [self._actor.remote(recipe, self.keeper) for _ in range(count)]
         """The site workers (Ray actor handles); site s is played by ``workers[worker_of(s)]``."""
         # A worker that cannot build (a data path another node lacks, a model that does not fit) says so here,
         # with its own error, before the first round.
-        ray.get([w.ready.remote() for w in self.workers])
+        try:
+            ray.get([w.ready.remote() for w in self.workers])
+        except BaseException:
+            self.close()
+            raise
         log.info("%d Ray workers play %d sites (%g CPUs each)", count, len(self.names), num_cpus)
 
     # -- what every backend has -----------------------------------------------------------------------------
@@ -249,11 +254,13 @@ class RayBackend:
         clock after the download, its local steps and the answer's upload (as in the local backend)."""
         sent = wire.message_bytes(*wire.train_message(0, task, weights))
         self._count(sent=sent)
-        if self._weights is None or self._weights[0] is not weights:
-            self._weights = (weights, self._ray.put(weights))  # the sites started on one model share it
+        if self._weights is None or self._weights[:2] != (id(weights), task.model_version):
+            # The sites started on one model version share one copy (the server steps its weights in place,
+            # so the version, not the array, says whether it is the same model).
+            self._weights = (id(weights), task.model_version, self._ray.put(weights))
         index = self.worker_of(task.site)
         worker = self.workers[index]
-        call = worker.train.remote(self._weights[1], task)
+        call = worker.train.remote(self._weights[2], task)
         self._pending.append((task, sent, self.clock.now, index, worker, call))
 
     def next_ready(self) -> Ready | None:
@@ -320,11 +327,13 @@ class RayBackend:
         if self._closed or not ray.is_initialized():
             return
         self._closed = True
-        for worker in self.workers:
+        for worker in getattr(self, "workers", []):
             ray.kill(worker, no_restart=True)
         self.workers = []
-        ray.get(self.keeper.close.remote())
-        ray.kill(self.keeper, no_restart=True)
+        keeper = getattr(self, "keeper", None)
+        if keeper is not None:
+            ray.get(keeper.close.remote())
+            ray.kill(keeper, no_restart=True)
         if self.started_ray:
             ray.shutdown()
 
