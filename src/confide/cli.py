@@ -325,7 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             runner.run(observer)
         _finish(runner, write=not args.no_report)
     finally:
-        runner.store.close()
+        runner.close()  # a Ray backend stops its workers (and Ray, if it started it) even after an error
     return 0
 
 
@@ -377,6 +377,17 @@ class RichObserver:
             f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
             f"{len(sites)} sites ({sum(s.num_train for s in sites):,} training windows), {rounds}"
         )
+        workers = getattr(runner.backend, "workers", None)
+        if runner.config.backend.kind == "ray" and workers is not None:
+            b = runner.config.backend
+            where = f"the cluster at {b.address}" if b.address else "this machine"
+            console.print(
+                f"backend: ray, {len(workers)} workers on {where} ({b.num_cpus:g} CPUs"
+                + (f", {b.num_gpus:g} GPUs" if b.num_gpus else "")
+                + " each), sites sticky to a worker"
+            )
+        elif not getattr(runner, "deployed", False):
+            console.print("backend: local, every site in this process")
         if runner.baseline is not None:
             self.baseline = runner.baseline.accuracy
             console.print(

@@ -294,6 +294,24 @@ class BackendConfig:
         at_least(0),
         ">= 0",
     )
+    address: str = option(
+        "",
+        "kind = 'ray': the Ray cluster to join (as `ray start --head` prints it, e.g. '10.0.0.5:6379', or "
+        "'auto'); empty: start a Ray of our own on this machine for the run",
+    )
+    num_cpus: float = option(
+        1.0, "kind = 'ray': CPUs each Ray worker (one model, many sites) reserves", positive, "> 0"
+    )
+    num_gpus: float = option(
+        0.0, "kind = 'ray': GPUs each Ray worker reserves (a fraction shares one GPU)", at_least(0), ">= 0"
+    )
+    workers: int = option(
+        0,
+        "kind = 'ray': how many Ray workers play the sites; 0: as many as the cluster's CPUs allow at "
+        "num_cpus each",
+        at_least(0),
+        ">= 0",
+    )
 
 
 @dataclass(frozen=True)
@@ -790,6 +808,7 @@ def check(config: Config) -> None:
             "client.personal_layers names FedRep's personal head; it needs client.personalization = 'fedrep' "
             f"(got {c.personalization!r})"
         )
+    _check_backend(config)
     _check_privacy(config)
     _check_encryption(config)
     _check_enclave(config)
@@ -799,6 +818,46 @@ def check(config: Config) -> None:
     _check_attack(config.attack, config.model["kind"])
     _check_model(config.model)
     _check_language_model(config)
+
+
+RAY_OPTIONS = {"address": "", "num_cpus": 1.0, "num_gpus": 0.0, "workers": 0}
+"""The [backend] options of the Ray backend, with their defaults."""
+
+
+def _check_backend(config: Config) -> None:
+    """The Ray backend's options against the backend, Ray's presence, and what cannot run on it yet."""
+    b = config.backend
+    if b.kind != "ray":
+        for key, default in RAY_OPTIONS.items():
+            if getattr(b, key) != default:
+                raise ConfigError(
+                    f"backend.{key} = {getattr(b, key)!r} is an option of the Ray backend, but backend.kind "
+                    f"is {b.kind!r}: set backend.kind = 'ray', or remove backend.{key}"
+                )
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            "backend.kind = 'ray' needs Ray, which is not installed: pip install 'confide[ray]' (or use "
+            "backend.kind = 'local')"
+        )
+    p = config.privacy
+    refused = [
+        (p.encryption != "none", f"privacy.encryption = {p.encryption!r}", "its key ceremony"),
+        (p.enclave != "none", f"privacy.enclave = {p.enclave!r}", "the sealing of updates to the enclave"),
+        (
+            config.attack.collude,
+            "attack.collude = true",
+            "colluding attackers share what they saw inside one process",
+        ),
+    ]
+    for wrong, what, why in refused:
+        if wrong:
+            raise ConfigError(
+                f"backend.kind = 'ray' cannot run with {what} yet ({why} is not carried between Ray "
+                "workers): use backend.kind = 'local' for it"
+            )
 
 
 def _check_defence(config: Config) -> None:

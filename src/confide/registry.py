@@ -334,6 +334,11 @@ MODELS.register(
 
 BACKENDS = Registry("backend.kind", "who carries messages")
 BACKENDS.register("local", "every site in this process (no setup)", "confide.runtime.local:LocalBackend")
+BACKENDS.register(
+    "ray",
+    "simulated sites spread over Ray workers, on this machine or a cluster (pip install 'confide[ray]')",
+    "confide.runtime.ray:RayBackend",
+)
 
 LAYERS = Registry("layer", "a layer of the update pipeline (encode at the site, decode at the server)")
 """In stack order: a site encodes through them top to bottom, the server decodes bottom to top. Each target

@@ -40,6 +40,7 @@ from confide.privacy.he.ckks import ENCRYPTED_MODEL
 from confide.privacy.policy import CLIP_KEY, SiteDP
 from confide.privacy.secure import SECAGG_CLIPPED
 from confide.randomness import Stream, public_rng
+from confide.runtime.clock import VirtualClock
 from confide.runtime.federation import (
     Backend,
     Federation,
@@ -237,6 +238,21 @@ def load_lm_dataset(config: Config) -> FederatedDataset:
     return llm.text_dataset(path.stem, texts, tokenizer, hf.max_length)
 
 
+def _with_absolute_paths(config: Config) -> Config:
+    """``config`` with its data and model paths made absolute, for processes that start elsewhere (Ray
+    workers, whose working directory is not ours)."""
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    d = config.data
+    model = dict(config.model)
+    if isinstance(model.get("path"), str):
+        model["path"] = absolute(model["path"])
+    data = replace(d, path=absolute(d.path), cache_dir=absolute(d.cache_dir))
+    return replace(config, data=data, model=model)
+
+
 def hf_config(config: Config) -> HFConfig:
     """The checked [model] table of an 'hf' run."""
     return cast(HFConfig, model_config("hf", **{k: v for k, v in config.model.items() if k != "kind"}))
@@ -289,6 +305,10 @@ class Runner:
         if isinstance(self.model, HFCausalLM):
             self.lm = LanguageModelRun(config, self.model, self.layout)
             store.set_meta("base_sha256", self.lm.base_sha256)
+        # A simulation plays the sites itself (here, or in Ray workers); a deployment is given its backend.
+        self.deployed = backend is not None
+        if backend is None and config.backend.kind == "ray":
+            backend = self._ray_backend(config, identities)
         if backend is None:
             assert dataset is not None
             kit = build_site_kit(config, self.model, layers, StoreSiteState(store))
@@ -305,7 +325,6 @@ class Runner:
         self.backend: Backend = backend
         self.strategy = build_strategy(config, shared)
         # In a deployment a round needs a minimum of updates, and is retried (see run) when it falls short.
-        self.deployed = not isinstance(backend, LocalBackend)
         min_updates = config.deploy.min_updates if self.deployed else 0
         aggregator = build_aggregator(config, self.dp)
         self.federation = Federation(
@@ -337,6 +356,46 @@ class Runner:
         )
         self.stopped: str | None = None
         """Why the run stopped before its last round (the privacy budget), or None."""
+
+    def _ray_backend(self, config: Config, identities: Mapping[str, Any]) -> Backend:
+        """The Ray backend of a simulation: its workers build the sites from the config, as this process
+        would, with what the driver drew that the sites share with the server (the identity keys)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from confide.runtime.ray import RayBackend
+        from confide.runtime.raysites import SiteRecipe
+
+        b = config.backend
+        recipe = SiteRecipe(
+            config_toml=_with_absolute_paths(config).to_toml(),
+            run_dir=str(self.store.run_dir.resolve()),
+            sites=tuple(s.name for s in self.sites),
+            secure=self.secure,
+            identities={
+                site: key.private_bytes_raw()
+                for site, key in identities.items()
+                if isinstance(key, Ed25519PrivateKey)
+            },
+            base_sha256=self.lm.base_sha256 if self.lm is not None else "",
+            threads=b.threads or max(1, int(b.num_cpus)),
+        )
+        return RayBackend(
+            recipe,
+            address=b.address,
+            num_cpus=b.num_cpus,
+            num_gpus=b.num_gpus,
+            workers=b.workers,
+            dropout=b.dropout,
+            seed=config.run.seed,
+            speeds=build_speeds(config),
+        )
+
+    def close(self) -> None:
+        """Close the backend (a Ray backend stops its workers, and Ray if it started it) and the store."""
+        try:
+            self.backend.close()
+        finally:
+            self.store.close()
 
     @classmethod
     def start(cls, config: Config, dataset: FederatedDataset | None = None) -> Runner:
@@ -388,8 +447,9 @@ class Runner:
                 self.layout.check(checkpoint.weights, "checkpoint's weights")
             self.state = ServerState(checkpoint.round, checkpoint.weights, dict(checkpoint.optimizer_state))
             clock = checkpoint.extra.get(CLOCK_KEY)
-            if clock is not None and isinstance(self.backend, LocalBackend):
-                self.backend.clock.now = float(clock[0])  # the virtual clock goes on where it was
+            virtual = getattr(self.backend, "clock", None)
+            if clock is not None and not self.deployed and isinstance(virtual, VirtualClock):
+                virtual.now = float(clock[0])  # the virtual clock goes on where it was
         store.rewind(self.state.round)
         if self.dp is not None:
             # Every charge stays spent. With secret noise each release is a new one, so rounds after the
