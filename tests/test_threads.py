@@ -1,4 +1,4 @@
-"""confide makes torch's OpenMP threads sleep, not spin, while they wait (a busy machine: benchmarks/busy.py)."""
+"""confide makes torch's OpenMP threads sleep, not spin, while they wait (benchmarks/busy.py)."""
 
 import os
 import subprocess

@@ -167,6 +167,9 @@ class RayBackend:
             rng = public_rng(self.seed, tasks[0].plan.round, Stream.DROPOUT)
             dropped = {t.site for t in tasks if rng.random() < self.dropout}
         ref = self._ray.put(weights) if any(t.site not in dropped for t in tasks) else None
+        keep = {t.site for t in tasks}
+        for worker in self.workers:  # a worker runs one caller's calls in order: this one comes first
+            worker.forget.remote(keep)
         calls = []
         for task in tasks:
             sent = wire.message_bytes(*wire.train_message(0, task, weights))

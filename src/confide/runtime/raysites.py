@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,7 @@ class SiteWorker:
         # The simulated attackers' training windows are poisoned here as in the driver (the same draw).
         self.dataset = Attack.build(config, dataset).poison(dataset)
         self._by_name = {s.name: s for s in self.dataset.sites}
+        self.lazy = self.dataset.lazy
         model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
         check_base("every simulated site", model, recipe.base_sha256)
         layout = Layout.of_module(model)
@@ -181,6 +182,14 @@ class SiteWorker:
             site = self._sites[name] = Site(name, self._by_name[name], self.kit)
         return site
 
+    def forget(self, keep: Collection[str]) -> None:
+        """With lazily registered sites (``data.lazy``): forget every site but ``keep`` and those holding an
+        update for an asynchronous round, as the local backend does when a round's training begins."""
+        if not self.lazy:
+            return
+        for name in [n for n, site in self._sites.items() if n not in keep and site.held is None]:
+            self._sites.pop(name).data.release()
+
     def train(self, weights: Vector, task: Task) -> Trained:
         """The site's update for ``task``, encoded by the stack, or why it has none (an UpdateError: to the
         server it has dropped out, as in the local backend)."""
@@ -188,7 +197,7 @@ class SiteWorker:
         site.steps = 0
         try:
             update = site.train(_writable(weights), task)
-        except UpdateError as e:
+        except (UpdateError, DataError) as e:  # it diverged, or its lazily read data is unreadable
             return Trained(task.site, None, str(e))
         steps = 0 if task.plan.release else site.steps
         return Trained(task.site, update, None, steps, site.peak_memory)
