@@ -375,7 +375,8 @@ class RichObserver:
         )
         console.print(
             f"[bold]{runner.config.run.name}[/]: {model} model with {runner.layout.size:,} parameters, "
-            f"{len(sites)} sites ({sum(s.num_train for s in sites):,} training windows), {rounds}"
+            f"{len(sites):,} sites ({sum(s.num_train for s in sites):,} training windows"
+            f"{', estimated: registered lazily' if runner.config.data.lazy else ''}), {rounds}"
         )
         workers = getattr(runner.backend, "workers", None)
         if runner.config.backend.kind == "ray" and workers is not None:
