@@ -83,7 +83,8 @@ def workers_memory() -> int:
 def one(folder: Path, per_round: int, rounds: int, backend: str, output: Path) -> dict[str, Any]:
     """One configuration, in this process: start-up seconds, seconds of each round, peak memory."""
     began = time.perf_counter()
-    config = build_config(raw_config(folder, per_round, rounds, backend), output, f"{backend}-{per_round}")
+    name = f"{backend}-{per_round}-of-{folder.name}"
+    config = build_config(raw_config(folder, per_round, rounds, backend), output, name)
     runner = Runner.start(config)
     startup = time.perf_counter() - began
     recorder = Recorder()
@@ -155,6 +156,7 @@ def main() -> None:
                 console.print(f"[dim]{backend}: {n} sites a round of {args.registered:,}...[/]")
                 result = measure(folders[args.registered], n, args.rounds, backend, Path(tmp) / "runs")
                 rows.append(row(f"{n} a round", backend, result))
+                console.print(f"[dim]  {rows[-1]}[/]")
             if not args.quick:
                 for size in sizes:
                     if size == args.registered and 100 in per_rounds:
@@ -162,6 +164,7 @@ def main() -> None:
                     console.print(f"[dim]{backend}: 100 sites a round of {size:,}...[/]")
                     result = measure(folders[size], 100, args.rounds, backend, Path(tmp) / "runs")
                     rows.append(row("100 a round", backend, result))
+                    console.print(f"[dim]  {rows[-1]}[/]")
     show(
         f"Lazily registered sites: {args.rounds} rounds each, a character LSTM, one local step a site",
         ["sites", "backend", "registered", "start-up s", "s/round", "peak memory MiB"],

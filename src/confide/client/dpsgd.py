@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from confide.client.trainer import ClientOptimizer, FitResult, split_window
+from confide.client.trainer import ClientOptimizer, FitResult, seed_dropout, split_window
 from confide.core import Layout, Plan, Vector
 from confide.errors import ConfigError
 from confide.privacy.accountant import PrivacyAccountant
@@ -228,7 +228,7 @@ class DPSGD:
         loss_total, counted = 0.0, 0
         started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(plan.seed)  # dropout draws from the global generator: scope it to this fit
+            seed_dropout(plan.seed, self.params)  # dropout draws from the global generator: scope it
             for _ in range(steps):
                 chosen = randomness.uniform(n) < rate
                 inputs, targets = split_window(windows[chosen])
