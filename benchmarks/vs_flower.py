@@ -20,12 +20,13 @@ contender (OMP_NUM_THREADS=1 and torch.set_num_threads(1)), so no contender gain
 
 Two workloads: compute-bound (10 sites a round, 20 local steps each) and overhead-bound (200 sites a round,
 one step each); both do 200 optimizer steps a round. Each contender runs in a fresh process of its own.
-Columns: s/round (mean over the rounds after the first) and its ratio to the plain loop's; start-up, what a
-contender spends once: the seconds from its first call (after imports) to the end of its first round, less
-one round like the others (data, model, store, Ray and its actors, and whatever is started lazily in the
-first round, such as a Flower actor loading its data; Flower's ServerApp sends the first round's messages
-before its actors are up, so the moment a round "begins" means nothing there); the first round's seconds as
-measured; and the final training loss (the sites' loss in the last round, weighted by their windows)
+Columns: s/round (mean over the rounds after the first, of every repeat with ``--repeats``, which runs the
+contenders in turn) and its ratio to the plain loop's; start-up, what a contender spends once: the seconds
+from its first call (after imports) to the end of its first round, less one round like the others (data,
+model, store, Ray and its actors, and whatever is started lazily in the first round, such as a Flower actor
+loading its data; Flower's ServerApp sends the first round's messages before its actors are up, so the
+moment a round "begins" means nothing there); the first round's seconds as measured; and the final
+training loss (the sites' loss in the last round, weighted by their windows)
 and evaluation loss (of the final weights on the held-out windows of a seeded sample of sites, computed by
 this script in the same way for every contender). They must agree: to 1e-4 for confide against the plain
 loop (the same float32 operations in the same order), to FLOWER_TOLERANCE for Flower, which averages whole
@@ -56,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -395,23 +396,39 @@ def worker(contender: str, config_path: Path, output: Path) -> None:
 @dataclass
 class Outcome:
     contender: str
-    first_end: float = math.nan
-    """Seconds from the contender's first call (after imports) to the end of its first round."""
-    rounds: tuple[float, ...] = ()
+    first_ends: list[float] = field(default_factory=list)
+    """Each repeat's seconds from the contender's first call (after imports) to the end of its first round."""
+    rounds: list[tuple[float, ...]] = field(default_factory=list)
+    """Each repeat's rounds, in seconds."""
     train_loss: float = math.nan
     eval_loss: float = math.nan
     weights: np.ndarray | None = None
+    """The first repeat's final weights (the losses are the first repeat's too)."""
     note: str = ""
 
     @property
     def per_round(self) -> float:
-        later = self.rounds[1:] or self.rounds
+        """The mean round after the first, over every repeat."""
+        later = [s for run in self.rounds for s in (run[1:] or run)]
         return float(np.mean(later)) if later else math.nan
 
     @property
+    def first_round(self) -> float:
+        return float(np.median([run[0] for run in self.rounds])) if self.rounds else math.nan
+
+    @property
     def startup(self) -> float:
-        """What the contender spends once: to the end of the first round, less a round like the others."""
-        return self.first_end - self.per_round
+        """What the contender spends once: to the end of the first round, less a round like the others
+        (the median over repeats)."""
+        return float(np.median(self.first_ends)) - self.per_round
+
+    def add(self, other: Outcome) -> None:
+        """Count another repeat of the same contender."""
+        if other.note or self.note:
+            self.note = self.note or other.note
+            return
+        self.first_ends += other.first_ends
+        self.rounds += other.rounds
 
 
 def launch(contender: str, raw: dict[str, Any], folder: Path, log: Path) -> Outcome:
@@ -440,8 +457,8 @@ def launch(contender: str, raw: dict[str, Any], folder: Path, log: Path) -> Outc
     measured = json.loads((folder / "measured.json").read_text())
     return Outcome(
         contender,
-        first_end=measured["first_end"],
-        rounds=tuple(measured["rounds"]),
+        first_ends=[measured["first_end"]],
+        rounds=[tuple(measured["rounds"])],
         train_loss=measured["train_loss"],
         weights=np.load(folder / "weights.npy"),
     )
@@ -476,11 +493,18 @@ def compare(workload: Workload, args: argparse.Namespace, scratch: Path, log: Pa
         if reason:
             console.print(f"   {contender}: skipped: {reason}")
             outcomes[contender] = Outcome(contender, note=f"skipped: {reason}")
-            continue
-        began = time.perf_counter()
-        outcome = launch(contender, raw, scratch / workload.key / contender, log)
-        outcomes[contender] = outcome
-        console.print(f"   {contender}: {time.perf_counter() - began:.0f} s {outcome.note}")
+    # Repeats go round the contenders in turn, so that a change in the machine's load falls on all of them.
+    for repeat in range(args.repeats):
+        for contender in args.only:
+            if contender in outcomes and outcomes[contender].note:
+                continue
+            began = time.perf_counter()
+            outcome = launch(contender, raw, scratch / workload.key / f"{contender}-{repeat}", log)
+            if contender in outcomes:
+                outcomes[contender].add(outcome)
+            else:
+                outcomes[contender] = outcome
+            console.print(f"   {contender}: {time.perf_counter() - began:.0f} s {outcome.note}")
 
     dataset = load_dataset(config)
     windows = evaluation_windows(config, dataset)
@@ -494,6 +518,8 @@ def compare(workload: Workload, args: argparse.Namespace, scratch: Path, log: Pa
     plain = outcomes.get("plain", Outcome("plain"))
     rows = []
     for outcome in outcomes.values():
+        if outcome.note.startswith("skipped"):
+            continue  # said above
         if outcome.weights is None:
             rows.append([outcome.contender, *["—"] * 8, outcome.note])
             continue
@@ -504,7 +530,7 @@ def compare(workload: Workload, args: argparse.Namespace, scratch: Path, log: Pa
             [
                 outcome.contender,
                 f"{outcome.startup:.1f}",
-                f"{outcome.rounds[0]:.2f}",
+                f"{outcome.first_round:.2f}",
                 f"{outcome.per_round:.2f}",
                 f"{ratio:.2f}x",
                 f"{outcome.train_loss:.5f}",
@@ -556,7 +582,7 @@ def goals(results: dict[str, dict[str, Outcome]], as_markdown: bool) -> bool:
             ]
         )
     elif "overhead" in results:
-        why = ray.note if ray and ray.note else "not run"
+        why = "skipped (see above)" if ray and ray.note.startswith("skipped") else "not run"
         rows.append(
             [
                 "Flower / confide on Ray (overhead)",
@@ -597,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lr", type=float, default=1.0, help="the sites' SGD learning rate (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=10, help="windows a batch (default 10)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each contender, in turn (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="keep the runs and their log here (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
