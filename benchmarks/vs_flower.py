@@ -21,17 +21,17 @@ contender (OMP_NUM_THREADS=1 and torch.set_num_threads(1)), so no contender gain
 Two workloads: compute-bound (10 sites a round, 20 local steps each) and overhead-bound (200 sites a round,
 one step each); both do 200 optimizer steps a round. Each contender runs in a fresh process of its own.
 Columns: s/round (mean over the rounds after the first, of every repeat with ``--repeats``, which runs the
-contenders in turn) and its ratio to the plain loop's; start-up, what a contender spends once: the seconds
-from its first call (after imports) to the end of its first round, less one round like the others (data,
-model, store, Ray and its actors, and whatever is started lazily in the first round, such as a Flower actor
-loading its data; Flower's ServerApp sends the first round's messages before its actors are up, so the
-moment a round "begins" means nothing there); the first round's seconds as measured; and the final
-training loss (the sites' loss in the last round, weighted by their windows)
-and evaluation loss (of the final weights on the held-out windows of a seeded sample of sites, computed by
-this script in the same way for every contender). They must agree: to 1e-4 for confide against the plain
-loop (the same float32 operations in the same order), to FLOWER_TOLERANCE for Flower, which averages whole
-weights (not changes) with float32 products w_i * (n_i / n) summed in the order replies arrive, which two
-actors make vary from run to run.
+contenders in turn, every other time backwards, with ``--settle`` seconds of rest before each) and its ratio
+to the plain loop's; start-up, what a contender spends once: the seconds from its first call (after imports)
+to the end of its first round, less one round like the others (data, model, store, Ray and its actors, and
+whatever is started lazily in the first round, such as a Flower actor loading its data; Flower's ServerApp
+sends the first round's messages before its actors are up, so the moment a round "begins" means nothing
+there); the first round's seconds as measured; and the final training loss (the sites' loss in the last
+round, weighted by their windows) and evaluation loss (of the final weights on the held-out windows of a
+seeded sample of sites, computed by this script in the same way for every contender). They must agree: to
+1e-4 for confide against the plain loop (the same float32 operations in the same order), to FLOWER_TOLERANCE
+for Flower, which averages whole weights (not changes) with float32 products w_i * (n_i / n) summed in the
+order replies arrive, which two actors make vary from run to run.
 
 Goals: confide local within 1.10x the plain loop on both workloads; confide on Ray at least 1.5x faster than
 Flower on the overhead-bound workload.
@@ -493,11 +493,13 @@ def compare(workload: Workload, args: argparse.Namespace, scratch: Path, log: Pa
         if reason:
             console.print(f"   {contender}: skipped: {reason}")
             outcomes[contender] = Outcome(contender, note=f"skipped: {reason}")
-    # Repeats go round the contenders in turn, so that a change in the machine's load falls on all of them.
+    # Repeats go round the contenders in turn, every other one backwards, so that a change in the machine's
+    # load, and what a contender leaves running as it ends (Ray's processes shutting down), fall on all alike.
     for repeat in range(args.repeats):
-        for contender in args.only:
+        for contender in args.only[:: -1 if repeat % 2 else 1]:
             if contender in outcomes and outcomes[contender].note:
                 continue
+            time.sleep(args.settle)
             began = time.perf_counter()
             outcome = launch(contender, raw, scratch / workload.key / f"{contender}-{repeat}", log)
             if contender in outcomes:
@@ -624,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1.0, help="the sites' SGD learning rate (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=10, help="windows a batch (default 10)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each contender, in turn (default 1)")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds of rest before each contender (5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="keep the runs and their log here (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
