@@ -38,7 +38,7 @@ Flower on the overhead-bound workload.
 
 Run from the repository root, in an environment with the bench extra (pip install -e '.[bench]'):
 
-    .venv/bin/python benchmarks/vs_flower.py              # the full run, about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/vs_flower.py              # the full run, 5-10 minutes on 2 cores
     .venv/bin/python benchmarks/vs_flower.py --quick      # 2 rounds of smaller workloads, a few minutes
     .venv/bin/python benchmarks/vs_flower.py --only plain,confide --workloads overhead --markdown
 
