@@ -255,7 +255,13 @@ class AdapterConfig:
 @dataclass(frozen=True)
 class BackendConfig:
     kind: str = option("local", BACKENDS.help, choices=BACKENDS)
-    threads: int = option(0, "torch threads; 0: torch's default", at_least(0), ">= 0")
+    threads: int = option(
+        0,
+        "torch threads per process; 0: one in a simulation (and a group of sites in one client process), "
+        "torch's default (one a core) for a site alone or a deployment's server",
+        at_least(0),
+        ">= 0",
+    )
     dropout: float = option(
         0.0,
         "simulation: the fraction of each round's sites that vanish after the key exchange, before sending "

@@ -258,6 +258,14 @@ def hf_config(config: Config) -> HFConfig:
     return cast(HFConfig, model_config("hf", **{k: v for k, v in config.model.items() if k != "kind"}))
 
 
+SIMULATION_THREADS = 1
+"""torch threads of a simulation's process when ``backend.threads`` is 0. A machine is rarely idle: with a
+thread per core, torch's threads spin while they wait for one another, and when another program took one
+of two cores the demo's rounds took 3.4x as long; on one thread they took no longer than on the idle
+machine, where one thread costs about 10% (benchmarks/busy.py, RESULTS section 17). Large models on an idle
+machine may gain from ``backend.threads``."""
+
+
 class Runner:
     """Runs (or resumes) one federated training run into its run directory."""
 
@@ -283,8 +291,8 @@ class Runner:
         if sites is None:
             raise ValueError("a Runner needs a data set, or the sites of a deployment")
         self.sites = tuple(sites)
-        if config.backend.threads:
-            torch.set_num_threads(config.backend.threads)
+        if config.backend.threads or backend is None:
+            torch.set_num_threads(config.backend.threads or SIMULATION_THREADS)
         self.model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
         self.layout = Layout.of_module(self.model)
         if backend is not None:

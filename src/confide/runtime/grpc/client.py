@@ -341,7 +341,9 @@ class SiteClient:
                 config = from_dict(tomllib.loads(reply.config_toml))
             except (tomllib.TOMLDecodeError, ConfideError) as e:
                 raise DeploymentError(f"the server sent a run config this site cannot use: {e}") from e
-            threads = self.threads or config.backend.threads
+            # A group of sites in one process trains like a simulation, on one thread (see
+            # confide.runtime.runner.SIMULATION_THREADS); one site alone takes torch's default.
+            threads = self.threads or config.backend.threads or (1 if self.group is not None else 0)
             if threads:
                 torch.set_num_threads(threads)
             model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
