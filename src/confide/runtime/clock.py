@@ -15,12 +15,17 @@ compare FedBuff with synchronous FedAvg this way, on simulated site speeds).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from confide.randomness import Stream, public_rng
+
+T = TypeVar("T")
 
 MEGABYTE = 1_000_000
 
@@ -53,9 +58,7 @@ class Speeds:
         slow = rng.random(n) < self.slow_fraction
         speed = np.where(slow, speed / self.slow_factor, speed)
         delay = self.latency * (rng.lognormal(0.0, self.sigma, n) if self.sigma > 0 else np.ones(n))
-        return {
-            site: Profile(float(s), float(d)) for site, s, d in zip(sites, speed, delay, strict=True)
-        }
+        return {site: Profile(float(s), float(d)) for site, s, d in zip(sites, speed, delay, strict=True)}
 
 
 class VirtualClock:
@@ -84,3 +87,31 @@ class VirtualClock:
     def reach(self, moment: float) -> None:
         """Move the clock on to ``moment``, if that is later than now."""
         self.now = max(self.now, moment)
+
+
+class ReadyQueue(Generic[T]):
+    """Asynchronous rounds in a simulation: each started site's answer, ready at its moment on the clock."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self.clock = clock
+        self._heap: list[tuple[float, int, T, int]] = []
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def push(self, site: str, answer: T, sent: int, steps: float, size: int, began: float) -> None:
+        """``site``'s ``answer``, of ``size`` bytes, ready after it was sent ``sent`` bytes at ``began``,
+        trained ``steps`` steps and uploaded its answer."""
+        clock = self.clock
+        working = clock.transfer(site, sent) + clock.compute(site, steps)
+        moment = began + working + clock.transfer(site, size)
+        heapq.heappush(self._heap, (moment, next(self._order), answer, size))
+
+    def pop(self) -> tuple[T, int] | None:
+        """The answer ready first and its size; the clock moves on to its moment. None when none is left."""
+        if not self._heap:
+            return None
+        moment, _, answer, size = heapq.heappop(self._heap)
+        self.clock.reach(moment)
+        return answer, size

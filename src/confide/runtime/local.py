@@ -13,8 +13,6 @@ it is drawn again), so memory grows with the sites per round, not with the sites
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 from collections.abc import Collection, Iterator, Mapping, Sequence
 
@@ -24,7 +22,7 @@ from confide.data import FederatedDataset
 from confide.errors import ConfideError, DataError, UpdateError
 from confide.models.hf import check_base
 from confide.randomness import Stream, public_rng
-from confide.runtime.clock import Speeds, VirtualClock
+from confide.runtime.clock import ReadyQueue, Speeds, VirtualClock
 from confide.runtime.federation import Ready
 from confide.runtime.grpc import wire
 
@@ -57,9 +55,8 @@ class LocalBackend:
         self._traffic = Traffic()
         self.clock = VirtualClock(speeds or Speeds(), dataset.site_names, seed)
         """Virtual seconds: what the rounds would take on sites of the configured speeds."""
-        self._training: list[tuple[float, int, Ready, int]] = []
-        """Asynchronous rounds: (virtual time it is ready, order, the answer, its bytes), a heap."""
-        self._order = itertools.count()
+        self._ready: ReadyQueue[Ready] = ReadyQueue(self.clock)
+        """Asynchronous rounds: the started sites' answers, by when they are ready."""
 
     def traffic(self) -> Traffic:
         """The bytes of every message carried so far, each way, as the deployment's wire encodes them
@@ -109,22 +106,18 @@ class LocalBackend:
             ready = site.train(weights, task)
             answer = Ready(task.site, task.model_version)
             size = wire.message_bytes(*wire.update_message(0, b"", ready))
-        except UpdateError as e:
+        except (UpdateError, DataError) as e:
             log.warning("site %s could not train for version %d: %s", task.site, task.model_version, e)
             answer, size = Ready(task.site, task.model_version, str(e)), 0
-        clock = self.clock
-        seconds = clock.transfer(task.site, sent) + clock.compute(task.site, site.steps)
-        moment = clock.now + seconds + clock.transfer(task.site, size)
-        heapq.heappush(self._training, (moment, next(self._order), answer, size))
+        self._ready.push(task.site, answer, sent, site.steps, size, began=self.clock.now)
 
     def next_ready(self) -> Ready | None:
         """The started site that is ready first on the virtual clock, which moves on to that moment."""
-        if not self._training:
+        ready = self._ready.pop()
+        if ready is None:
             return None
-        moment, _, answer, size = heapq.heappop(self._training)
-        self.clock.reach(moment)
-        self._count(received=size)
-        return answer
+        self._count(received=ready[1])
+        return ready[0]
 
     def train(self, weights: Vector, tasks: Sequence[Task]) -> Iterator[Update]:
         """Each task's update; the virtual clock moves on to when the slowest site's upload has arrived."""

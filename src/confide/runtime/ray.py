@@ -21,8 +21,6 @@ Ray is imported only here and in :mod:`.raysites`, and only when a run asks for 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,7 +32,7 @@ import numpy as np
 from confide.core import Plan, SiteEvaluation, Task, Traffic, Update, Vector
 from confide.errors import ConfigError
 from confide.randomness import Stream, public_rng
-from confide.runtime.clock import Speeds, VirtualClock
+from confide.runtime.clock import ReadyQueue, Speeds, VirtualClock
 from confide.runtime.federation import Ready
 from confide.runtime.grpc import wire
 from confide.runtime.raysites import Answered, SiteRecipe, Trained
@@ -85,11 +83,10 @@ class RayBackend:
         self.started_ray = False
         """Whether this backend started Ray (and so shuts it down on close)."""
         self._traffic = Traffic()
-        self._training: list[tuple[float, int, Ready, int]] = []
+        self._ready: ReadyQueue[Ready] = ReadyQueue(self.clock)
         self._pending: list[tuple[Task, int, float, int, Any, Any]] = []
         """Asynchronous rounds: started tasks not yet collected (task, bytes sent, clock then, worker, the
         worker's handle, the call)."""
-        self._order = itertools.count()
         self._weights: tuple[int, int, Any] | None = None
         self._closed = False
         if not ray.is_initialized():
@@ -274,7 +271,6 @@ class RayBackend:
         for task, sent, now, index, worker, call in pending:
             what = f"model version {task.model_version}"
             trained: Trained | None = self._get(call, index, worker, task.site, what)
-            clock = self.clock
             if trained is None:
                 answer, size, steps = Ready(task.site, task.model_version, "its Ray worker died"), 0, 0
             elif trained.update is None:
@@ -284,15 +280,12 @@ class RayBackend:
                 answer = Ready(task.site, task.model_version)
                 size = wire.message_bytes(*wire.update_message(0, b"", trained.update))
                 steps = trained.steps
-            seconds = clock.transfer(task.site, sent) + clock.compute(task.site, steps)
-            moment = now + seconds + clock.transfer(task.site, size)
-            heapq.heappush(self._training, (moment, next(self._order), answer, size))
-        if not self._training:
+            self._ready.push(task.site, answer, sent, steps, size, began=now)
+        ready = self._ready.pop()
+        if ready is None:
             return None
-        moment, _, answer, size = heapq.heappop(self._training)
-        self.clock.reach(moment)
-        self._count(received=size)
-        return answer
+        self._count(received=ready[1])
+        return ready[0]
 
     # -- workers --------------------------------------------------------------------------------------------
 
