@@ -261,9 +261,9 @@ def hf_config(config: Config) -> HFConfig:
 SIMULATION_THREADS = 1
 """torch threads of a simulation's process when ``backend.threads`` is 0. A machine is rarely idle: with a
 thread per core, torch's threads spin while they wait for one another, and when another program took one
-of two cores the demo's rounds took 3.4x as long; on one thread they took no longer than on the idle
-machine, where one thread costs about 10% (benchmarks/busy.py, RESULTS section 17). Large models on an idle
-machine may gain from ``backend.threads``."""
+of two cores the demo's rounds took 3.4x as long; on one thread they took no longer than the idle machine's
+rounds had, and on the idle machine one thread took 0.8x to 1.1x the time of two (benchmarks/busy.py,
+RESULTS section 17). Large models on an idle machine may gain from ``backend.threads``."""
 
 
 class Runner:
