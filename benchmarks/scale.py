@@ -4,8 +4,8 @@ A folder of ``--registered`` sites (100,000 by default), one .txt file each, is 
 stretch of 1,000 to 2,000 characters of Shakespeare's plays (about 10 to 20 training windows), cut from the
 whole text at a seeded offset. Runs register the folder lazily (``data.lazy = true``: the listing and the
 file sizes only) and read a site's file when the site is drawn. Each configuration runs in a fresh process,
-so its peak resident memory (``ru_maxrss``) is its own; for Ray, the workers' resident memory after the last
-round is added (they are other processes).
+so its peak resident memory (``ru_maxrss``) is its own; for Ray, the workers' peak resident memory is added
+(they are other processes; Ray's own daemons are not counted).
 
 Two sweeps, each ``--rounds`` rounds of a small character LSTM (one local step of 10 windows per site, no
 evaluation):
@@ -69,17 +69,6 @@ def raw_config(folder: Path, per_round: int, rounds: int, backend: str) -> dict[
     }
 
 
-def workers_memory() -> int:
-    """Resident bytes of this machine's Ray site workers."""
-    import psutil
-
-    total = 0
-    for process in psutil.process_iter(["cmdline", "memory_info"]):
-        if any("SiteWorker" in part for part in process.info["cmdline"] or ()):
-            total += process.info["memory_info"].rss
-    return total
-
-
 def one(folder: Path, per_round: int, rounds: int, backend: str, output: Path) -> dict[str, Any]:
     """One configuration, in this process: start-up seconds, seconds of each round, peak memory."""
     began = time.perf_counter()
@@ -90,7 +79,7 @@ def one(folder: Path, per_round: int, rounds: int, backend: str, output: Path) -
     recorder = Recorder()
     try:
         runner.run(recorder)
-        workers = workers_memory() if backend == "ray" else 0
+        workers = sum(runner.backend.worker_memory()) if backend == "ray" else 0  # type: ignore[attr-defined]
     finally:
         runner.close()
     return {

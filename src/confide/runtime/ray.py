@@ -317,6 +317,10 @@ class RayBackend:
     def _count(self, sent: int = 0, received: int = 0) -> None:
         self._traffic = self._traffic + Traffic(sent, received)
 
+    def worker_memory(self) -> list[int]:
+        """Each worker's peak resident bytes so far (its own process's ru_maxrss)."""
+        return list(self._ray.get([w.peak_memory.remote() for w in self.workers]))
+
     def close(self) -> None:
         """Stop the workers and the state keeper, and Ray itself if this backend started it."""
         ray = self._ray

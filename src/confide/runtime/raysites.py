@@ -19,6 +19,7 @@ restarted worker loses none of it, and a resumed run finds it rewound with the g
 from __future__ import annotations
 
 import logging
+import resource
 import tomllib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -175,6 +176,10 @@ class SiteWorker:
         import os
 
         return os.getpid()
+
+    def peak_memory(self) -> int:
+        """This worker's peak resident bytes so far (ru_maxrss)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def site(self, name: str) -> Site:
         site = self._sites.get(name)
