@@ -19,6 +19,7 @@ import pytest
 from confide import config
 from confide.errors import ConfigError
 from confide.runtime.federation import RoundResult
+from confide.runtime.ray import WORKER_NICENESS
 from confide.runtime.runner import NullObserver, Runner
 from tests.conftest import tiny_config
 
@@ -31,6 +32,7 @@ LSTM = {"kind": "'lstm'", "hidden": "16"}
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """One local Ray for the module, started as a user's script would before making runs."""
+    os.environ.setdefault(WORKER_NICENESS, "0")  # as the backend does when it starts Ray itself
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 2**20, log_to_driver=False)
     yield
     ray.shutdown()

@@ -22,6 +22,7 @@ Ray is imported only here and in :mod:`.raysites`, and only when a run asks for 
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -49,6 +50,10 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError(INSTALL) from None
     return ray
+
+
+WORKER_NICENESS = "RAY_worker_niceness"
+"""Ray's setting of its workers' niceness, read by the raylet when Ray starts."""
 
 
 class RayBackend:
@@ -90,6 +95,11 @@ class RayBackend:
         self._weights: tuple[int, int, Any] | None = None
         self._closed = False
         if not ray.is_initialized():
+            if not address:
+                # Ray runs its workers at niceness 15, below every other program: on a machine that is busy
+                # with anything else they starve, and the run crawls. Here they are the work, so they run at
+                # the priority of the process that asked for them (unless the user set it).
+                os.environ.setdefault(WORKER_NICENESS, "0")
             try:
                 ray.init(
                     address=address or None,
