@@ -30,7 +30,7 @@ def test_a_deployed_compressed_run_gives_the_simulation(
     tmp_path: Path, text_corpus: Path, compression: dict[str, str]
 ) -> None:
     corpus = three_sites(tmp_path, text_corpus)  # one client process plays the three sites
-    text = tiny_config(corpus, tmp_path / "runs", run__rounds="3", eval__every="1", **compression)
+    text = tiny_config(corpus, tmp_path / "runs", run__rounds="2", eval__every="1", **compression)
     deploy_three_sites(tmp_path, corpus, text)
     deployed = metrics(tmp_path / "runs" / "tiny")
 
