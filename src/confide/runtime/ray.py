@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tomllib
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -76,6 +77,8 @@ class RayBackend:
         ``num_gpus`` GPUs each (0 workers: as many as the cluster's CPUs allow)."""
         ray = import_ray()
         self._ray = ray
+        self.lazy = bool(tomllib.loads(recipe.config_toml).get("data", {}).get("lazy", False))
+        """Sites registered lazily (``data.lazy``): workers keep only the sites at work."""
         self.recipe = recipe
         self.names = list(recipe.sites)
         self.dropout = dropout
@@ -174,9 +177,10 @@ class RayBackend:
             rng = public_rng(self.seed, tasks[0].plan.round, Stream.DROPOUT)
             dropped = {t.site for t in tasks if rng.random() < self.dropout}
         ref = self._ray.put(weights) if any(t.site not in dropped for t in tasks) else None
-        keep = {t.site for t in tasks}
-        for worker in self.workers:  # a worker runs one caller's calls in order: this one comes first
-            worker.forget.remote(keep)
+        if self.lazy:  # lazily registered sites: the workers forget those not at work
+            keep = {t.site for t in tasks}
+            for worker in self.workers:  # a worker runs one caller's calls in order: this one comes first
+                worker.forget.remote(keep)
         calls = []
         for task in tasks:
             sent = wire.message_bytes(*wire.train_message(0, task, weights))

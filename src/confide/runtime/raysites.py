@@ -7,8 +7,8 @@ A :class:`SiteWorker` builds, once, what the local backend builds once in its pr
 :class:`~confide.client.site.SiteKit`, from a picklable :class:`SiteRecipe` (the run's config and directory,
 and the few things the driver drew that a site must share with the server). It then plays every site the
 driver sends it with the same :class:`~confide.client.site.Site` code as every other backend, and keeps each
-Site (its protocol sessions, its held update) for as long as the worker lives: the driver sends a site's
-work always to the same worker.
+Site (its protocol sessions, its held update) for as long as the worker lives, or, with lazily registered
+sites, until a round's training begins without it: the driver sends a site's work always to the same worker.
 
 A site's own state between rounds (SCAFFOLD's control variate, Ditto's and FedRep's personal parts, error
 feedback, a DP-SGD ledger) is not the worker's: it goes to the run store, through one
@@ -148,7 +148,6 @@ class SiteWorker:
         # The simulated attackers' training windows are poisoned here as in the driver (the same draw).
         self.dataset = Attack.build(config, dataset).poison(dataset)
         self._by_name = {s.name: s for s in self.dataset.sites}
-        self.lazy = self.dataset.lazy
         model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
         check_base("every simulated site", model, recipe.base_sha256)
         layout = Layout.of_module(model)
@@ -188,10 +187,9 @@ class SiteWorker:
         return site
 
     def forget(self, keep: Collection[str]) -> None:
-        """With lazily registered sites (``data.lazy``): forget every site but ``keep`` and those holding an
-        update for an asynchronous round, as the local backend does when a round's training begins."""
-        if not self.lazy:
-            return
+        """With lazily registered sites (``data.lazy``; the driver asks only then): forget every site but
+        ``keep`` and those holding an update for an asynchronous round, as the local backend does when a
+        round's training begins."""
         for name in [n for n, site in self._sites.items() if n not in keep and site.held is None]:
             self._sites.pop(name).data.release()
 
