@@ -42,6 +42,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+def audit_folder(config: Config) -> Path:
+    """Where every audit of ``config`` writes: ``OUTPUT/NAME-audit/`` (its training runs, numbers and page)."""
+    return Path(config.run.output) / f"{config.run.name}-audit"
+
+
 @dataclass(frozen=True)
 class CanaryExposure:
     secret: str
