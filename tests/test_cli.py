@@ -118,11 +118,11 @@ def test_audit_canaries_command(tiny_config_path: Path, tmp_path: Path) -> None:
         "40",
     )
     assert result.returncode == 0, result.stderr
-    folder = tmp_path / "runs" / "tiny-canaries"
+    folder = tmp_path / "runs" / "tiny-audit"
     summary = json.loads((folder / "canaries.json").read_text())
     for secret in (c["secret"] for c in summary["runs"][0]["canaries"]):
         assert secret in result.stdout  # the table names every planted secret
     assert "Training without DP" in result.stdout and "Training with DP" in result.stdout
-    assert (folder / "canaries.html").is_file()
+    assert "Canaries" in (folder / "audit.html").read_text()
     refused = confide("audit", "canaries", tiny_config_path)
     assert refused.returncode == 2 and "set privacy.dp = 'central'" in refused.stderr

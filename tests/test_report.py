@@ -135,7 +135,7 @@ def test_importing_the_report_stays_light() -> None:
 
 def test_no_lower_layer_imports_the_report_or_the_cli() -> None:
     # Imports point one way (cli -> report -> runtime -> ...): the runtime and everything under it never
-    # import the report or the command line, so the canary page is written by runtime/audit.py itself.
+    # import the report or the command line, so the audit page is written by runtime/auditpage.py.
     import ast
 
     root = Path(__file__).parent.parent / "src" / "confide"
@@ -156,7 +156,7 @@ def test_no_lower_layer_imports_the_report_or_the_cli() -> None:
 
 
 def test_the_canary_page_escapes_what_it_shows(tmp_path: Path) -> None:
-    from confide.runtime.audit import write_canary_report
+    from confide.runtime.auditpage import render
 
     canaries = [{"secret": "123456", "site": "<b>site</b>", "exposure": 3.5}]
     runs = [
@@ -169,8 +169,8 @@ def test_the_canary_page_escapes_what_it_shows(tmp_path: Path) -> None:
         },
         {"label": "with DP", "epsilon": 2.0, "delta": 1e-3, "accuracy": 0.25, "canaries": canaries},
     ]
-    page = write_canary_report(tmp_path, {"repeats": 3, "candidates": 50, "runs": runs}).read_text()
-    assert page.count("<img") == 1 and "<script" not in page
+    page = render("<i>x</i>", {"canaries": (0.0, {"repeats": 3, "candidates": 50, "runs": runs})})
+    assert page.count("<img") == 1 and "<script" not in page and "<i>" not in page
     assert "&lt;script&gt;x&lt;/script&gt;" in page and "2.000 at delta 1.0e-03" in page
     assert "<td>0.500</td>" in page and "<td>3.50</td>" in page
 
@@ -185,3 +185,34 @@ def test_report_of_a_run_whose_config_no_longer_loads(tmp_path: Path) -> None:
 
     assert "<th>Rounds done</th><td>2</td>" in page
     assert "rounds = &#x27;many&#x27;" in page  # the text itself is still shown
+
+
+def test_the_report_links_the_audits_of_its_config_and_the_store_keeps_them_as_strict_json(
+    tmp_path: Path,
+) -> None:
+    from confide.runtime.auditpage import write_audit_page
+
+    store, _ = _store(tmp_path, rounds=2, evaluate_every=1)
+    store.close()
+    (tmp_path / "run").rename(tmp_path / "x-20261202-101010")
+    assert "Privacy audits" not in write_report(tmp_path / "x-20261202-101010").read_text(encoding="utf-8")
+
+    audits = Store.create(tmp_path / "x-audit", "[run]\nname = 'x'\n")
+    canaries = [{"secret": "123456", "site": "s", "exposure": 3.5}]
+    run = {
+        "label": "without DP",
+        "epsilon": None,
+        "delta": None,
+        "accuracy": float("nan"),
+        "canaries": canaries,
+    }
+    audits.record_audit("canaries", {"repeats": 1, "candidates": 10, "runs": [run]})
+    audits.record_audit("canaries", {"repeats": 2, "candidates": 10, "runs": [run]})
+    latest = audits.audits()["canaries"][1]
+    assert latest["repeats"] == 2 and latest["runs"][0]["accuracy"] is None  # NaN is not JSON: null
+    audits.close()
+    (tmp_path / "x-audit" / "audit.html").write_text("")
+
+    page = write_report(tmp_path / "x-20261202-101010").read_text(encoding="utf-8")
+    assert 'href="../x-audit/audit.html"' in page
+    assert "Privacy audits" in write_audit_page(tmp_path / "x-audit").read_text(encoding="utf-8")

@@ -1018,7 +1018,7 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
         "the maximum for one it would complete first; 'fitted' extrapolates past the candidates (Carlini et "
         "al. 2019, sec. 4.3)"
     )
-    console.print(f"results: {folder / 'canaries.json'}")
+    console.print(f"results: {folder / 'canaries.json'}; page of every audit: {folder / 'audit.html'}")
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from confide import config as config_module
 from confide.errors import ConfigError
+from confide.runtime.auditpage import audit_page_for
 from confide.runtime.store import Store
 from confide.server.reputation import outcomes, reputations
 
@@ -94,6 +95,7 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
         "</head><body>",
         f"<h1>confide run <code>{_e(name)}</code></h1>",
         _header(store, rounds, None if config is None else config.run.rounds),
+        _audits(run_dir),
         _final_metrics(rounds, evaluations, last_round, last),
         "<h2>Training curves</h2>",
         _plots(
@@ -113,6 +115,18 @@ def _render(run_dir: Path, store: Store, samples: Sequence[tuple[str, str]]) -> 
         "</body></html>",
     ]
     return "\n".join(p for p in parts if p) + "\n"
+
+
+def _audits(run_dir: Path) -> str:
+    """A link to the privacy audits of this run's config (``confide audit ...``), when they have been run."""
+    page = audit_page_for(run_dir)
+    if page is None:
+        return ""
+    link = os.path.relpath(page, run_dir.resolve())
+    return (
+        f'<p>Privacy audits of this config (canaries, gradient inversion, membership inference): '
+        f'<a href="{_e(link)}">{_e(link)}</a></p>'
+    )
 
 
 def _header(store: Store, rounds: list[dict[str, Any]], planned: int | None) -> str:

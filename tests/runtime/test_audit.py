@@ -15,6 +15,7 @@ from confide.data import DEFAULT_TOKENIZER
 from confide.data.text import load_text
 from confide.errors import ConfigError
 from confide.runtime.audit import audit_canaries, plant
+from confide.runtime.store import Store
 from tests.conftest import tiny_config
 
 
@@ -46,7 +47,18 @@ def test_audit_trains_with_and_without_dp_and_writes_its_results(tmp_path: Path,
             assert 0 <= c.rounds_trained <= 3
     summary = json.loads((folder / "canaries.json").read_text())
     assert summary["candidates"] == 50 and len(summary["runs"]) == 2
-    assert (folder / "canaries.html").read_text().count("<img") == 1
-    assert (folder / "no-dp" / "metrics.jsonl").is_file() and (folder / "dp" / "metrics.jsonl").is_file()
+    assert (folder / "audit.html").read_text().count("<img") == 1
+    runs_made = [folder / "canaries-no-dp", folder / "canaries-dp"]
+    assert all((run / "metrics.jsonl").is_file() for run in runs_made)
+    store = Store.open(folder)
+    try:
+        stored = store.audits()["canaries"][1]
+    finally:
+        store.close()
+    assert stored == summary  # the numbers are in the audit folder's run store as in canaries.json
+    # Again: the audit replaces its own runs and numbers, rather than refusing an existing run directory.
+    stamp = (folder / "canaries-dp" / "run.sqlite").stat().st_mtime_ns
+    audit_canaries(cfg, num_canaries=2, repeats=5, candidates=50)
+    assert (folder / "canaries-dp" / "run.sqlite").stat().st_mtime_ns != stamp
     with pytest.raises(ConfigError, match=r"set privacy\.dp = 'central'"):
         audit_canaries(config.load(path), num_canaries=1)

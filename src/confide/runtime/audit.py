@@ -10,23 +10,22 @@ secret the model never saw.
 Each planted copy is a window of its own that starts with the canary, as a line of text would; the model is
 scored on the secret's characters given the prefix, exactly as it saw them in training.
 
-The results go to ``canaries.json`` and a self-contained page, ``canaries.html`` (the chart inline as base64
-PNG, no scripts, nothing fetched), written here rather than by :mod:`confide.report`, which sits above the
-runtime and imports it.
+Every audit of a config (canaries here, :mod:`confide.runtime.inversion`, :mod:`confide.runtime.membership`)
+writes into one folder, ``OUTPUT/NAME-audit/``: the runs it trains, ``KIND.json``, its numbers in the
+folder's run store (table ``audits``) and the page of all of them, ``audit.html``
+(:mod:`confide.runtime.auditpage`). Running an audit again replaces that audit's runs and numbers.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
+import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,13 +36,11 @@ from confide.data.dataset import windows
 from confide.errors import ConfigError
 from confide.randomness import Stream, public_rng
 from confide.runtime.runner import Observer, Runner, load_dataset
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from confide.runtime.store import Store, finite_json
 
 
 def audit_folder(config: Config) -> Path:
-    """Where every audit of ``config`` writes: ``OUTPUT/NAME-audit/`` (its training runs, numbers and page)."""
+    """Where every audit of ``config`` writes: ``OUTPUT/NAME-audit/`` (its training runs, numbers, page)."""
     return Path(config.run.output) / f"{config.run.name}-audit"
 
 
@@ -95,8 +92,8 @@ def audit_canaries(
 ) -> tuple[Path, list[AuditRun]]:
     """Train ``config`` with and without its DP on data with planted canaries; measure their exposure.
 
-    Writes ``OUTPUT/NAME-canaries/`` with the two run directories and ``canaries.json``; returns that folder
-    and the two runs' results (without DP first).
+    Writes the two run directories (``canaries-no-dp``, ``canaries-dp``) and the numbers into the audit folder
+    (:func:`audit_folder`); returns that folder and the two runs' results (without DP first).
     """
     if config.privacy.dp == "none":
         raise ConfigError(
@@ -118,7 +115,10 @@ def audit_canaries(
     planted = plant(dataset, canaries, chosen, repeats)
     pools = [c.candidates(candidates, rng) for c in canaries]
 
-    folder = Path(config.run.output) / f"{config.run.name}-canaries"
+    folder = audit_folder(config)
+    store = audit_store(config)
+    store.close()
+    clear_runs(folder, "canaries")
     runs = []
     for label, privacy in (
         (
@@ -127,7 +127,7 @@ def audit_canaries(
         ),
         ("with DP", config.privacy),
     ):
-        name = "no-dp" if privacy.dp == "none" else "dp"
+        name = "canaries-no-dp" if privacy.dp == "none" else "canaries-dp"
         run_config = replace(config, privacy=privacy, run=replace(config.run, output=str(folder), name=name))
         runner = Runner.start(run_config, planted)
         try:
@@ -167,100 +167,42 @@ def audit_canaries(
         "secret_space": canaries[0].space_size,
         "runs": [asdict(r) for r in runs],
     }
-    (folder / "canaries.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    write_canary_report(folder, summary)
+    finish_audit(config, "canaries", summary)
     return folder, runs
 
 
-# -- the page ------------------------------------------------------------------------------------------------
-
-# One colour per run, as the run report draws worst / pooled / site mean; grey for reference lines.
-_RUN_COLORS = ("#d62728", "#1f77b4", "#2ca02c")
-_REFERENCE = "#7f7f7f"
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto;
-       max-width: 1200px; padding: 0 1rem; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6rem; margin-bottom: 0.6rem; }
-table { border-collapse: collapse; font-size: 0.92rem; }
-th, td { text-align: left; padding: 0.25rem 0.8rem 0.25rem 0; vertical-align: top; }
-table.metrics th { font-weight: normal; color: #555; }
-table.metrics td { font-variant-numeric: tabular-nums; font-weight: 600; }
-figure { margin: 0; }
-figure img { width: 100%; height: auto; border: 1px solid #eee; }
-"""
+# -- the audit folder --------------------------------------------------------------------------------------
 
 
-def write_canary_report(folder: Path, summary: Mapping[str, Any]) -> Path:
-    """``folder/canaries.html``: each canary's exposure with and without DP, as a chart and a table.
+def audit_store(config: Config) -> Store:
+    """The audit folder's run store (created with ``config`` the first time): it holds the audits' numbers."""
+    folder = audit_folder(config)
+    if (folder / "run.sqlite").is_file():
+        return Store.open(folder)
+    return Store.create(folder, config.to_toml())
 
-    ``summary`` is what ``canaries.json`` holds. Everything from it is escaped: labels are free text.
+
+def clear_runs(folder: Path, kind: str) -> None:
+    """Remove the training runs an earlier ``kind`` audit left in ``folder`` (``KIND-*`` run directories)."""
+    for run in folder.glob(f"{kind}-*"):
+        if run.is_dir() and (run / "run.sqlite").is_file():
+            shutil.rmtree(run)
+
+
+def finish_audit(config: Config, kind: str, summary: Mapping[str, Any]) -> Path:
+    """Record ``summary`` as the latest ``kind`` audit (``KIND.json``, the store, the page); returns the page.
+
+    NaN and infinities are written as null: strict JSON readers refuse them.
     """
-    runs = summary["runs"]
-    secrets = [c["secret"] for c in runs[0]["canaries"]]
-    rows = "".join(
-        f"<tr><th>{_e(run['label'])}</th><td>{_num(run['accuracy'])}</td><td>"
-        + ("none" if run["epsilon"] is None else _e(f"{run['epsilon']:.3f} at delta {run['delta']:.1e}"))
-        + f"</td><td>{_num(sum(c['exposure'] for c in run['canaries']) / len(run['canaries']), 2)}</td></tr>"
-        for run in runs
-    )
-    page = (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>confide canary audit</title>'
-        f"<style>{_CSS}</style></head><body><h1>Canary audit</h1>"
-        f'<p>{len(secrets)} random secrets of the form "my secret number is NNNNNN" were planted in one site '
-        f"each, {summary['repeats']} times; the model was trained with and without differential privacy, "
-        f"and each secret ranked among {summary['candidates']} random ones by the model's likelihood "
-        "(Carlini et al. 2019). Exposure is log2(candidates + 1) − log2(rank).</p>"
-        f'<figure><img alt="exposure per canary" src="{_png(_exposure_chart(summary))}"></figure>'
-        '<table class="metrics"><tr><th>run</th><th>accuracy</th><th>site-level epsilon</th>'
-        f"<th>mean exposure</th></tr>{rows}</table></body></html>\n"
-    )
-    path = folder / "canaries.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    from confide.runtime.auditpage import write_audit_page
 
-
-def _exposure_chart(summary: Mapping[str, Any]) -> Figure:
-    """Bars of each canary's exposure, one per run, against the most measurable and an unseen secret's."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    runs = summary["runs"]
-    fig = Figure(figsize=(7.0, 4.0), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)  # a canvas of its own: pyplot's global state is never touched
-    ax = fig.add_subplot()
-    secrets = [c["secret"] for c in runs[0]["canaries"]]
-    width = 0.8 / len(runs)
-    for k, run in enumerate(runs):
-        xs = [i + (k - (len(runs) - 1) / 2) * width for i in range(len(secrets))]
-        label = run["label"] + ("" if run["epsilon"] is None else f" (epsilon {run['epsilon']:.2f})")
-        color = _RUN_COLORS[k % len(_RUN_COLORS)]
-        ax.bar(xs, [c["exposure"] for c in run["canaries"]], width, label=label, color=color)
-    most = math.log2(summary["candidates"] + 1)
-    ax.axhline(most, color=_REFERENCE, linestyle="--", linewidth=1, label="most measurable (ranked first)")
-    ax.axhline(
-        1 / math.log(2), color=_REFERENCE, linestyle=":", linewidth=1, label="a secret never seen (mean)"
-    )
-    ax.set_xticks(
-        range(len(secrets)), [f"{s}\n{c['site']}" for s, c in zip(secrets, runs[0]["canaries"], strict=True)]
-    )
-    ax.set_ylabel("exposure (bits)")
-    ax.set_title(f"Exposure of planted secrets ({summary['repeats']} copies each)")
-    ax.legend(fontsize="small")
-    return fig
-
-
-def _png(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return _e(f"{value:.{digits}f}")
-    return "&mdash;"
-
-
-def _e(text: str) -> str:
-    return html.escape(text, quote=True)
+    folder = audit_folder(config)
+    clean = finite_json(summary)
+    text = json.dumps(clean, indent=2, allow_nan=False) + "\n"
+    (folder / f"{kind}.json").write_text(text, encoding="utf-8")
+    store = audit_store(config)
+    try:
+        store.record_audit(kind, clean)
+    finally:
+        store.close()
+    return write_audit_page(folder)

@@ -20,6 +20,7 @@ goes through its transactions.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -67,6 +68,8 @@ CREATE TABLE IF NOT EXISTS site_scores (
   round INTEGER NOT NULL, site TEXT NOT NULL, scores TEXT NOT NULL, refused INTEGER NOT NULL,
   reason TEXT NOT NULL, PRIMARY KEY (round, site));
 CREATE TABLE IF NOT EXISTS quarantine (site TEXT PRIMARY KEY, round INTEGER NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audits (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, time REAL NOT NULL, value TEXT NOT NULL);
 """
 
 
@@ -76,6 +79,17 @@ class Checkpoint:
     weights: np.ndarray
     optimizer_state: dict[str, np.ndarray]
     extra: dict[str, np.ndarray]
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None: strict JSON (browsers, jq) has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
 
 
 class Store:
@@ -224,6 +238,19 @@ class Store:
                 "INSERT INTO events (time, round, kind, message) VALUES (?, ?, ?, ?)",
                 (time.time(), round, kind, message),
             )
+
+    def record_audit(self, kind: str, value: Mapping[str, Any]) -> None:
+        """The numbers of one audit (``canaries``, ``inversion``, ``membership``); earlier ones are kept."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO audits (kind, time, value) VALUES (?, ?, ?)",
+                (kind, time.time(), json.dumps(finite_json(value), allow_nan=False)),
+            )
+
+    def audits(self) -> dict[str, tuple[float, dict[str, Any]]]:
+        """The latest audit of each kind: kind -> (time, numbers)."""
+        rows = self.db.execute("SELECT kind, time, value FROM audits ORDER BY id").fetchall()
+        return {kind: (t, json.loads(value)) for kind, t, value in rows}
 
     def record_scores(self, round: int, rows: Sequence[tuple[str, Mapping[str, float], bool, str]]) -> None:
         """One round's defence scores: (site, scores, refused, why) per screened or refused site."""
