@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+PYTEST_WORKERS ?= 2
+
 .PHONY: demo test lint typecheck bench bench-flower clean
 
 $(STAMP): pyproject.toml constraints.txt setup.py src/confide/runtime/grpc/confide.proto
@@ -20,10 +22,12 @@ demo: $(STAMP)
 	$(BIN)/confide data fetch shakespeare
 	$(BIN)/confide run examples/shakespeare.toml
 
+# Two pytest workers (pytest-xdist), each running one test file at a time: many slow tests wait on
+# subprocesses (deployed sites, Ray workers), so two share 2 cores well. PYTEST_WORKERS=0: one process.
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
