@@ -133,7 +133,8 @@ def downsample_roc(fpr: np.ndarray, tpr: np.ndarray, points: int = 100) -> list[
     # For each grid rate, the curve's point with the largest false-positive rate not above it.
     index = np.searchsorted(fpr, grid + 1e-12, side="right") - 1
     index = np.unique(index[index >= 0])
-    return [(float(fpr[i]), float(tpr[i])) for i in index]
+    curve = [(float(fpr[i]), float(tpr[i])) for i in index]
+    return curve if curve[0] == (0.0, 0.0) else [(0.0, 0.0), *curve]
 
 
 def reference_scores(target: np.ndarray, references: np.ndarray) -> np.ndarray:

@@ -46,6 +46,7 @@ from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config, PrivacyConfig, ServerConfig
 from confide.core import Vector
 from confide.data import FederatedDataset
+from confide.data.tokenize import PAD
 from confide.errors import ConfigError
 from confide.randomness import Stream, public_rng
 from confide.runtime.audit import audit_folder
@@ -137,13 +138,14 @@ def audit_membership(
     if references < 0:
         raise ConfigError(f"the number of reference runs must be 0 or more, got {references}")
     dataset = load_dataset(config)
-    eligible = [i for i, s in enumerate(dataset.sites) if s.num_train > 0 and s.num_test > 0]
+    # Two windows of each part: all but a part's last are whole (see _whole).
+    eligible = [i for i, s in enumerate(dataset.sites) if s.num_train >= 2 and s.num_test >= 2]
     # The reference runs train on the sites left: at least one must be.
     room = len(dataset.sites) - 1 if references else len(dataset.sites)
     if sites > min(len(eligible), room):
         raise ConfigError(
             f"{sites} audited sites are more than the data set allows: it has {len(dataset.sites)} sites, "
-            f"{len(eligible)} with both training and held-out windows"
+            f"{len(eligible)} with at least two training and two held-out windows"
             + (", and the reference runs need at least one site left out of the audit" if references else "")
             + "; audit fewer sites"
         )
@@ -151,18 +153,30 @@ def audit_membership(
     chosen = [dataset.sites[eligible[i]] for i in np.sort(rng.choice(len(eligible), sites, replace=False))]
     picks: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for site in chosen:
-        k = min(records, site.num_train, site.num_test)
-        members = site.train[np.sort(rng.choice(site.num_train, k, replace=False))]
-        nonmembers = site.test[np.sort(rng.choice(site.num_test, k, replace=False))]
+        train, test = _whole(site.train), _whole(site.test)
+        k = min(records, len(train), len(test))
+        members = train[np.sort(rng.choice(len(train), k, replace=False))]
+        nonmembers = test[np.sort(rng.choice(len(test), k, replace=False))]
         picks[site.name] = (members, nonmembers)
     audited = frozenset(picks)
     without_audited = replace(dataset, sites=tuple(s for s in dataset.sites if s.name not in audited))
 
     folder = audit_folder(config)
-    no_dp = replace(config.privacy, dp="none", target_epsilon=0.0, calibrate=False, adaptive_clip=False)
+    no_dp = replace(
+        config.privacy,
+        dp="none",
+        target_epsilon=0.0,
+        calibrate=False,
+        adaptive_clip=False,
+        record_dp=False,
+        # Secure aggregation is no DP, and without DP's clipping the updates overflow its fixed-point range
+        # (their coordinates would be clipped): the model without DP is trained without it, unless a
+        # compression that sends a subset of coordinates needs it.
+        secure_aggregation=config.privacy.secure_aggregation and config.compression.subset < 1,
+    )
     settings: list[tuple[str, str, PrivacyConfig]] = [("no-dp", "without DP", no_dp)]
     note = ""
-    if config.privacy.dp == "none":
+    if config.privacy.dp == "none" and not config.privacy.record_dp:
         note = "the config has no differential privacy: only the model trained without it was audited"
     else:
         settings.append(("dp", "with DP", config.privacy))
@@ -241,6 +255,15 @@ def audit_membership(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "membership.json").write_text(json.dumps(asdict(audit), indent=2) + "\n", encoding="utf-8")
     return audit
+
+
+def _whole(windows: np.ndarray) -> np.ndarray:
+    """The windows of a site's text that are whole: the last one is padded (a few characters, perhaps just
+    the end of a line), a record of another kind, whose mean loss over few targets would blur the attack.
+    A language model's token rows are kept as they are."""
+    if windows.ndim != 2:
+        return windows
+    return windows[~(windows == PAD).any(axis=1)]
 
 
 def _scaled_server(server: ServerConfig, total: int, kept: int) -> ServerConfig:
