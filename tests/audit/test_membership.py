@@ -251,7 +251,7 @@ def test_personalized_models_are_attacked_on_their_own_sites_text(tmp_path: Path
     glob, _, personal, _ = audit.results
     assert personal.members == glob.members > 0 and personal.sites == 2
     # Ditto's personal models are not the global model: their scores, and so their ROC curves, differ.
-    assert personal.roc != glob.roc and 0 <= personal.accuracy <= 1
+    assert personal.roc != glob.roc and personal.accuracy is not None and 0 <= personal.accuracy <= 1
 
 
 def test_bad_options_are_refused_with_a_plain_message(tmp_path: Path) -> None:

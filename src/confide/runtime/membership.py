@@ -1,8 +1,10 @@
 """The membership-inference audit: can an attacker tell a site's training text from its held-out text?
 
 ``confide audit membership CONFIG`` trains the config with its differential privacy and without any (only
-without, when the config has none), and attacks each final global model (and, with Ditto, FedRep or
-fine-tuning, each audited site's personal model) with the attacks of :mod:`confide.audit.membership`:
+without, when the config has none; without DP also means without secure aggregation, whose fixed-point range
+the unclipped updates would overflow, and which changes nothing of the final model otherwise), and attacks
+each final global model (and, with Ditto, FedRep or fine-tuning, each audited site's personal model) with
+the attacks of :mod:`confide.audit.membership`:
 
 - **members** are training windows of a few audited sites, chosen with the public seeded audit stream, that
   the run trained on: a site never selected in any round trained on nothing, and contributes neither members
@@ -73,8 +75,9 @@ class MembershipResult:
     epsilon: float | None
     """The run's site-level epsilon as its accountant spent it; None without DP."""
     delta: float | None
-    accuracy: float
-    """The last evaluation's held-out accuracy of the model attacked (personal accuracy for 'personal')."""
+    accuracy: float | None
+    """The last evaluation's held-out accuracy of the model attacked (personal accuracy for 'personal');
+    None if the run did not measure it (its evaluation could not complete)."""
     sites: int
     """Audited sites whose records were attacked (those the run trained on)."""
     members: int
@@ -91,7 +94,7 @@ class MembershipResult:
 class MembershipAudit:
     folder: str
     dp: str
-    """The config's DP placement ('central', 'distributed', ...), or 'none'."""
+    """The config's DP placement ('central', 'distributed', ...), or 'none'; '+record' added with DP-SGD."""
     note: str
     """What was not audited and why (no DP in the config, no personalization), or empty."""
     audited_sites: list[str]
@@ -110,8 +113,8 @@ class _Trained:
     run_dir: str
     epsilon: float | None
     delta: float | None
-    accuracy: float
-    personal_accuracy: float
+    accuracy: float | None
+    personal_accuracy: float | None
     rounds: Counter[str]
     scores: dict[str, tuple[np.ndarray, np.ndarray]]
     """Global model's (member, non-member) scores per audited site."""
@@ -244,7 +247,7 @@ def audit_membership(
 
     audit = MembershipAudit(
         str(folder),
-        config.privacy.dp,
+        config.privacy.dp + ("+record" if config.privacy.record_dp else ""),
         note,
         sorted(picks),
         records,
@@ -318,14 +321,21 @@ def _train(
             str(runner.store.run_dir),
             dp.epsilon() if dp else None,
             dp.delta if dp else None,
-            float(last.get("accuracy", math.nan)),
-            float(last.get("personal_accuracy", math.nan)),
+            _measured(last.get("accuracy")),
+            _measured(last.get("personal_accuracy")),
             rounds,
             scores,
             personal,
         )
     finally:
         runner.close()
+
+
+def _measured(value: object) -> float | None:
+    """A metric as JSON holds it: None rather than NaN (which strict JSON has no word for)."""
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _personal(runner: Runner, trainer: Trainer, site: str, weights: Vector) -> Vector | None:
@@ -348,7 +358,7 @@ def _personal(runner: Runner, trainer: Trainer, site: str, weights: Vector) -> V
 
 
 def _result(
-    model: str, privacy: str, run: _Trained, accuracy: float, sites: int, result: AttackResult
+    model: str, privacy: str, run: _Trained, accuracy: float | None, sites: int, result: AttackResult
 ) -> MembershipResult:
     return MembershipResult(
         model,
