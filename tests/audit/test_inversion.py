@@ -1,5 +1,5 @@
-"""Gradient inversion: the attack recovers one window from a tiny model's unprotected update, not from a sum of
-many sites' updates; the scores; the HF + LoRA path; the audit end to end on a tiny config."""
+"""Gradient inversion: the attack recovers one window from a tiny model's unprotected update, not from a sum
+of many sites' updates; the scores; the HF + LoRA path; the audit end to end on a tiny config."""
 
 from __future__ import annotations
 

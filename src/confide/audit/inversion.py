@@ -46,15 +46,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from confide.core import Layout, Vector
 from confide.data.tokenize import PAD
@@ -70,7 +70,8 @@ class Target:
     weights: Vector
     """The global weights the site started from (flat, the model's Layout)."""
     update: Vector
-    """The update the server sees: the site's delta, or what the layers made of it (clipped, noised, summed)."""
+    """The update the server sees: the site's delta, or what the layers made of it (clipped, noised,
+    summed)."""
     batch_size: int
     """How many windows the site trained on (the attacker reconstructs that many)."""
     length: int
@@ -125,7 +126,7 @@ class Reconstruction:
     """How many codes the search was restricted to (the whole vocabulary when no shortcut applied)."""
 
 
-# -- the model, read from relaxed inputs ----------------------------------------------------------------------
+# -- the model, read from relaxed inputs ---------------------------------------------------------------------
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:
@@ -207,7 +208,7 @@ class _Relaxed:
         if self._mix is None:
             return None
         # Inside functional_call module.weight is the parameter being differentiated (or the frozen base).
-        weight = module.weight  # type: ignore[union-attr]
+        weight = cast(Tensor, module.weight)
         return (self._mix.to(weight.dtype) @ weight).to(output.dtype)
 
     def loss(self, params: dict[str, Tensor], soft: Tensor) -> Tensor:
@@ -352,7 +353,7 @@ def _refine(
     return codes, best
 
 
-# -- the baseline ---------------------------------------------------------------------------------------------
+# -- the baseline --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -379,7 +380,7 @@ def baseline(model: nn.Module, layout: Layout, weights: Vector, first: np.ndarra
         model.train(was_training)
 
 
-# -- scoring --------------------------------------------------------------------------------------------------
+# -- scoring -------------------------------------------------------------------------------------------------
 
 
 def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:

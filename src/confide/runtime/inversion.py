@@ -39,7 +39,7 @@ from confide.client.dpsgd import DPSGD
 from confide.client.site import run_task
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.config import Config
-from confide.core import Layout, Plan, Vector
+from confide.core import Layout, Plan, Update, Vector
 from confide.data import DEFAULT_TOKENIZER
 from confide.data.dataset import SiteData
 from confide.data.tokenize import PAD
@@ -54,6 +54,9 @@ SCENARIOS = ("none", "dpsgd", "distributed-share", "secagg", "secagg+dp")
 SIMULATED_NOISE = "seeded (a simulation of the attack; a real site's noise is secret)"
 EXAMPLES = 2
 """Windows per cell kept as examples (true, reconstructed, baseline text) for the page."""
+
+DEFAULT_SETTINGS = Settings(iterations=100, restarts=1, discrete=200)
+"""The audit's default attack: about a minute per cell of the demo's model on a 2-core CPU."""
 
 Progress = Callable[[int, int, str], None]
 
@@ -77,7 +80,7 @@ class InversionCell:
     vocabulary: int
     """Codes the search was restricted to by the token shortcut (the whole vocabulary when none applied)."""
     distance: float
-    """How well the reconstruction's update matches the observed one (cosine distance: 0 is a perfect match)."""
+    """How well the reconstruction's update matches the observed one (cosine distance: 0 matches exactly)."""
     seconds: float
     examples: list[InversionExample] = field(default_factory=list)
 
@@ -126,7 +129,7 @@ def audit_inversion(
     steps: Sequence[int] = (1, 4),
     scenarios: Sequence[str] | None = None,
     weights: Vector | None = None,
-    settings: Settings = Settings(iterations=100, restarts=1, discrete=200),
+    settings: Settings = DEFAULT_SETTINGS,
     sites_summed: int | None = None,
     progress: Progress | None = None,
     write: bool = True,
@@ -140,9 +143,11 @@ def audit_inversion(
     audit folder unless ``write`` is false.
     """
     dp_configured = config.privacy.dp != "none"
-    wanted = list(scenarios) if scenarios is not None else [
-        s for s in SCENARIOS if dp_configured or s not in ("distributed-share", "secagg+dp")
-    ]
+    wanted = (
+        list(scenarios)
+        if scenarios is not None
+        else [s for s in SCENARIOS if dp_configured or s not in ("distributed-share", "secagg+dp")]
+    )
     unknown = [s for s in wanted if s not in SCENARIOS]
     if unknown or not wanted:
         raise ConfigError(
@@ -165,11 +170,10 @@ def audit_inversion(
     dataset = load_dataset(config)
     population = len(dataset.sites)
     summed = sites_summed if sites_summed is not None else build_strategy(config).count(population)
-    if "secagg" in wanted or "secagg+dp" in wanted:
-        if not 2 <= summed <= population:
-            raise ConfigError(
-                f"the secure-aggregation sum needs 2 to {population} sites (the data set's), got {summed}"
-            )
+    if ("secagg" in wanted or "secagg+dp" in wanted) and not 2 <= summed <= population:
+        raise ConfigError(
+            f"the secure-aggregation sum needs 2 to {population} sites (the data set's), got {summed}"
+        )
     largest = max(batch_sizes)
     rng = public_rng(config.run.seed, 0, Stream.AUDIT)
     eligible = [s for s in dataset.sites if int(_full(s.train).sum()) >= largest]
@@ -204,7 +208,7 @@ def audit_inversion(
         base = score(truth, guess)
         for k in steps:
             plan = Plan(round=0, epochs=k, max_steps=k, batch_size=b, learning_rate=c.learning_rate, seed=k)
-            delta = run_task(trainer, victim.name, batch, start, plan, 0).vector
+            delta = _delta(run_task(trainer, victim.name, batch, start, plan, 0))
             views: dict[str, tuple[Vector, float]] = {}
             noise_rng = SeededRandomness([config.run.seed, b, k, int(Stream.AUDIT)])
             if "none" in wanted:
@@ -212,10 +216,12 @@ def audit_inversion(
             if "dpsgd" in wanted:
                 dpsgd = DPSGD(model, p.record_clip, p.record_noise, optimizer)
                 private = replace(plan, record_clip=p.record_clip, record_noise=p.record_noise)
-                update = run_task(trainer, victim.name, batch, start, private, 0, dpsgd=dpsgd, randomness=noise_rng)
+                update = run_task(
+                    trainer, victim.name, batch, start, private, 0, dpsgd=dpsgd, randomness=noise_rng
+                )
                 # Each step adds N(0, (sigma C)^2) to the sum of b clipped gradients, divided by b.
                 std = c.learning_rate * p.record_noise * p.record_clip / b * math.sqrt(k)
-                views["dpsgd"] = (update.vector, std)
+                views["dpsgd"] = (_delta(update), std)
             clipped = clip(delta.copy(), clip_norm)[0] if clip_norm is not None else delta.copy()
             if "distributed-share" in wanted:
                 std = share.std() if share is not None else 0.0
@@ -225,7 +231,7 @@ def audit_inversion(
                 total_update = clipped.copy()
                 for other in chosen:
                     windows = _other_batch(other, b, rng)
-                    vector = run_task(trainer, other.name, windows, start, plan, 0).vector
+                    vector = _delta(run_task(trainer, other.name, windows, start, plan, 0))
                     total_update += clip(vector, clip_norm)[0] if clip_norm is not None else vector
                 if "secagg" in wanted:
                     views["secagg"] = (total_update.copy(), 0.0)
@@ -286,6 +292,12 @@ def audit_inversion(
         path: Path = folder / "inversion.json"
         path.write_text(json.dumps(asdict(audit), indent=2) + "\n", encoding="utf-8")
     return audit
+
+
+def _delta(update: Update) -> Vector:
+    if update.vector is None:  # run_task always returns the delta; only layers replace it
+        raise ValueError(f"site {update.site!r} returned no update vector")
+    return update.vector
 
 
 def _other_batch(site: SiteData, size: int, rng: np.random.Generator) -> np.ndarray:
