@@ -16,6 +16,12 @@ victim's update in each scenario, with confide's own training and privacy code:
 - ``secagg+dp``: that sum plus the full noise N(0, (zC)²), z as :func:`~confide.runtime.stack.build_site_dp`
   calibrates it.
 
+The victim's batch is ``b`` of its full training windows (no padded tail), and with ``k`` local steps it
+takes ``k`` full-batch steps over those same windows (``k`` epochs of one batch): the windows to recover stay
+the same as the steps grow, as in Geiping et al.'s multi-step experiments. A site of a real run takes its
+steps over different batches (the demo: up to 20 steps of 10 windows), which only spreads the update over
+more text. The other sites of the sum train the same plan on ``b`` windows of their own.
+
 Every view is attacked with :func:`confide.audit.inversion.invert` and scored against the victim's true
 windows beside the baseline of guessing from the model's own predictions. This is a simulation of an attack:
 its noise and DP-SGD sampling are drawn from seeded randomness (``SIMULATED_NOISE``), which a real site
