@@ -126,3 +126,34 @@ def test_audit_canaries_command(tiny_config_path: Path, tmp_path: Path) -> None:
     assert "Canaries" in (folder / "audit.html").read_text()
     refused = confide("audit", "canaries", tiny_config_path)
     assert refused.returncode == 2 and "set privacy.dp = 'central'" in refused.stderr
+
+
+def test_audit_inversion_and_membership_commands_share_one_page(
+    tiny_config_path: Path, tmp_path: Path
+) -> None:
+    inversion = confide(
+        "audit",
+        "inversion",
+        tiny_config_path,
+        *("--batch-sizes", "1", "--steps", "1", "--views", "none,secagg", "--sites-summed", "3"),
+        *("--iterations", "2", "--discrete", "2"),
+    )
+    assert inversion.returncode == 0, inversion.stderr
+    assert "Gradient inversion of site" in inversion.stdout and "secagg" in inversion.stdout
+    assert "give --run RUN_DIR" in inversion.stdout  # attacked at the initial weights: the hint says so
+    membership = confide(
+        "audit",
+        "membership",
+        tiny_config_path,
+        *("--set", "run.rounds=2", "--sites", "2", "--records", "3", "--references", "0"),
+    )
+    assert membership.returncode == 0, membership.stderr
+    assert "Membership inference" in membership.stdout and "Training without DP" in membership.stdout
+    folder = tmp_path / "runs" / "tiny-audit"
+    page = (folder / "audit.html").read_text()
+    assert "Gradient inversion" in page and "Membership inference" in page  # one page, every audit run
+    assert json.loads((folder / "membership.json").read_text())["references"] == 0
+    bad = confide("audit", "inversion", tiny_config_path, "--batch-sizes", "one")
+    assert bad.returncode == 2 and "expected whole numbers" in bad.stderr
+    refused = confide("audit", "membership", tiny_config_path, "--references", "-1")
+    assert refused.returncode == 2 and "reference runs must be 0 or more" in refused.stderr

@@ -140,6 +140,52 @@ def _parser() -> argparse.ArgumentParser:
         "--candidates", type=int, default=2000, help="random secrets each canary is ranked against (2000)"
     )
     can.set_defaults(func=cmd_audit_canaries)
+    inv = audit_sub.add_parser(
+        "inversion",
+        help="reconstruct a site's text from its update as the server sees it under each privacy layer",
+    )
+    inv.add_argument("config", type=Path, help="a TOML config (its model, data, plan and privacy layers)")
+    inv.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    inv.add_argument(
+        "--batch-sizes", type=_int_list, default=[1, 4, 16], metavar="N,N,..", help="batch sizes (1,4,16)"
+    )
+    inv.add_argument(
+        "--steps", type=_int_list, default=[1, 4], metavar="N,N,..", help="local steps per round (1,4)"
+    )
+    inv.add_argument(
+        "--views",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=None,
+        metavar="VIEW,..",
+        help="what the server sees, among none, dpsgd, distributed-share, secagg, secagg+dp "
+        "(default: all the config allows)",
+    )
+    inv.add_argument(
+        "--sites-summed", type=int, default=None, help="sites in the secure sum (the config's per round)"
+    )
+    inv.add_argument("--iterations", type=int, default=40, help="optimisation steps per restart (40)")
+    inv.add_argument("--restarts", type=int, default=1, help="restarts of the optimisation (1)")
+    inv.add_argument("--discrete", type=int, default=100, help="discrete refinements per restart (100)")
+    inv.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="attack at this run's last checkpoint (default: the config's initial weights)",
+    )
+    inv.set_defaults(func=cmd_audit_inversion)
+    mem = audit_sub.add_parser(
+        "membership",
+        help="train with and without DP and tell the records a model trained on from held-out ones",
+    )
+    mem.add_argument("config", type=Path, help="a TOML config")
+    mem.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    mem.add_argument("--sites", type=int, default=20, help="sites whose records are attacked (20)")
+    mem.add_argument("--records", type=int, default=50, help="records of each kind per audited site (50)")
+    mem.add_argument(
+        "--references", type=int, default=1, help="reference runs without the audited sites (1; 0: none)"
+    )
+    mem.set_defaults(func=cmd_audit_membership)
 
     srv = sub.add_parser("server", help="serve a run to enrolled sites over gRPC with TLS (a deployment)")
     srv.add_argument("--config", type=Path, required=True, help="the run's TOML config")
@@ -731,9 +777,7 @@ def _client_group(args: argparse.Namespace, sites: list[str]) -> int:
             f"{len(sites)} sites need a folder of credentials files (SITE.json each), not the file "
             f"{args.credentials}"
         )
-    group = SiteGroup(
-        share_connection=not args.connection_per_site, state=_site_state(args, "group")
-    )
+    group = SiteGroup(share_connection=not args.connection_per_site, state=_site_state(args, "group"))
     trust = _enclave_trust(args)
     clients = [
         SiteClient(
@@ -1019,6 +1063,145 @@ def cmd_audit_canaries(args: argparse.Namespace) -> int:
         "al. 2019, sec. 4.3)"
     )
     console.print(f"results: {folder / 'canaries.json'}; page of every audit: {folder / 'audit.html'}")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def cmd_audit_inversion(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.audit.inversion import Settings
+    from confide.runtime.audit import audit_folder
+    from confide.runtime.inversion import audit_inversion
+
+    config = config_module.load(args.config, args.overrides, stamp=False)
+    weights = None
+    if args.run is not None:
+        _, _, checkpoint = _load_model(args.run)
+        weights = checkpoint.weights
+        console.print(f"attacking at the weights of {args.run}, round {checkpoint.round}")
+    settings = Settings(iterations=args.iterations, restarts=args.restarts, discrete=args.discrete)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("inverting", total=None)
+
+        def report(done: int, total: int, label: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"inverting: {label}")
+
+        audit = audit_inversion(
+            config,
+            batch_sizes=args.batch_sizes,
+            steps=args.steps,
+            scenarios=args.views,
+            weights=weights,
+            settings=settings,
+            sites_summed=args.sites_summed,
+            progress=report,
+        )
+    table = Table(
+        title=f"Gradient inversion of site {audit.victim}'s update ({audit.model}): what the server recovers"
+    )
+    for column in (
+        "view",
+        "batch",
+        "steps",
+        "token accuracy",
+        "ROUGE-L",
+        "baseline acc.",
+        "baseline ROUGE-L",
+    ):
+        table.add_column(column, justify="left" if column == "view" else "right")
+    for c in audit.cells:
+        table.add_row(
+            c.scenario,
+            str(c.batch_size),
+            str(c.steps),
+            f"{c.token_accuracy:.3f}",
+            f"{c.rouge_l:.3f}",
+            f"{c.baseline_token_accuracy:.3f}",
+            f"{c.baseline_rouge_l:.3f}",
+            f"{c.words:.2f}",
+            f"{c.baseline_words:.2f}",
+        )
+    console.print(table)
+    first = next((c for c in audit.cells if c.examples), None)
+    if first is not None:
+        example = first.examples[0]
+        console.print(f"[bold]true text[/] ({first.scenario}, batch {first.batch_size}):", markup=True)
+        console.print(repr(example.true), markup=False)
+        console.print("[bold]reconstructed:[/]", markup=True)
+        console.print(repr(example.reconstructed), markup=False)
+    console.print(
+        "baseline: the model's own guess of each window, without the update; words: the share of the true "
+        f"text's words the reconstruction holds, in any order. Noise in this audit is {audit.noise}."
+    )
+    if args.run is None:
+        console.print(
+            "These are the initial weights, whose states say little of the text read; a server attacks every "
+            "round, and the attack reads far more from a trained model's update: give --run RUN_DIR."
+        )
+    folder = audit_folder(config)
+    console.print(f"results: {folder / 'inversion.json'}; page of every audit: {folder / 'audit.html'}")
+    return 0
+
+
+def cmd_audit_membership(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.runtime.membership import audit_membership
+
+    config = config_module.load(args.config, args.overrides, stamp=False)
+    with contextlib.ExitStack() as live:
+
+        def observer(label: str, runner: Any) -> RichObserver:
+            live.close()  # one live display at a time: the previous training's ends here
+            console.print(f"\n[bold]Training {label}[/]")
+            return live.enter_context(RichObserver(runner.config.run.rounds))
+
+        audit = audit_membership(
+            config, sites=args.sites, records=args.records, references=args.references, observer=observer
+        )
+    table = Table(title="Membership inference: members (trained on) against held-out records")
+    for column in ("model", "privacy", "attack", "AUC", "TPR at 1% FPR", "TPR at 0.1% FPR", "members"):
+        table.add_column(column, justify="left" if column in ("model", "privacy", "attack") else "right")
+    for r in audit.results:
+        privacy = "no DP" if r.epsilon is None else f"epsilon {r.epsilon:.2f}"
+
+        def rate(value: float | None) -> str:
+            return "-" if value is None else f"{100 * value:.1f}%"
+
+        table.add_row(
+            r.model,
+            privacy,
+            r.attack,
+            f"{r.auc:.3f}",
+            rate(r.tpr_at_1pct_fpr),
+            rate(r.tpr_at_01pct_fpr),
+            f"{r.members} / {r.nonmembers}",
+        )
+    console.print(table)
+    if audit.note:
+        console.print(audit.note)
+    console.print(
+        "AUC 0.5 and a TPR equal to the FPR are guessing; '-': too few non-members to read that FPR. "
+        f"results: {Path(audit.folder) / 'membership.json'}; page of every audit: "
+        f"{Path(audit.folder) / 'audit.html'}"
+    )
     return 0
 
 

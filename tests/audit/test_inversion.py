@@ -3,6 +3,7 @@ of many sites' updates; the scores; the HF + LoRA path; the audit end to end on 
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -11,14 +12,24 @@ import pytest
 import torch
 
 from confide import config
-from confide.audit.inversion import Settings, Target, baseline, invert, lcs_length, rouge_l, score, token_set
+from confide.audit.inversion import (
+    Settings,
+    Target,
+    baseline,
+    invert,
+    lcs_length,
+    rouge_l,
+    score,
+    sequential,
+    token_set,
+)
 from confide.client.trainer import ClientOptimizer, Trainer
 from confide.core import Layout, Plan
 from confide.data import DEFAULT_TOKENIZER, windows
 from confide.errors import ConfigError
 from confide.models import build_model
 from confide.runtime.audit import audit_folder
-from confide.runtime.inversion import audit_inversion
+from confide.runtime.inversion import audit_inversion, word_recall
 from tests.conftest import tiny_config
 
 TEXT = (
@@ -159,10 +170,44 @@ def test_audit_inversion_end_to_end_on_a_tiny_config(tmp_path: Path, text_corpus
     assert audit.sites_summed == 3 and audit.clip_norm is not None and audit.noise_multiplier == 1.0
     for cell in audit.cells:
         assert 0.0 <= cell.token_accuracy <= 1.0 and 0.0 <= cell.baseline_rouge_l <= 1.0
+        assert 0.0 <= cell.words <= 1.0 and 0.0 <= cell.baseline_words <= 1.0
         assert len(cell.examples) == min(2, cell.batch_size) and len(cell.examples[0].true) == 81
     written = json.loads((audit_folder(cfg) / "inversion.json").read_text())
     assert written["victim"] == audit.victim and len(written["cells"]) == 8
+    page = (audit_folder(cfg) / "audit.html").read_text()
+    assert "Gradient inversion" in page and page.count("<img") == 1  # the chart, and the examples as text
+    assert html.escape(audit.cells[0].examples[0].true, quote=True)[:40] in page
     with pytest.raises(ConfigError, match="scenario"):
         audit_inversion(cfg, scenarios=("mitm",), write=False)
     with pytest.raises(ConfigError, match="full training windows"):
         audit_inversion(cfg, batch_sizes=(10_000,), write=False)
+
+
+def test_the_sequential_search_reads_a_longer_window_off_a_trained_models_update() -> None:
+    # A causal model's update is a sum of one term per position, each depending on the text up to it: once
+    # the model has learnt something of the text, peeling the terms left to right reads the window back.
+    # At random weights its states say little of the characters read, and the same search fails.
+    torch.manual_seed(0)
+    model = build_model(
+        "gpt", vocab_size=DEFAULT_TOKENIZER.vocab_size, width=16, layers=1, heads=2, context=32, dropout=0.0
+    )
+    layout = Layout.of_module(model)
+    every = windows(DEFAULT_TOKENIZER.encode(TEXT), 23)[:-1]
+    truth = every[3:4].astype(np.int64)
+    untrained = layout.read(model).copy()
+    plan = Plan(round=0, epochs=100, max_steps=100, batch_size=len(every), learning_rate=0.03)
+    trained = untrained + Trainer(model, ClientOptimizer("adam")).fit(untrained, every, plan).delta
+    accuracy = {}
+    for name, start in (("untrained", untrained), ("trained", trained)):
+        one = Plan(round=0, epochs=1, max_steps=1, batch_size=1, learning_rate=1.0)
+        delta = Trainer(model, ClientOptimizer()).fit(start, truth, one).delta
+        found = sequential(model, Target(start, delta, 1, 24, learning_rate=1.0), None, Settings(beam=2))
+        accuracy[name] = score(truth, found).token_accuracy
+    assert accuracy["trained"] >= 0.9
+    assert accuracy["untrained"] <= 0.5
+
+
+def test_word_recall_counts_words_in_any_order_with_repeats() -> None:
+    assert word_recall(["to be or not to be"], ["be not to or"]) == pytest.approx(4 / 6)
+    assert word_recall(["To be, or"], ["or TO be"]) == 1.0
+    assert word_recall(["a b c"], ["a b c"]) == 0.0  # no word of two letters: nothing to recover

@@ -99,11 +99,25 @@ class Settings:
     """Restrict the search to the characters the update's embedding rows reveal, where the model allows."""
     discrete: int = 300
     """Discrete proposals (token changes, swaps, span moves) tried on each restart's decoded windows."""
+    sequential: bool = True
+    """Run the sequential search (:func:`sequential`) too and keep whichever candidate matches best."""
+    beam: int = 3
+    """Prefixes the sequential search keeps at each position (1 for batches of several windows)."""
+    sequential_batch: int = 4
+    """The largest batch the sequential search is run on: its cost grows with the windows."""
+    candidates: int = 24
+    """Next characters the sequential search tries at each position when no shortcut restricts them (the
+    model's likeliest)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
             raise ConfigError(f"the inversion distance must be one of {DISTANCES} (got {self.distance!r})")
+        if self.beam < 1 or self.candidates < 1:
+            raise ConfigError(
+                f"the sequential search needs a beam and candidates of at least 1 (got {self.beam} and "
+                f"{self.candidates})"
+            )
         if self.iterations < 1 or self.restarts < 1 or self.discrete < 0:
             raise ConfigError(
                 f"the inversion needs at least 1 iteration and 1 restart, and no fewer than 0 discrete "
@@ -280,6 +294,9 @@ def invert(model: nn.Module, target: Target, settings: Settings = Settings()) ->
     observed = torch.from_numpy(np.ascontiguousarray(target.update, dtype=np.float32)).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     best: tuple[float, np.ndarray] | None = None
+    found = None
+    if settings.sequential and target.batch_size <= settings.sequential_batch:
+        found = torch.from_numpy(sequential(model, target, allowed, settings)).to(device)
     shape = (target.batch_size, target.length, vocab)
     # The fused attention kernels have no second derivative: the attack differentiates the gradient.
     math_attention = sdpa_kernel(SDPBackend.MATH)
@@ -306,6 +323,8 @@ def invert(model: nn.Module, target: Target, settings: Settings = Settings()) ->
                 value = _distance(settings.distance, estimate.detach(), observed)
                 return float(value + settings.prior * start_loss.detach())
 
+            if settings.sequential and found is not None and measure(found) < measure(codes):
+                codes = found.clone()  # refine the better start: the sequential search's or the relaxation's
             codes, distance = _refine(codes, choices, measure, settings.discrete, generator)
             if best is None or distance < best[0]:
                 best = (distance, codes.cpu().numpy().astype(np.int64))
@@ -315,6 +334,92 @@ def invert(model: nn.Module, target: Target, settings: Settings = Settings()) ->
         model.train(was_training)
     assert best is not None
     return Reconstruction(best[1], best[0], vocab if allowed is None else int(allowed.size))
+
+
+def sequential(
+    model: nn.Module, target: Target, allowed: np.ndarray | None, settings: Settings = Settings()
+) -> np.ndarray:
+    """Reconstruct the windows left to right, each next character the one that best explains what remains.
+
+    A causal model's loss on a window is a mean of one term per position, and the term of position t depends
+    only on the window's codes up to t + 1. So one SGD step's update, −lr/(B·T) × the sum of those terms'
+    gradients, can be peeled: once a prefix is known, the gradient of each possible next term is computed
+    (the gradient of log-sum-exp of the logits minus that of the candidate's logit: one backward pass each),
+    and the candidate that leaves the smallest residual ‖G − Σ terms‖ is kept, with a beam of
+    ``settings.beam`` prefixes. The terms of different positions are nearly orthogonal in a model's many
+    parameters, so a wrong character leaves a residual that a right one would have removed. Windows of a
+    batch are peeled one after another from the one residual. Exact for one step of plain SGD; for several
+    steps the update is read as ``steps`` steps at the start weights (an approximation), and noise or a sum
+    of other sites' updates stays in the residual, where it misleads the choice.
+    """
+    layout = Layout.of_module(model)
+    was_training = model.training
+    saved = layout.read(model).copy()
+    layout.write(model, np.ascontiguousarray(target.weights, dtype=np.float32))
+    model.eval()
+    named = dict(model.named_parameters())
+    params = [named[name] for name in layout.names]
+    vocab = vocabulary_size(model)
+    device = input_embedding(model).weight.device
+    hf = hasattr(model, "lm")
+    scale = target.batch_size * (target.length - 1) / (target.learning_rate * target.steps)
+    residual = -torch.from_numpy(np.ascontiguousarray(target.update, dtype=np.float32)).to(device).double()
+    residual *= scale
+
+    def flat(grads: Sequence[Tensor | None]) -> Tensor:
+        return torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, params, strict=True)
+            ]
+        ).double()
+
+    def terms(prefix: list[int]) -> tuple[list[int], Tensor]:
+        """The candidates for the code after ``prefix`` and each one's term gradient (rows)."""
+        logits, _ = model(torch.tensor([prefix], dtype=torch.long, device=device))
+        last = logits[0, -1].float()[:vocab]
+        if allowed is not None:
+            options = [int(c) for c in allowed if hf or c != PAD]
+        else:
+            likely = last.detach().clone()
+            if not hf and vocab > PAD:
+                likely[PAD] = -math.inf  # never a target: padding is left out of the loss
+            options = torch.topk(likely, min(settings.candidates, vocab - (0 if hf else 1))).indices.tolist()
+        lse = torch.logsumexp(last, 0)
+        base = flat(torch.autograd.grad(lse, params, retain_graph=True, allow_unused=True))
+        rows = [
+            base - flat(torch.autograd.grad(last[c], params, retain_graph=True, allow_unused=True))
+            for c in options
+        ]
+        return options, torch.stack(rows)
+
+    windows = []
+    try:
+        firsts = [int(c) for c in allowed] if allowed is not None else list(range(vocab))
+        if not hf:
+            firsts = [c for c in firsts if c != PAD]
+        width = settings.beam if target.batch_size == 1 else 1
+        for _ in range(target.batch_size):
+            # A beam of (prefix, residual norm², residual); the first code has no term of its own.
+            beam: list[tuple[list[int], float, Tensor]] = [
+                ([c], float(residual.dot(residual)), residual) for c in firsts
+            ]
+            for _ in range(target.length - 1):
+                grown: list[tuple[list[int], float, Tensor]] = []
+                for prefix, _, left in beam:
+                    options, rows = terms(prefix)
+                    after = left.unsqueeze(0) - rows
+                    norms = (after * after).sum(1)
+                    for k in torch.topk(-norms, min(width, len(options))).indices.tolist():
+                        grown.append(([*prefix, options[k]], float(norms[k]), after[k]))
+                grown.sort(key=lambda item: item[1])
+                beam = grown[:width]
+            prefix, _, residual = beam[0]
+            windows.append(prefix)
+    finally:
+        layout.write(model, saved)
+        model.train(was_training)
+    return np.array(windows, dtype=np.int64)
 
 
 def _refine(

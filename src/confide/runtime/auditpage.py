@@ -37,6 +37,7 @@ _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2rem auto;
        max-width: 1200px; padding: 0 1rem; color: #222; line-height: 1.45; }
 h1 { font-size: 1.6rem; margin-bottom: 0.6rem; }
+h3 { font-size: 1.0rem; margin-top: 1.2rem; }
 h2 { font-size: 1.25rem; margin-top: 2.2rem; border-bottom: 1px solid #ddd; padding-bottom: 0.2rem; }
 table { border-collapse: collapse; font-size: 0.92rem; margin: 0.6rem 0; }
 th, td { text-align: left; padding: 0.25rem 0.8rem 0.25rem 0; vertical-align: top; }
@@ -171,15 +172,182 @@ def _exposure_chart(summary: Mapping[str, Any]) -> Figure:
 # -- inversion ---------------------------------------------------------------------------------------------
 
 
+_SCENARIOS = {
+    "none": "no protection: the site's own update",
+    "dpsgd": "record-level DP-SGD: the site's own update",
+    "distributed-share": "site-level DP: the site's clipped update and its own share of the noise",
+    "secagg": "secure aggregation: the sum of the round's updates",
+    "secagg+dp": "secure aggregation and site-level DP: the noised sum",
+}
+
+
 def inversion_section(summary: Mapping[str, Any], at: float | None = None) -> str:
-    return "<h2>Gradient inversion</h2>" + (_ran(at) if at else "")
+    """Recovered-token accuracy and ROUGE-L per server view, batch size and local steps, and examples."""
+    cells = summary["cells"]
+    if not cells:
+        return "<h2>Gradient inversion</h2><p>No view was attacked.</p>"
+    scenarios = list(dict.fromkeys(c["scenario"] for c in cells))
+    described = "".join(
+        f"<li><code>{_e(name)}</code>: {_e(_SCENARIOS.get(name, name))}</li>" for name in scenarios
+    )
+    rows = "".join(
+        f"<tr><td><code>{_e(c['scenario'])}</code></td><td class='num'>{c['batch_size']}</td>"
+        f"<td class='num'>{c['steps']}</td><td class='num'>{_num(c['token_accuracy'])}</td>"
+        f"<td class='num'>{_num(c['rouge_l'])}</td><td class='num'>{_num(c['baseline_token_accuracy'])}</td>"
+        f"<td class='num'>{_num(c['baseline_rouge_l'])}</td><td class='num'>{_num(c.get('words'))}</td>"
+        f"<td class='num'>{_num(c.get('baseline_words'))}</td><td class='num'>{c['vocabulary']}</td>"
+        f"<td class='num'>{_num(c['distance'])}</td><td class='num'>{_num(c['seconds'], 1)}</td></tr>"
+        for c in cells
+    )
+    smallest = min(c["batch_size"] for c in cells)
+    fewest = min(c["steps"] for c in cells)
+    shown = [c for c in cells if c["batch_size"] == smallest and c["steps"] == fewest and c["examples"]]
+    examples = "".join(
+        f"<h3><code>{_e(c['scenario'])}</code>, batch {c['batch_size']}, {c['steps']} step(s)</h3>"
+        + "".join(
+            f"<p class='note'>true text</p><pre class='text'>{_e(x['true'])}</pre>"
+            f"<p class='note'>reconstructed by the attack</p><pre class='text'>{_e(x['reconstructed'])}</pre>"
+            f"<p class='note'>baseline: the model's own guess</p><pre class='text'>{_e(x['baseline'])}</pre>"
+            for x in c["examples"][:1]
+        )
+        for c in shown
+    )
+    noise = summary.get("noise") or ""
+    return (
+        "<h2>Gradient inversion: can the server read a site's text from its update?</h2>"
+        + (_ran(at) if at else "")
+        + f"<p>An honest-but-curious server that knows the global weights and the plan optimises a batch of "
+        f"text until its update matches what it sees of site <code>{_e(summary['victim'])}</code>'s update "
+        f"in one round (model {_e(summary['model'])}): DLG (Zhu et al. 2019) with cosine matching and the "
+        "token shortcut of the embedding gradient where it applies, and a sequential search that reads the "
+        "text left to right, one position's term of the gradient at a time. Token accuracy is the share of "
+        "positions recovered exactly; ROUGE-L the longest common subsequence F1; words recovered the share "
+        "of the true text's words that the reconstruction holds, in any order. The baseline guesses each "
+        "window from the model's own predictions, with no update at all: an attack no better than it has "
+        f"learnt nothing from the update. What the server sees:</p><ul>{described}</ul>"
+        f'<figure><img alt="words recovered per view" src="{_png(_inversion_chart(cells))}">'
+        "</figure>"
+        "<table class='metrics'><tr><th>view</th><th>batch</th><th>steps</th><th>token accuracy</th>"
+        "<th>ROUGE-L</th><th>baseline accuracy</th><th>baseline ROUGE-L</th><th>words recovered</th>"
+        "<th>baseline words</th><th>vocabulary searched</th>"
+        f"<th>match distance</th><th>seconds</th></tr>{rows}</table>"
+        + (f"<p class='note'>Noise in this audit: {_e(noise)}.</p>" if noise else "")
+        + examples
+    )
+
+
+def _inversion_chart(cells: Sequence[Mapping[str, Any]]) -> Figure:
+    """One panel per number of local steps: bars per view and batch size, the baseline as a tick."""
+    steps = sorted({c["steps"] for c in cells})
+    scenarios = list(dict.fromkeys(c["scenario"] for c in cells))
+    batches = sorted({c["batch_size"] for c in cells})
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(steps) + 1.0, 4.0), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(steps), sharey=True, squeeze=False)[0]
+    width = 0.8 / len(batches)
+    for ax, step in zip(axes, steps, strict=True):
+        for k, batch in enumerate(batches):
+            found = {c["scenario"]: c for c in cells if c["steps"] == step and c["batch_size"] == batch}
+            xs = [i + (k - (len(batches) - 1) / 2) * width for i in range(len(scenarios))]
+            ax.bar(
+                xs,
+                [found[s].get("words") or 0.0 if s in found else 0.0 for s in scenarios],
+                width,
+                color=_color(k),
+                label=f"batch {batch}",
+            )
+            ax.scatter(
+                xs,
+                [found[s].get("baseline_words") or 0.0 if s in found else math.nan for s in scenarios],
+                marker="_",
+                s=180,
+                color="black",
+                label="baseline (model's guess)" if k == 0 else None,
+            )
+        ax.set_xticks(range(len(scenarios)), scenarios, rotation=20)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{step} local step{'s' if step > 1 else ''}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("share of the true words recovered")
+    axes[-1].legend(fontsize="small")
+    return fig
 
 
 # -- membership --------------------------------------------------------------------------------------------
 
 
 def membership_section(summary: Mapping[str, Any], at: float | None = None) -> str:
-    return "<h2>Membership inference</h2>" + (_ran(at) if at else "")
+    """AUC and true-positive rates at low false-positive rates, per model, privacy and attack; ROC curves."""
+    results = summary["results"]
+    rows = "".join(
+        f"<tr><td>{_e(r['model'])}</td><td>{_e(_privacy(r))}</td><td>{_e(r['attack'])}</td>"
+        f"<td class='num'>{_num(r['auc'])}</td><td class='num'>{_rate(r['tpr_at_1pct_fpr'])}</td>"
+        f"<td class='num'>{_rate(r['tpr_at_01pct_fpr'])}</td><td class='num'>{r['members']}</td>"
+        f"<td class='num'>{r['nonmembers']}</td><td class='num'>{_num(r['accuracy'])}</td></tr>"
+        for r in results
+    )
+    note = summary.get("note") or ""
+    figure = f'<figure><img alt="ROC curves" src="{_png(_roc_chart(results))}"></figure>' if results else ""
+    return (
+        "<h2>Membership inference: can anyone tell whether a record was trained on?</h2>"
+        + (_ran(at) if at else "")
+        + f"<p>Records are windows of {len(summary['audited_sites'])} audited sites' text: those the model "
+        "trained on (members) against the same sites' held-out text (non-members). The loss attack calls a "
+        "record a member when the model's loss on it is low (Yeom et al. 2018); the reference attack "
+        f"compares that loss with the loss of {summary['references']} reference model(s) trained the same "
+        "way without the audited sites (difficulty calibration, Watson et al. 2022; the offline LiRA of "
+        "Carlini et al. 2022 with several). Attacker: anyone who can query the model. A true-positive rate "
+        "equal to the false-positive rate is guessing; at a false-positive rate of 0.1% it can only be read "
+        "with at least 1,000 non-members (— otherwise).</p>"
+        + figure
+        + "<table class='metrics'><tr><th>model</th><th>privacy</th><th>attack</th><th>AUC</th>"
+        "<th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th><th>members</th><th>non-members</th>"
+        f"<th>accuracy</th></tr>{rows}</table>" + (f"<p class='note'>{_e(note)}</p>" if note else "")
+    )
+
+
+def _privacy(result: Mapping[str, Any]) -> str:
+    if result.get("epsilon") is None:
+        return "no DP" if result["privacy"] == "no-dp" else result["privacy"]
+    return f"epsilon {result['epsilon']:.2f} at delta {result['delta']:.1e}"
+
+
+def _rate(value: Any) -> str:
+    if isinstance(value, int | float) and math.isfinite(value):
+        return _e(f"{100 * value:.1f}%")
+    return "&mdash;"
+
+
+def _roc_chart(results: Sequence[Mapping[str, Any]]) -> Figure:
+    """ROC curves on log-log axes, where the low false-positive rates that matter can be read."""
+    fig, ax = _figure(6.5, 5.0)
+    models = list(dict.fromkeys((r["model"], r["privacy"]) for r in results))  # one colour per trained model
+    for r in results:
+        points = [(f, t) for f, t in r["roc"] if f > 0 and t > 0]
+        if not points:
+            continue
+        fs, ts = zip(*points, strict=True)
+        style = "-" if r["attack"] == "loss" else "--"
+        ax.plot(
+            fs,
+            ts,
+            style,
+            color=_color(models.index((r["model"], r["privacy"]))),
+            label=f"{r['model']}, {_privacy(r)}, {r['attack']} (AUC {r['auc']:.2f})",
+        )
+    ax.plot([1e-4, 1], [1e-4, 1], ":", color=_REFERENCE, label="guessing")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.set_title("Membership inference, ROC")
+    ax.legend(fontsize="x-small")
+    return fig
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -212,10 +380,6 @@ def _num(value: Any, digits: int = 3) -> str:
 
 def _e(text: str) -> str:
     return html.escape(str(text), quote=True)
-
-
-def _texts(pairs: Sequence[tuple[str, str]]) -> str:
-    return "".join(f'<pre class="text">{_e(a)}</pre><pre class="text">{_e(b)}</pre>' for a, b in pairs)
 
 
 def audit_page_for(run_dir: Path) -> Path | None:

@@ -25,17 +25,17 @@ more text. The other sites of the sum train the same plan on ``b`` windows of th
 Every view is attacked with :func:`confide.audit.inversion.invert` and scored against the victim's true
 windows beside the baseline of guessing from the model's own predictions. This is a simulation of an attack:
 its noise and DP-SGD sampling are drawn from seeded randomness (``SIMULATED_NOISE``), which a real site
-never does. The results go to ``inversion.json`` in the config's audit folder.
+never does. The results go to ``inversion.json``, the store and the page of the config's audit folder.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -52,7 +52,7 @@ from confide.data.tokenize import PAD
 from confide.errors import ConfigError
 from confide.privacy.dp import clip
 from confide.randomness import SeededRandomness, Stream, public_rng
-from confide.runtime.audit import audit_folder
+from confide.runtime.audit import audit_store, finish_audit
 from confide.runtime.runner import load_dataset
 from confide.runtime.stack import build_model_for, build_site_dp, build_strategy
 
@@ -61,7 +61,7 @@ SIMULATED_NOISE = "seeded (a simulation of the attack; a real site's noise is se
 EXAMPLES = 2
 """Windows per cell kept as examples (true, reconstructed, baseline text) for the page."""
 
-DEFAULT_SETTINGS = Settings(iterations=100, restarts=1, discrete=200)
+DEFAULT_SETTINGS = Settings(iterations=40, restarts=1, discrete=100)
 """The audit's default attack: about a minute per cell of the demo's model on a 2-core CPU."""
 
 Progress = Callable[[int, int, str], None]
@@ -83,6 +83,11 @@ class InversionCell:
     rouge_l: float
     baseline_token_accuracy: float
     baseline_rouge_l: float
+    words: float
+    """Share of the true windows' words (runs of two or more letters, counted with repeats) that appear in
+    the reconstruction, in any order: what a reader of the reconstruction learns, where the positions of the
+    token accuracy are strict."""
+    baseline_words: float
     vocabulary: int
     """Codes the search was restricted to by the token shortcut (the whole vocabulary when none applied)."""
     distance: float
@@ -109,6 +114,14 @@ class InversionAudit:
     noise: str
     settings: dict[str, float | int | str | bool]
     cells: list[InversionCell]
+
+
+def word_recall(truth: Sequence[str], guess: Sequence[str]) -> float:
+    """Share of the words of ``truth`` (runs of two or more letters, with repeats) found in ``guess``."""
+    wanted = Counter(w.lower() for text in truth for w in re.findall(r"[A-Za-z']{2,}", text))
+    found = Counter(w.lower() for text in guess for w in re.findall(r"[A-Za-z']{2,}", text))
+    total = sum(wanted.values())
+    return sum((wanted & found).values()) / total if total else 0.0
 
 
 def _full(windows: np.ndarray) -> np.ndarray:
@@ -252,6 +265,9 @@ def audit_inversion(
                 target = Target(start, observed, b, length, k, c.learning_rate, std)
                 found = invert(model, target, replace(settings, seed=settings.seed + b * 1000 + k))
                 result = score(truth, found.windows)
+                true_text = [_text(model, window) for window in truth]
+                words = word_recall(true_text, [_text(model, window) for window in found.windows])
+                baseline_words = word_recall(true_text, [_text(model, window) for window in guess])
                 examples = [
                     InversionExample(
                         _text(model, truth[i]),
@@ -269,6 +285,8 @@ def audit_inversion(
                         result.rouge_l,
                         base.token_accuracy,
                         base.rouge_l,
+                        words,
+                        baseline_words,
                         found.vocabulary,
                         found.distance,
                         time.perf_counter() - began,
@@ -293,10 +311,8 @@ def audit_inversion(
         cells=cells,
     )
     if write:
-        folder = audit_folder(config)
-        folder.mkdir(parents=True, exist_ok=True)
-        path: Path = folder / "inversion.json"
-        path.write_text(json.dumps(asdict(audit), indent=2) + "\n", encoding="utf-8")
+        audit_store(config).close()
+        finish_audit(config, "inversion", asdict(audit))
     return audit
 
 

@@ -24,7 +24,8 @@ the attacks of :mod:`confide.audit.membership`:
 For each (model, privacy, attack): the AUC, the true-positive rates at 1% and 0.1% false-positive rate (None
 where there are too few non-members to read it: 0.1% needs 1000), the counts, the run's (epsilon, delta) and
 accuracy, and the ROC curve downsampled for a plot. The runs go under :func:`audit_folder` as
-``membership-dp``, ``membership-no-dp``, ``membership-ref1-dp``, ...; the numbers to ``membership.json``.
+``membership-dp``, ``membership-no-dp``, ``membership-ref1-dp``, ...; the numbers to ``membership.json``,
+the audit folder's store and its page.
 
 The attacks measure what the *final* model gives away: a server that saw every round's model, or an
 attacker with more shadow models (online LiRA), could do better. "A member" is any training window of a
@@ -34,7 +35,6 @@ some of its windows, which makes members harder to find than if every one had be
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -51,7 +51,7 @@ from confide.data import FederatedDataset
 from confide.data.tokenize import PAD
 from confide.errors import ConfigError
 from confide.randomness import Stream, public_rng
-from confide.runtime.audit import audit_folder
+from confide.runtime.audit import audit_folder, audit_store, clear_runs, finish_audit
 from confide.runtime.runner import Observer, Runner, load_dataset
 from confide.runtime.stack import personal_parts
 from confide.runtime.store import StoreSiteState
@@ -165,6 +165,8 @@ def audit_membership(
     without_audited = replace(dataset, sites=tuple(s for s in dataset.sites if s.name not in audited))
 
     folder = audit_folder(config)
+    audit_store(config).close()
+    clear_runs(folder, "membership")
     no_dp = replace(
         config.privacy,
         dp="none",
@@ -255,8 +257,7 @@ def audit_membership(
         rounds_trained,
         results,
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "membership.json").write_text(json.dumps(asdict(audit), indent=2) + "\n", encoding="utf-8")
+    finish_audit(config, "membership", asdict(audit))
     return audit
 
 
