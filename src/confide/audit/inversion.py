@@ -26,6 +26,12 @@ position on: the relaxed window is one tensor, not inputs and labels apart.
   a sum of sites the rows give the union of all their characters, a weak restriction.
 - **Prior** (LAMP): the model's own cross-entropy of the relaxed text, weighted by ``prior``, which favours
   text the model finds likely (useful from a trained checkpoint; an untrained model's prior says little).
+- **Sequential search** (:func:`sequential`, ours): a causal model's loss is a mean of one term per
+  position, each depending only on the text up to that position, so a one-step update is a known multiple of
+  the sum of their gradients; the text is read left to right, each next character the one whose term leaves
+  the smallest residual, with a beam. It needs a model that has learnt something: at random weights the
+  states carry little of the characters read. Its result and the relaxation's are both refined, and the
+  better match is kept.
 - **Decoding**: after the optimisation each position takes its most likely character, and among the
   restarts the discrete batch whose update matches best wins.
 
