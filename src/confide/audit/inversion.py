@@ -30,8 +30,8 @@ position on: the relaxed window is one tensor, not inputs and labels apart.
   position, each depending only on the text up to that position, so a one-step update is a known multiple of
   the sum of their gradients; the text is read left to right, each next character the one whose term leaves
   the smallest residual, with a beam. It needs a model that has learnt something: at random weights the
-  states carry little of the characters read. Its result and the relaxation's are both refined, and the
-  better match is kept.
+  states carry little of the characters read. Whichever of its result and the relaxation's matches better
+  is refined by the discrete steps.
 - **Decoding**: after the optimisation each position takes its most likely character, and among the
   restarts the discrete batch whose update matches best wins.
 
