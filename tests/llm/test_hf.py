@@ -13,7 +13,7 @@ from confide.core import Layout
 from confide.errors import ConfideError, ConfigError
 from confide.models.configs import HFConfig, model_config
 from confide.models.hf import base_sha256, build_hf, check_base
-from tests.llm.conftest import TINY_LLAMA, tiny_tokenizer
+from tests.llm.conftest import TINY_LLAMA, llm_config, tiny_tokenizer
 
 LORA = AdapterConfig(kind="lora", r=4)
 
@@ -105,3 +105,25 @@ def test_the_config_checks_an_hf_model_without_importing_it() -> None:
     config = from_dict({**base, "model": {"kind": "hf", "config": TINY_LLAMA}, "adapter": {"kind": "lora"}})
     assert config.model["config"]["model_type"] == "llama"
     assert from_dict(__import__("tomllib").loads(config.to_toml())) == config  # round-trips through TOML
+
+
+def test_the_inversion_audit_attacks_the_lora_adapters_of_an_hf_config(
+    llama_dir: Path, instructions: Path, tmp_path: Path
+) -> None:
+    from confide.audit.inversion import Settings
+    from confide.runtime.inversion import audit_inversion
+
+    config = llm_config({"path": str(llama_dir)}, instructions, tmp_path)
+    audit = audit_inversion(
+        config,
+        batch_sizes=(1,),
+        steps=(1,),
+        scenarios=("none", "secagg"),
+        settings=Settings(iterations=3, restarts=1, discrete=3),
+        sites_summed=2,
+    )
+    assert [c.scenario for c in audit.cells] == ["none", "secagg"]
+    for cell in audit.cells:
+        assert 0.0 <= cell.token_accuracy <= 1.0 and cell.examples and cell.examples[0].true
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        audit_inversion(config, scenarios=("dpsgd",), write=False)

@@ -126,8 +126,11 @@ def word_recall(truth: Sequence[str], guess: Sequence[str]) -> float:
 
 def _full(windows: np.ndarray) -> np.ndarray:
     """Which windows hold text at every position (no padded tail): the ones a batch is drawn from."""
-    if windows.ndim == 3:  # a language model's rows: ids (-1 after the end) and labels (-100: none)
-        return np.asarray((windows[:, 0, :] >= 0).all(1) & (windows[:, 1, 1:] != -100).all(1))
+    if windows.ndim == 3:
+        # A language model's rows: ids (-1 after the end) and labels (-100 where there is no loss: the prompt
+        # of an instruction). A row is full when it has no padding; the attack models a loss at every
+        # position, which for an instruction's prompt is an approximation (the site has none there).
+        return np.asarray((windows[:, 0, :] >= 0).all(1))
     return np.asarray((windows != PAD).all(1))
 
 
