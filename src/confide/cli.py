@@ -167,6 +167,12 @@ def _parser() -> argparse.ArgumentParser:
     inv.add_argument("--restarts", type=int, default=1, help="restarts of the optimisation (1)")
     inv.add_argument("--discrete", type=int, default=100, help="discrete refinements per restart (100)")
     inv.add_argument(
+        "--sequential-batch",
+        type=int,
+        default=4,
+        help="the largest batch the sequential search reads (4; it costs a search per window)",
+    )
+    inv.add_argument(
         "--run",
         type=Path,
         default=None,
@@ -1090,7 +1096,12 @@ def cmd_audit_inversion(args: argparse.Namespace) -> int:
         _, _, checkpoint = _load_model(args.run)
         weights = checkpoint.weights
         console.print(f"attacking at the weights of {args.run}, round {checkpoint.round}")
-    settings = Settings(iterations=args.iterations, restarts=args.restarts, discrete=args.discrete)
+    settings = Settings(
+        iterations=args.iterations,
+        restarts=args.restarts,
+        discrete=args.discrete,
+        sequential_batch=args.sequential_batch,
+    )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
