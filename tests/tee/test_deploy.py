@@ -16,6 +16,7 @@ import pytest
 from confide import config
 from confide.runtime.grpc.aggregator import aggregator_settings
 from confide.runtime.runner import Runner
+from confide.runtime.store import Store
 from tests.conftest import tiny_config
 from tests.runtime.grpc_harness import Cluster, enroll, metrics
 
@@ -95,6 +96,15 @@ def test_a_deployed_run_through_the_aggregator_gives_the_simulation(
     simulated.store.close()
     expected = metrics(simulated.store.run_dir)
     assert [m["round"] for m in deployed] == [1, 2]
+    events = _events(tmp_path / "runs" / "tiny")  # what the server recorded, should the numbers differ
     for a, b in zip(deployed, expected, strict=True):
         for metric in ("loss", "accuracy", "train_loss"):
-            assert a[metric] == pytest.approx(b[metric], rel=1e-5, abs=1e-6), (a["round"], metric)
+            assert a[metric] == pytest.approx(b[metric], rel=1e-5, abs=1e-6), (a["round"], metric, events)
+
+
+def _events(run_dir: Path) -> list[tuple[int | None, str, str]]:
+    store = Store.open(run_dir)
+    try:
+        return [(round, kind, message) for _, round, kind, message in store.events()]
+    finally:
+        store.close()

@@ -62,15 +62,13 @@ PERSONALIZED = ("ditto", "fedrep", "finetune")
 
 
 @dataclass(frozen=True)
-class MembershipResult:
-    """One attack on one model of one training run."""
+class MembershipResult(AttackResult):
+    """One attack on one model of one training run: the attack's result and what was attacked."""
 
     model: str
     """'global' (the final global model) or 'personal' (each audited site's personal model, pooled)."""
     privacy: str
     """'dp' (the config's differential privacy) or 'no-dp' (none)."""
-    attack: str
-    """'loss' or 'reference'."""
     run_dir: str
     epsilon: float | None
     """The run's site-level epsilon as its accountant spent it; None without DP."""
@@ -80,14 +78,6 @@ class MembershipResult:
     None if the run did not measure it (its evaluation could not complete)."""
     sites: int
     """Audited sites whose records were attacked (those the run trained on)."""
-    members: int
-    nonmembers: int
-    auc: float
-    tpr_at_1pct_fpr: float | None
-    """None: fewer than 100 non-members, too few to read a false-positive rate of 1%."""
-    tpr_at_01pct_fpr: float | None
-    """None: fewer than 1000 non-members, too few to read a false-positive rate of 0.1%."""
-    roc: list[tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -362,18 +352,12 @@ def _result(
     model: str, privacy: str, run: _Trained, accuracy: float | None, sites: int, result: AttackResult
 ) -> MembershipResult:
     return MembershipResult(
-        model,
-        privacy,
-        result.attack,
-        run.run_dir,
-        run.epsilon,
-        run.delta,
-        accuracy,
-        sites,
-        result.members,
-        result.nonmembers,
-        result.auc,
-        result.tpr_at_1pct_fpr,
-        result.tpr_at_01pct_fpr,
-        result.roc,
+        **asdict(result),
+        model=model,
+        privacy=privacy,
+        run_dir=run.run_dir,
+        epsilon=run.epsilon,
+        delta=run.delta,
+        accuracy=accuracy,
+        sites=sites,
     )
