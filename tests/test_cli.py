@@ -136,7 +136,7 @@ def test_audit_inversion_and_membership_commands_share_one_page(
         "inversion",
         tiny_config_path,
         *("--batch-sizes", "1", "--steps", "1", "--views", "none,secagg", "--sites-summed", "3"),
-        *("--iterations", "2", "--discrete", "2"),
+        *("--iterations", "2", "--discrete", "2", "--sequential-batch", "0"),
     )
     assert inversion.returncode == 0, inversion.stderr
     assert "Gradient inversion of site" in inversion.stdout and "secagg" in inversion.stdout

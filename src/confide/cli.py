@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
         "--sequential-batch",
         type=int,
         default=4,
-        help="the largest batch the sequential search reads (4; it costs a search per window)",
+        help="the largest batch the sequential search reads (4; 0: none; it costs a search per window)",
     )
     inv.add_argument(
         "--run",

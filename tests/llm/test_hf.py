@@ -119,7 +119,7 @@ def test_the_inversion_audit_attacks_the_lora_adapters_of_an_hf_config(
         batch_sizes=(1,),
         steps=(1,),
         scenarios=("none", "secagg"),
-        settings=Settings(iterations=3, restarts=1, discrete=3),
+        settings=Settings(iterations=3, restarts=1, discrete=3, sequential=False),
         sites_summed=2,
     )
     assert [c.scenario for c in audit.cells] == ["none", "secagg"]

@@ -110,7 +110,7 @@ class Settings:
     beam: int = 3
     """Prefixes the sequential search keeps at each position (1 for batches of several windows)."""
     sequential_batch: int = 4
-    """The largest batch the sequential search is run on: its cost grows with the windows."""
+    """The largest batch the sequential search is run on (0: none): its cost grows with the windows."""
     candidates: int = 24
     """Next characters the sequential search tries at each position when no shortcut restricts them (the
     model's likeliest)."""
@@ -119,10 +119,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.distance not in DISTANCES:
             raise ConfigError(f"the inversion distance must be one of {DISTANCES} (got {self.distance!r})")
-        if self.beam < 1 or self.candidates < 1:
+        if self.beam < 1 or self.candidates < 1 or self.sequential_batch < 0:
             raise ConfigError(
-                f"the sequential search needs a beam and candidates of at least 1 (got {self.beam} and "
-                f"{self.candidates})"
+                f"the sequential search needs a beam and candidates of at least 1 and a batch limit of at "
+                f"least 0 (got {self.beam}, {self.candidates} and {self.sequential_batch})"
             )
         if self.iterations < 1 or self.restarts < 1 or self.discrete < 0:
             raise ConfigError(
