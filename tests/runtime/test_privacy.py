@@ -240,3 +240,23 @@ def test_the_budget_is_never_exceeded_when_sites_drop_out(path: Path) -> None:
     # Every charge is in the ledger with the sites that took part; dropouts made some rounds smaller.
     participants = [sites for _, sites in runner.store.ledger_participants()]
     assert len(participants) == len(runner.store.ledger()) and all(participants)
+
+
+def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(path: Path) -> None:
+    # One site in six expected a round: a third of the rounds draw nobody. Amplification counts an empty
+    # sample as one of the round's outcomes, and an abandoned round tells the server the sample was empty,
+    # so every round is charged: the ledger never holds fewer charges than rounds.
+    runner = start(
+        path,
+        *DP,
+        "server.sampling=poisson",
+        "server.sites_per_round=1",
+        "privacy.accounting=pld",
+        "privacy.delta=1e-3",
+        "run.rounds=8",
+    )
+    runner.run()
+    assert len(runner.store.ledger()) == 8
+    direct = PrivacyAccountant("pld", "poisson", 6, 1e-3)
+    direct.spend(1.1, 1 / 6, steps=8)
+    assert runner.dp is not None and runner.dp.epsilon() == pytest.approx(direct.epsilon(), rel=1e-6)

@@ -226,6 +226,11 @@ class Federation:
                     f"{ctx.min_updates}"
                 )
         except RoundAbandoned as e:
+            if charge is not None and self.secret_sample and not ctx.sites:
+                # The secret sample came out empty. Amplification by sampling counts that outcome as part of
+                # the round's release, and leaving it unreleased tells that the sample was empty: the round
+                # is charged as if its noise had been released (an over-count, the safe side).
+                charge(ctx.round, [])
             return _abandoned(state, ctx, started, str(e), backend.traffic() - counted, backend.now())
         if charge is not None:
             charge(ctx.round, ctx.participants)
