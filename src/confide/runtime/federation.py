@@ -228,8 +228,9 @@ class Federation:
         except RoundAbandoned as e:
             if charge is not None and self.secret_sample and not ctx.sites:
                 # The secret sample came out empty. Amplification by sampling counts that outcome as part of
-                # the round's release, and leaving it unreleased tells that the sample was empty: the round
-                # is charged as if its noise had been released (an over-count, the safe side).
+                # the round's release, and the abandoned round tells that the sample was empty: the round is
+                # charged as if its noise had been released. Not exact: revealing an empty sample is not
+                # the Gaussian release the accountant prices; releasing the noise alone would be.
                 charge(ctx.round, [])
             return _abandoned(state, ctx, started, str(e), backend.traffic() - counted, backend.now())
         if charge is not None:
