@@ -228,6 +228,8 @@ def audit_inversion(
         length = truth.shape[1]
         guess = baseline(model, layout, start, truth[:, 0], length)
         base = score(truth, guess)
+        true_text = [_text(model, window) for window in truth]  # the batch's, the same for every view
+        baseline_words = word_recall(true_text, [_text(model, window) for window in guess])
         for k in steps:
             plan = Plan(round=0, epochs=k, max_steps=k, batch_size=b, learning_rate=c.learning_rate, seed=k)
             delta = _delta(run_task(trainer, victim.name, batch, start, plan, 0))
@@ -268,9 +270,7 @@ def audit_inversion(
                 target = Target(start, observed, b, length, k, c.learning_rate, std)
                 found = invert(model, target, replace(settings, seed=settings.seed + b * 1000 + k))
                 result = score(truth, found.windows)
-                true_text = [_text(model, window) for window in truth]
                 words = word_recall(true_text, [_text(model, window) for window in found.windows])
-                baseline_words = word_recall(true_text, [_text(model, window) for window in guess])
                 examples = [
                     InversionExample(
                         _text(model, truth[i]),
@@ -310,7 +310,7 @@ def audit_inversion(
         record_clip=p.record_clip,
         record_noise=p.record_noise,
         noise=SIMULATED_NOISE,
-        settings={k: v for k, v in asdict(settings).items()},
+        settings=asdict(settings),
         cells=cells,
     )
     if write:
