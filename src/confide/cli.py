@@ -348,6 +348,24 @@ def _parser() -> argparse.ArgumentParser:
     enroll.add_argument("--list", action="store_true", help="list enrolled and revoked sites")
     enroll.set_defaults(func=cmd_enroll)
 
+    dp = sub.add_parser("dp", help="differential privacy: plan a run's noise before it trains")
+    dp_sub = dp.add_subparsers(dest="dp_command", required=True)
+    dp_plan = dp_sub.add_parser(
+        "plan",
+        help="the noise against the signal and the epsilon against each adversary, and whether the run "
+        "can learn",
+    )
+    dp_plan.add_argument("config", help="a TOML config with site-level DP (privacy.dp)")
+    dp_plan.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable)",
+    )
+    dp_plan.set_defaults(func=cmd_dp_plan)
+
     cfg = sub.add_parser("config", help="list every config option with its default")
     cfg.set_defaults(func=cmd_config)
     return parser
@@ -448,7 +466,14 @@ class RichObserver:
                 f"{runner.baseline.accuracy:.3f} on the held-out text of {len(runner.eval_sites)} sites"
             )
         if runner.dp is not None:
+            from confide.privacy.plan import plan
+
             console.print(runner.dp.describe())
+            s = runner.config.server
+            noise = plan(runner.dp, runner.config.run.rounds, runner.layout.size, s.optimizer, s.beta1)
+            warning = noise.warning()
+            if warning is not None:  # `confide dp plan` says the same, with its numbers
+                console.print(f"WARNING: {warning}", style="bold red", markup=False, highlight=False)
         for layer in runner.federation.layers:
             describe = getattr(layer, "describe", None)
             if describe is not None:  # the enclave's says INSECURE for the simulated platform
@@ -484,9 +509,14 @@ class RichObserver:
             spent = ""
             if self.dp is not None:
                 run = self.dp.spent()
+                amplified = (
+                    "no amplification claimed"
+                    if self.dp.mechanism == "dp-ftrl"
+                    else f"amplified {run.amplified:.3f}"
+                )
                 spent = (
                     f"  epsilon {run.epsilon:.3f} (worst site {run.worst_site:.3f}, median "
-                    f"{run.median_site:.3f}, amplified {run.amplified:.3f})"
+                    f"{run.median_site:.3f}, {amplified})"
                 )
             console.print(
                 f"[dim]round {result.round:>4}  {len(result.participants)} of {len(result.sites)} sites "
@@ -524,8 +554,13 @@ class RichObserver:
                 parts.append(
                     f"site-level epsilon {m['epsilon']:.3f} at delta {m['delta']:.1e}: worst site "
                     f"{m['epsilon_worst_site']:.3f}, median site {m['epsilon_median_site']:.3f} against a "
-                    f"server that knows who took part, {m['epsilon_amplified']:.3f} amplified by sampling "
-                    f"(noise multiplier {m['noise_multiplier']:.4g}, clip norm {m['clip_norm']:.3g})"
+                    "server that knows who took part, "
+                    + (
+                        f"{m['epsilon_amplified']:.3f} amplified by sampling "
+                        if "epsilon_amplified" in m
+                        else "and against anyone (no amplification claimed) "
+                    )
+                    + f"(noise multiplier {m['noise_multiplier']:.4g}, clip norm {m['clip_norm']:.3g})"
                 )
             if "record_epsilon_max" in m:
                 parts.append(
@@ -1258,6 +1293,31 @@ def _print_summary(dataset: Any) -> None:
     console.print(
         "A sample is a window of 80 characters; the model predicts the next character at each position."
     )
+
+
+def cmd_dp_plan(args: argparse.Namespace) -> int:
+    from confide import config as config_module
+    from confide.core import Layout
+    from confide.data import DEFAULT_TOKENIZER
+    from confide.privacy.plan import plan
+    from confide.runtime.runner import load_dataset
+    from confide.runtime.stack import build_model_for, build_site_dp
+
+    config = config_module.load(args.config, args.overrides)
+    if config.privacy.dp == "none":
+        raise ConfideError(
+            f"{args.config} has no site-level DP (privacy.dp = 'none'): there is no noise to plan. Set "
+            "privacy.dp = 'central' or 'distributed' (with --set privacy.dp=central to try)"
+        )
+    dataset = load_dataset(config)
+    size = Layout.of_module(build_model_for(config, DEFAULT_TOKENIZER.vocab_size)).size
+    dp = build_site_dp(config, len(dataset.sites))
+    assert dp is not None
+    s = config.server
+    for line in plan(dp, config.run.rounds, size, s.optimizer, s.beta1).lines():
+        style = "bold red" if line.startswith("WARNING") else None
+        console.print(line, style=style, markup=False, highlight=False)
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:

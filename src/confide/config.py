@@ -346,6 +346,21 @@ class PrivacyConfig:
         "set the noise multiplier from target_epsilon so that run.rounds rounds spend exactly the budget",
     )
     accounting: str = option("rdp", ACCOUNTANTS.help, choices=ACCOUNTANTS)
+    mechanism: str = option(
+        "dp-fedavg",
+        "site-level DP's noise: 'dp-fedavg', fresh every round; 'dp-ftrl', correlated across rounds by a "
+        "banded matrix factorization so most of it cancels in the model, with no sampling assumption "
+        "(central DP only)",
+        lambda x: x in ("dp-fedavg", "dp-ftrl"),
+        "'dp-fedavg' or 'dp-ftrl'",
+    )
+    bands: int = option(
+        0,
+        "dp-ftrl: bands of the factorization; a site sits out bands - 1 rounds after each of its own; "
+        "0: sites // sites_per_round (at most run.rounds and 256)",
+        lambda x: 0 <= x <= 256,
+        "0 to 256",
+    )
     adaptive_clip: bool = option(
         False, "move the clip norm towards a quantile of the update norms (Andrew et al. 2021)"
     )
@@ -972,6 +987,7 @@ def _check_privacy(config: Config) -> None:
                 "each site's update carries only its share of the noise, so the server may see only their "
                 "sum (or privacy.encryption = 'ckks'); without either use privacy.dp = 'central'"
             )
+        _check_ftrl(config)
         if p.accounting == "pld" and s.sampling == "fixed":
             raise ConfigError(
                 "privacy.accounting = 'pld' cannot account server.sampling = 'fixed' (dp-accounting has no "
@@ -998,6 +1014,34 @@ def _check_privacy(config: Config) -> None:
         )
 
 
+def _check_ftrl(config: Config) -> None:
+    """DP-FTRL's correlated noise needs one party that adds it every round and keeps the earlier noise."""
+    p, s = config.privacy, config.server
+    if p.mechanism != "dp-ftrl":
+        if p.bands:
+            raise ConfigError("privacy.bands sets up privacy.mechanism = 'dp-ftrl'; it is 'dp-fedavg'")
+        return
+    why = ""
+    if p.dp != "central":
+        why = (
+            "the noise of each round is correlated with the rounds before, so whoever adds it must keep the "
+            "earlier noise; sites adding shares under secure aggregation cannot (undoing the correlation "
+            "needs the earlier shares, which secure aggregation hides). Use privacy.dp = 'central', or "
+            "privacy.mechanism = 'dp-fedavg' with distributed DP"
+        )
+    elif p.adaptive_clip:
+        why = "it runs with a fixed clip norm: set privacy.adaptive_clip = false and choose privacy.clip_norm"
+    elif p.enclave != "none":
+        why = "the enclave adds fresh noise each round and keeps no noise between rounds; use privacy.dp = "
+        why += "'central' without the enclave, or privacy.mechanism = 'dp-fedavg' inside it"
+    elif p.encryption != "none":
+        why = "under CKKS the noise is added to ciphertexts each round, fresh; use mechanism 'dp-fedavg'"
+    elif s.strategy == "fedbuff":
+        why = "FedBuff's buffers are not rounds of one stream; use server.strategy = 'fedavg'"
+    if why:
+        raise ConfigError(f"privacy.mechanism = 'dp-ftrl': {why}")
+
+
 def _check_encryption(config: Config) -> None:
     """Under CKKS the server only adds ciphertexts, and never holds the model in clear: refuse what would
     need more (a division or a product on the server, a site's own update read alone, the clear model)."""
@@ -1006,19 +1050,35 @@ def _check_encryption(config: Config) -> None:
         return
     why = "the server holds the model encrypted and can only add to it"
     refusals = [
-        (p.secure_aggregation, "privacy.secure_aggregation = true: both hide the updates from the server; "
-         "choose one"),
-        (p.enclave != "none", f"privacy.enclave = {p.enclave!r}: both hide the updates from the server; "
-         "choose one"),
-        (s.optimizer != "sgd", f"server.optimizer = {s.optimizer!r}: {why}, which is one plain SGD step "
-         "(server.optimizer = 'sgd', with any server.learning_rate)"),
-        (STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS) is not None, f"server.strategy = {s.strategy!r}: the "
-         "server needs each site's own extras beside its update; use 'fedavg' or 'fedprox'"),
-        (c.personalization == "fedrep", "client.personalization = 'fedrep': only the body travels, and the "
-         "encrypted model cannot be stepped in part; use 'ditto' or 'finetune'"),
+        (
+            p.secure_aggregation,
+            "privacy.secure_aggregation = true: both hide the updates from the server; choose one",
+        ),
+        (
+            p.enclave != "none",
+            f"privacy.enclave = {p.enclave!r}: both hide the updates from the server; choose one",
+        ),
+        (
+            s.optimizer != "sgd",
+            f"server.optimizer = {s.optimizer!r}: {why}, which is one plain SGD step "
+            "(server.optimizer = 'sgd', with any server.learning_rate)",
+        ),
+        (
+            STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS) is not None,
+            f"server.strategy = {s.strategy!r}: the "
+            "server needs each site's own extras beside its update; use 'fedavg' or 'fedprox'",
+        ),
+        (
+            c.personalization == "fedrep",
+            "client.personalization = 'fedrep': only the body travels, and the "
+            "encrypted model cannot be stepped in part; use 'ditto' or 'finetune'",
+        ),
         (p.adaptive_clip, "privacy.adaptive_clip: each site's clipping bit would reach the server alone"),
-        (config.attack.kind != "none", f"attack.kind = {config.attack.kind!r}: the attack's success is "
-         "measured on the global model, which the server cannot read"),
+        (
+            config.attack.kind != "none",
+            f"attack.kind = {config.attack.kind!r}: the attack's success is "
+            "measured on the global model, which the server cannot read",
+        ),
     ]
     for refused, reason in refusals:
         if refused:

@@ -12,7 +12,7 @@ import pytest
 
 from confide import config
 from confide.errors import ConfigError
-from confide.privacy.accountant import PrivacyAccountant
+from confide.privacy.accountant import PrivacyAccountant, gaussian_epsilon
 from confide.runtime.runner import Runner
 from confide.server.strategy import Strategy
 from tests.conftest import tiny_config
@@ -260,3 +260,53 @@ def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(path: Pat
     direct = PrivacyAccountant("pld", "poisson", 6, 1e-3)
     direct.spend(1.1, 1 / 6, steps=8)
     assert runner.dp is not None and runner.dp.epsilon() == pytest.approx(direct.epsilon(), rel=1e-6)
+
+
+def test_dp_ftrl_correlates_the_noise_and_accounts_each_site_without_sampling(path: Path) -> None:
+    # 6 sites, 2 a round, 3 bands: a site sits out the 2 rounds after each of its own, so every site takes
+    # part every third round at most, and its epsilon is a Gaussian's of k G(0) (2C)^2 over (zC)^2, known
+    # sample or not (fixed-size sampling: replace-one neighbours, so one site moves the sum by 2C).
+    runner = start(
+        path,
+        "privacy.dp=central",
+        "privacy.mechanism=dp-ftrl",
+        "privacy.clip_norm=0.5",
+        "privacy.target_epsilon=6",
+        "privacy.calibrate=true",
+        "privacy.delta=1e-3",
+        "server.sites_per_round=2",
+        "run.rounds=6",
+    )
+    dp = runner.dp
+    assert dp is not None and dp.coefficients is not None and dp.coefficients.size == 3
+    runner.run()
+    participants = [sites for _, sites in runner.store.ledger_participants()]
+    assert len(participants) == 6
+    last: dict[str, int] = {}
+    for r, sites in enumerate(participants):
+        for site in sites:
+            assert r - last.get(site, -3) >= 3, f"{site} took part again after {r - last[site]} rounds"
+            last[site] = r
+    g0 = float(np.sum(dp.coefficients**2))
+    rounds = {s: sum(s in sites for sites in participants) for s in last}
+    for site, k in rounds.items():
+        expected = gaussian_epsilon(k * g0 * 4 / dp.noise_multiplier**2, 1e-3, "rdp")
+        assert dp.site_epsilons()[site] == pytest.approx(expected)
+    rows = metrics(runner.store.run_dir)
+    assert rows[-1]["epsilon"] == pytest.approx(max(dp.site_epsilons().values())) and rows[-1]["epsilon"] <= 6
+    assert "DP-FTRL" in dp.describe() and "No amplification" in dp.describe()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("privacy.dp=distributed", "privacy.secure_aggregation=true"), "secure aggregation hides"),
+        (("privacy.dp=central", "privacy.adaptive_clip=true"), "fixed clip norm"),
+        (("privacy.dp=central", "privacy.enclave=simulated"), "keeps no noise between rounds"),
+    ],
+)
+def test_dp_ftrl_is_refused_where_no_one_can_keep_the_noise(
+    path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, ["privacy.mechanism=dp-ftrl", "privacy.clip_norm=0.5", *overrides])

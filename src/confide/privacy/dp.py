@@ -40,6 +40,7 @@ import numpy as np
 from confide.core import Plan, Update, Vector
 from confide.errors import ConfigError, UpdateError
 from confide.pipeline import Aggregator, Layer, RoundContext, SiteContext, StackContext, Traits
+from confide.privacy.matrix import BandedNoise
 from confide.randomness import Randomness
 
 NORM_METRIC = "update_norm"
@@ -226,18 +227,34 @@ class CentralNoise:
     itself depends on who took part, so use the expected count (as :class:`EqualMean` does when given one).
     """
 
-    def __init__(self, clip_norm: float, noise_multiplier: float) -> None:
+    def __init__(
+        self, clip_norm: float, noise_multiplier: float, correlated: BandedNoise | None = None
+    ) -> None:
         _check_positive("clip_norm", clip_norm)
         _check_noise(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.noise_multiplier = float(noise_multiplier)
+        self.correlated = correlated
+        """DP-FTRL's correlated noise (:mod:`confide.privacy.matrix`); None: fresh noise every round."""
 
     @property
     def std(self) -> float:
         return self.noise_multiplier * self.clip_norm
 
+    def draw(self, size: int, std: float, randomness: Randomness) -> Vector:
+        """This round's noise of standard deviation ``std`` per coordinate: fresh, or the next of the
+        correlated stream (whose own scale is ``std`` times that of C^-1 z with unit z)."""
+        if self.correlated is None:
+            return randomness.normal(size, std)
+        noise = self.correlated.next(size, randomness)
+        noise *= np.float32(std)
+        return noise
+
     def __repr__(self) -> str:
-        return f"CentralNoise(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier})"
+        return (
+            f"CentralNoise(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier}, "
+            f"correlated={self.correlated!r})"
+        )
 
 
 @dataclass
@@ -321,7 +338,7 @@ class CentralDP:
         result = self.inner.result(state, randomness)
         sensitivity = self.inner.sensitivity(self.noise.clip_norm)
         assert sensitivity is not None
-        result += randomness.normal(result.size, self.noise.noise_multiplier * sensitivity)
+        result += self.noise.draw(result.size, self.noise.noise_multiplier * sensitivity, randomness)
         return result
 
     def sensitivity(self, clip_norm: float) -> float | None:

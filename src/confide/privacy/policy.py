@@ -54,6 +54,13 @@ from confide.privacy.dp import (
     DistributedNoiseLayer,
     EqualMean,
 )
+from confide.privacy.matrix import (
+    BandedLedger,
+    BandedNoise,
+    gram,
+    max_participations,
+    square_root_coefficients,
+)
 from confide.randomness import Randomness
 
 CLIP_KEY = "dp.clip_norm"
@@ -124,11 +131,17 @@ class SiteDP:
         target_epsilon: float = 0.0,
         adaptive: AdaptiveClip | None = None,
         trust: str | None = None,
+        mechanism: str = "dp-fedavg",
+        bands: int = 1,
+        workload_momentum: float = 0.0,
     ) -> None:
         if placement not in ("central", "distributed"):
             raise ConfigError(f"privacy.dp must be 'central' or 'distributed' (got {placement!r})")
+        check_mechanism(mechanism, placement, adaptive is not None)
         self.placement = placement
-        self.trust = check_trust(placement, trust)
+        self.mechanism = mechanism
+        # Correlated noise claims no amplification: its epsilon holds against whoever knows the sample.
+        self.trust = "knows_sample" if mechanism == "dp-ftrl" else check_trust(placement, trust)
         self.population = population
         self.sites_per_round = sites_per_round
         self.sampling = sampling
@@ -147,7 +160,16 @@ class SiteDP:
         self.noise_multiplier = noise_multiplier
         self.adaptive = adaptive
         self.accountant = PrivacyAccountant(accounting, sampling, population, self.delta)
-        self.sites = SiteLedger(accounting, sampling, population, self.delta)
+        self.sites: SiteLedger | BandedLedger = SiteLedger(accounting, sampling, population, self.delta)
+        self.coefficients: np.ndarray | None = None
+        correlated = None
+        if mechanism == "dp-ftrl":
+            self.coefficients = square_root_coefficients(bands, workload_momentum)
+            self.sites = BandedLedger(self.coefficients, accounting, sampling, population, self.delta)
+            correlated = BandedNoise(self.coefficients)
+        self.workload_momentum = workload_momentum
+        self.participation_cap = 0
+        """The most rounds one site may take part in (privacy.max_participations; 0: no cap)."""
         # Under adaptive clipping the budget z is shared with the noised bits: the updates get z_delta.
         update_noise = combined_noise(noise_multiplier, adaptive.bits_noise) if adaptive else noise_multiplier
         self.update_noise = update_noise
@@ -155,7 +177,7 @@ class SiteDP:
         self.layers: tuple[Layer, ...] = (self.clip,)
         self.central: CentralNoise | None = None
         if placement == "central":
-            self.central = CentralNoise(clip_norm, update_noise)
+            self.central = CentralNoise(clip_norm, update_noise, correlated)
         else:
             self.noise_share = DistributedNoiseLayer(clip_norm, update_noise, self.share_sites)
             self.layers = (self.clip, self.noise_share)
@@ -186,7 +208,14 @@ class SiteDP:
         """
         delta = delta or default_delta(population)
         placement = options.get("placement", "")
-        if check_trust(placement, options.get("trust")) == "knows_sample":
+        if options.get("mechanism") == "dp-ftrl":
+            # k rounds at least b apart cost sqrt(k G(0)) clip norms: a Gaussian of that sensitivity.
+            bands = options.get("bands", 1)
+            most = max_participations(rounds, bands)
+            k = min(participations, most) if participations else most
+            g0 = float(gram(square_root_coefficients(bands, options.get("workload_momentum", 0.0)))[0])
+            z = calibrate_site_noise(target_epsilon, delta, k, sampling, accounting) * math.sqrt(g0)
+        elif check_trust(placement, options.get("trust")) == "knows_sample":
             z = calibrate_site_noise(target_epsilon, delta, participations or rounds, sampling, accounting)
         else:
             sample = sampled(sampling, sites_per_round, population)
@@ -216,15 +245,27 @@ class SiteDP:
 
     def spent(self) -> Spent:
         """Epsilon against each adversary, and which one governs the budget."""
-        return Spent(self.accountant.epsilon(), self.sites.worst().epsilon, self.sites.median(), self.trust)
+        worst = self.sites.worst().epsilon
+        amplified = worst if self.mechanism == "dp-ftrl" else self.accountant.epsilon()
+        return Spent(amplified, worst, self.sites.median(), self.trust)
 
     def epsilon(self) -> float:
         """The epsilon the budget governs (the worst site's when the adversary knows the sample)."""
         return self.amplified_epsilon() if self.trust == "secret_sample" else self.worst_site_epsilon()
 
     def amplified_epsilon(self) -> float:
-        """Epsilon against an adversary who does not know who took part (amplified by sampling)."""
+        """Epsilon against an adversary who does not know who took part (amplified by sampling).
+
+        Correlated noise claims no amplification: there it is the worst site's, which holds against anyone.
+        """
+        if self.mechanism == "dp-ftrl":
+            return self.worst_site_epsilon()
         return self.accountant.epsilon()
+
+    def recent(self) -> frozenset[str]:
+        """Sites not to ask next round because their rounds would overlap under correlated noise (they took
+        part in the last b - 1): none with fresh noise."""
+        return self.sites.recent() if isinstance(self.sites, BandedLedger) else frozenset()
 
     def worst_site_epsilon(self) -> float:
         """Epsilon of the site that has spent most, against an adversary who knows who took part."""
@@ -364,6 +405,17 @@ class SiteDP:
         clip = f"adaptive from C = {self.clip_norm:g}" if self.adaptive else f"C = {self.clip_norm:g}"
         budget = f", budget epsilon {self.target_epsilon:g}" if self.target_epsilon > 0 else ""
         sampling = "fixed-size" if self.sampling == "fixed" else "Poisson"
+        if self.coefficients is not None:
+            bands = self.coefficients.size
+            return (
+                "site-level DP-FTRL (central: the aggregator adds noise correlated across rounds by a "
+                f"{bands}-banded square-root factorization, so most of it cancels in the model): "
+                f"clip {clip}, "
+                f"noise multiplier {self.noise_multiplier!r}, a site sits out {bands - 1} rounds after each "
+                f"of its own, {self.accountant.method.upper()} accounting, delta {self.delta:.2e}{budget}. "
+                "No amplification by sampling is claimed: each site's epsilon holds against anyone, a server "
+                "that knows who took part included. The aggregator is trusted with the clipped updates."
+            )
         if self.trust == "knows_sample":
             trust = (
                 "The budget holds for every site against a server that knows which sites took part in each "
@@ -403,6 +455,33 @@ def check_trust(placement: str, trust: str | None) -> str:
             "DP with a trusted aggregator"
         )
     return trust
+
+
+MECHANISMS = ("dp-fedavg", "dp-ftrl")
+"""Fresh noise every round (DP-FedAvg, McMahan et al. 2018), or noise correlated across rounds by a banded
+matrix factorization (DP-FTRL, Kairouz et al. 2021; :mod:`confide.privacy.matrix`)."""
+
+
+def check_mechanism(mechanism: str, placement: str, adaptive: bool) -> None:
+    """Refuse a mechanism the rest of the DP settings cannot run, saying why and what would."""
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"privacy.mechanism must be one of 'dp-fedavg', 'dp-ftrl' (got {mechanism!r})")
+    if mechanism != "dp-ftrl":
+        return
+    if placement != "central":
+        raise ConfigError(
+            "privacy.mechanism = 'dp-ftrl' correlates each round's noise with the rounds before, so whoever "
+            "adds it must keep the earlier noise; sites that each add a share under secure aggregation "
+            "cannot (undoing the correlation needs the earlier shares, which secure aggregation hides). Use "
+            "privacy.dp = 'central' (a trusted aggregator adds the noise) with dp-ftrl, or keep "
+            "privacy.mechanism = 'dp-fedavg' with distributed DP"
+        )
+    if adaptive:
+        raise ConfigError(
+            "privacy.mechanism = 'dp-ftrl' runs with a fixed clip norm: adaptive clipping's noised counts "
+            "are not part of the factorization. Set privacy.adaptive_clip = false and choose "
+            "privacy.clip_norm (`confide dp plan` shows the noise against it)"
+        )
 
 
 def expected_bits_noise(sites_per_round: int) -> float:

@@ -574,10 +574,14 @@ class Runner:
         if self.secure is not None:
             base = max(base, self.secure.min_sites)
         dp = self.dp
+        # Under correlated noise a site sits out the b - 1 rounds after each of its own (their columns of the
+        # factorization would overlap); public, like the sample itself.
+        recent = dp.recent() if dp is not None else frozenset()
         if dp is None or dp.target_epsilon <= 0:
-            return frozenset(), base
+            return recent, base
         # Left out: sites that would pass their budget even in a round at the planned noise.
         exclude = dp.exhausted(dp.share_sites) if dp.trust == "knows_sample" else frozenset()
+        exclude = exclude | recent
         reason = dp.over_budget(round, dp.share_sites, exclude)
         if reason is not None:
             return reason  # not even a round at the planned noise fits
@@ -737,13 +741,14 @@ class Runner:
             run = self.dp.spent()
             out.update(
                 epsilon=run.epsilon,
-                epsilon_amplified=run.amplified,
                 epsilon_worst_site=run.worst_site,
                 epsilon_median_site=run.median_site,
                 delta=self.dp.delta,
                 noise_multiplier=self.dp.noise_multiplier,
                 clip_norm=self.dp.clip_norm,
             )
+            if self.dp.mechanism != "dp-ftrl":  # correlated noise claims no amplification by sampling
+                out["epsilon_amplified"] = run.amplified
         if self.config.privacy.record_dp:
             spent = list(self.store.site_values(DPSGD_EPSILON_KEY).values())
             out["record_epsilon_max"] = max(spent) if spent else float("nan")

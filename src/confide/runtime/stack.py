@@ -29,6 +29,7 @@ from confide.errors import ConfigError
 from confide.models import build_model, head_names
 from confide.pipeline import Aggregator, Layer, StackContext
 from confide.privacy.dp import AdaptiveClip, CentralDP
+from confide.privacy.matrix import default_bands
 from confide.privacy.policy import SiteDP, expected_bits_noise
 from confide.privacy.secagg import keys
 from confide.privacy.secure import SecureAggregation
@@ -124,7 +125,14 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
         "accounting": p.accounting,
         "delta": p.delta,
         "adaptive": adaptive,
+        "mechanism": p.mechanism,
     }
+    if p.mechanism == "dp-ftrl":
+        options["bands"] = p.bands or default_bands(population, per_round, config.run.rounds)
+        # The factorization follows the server's optimizer: the square root of its workload (momentum's
+        # first-moment decay for momentum and the adaptive ones, whose steps are not linear: a heuristic
+        # that moves utility only, never the privacy).
+        options["workload_momentum"] = config.server.beta1 if config.server.optimizer != "sgd" else 0.0
     if p.enclave != "none" or config.server.strategy == "fedbuff":
         # The server, no longer trusted with the updates, chooses the sites and sees who sends a sealed
         # update; and a FedBuff buffer holds the sites that finish first, not a random sample: either way no
@@ -133,8 +141,11 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
     if p.calibrate:
         participations = p.max_participations or None
         rounds = config.run.rounds
-        return SiteDP.calibrated(p.target_epsilon, rounds, participations=participations, **options)
-    return SiteDP(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, **options)
+        dp = SiteDP.calibrated(p.target_epsilon, rounds, participations=participations, **options)
+    else:
+        dp = SiteDP(noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon, **options)
+    dp.participation_cap = p.max_participations
+    return dp
 
 
 def build_secure(
