@@ -242,10 +242,12 @@ def test_the_budget_is_never_exceeded_when_sites_drop_out(path: Path) -> None:
     assert len(participants) == len(runner.store.ledger()) and all(participants)
 
 
-def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(path: Path) -> None:
+def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # One site in six expected a round: a third of the rounds draw nobody. Amplification counts an empty
-    # sample as one of the round's outcomes, and an abandoned round tells the server the sample was empty,
-    # so every round is charged: the ledger never holds fewer charges than rounds.
+    # sample as one of the round's outcomes, whose release is the noise alone: such a round releases the
+    # noise (the model moves) and is charged, never abandoned, which would tell that the sample was empty.
     runner = start(
         path,
         *DP,
@@ -255,8 +257,28 @@ def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(path: Pat
         "privacy.delta=1e-3",
         "run.rounds=8",
     )
+    # The secret draw comes out empty in rounds 2 and 5 for sure (else about a third of rounds would).
+    select = Strategy.select
+
+    def draw(self: Strategy, round: int, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return [] if round in (2, 5) else select(self, round, *args, **kwargs)
+
+    monkeypatch.setattr(Strategy, "select", draw)
+    moves = []
+    original = runner.federation.round
+
+    def round_and_move(state, *args, **kwargs):  # type: ignore[no-untyped-def]
+        before = state.weights.copy()
+        result = original(state, *args, **kwargs)
+        moves.append((len(result.participants), result.abandoned, float(np.abs(state.weights - before).max())))
+        return result
+
+    runner.federation.round = round_and_move  # type: ignore[method-assign]
     runner.run()
     assert len(runner.store.ledger()) == 8
+    empty = [move for move in moves if move[0] == 0]
+    assert len(empty) >= 2
+    assert all(abandoned is None and moved > 0 for _, abandoned, moved in empty)
     direct = PrivacyAccountant("pld", "poisson", 6, 1e-3)
     direct.spend(1.1, 1 / 6, steps=8)
     assert runner.dp is not None and runner.dp.epsilon() == pytest.approx(direct.epsilon(), rel=1e-6)

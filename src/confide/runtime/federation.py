@@ -226,13 +226,12 @@ class Federation:
                     f"{ctx.min_updates}"
                 )
         except RoundAbandoned as e:
-            if charge is not None and self.secret_sample and not ctx.sites:
-                # The secret sample came out empty. Amplification by sampling counts that outcome as part of
-                # the round's release, and the abandoned round tells that the sample was empty: the round is
-                # charged as if its noise had been released. Not exact: revealing an empty sample is not
-                # the Gaussian release the accountant prices; releasing the noise alone would be.
-                charge(ctx.round, [])
-            return _abandoned(state, ctx, started, str(e), backend.traffic() - counted, backend.now())
+            if not (charge is not None and self.secret_sample and not ctx.sites):
+                return _abandoned(state, ctx, started, str(e), backend.traffic() - counted, backend.now())
+            # The secret sample came out empty. Amplification by sampling prices that outcome as part of the
+            # round's release: the sum of nobody's updates plus the noise. So that is what is released and
+            # charged; abandoning the round instead would tell everyone the sample was empty.
+        empty = self.secret_sample and not ctx.sites
         if charge is not None:
             charge(ctx.round, ctx.participants)
         held = next((w for layer in self.layers if (w := layer.apply(ctx, state.weights)) is not None), None)
@@ -240,8 +239,11 @@ class Federation:
             state.weights = held  # the layer stepped the model in a form the server cannot read (CKKS)
             for layer in self.layers:
                 layer.finish(ctx)
-        elif ctx.participants:
-            delta = self.aggregator.result(ctx.aggregate, ctx.randomness)
+        elif ctx.participants or empty:
+            try:
+                delta = self.aggregator.result(ctx.aggregate, ctx.randomness)
+            except UpdateError as e:  # an aggregator with no result of nothing: charged all the same
+                return _abandoned(state, ctx, started, str(e), backend.traffic() - counted, backend.now())
             if ctx.shared is not None:
                 full = np.zeros_like(state.weights)
                 full[ctx.shared] = delta
