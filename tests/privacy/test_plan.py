@@ -68,9 +68,12 @@ def test_dp_ftrl_leaves_less_noise_in_the_model_and_claims_no_amplification() ->
     assert any("no amplification" in line for line in p.lines())
 
 
-def test_server_momentum_adds_up_the_noise_in_the_model() -> None:
+def test_server_momentum_adds_up_the_noise_in_the_model_as_it_adds_up_the_updates() -> None:
     dp = demo()
-    assert plan(dp, 40, DEMO_SIZE, "momentum", 0.9).model_std > 5 * plan(dp, 40, DEMO_SIZE).model_std
+    sgd, momentum = plan(dp, 40, DEMO_SIZE), plan(dp, 40, DEMO_SIZE, "momentum", 0.9)
+    assert momentum.model_std > 5 * sgd.model_std
+    # ... and the updates by up to 1 / (1 - 0.9): the ratio stays of the same order.
+    assert 0.5 < momentum.noise_to_signal / sgd.noise_to_signal < 1.5
 
 
 def test_the_command_prints_the_plan_and_refuses_a_config_without_dp(tiny_config_path: Path) -> None:
