@@ -241,7 +241,6 @@ class Update:
         )
 
 
-
 EXAMPLES = "examples"
 LOSS_SUM = "loss_sum"
 STEPS = "steps"

@@ -446,7 +446,8 @@ COMPRESSIONS.register(
 )
 COMPRESSIONS.register("float16", "half precision, 2 bytes per value", "confide.compress.cast:CastLayer")
 COMPRESSIONS.register(
-    "bfloat16", "bfloat16: float32's range with 8 significant bits, 2 bytes per value",
+    "bfloat16",
+    "bfloat16: float32's range with 8 significant bits, 2 bytes per value",
     "confide.compress.cast:CastLayer",
 )
 

@@ -124,7 +124,7 @@ def _audits(run_dir: Path) -> str:
         return ""
     link = os.path.relpath(page, run_dir.resolve())
     return (
-        f'<p>Privacy audits of this config (canaries, gradient inversion, membership inference): '
+        f"<p>Privacy audits of this config (canaries, gradient inversion, membership inference): "
         f'<a href="{_e(link)}">{_e(link)}</a></p>'
     )
 

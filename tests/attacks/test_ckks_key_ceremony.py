@@ -111,7 +111,8 @@ def test_a_site_refuses_a_key_the_server_made_and_a_key_sealed_to_another_site()
     fingerprint = fake.public().fingerprint()
     context = (2, "a", "c", fingerprint)
     box = keys.seal(
-        keys.derive(keys.agree(sender, c_public), "ckks-secret-key", context), fake.secret_bytes(),
+        keys.derive(keys.agree(sender, c_public), "ckks-secret-key", context),
+        fake.secret_bytes(),
         keys.frame(*context),
     )
     statement = ceremony._share_statement(2, "a", "c", keys.public_bytes(sender), box, fingerprint)

@@ -233,8 +233,6 @@ def corpus_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return module_config(tmp_path_factory, "downlink")
 
 
-
-
 def sent(row: dict[str, Any]) -> int:
     """Bytes the server sent with the round's training tasks (evaluation left out)."""
     return int(row["bytes_sent"] - row["eval_bytes_sent"])

@@ -111,6 +111,7 @@ def test_the_rotation_shrinks_the_error_on_a_spiky_vector() -> None:
     # coordinate of the block shares them, and the range shrinks by about sqrt(BLOCK / log BLOCK).
     vector = (RNG.standard_normal(8 * BLOCK) * 0.01).astype(np.float32)
     vector[RNG.choice(vector.size, 8, replace=False)] = 5.0
+
     def errors(layer: QuantizeLayer) -> list[float]:
         return [float(np.linalg.norm(round_trip(layer, vector)[1] - vector)) for _ in range(5)]
 

@@ -53,8 +53,6 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"path": path, "rows": rows, "size": runner.layout.size}
 
 
-
-
 def upload(rows: list[dict[str, Any]]) -> int:
     """Bytes the sites sent with their updates, over the run (evaluations left out)."""
     return sum(r["bytes_received"] - r["eval_bytes_received"] for r in rows)

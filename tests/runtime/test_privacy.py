@@ -270,7 +270,8 @@ def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(
     def round_and_move(state, *args, **kwargs):  # type: ignore[no-untyped-def]
         before = state.weights.copy()
         result = original(state, *args, **kwargs)
-        moves.append((len(result.participants), result.abandoned, float(np.abs(state.weights - before).max())))
+        moved = float(np.abs(state.weights - before).max())
+        moves.append((len(result.participants), result.abandoned, moved))
         return result
 
     runner.federation.round = round_and_move  # type: ignore[method-assign]

@@ -153,6 +153,7 @@ def test_a_server_that_makes_up_updates_cannot_isolate_one_sites_update(enclave:
     with pytest.raises(RoundAbandoned, match="fewer than 2"):
         enclave.close(2)
 
+
 def test_a_second_update_of_a_site_and_bad_updates_are_refused(enclave: Enclave) -> None:
     report = enclave.open(1)
     a = sealed(enclave, report, update("a", 1, [1] * SIZE))

@@ -114,7 +114,13 @@ class Buffered:
             for site, plan in self.federation.strategy.plans(r, sorted(batch)).items()
         }
         result = self.federation.round(
-            state, backend, observer, charge, population, exclude=exclude, min_updates=min_updates,
+            state,
+            backend,
+            observer,
+            charge,
+            population,
+            exclude=exclude,
+            min_updates=min_updates,
             plans=plans,
         )
         dropped, self.dropped = self.dropped, []

@@ -95,9 +95,7 @@ class PublicKey:
         except Exception as e:  # TenSEAL raises bare ValueErrors and C++ exceptions for damaged bytes
             raise UpdateError(f"the CKKS public key is damaged or not a CKKS key ({e})") from None
         if context.has_secret_key():
-            raise UpdateError(
-                "the CKKS 'public' key holds the secret key: the server must never receive it"
-            )
+            raise UpdateError("the CKKS 'public' key holds the secret key: the server must never receive it")
         return cls(context, params)
 
     def to_bytes(self) -> bytes:

@@ -201,6 +201,7 @@ VerifierFactory = Callable[[bytes], Verifier]
 """Builds a platform's verifier from its root of trust (the contents of the file the site's operator gives:
 the simulated platform's public key, or a vendor's root certificate)."""
 
+
 def _nitro(root_certificate: bytes) -> Verifier:
     from confide.privacy.tee.nitro import NitroAttestation
 
