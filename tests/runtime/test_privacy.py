@@ -333,3 +333,24 @@ def test_dp_ftrl_is_refused_where_no_one_can_keep_the_noise(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(path, ["privacy.mechanism=dp-ftrl", "privacy.clip_norm=0.5", *overrides])
+
+
+def test_dp_ftrl_factors_the_server_optimizers_workload(path: Path) -> None:
+    from confide.privacy.matrix import square_root_coefficients
+    from confide.runtime.stack import build_site_dp
+
+    common = ["privacy.dp=central", "privacy.mechanism=dp-ftrl", "privacy.clip_norm=0.5", "privacy.bands=3"]
+    for optimizer, beta in (("sgd", 0.0), ("momentum", 0.9), ("adam", 0.8)):
+        cfg = config.load(path, [*common, f"server.optimizer={optimizer}", f"server.beta1={beta}"])
+        dp = build_site_dp(cfg, 6)
+        assert dp is not None and dp.coefficients is not None
+        assert dp.coefficients == pytest.approx(square_root_coefficients(3, beta))
+
+
+def test_dp_fedadam_steps_on_the_noised_mean(path: Path) -> None:
+    # Adam on the server is post-processing of the noised mean: the run is charged as plain DP-FedAvg is.
+    runner = start(path, *DP, "server.optimizer=adam", "server.learning_rate=0.01", "run.rounds=2")
+    runner.run()
+    rows = metrics(runner.store.run_dir)
+    assert len(runner.store.ledger()) == 2 and rows[-1]["epsilon"] > 0
+    assert np.isfinite(rows[-1]["loss"])
