@@ -614,9 +614,7 @@ def _met(met: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="2 rounds of smaller workloads (a few minutes)"
-    )
+    parser.add_argument("--quick", action="store_true", help="2 rounds of smaller workloads (a few minutes)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of each workload (default 5)")
     parser.add_argument("--workloads", default="compute,overhead", help="'compute', 'overhead' or both")
     parser.add_argument(
