@@ -10,15 +10,24 @@ Opacus' ``DPOptimizer`` wrapped around the plain torch optimizer the site would 
 The unit of privacy is one window (``WINDOW + 1`` characters), under add-or-remove neighbours: a person whose
 text spans k windows is protected as a group of k, with a correspondingly larger epsilon.
 
-Per-window gradients come from ``torch.func`` (``vmap`` of ``grad`` over the whole model), not from Opacus'
-``GradSampleModule``. GradSampleModule computes per-sample gradients layer by layer from hooks that take the
-first dimension of every layer's input as the batch; the GPT looks up its position embedding with a (T,)
-index that has no batch dimension, so GradSampleModule returns (T, ...) "per-sample" gradients for it,
-silently wrong. It also refuses ``nn.LSTM`` (it needs Opacus' DPLSTM, whose parameters are named and laid
-out differently, which would break the shared flat Layout). Differentiating the whole model per window is
-exact for both models, tied weights included. torch has no vmap rule for the fused attention and LSTM
-kernels and loops over the windows there (with a one-time "performance drop" warning): on small models a
-step measured about 2x (GPT) and 12x (LSTM) the time of a plain one.
+Per-window gradients are exact for both models, computed two ways:
+
+- The LSTM (:class:`~confide.models.lstm.CharLSTM`): by a hand-written backward pass over the whole batch
+  (:mod:`confide.client.lstm_grads`), which takes each window's gradient norm and the clipped sum straight
+  from the gate gradients and the layers' inputs, without materializing per-window gradients. torch.func
+  has no vmap rule for the fused LSTM kernel and looped over the windows (with a "performance drop"
+  warning): 12-20x the time of a plain step on the demo's LSTM, now about 2x.
+- Every other model (the GPT): ``torch.func`` (``vmap`` of ``grad`` over the whole model), with attention
+  written out (:func:`~confide.models.gpt.unfused_attention`), since vmap has no rule for the fused attention
+  kernel either. Not Opacus' ``GradSampleModule``: it computes per-sample gradients layer by layer from hooks
+  that take the first dimension of every layer's input as the batch; the GPT looks up its position embedding
+  with a (T,) index that has no batch dimension, so GradSampleModule returns (T, ...) "per-sample" gradients
+  for it, silently wrong. It also refuses ``nn.LSTM`` (it needs Opacus' DPLSTM, whose parameters are named
+  and laid out differently, which would break the shared flat Layout). Differentiating the whole model per
+  window is exact, tied weights included: about 1.5x a plain step on the transformer example's GPT.
+
+``benchmarks/dpsgd_speed.py`` measures both against a plain step (RESULTS.md section 19); ``per_window =
+"vmap"`` selects the old path for every model, for comparison.
 
 Threat model: the update leaving the site is DP for the site's records only if the batch sampling and the
 noise are unknown to the receiver. Both are drawn from the site's secret randomness
@@ -31,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,9 +49,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from confide.client.lstm_grads import LSTMWindowGradients
 from confide.client.trainer import ClientOptimizer, FitResult, seed_dropout, split_window
 from confide.core import Layout, Plan, Vector
 from confide.errors import ConfigError
+from confide.models.gpt import unfused_attention
+from confide.models.lstm import CharLSTM
 from confide.privacy.accountant import PrivacyAccountant
 from confide.randomness import Randomness
 
@@ -67,6 +80,23 @@ def _dp_optimizer(
         builds. The clipping, accumulation and scaling stay Opacus' own."""
 
         randomness: Randomness | None = None
+        clipped_sums: list[Tensor] | None = None
+        """The clipped sum of the batch's per-window gradients, one per parameter, when the step's caller
+        computed it exactly without per-window gradients (the LSTM's path); None: clip ``grad_sample``."""
+
+        def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
+            if self.clipped_sums is None:
+                return super().pre_step(closure)
+            # What clip_and_accumulate would store, then the rest of Opacus' step as it is: noise, then the
+            # division by the expected batch size (one batch a step, no accumulation).
+            for p, clipped in zip(self.params, self.clipped_sums, strict=True):
+                p.summed_grad = clipped.view_as(p)
+            self.clipped_sums = None
+            self.add_noise()
+            for p in self.params:  # scale_grad's "mean" reduction, for one batch (it counts grad_samples)
+                p.grad /= self.expected_batch_size
+            self._is_last_step_skipped = False
+            return True
 
         def add_noise(self) -> None:
             assert self.randomness is not None, "set the optimizer's randomness before a step"
@@ -88,18 +118,27 @@ def _dp_optimizer(
     )
 
 
+PER_WINDOW = ("auto", "vmap")
+"""How per-window gradients are computed: ``auto``, by hand for the LSTM and by vmap for other models;
+``vmap``, by vmap for every model (the old path, kept for comparison)."""
+
+
 class PerSampleGradients:
     """The gradient of every window's own loss, for a model, in one vectorised call.
 
     Built once per model (it holds the vmapped function, not copies of the weights): each call reads the
     model's current parameters. A window's loss is its mean cross-entropy over its non-PAD targets, as the
-    model computes it for a batch of one. ``chunk_size`` bounds memory: windows are processed that many at a
-    time (None: all at once; the gradients of a batch take batch × parameters floats either way).
+    model computes it for a batch of one. ``chunk_size`` bounds vmap's memory: windows are processed that many
+    at a time (None: all at once; the gradients of a batch take batch × parameters floats either way).
+    ``method``: one of :data:`PER_WINDOW`.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = None) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, method: str = "auto") -> None:
+        if method not in PER_WINDOW:
+            raise ValueError(f"method must be one of {PER_WINDOW}, got {method!r}")
         self.model = model
         self.names = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+        self.lstm = LSTMWindowGradients(model) if method == "auto" and isinstance(model, CharLSTM) else None
 
         def window_loss(params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
             _, loss = functional_call(model, params, (inputs.unsqueeze(0), targets.unsqueeze(0)))
@@ -112,12 +151,31 @@ class PerSampleGradients:
             chunk_size=chunk_size,
         )
 
+    @property
+    def clips_exactly(self) -> bool:
+        """Whether :meth:`clipped_sum` can clip without materializing per-window gradients."""
+        return self.lstm is not None
+
     def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
         """Per-window gradients {name: (B, *shape)} and per-window losses (B,) for a batch (B, T)."""
+        if self.lstm is not None:
+            gradients, losses = self.lstm.gradients(inputs, targets)
+            return {n: gradients[n] for n in self.names}, losses
         parameters = dict(self.model.named_parameters())
         params = {n: parameters[n].detach() for n in self.names}
-        gradients, losses = self._gradients(params, inputs, targets)
+        with unfused_attention():
+            gradients, losses = self._gradients(params, inputs, targets)
         return gradients, losses
+
+    def clipped_sum(
+        self, inputs: Tensor, targets: Tensor, max_grad_norm: float
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The sum of the per-window gradients, each clipped to ``max_grad_norm`` as Opacus clips, computed
+        without them; with the per-window norms (B,) and losses (B,). Only where :attr:`clips_exactly`."""
+        if self.lstm is None:
+            raise ValueError("clipped_sum needs the LSTM's exact path; use the per-window gradients instead")
+        sums, norms, losses = self.lstm.clipped_sum(inputs, targets, max_grad_norm)
+        return {n: sums[n] for n in self.names}, norms, losses
 
 
 def record_accountant(num_records: int, delta: float, method: str = "rdp") -> PrivacyAccountant:
@@ -149,6 +207,7 @@ class DPSGD:
         noise_multiplier: float,
         optimizer: ClientOptimizer | None = None,
         chunk_size: int | None = None,
+        per_window: str = "auto",
     ) -> None:
         if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ConfigError(f"client.max_grad_norm must be a finite number > 0 (got {max_grad_norm})")
@@ -160,7 +219,7 @@ class DPSGD:
         self.max_grad_norm = float(max_grad_norm)
         self.noise_multiplier = float(noise_multiplier)
         self.layout = Layout.of_module(model)
-        self.gradients = PerSampleGradients(model, chunk_size)
+        self.gradients = PerSampleGradients(model, chunk_size, per_window)
         parameters = dict(model.named_parameters())
         self.params = [parameters[n] for n in self.gradients.names]
         self.optimizer = (optimizer or ClientOptimizer()).build(self.params)
@@ -174,6 +233,11 @@ class DPSGD:
 
         ``randomness`` draws the noise; ``expected_batch_size`` (q·n) divides the noised sum.
         """
+        if len(inputs) > 0 and self.gradients.clips_exactly:
+            sums, _, losses = self.gradients.clipped_sum(inputs, targets, self.max_grad_norm)
+            self.dp_optimizer.clipped_sums = [sums[n] for n in self.gradients.names]
+            self._step(expected_batch_size, randomness)
+            return losses
         if len(inputs) > 0:
             gradients, losses = self.gradients(inputs, targets)
         else:
@@ -190,11 +254,14 @@ class DPSGD:
                 sample = sample.clone()
             seen.add(id(sample))
             param.grad_sample = sample  # type: ignore[attr-defined]
+        self._step(expected_batch_size, randomness)
+        return losses
+
+    def _step(self, expected_batch_size: float, randomness: Randomness) -> None:
         self.dp_optimizer.expected_batch_size = expected_batch_size
         self.dp_optimizer.randomness = randomness
         self.dp_optimizer.step()
         self.dp_optimizer.zero_grad(set_to_none=True)
-        return losses
 
     def fit(
         self,

@@ -7,7 +7,10 @@ with the token embedding.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,32 @@ from torch import Tensor, nn
 from confide.models.common import check_generate_args, input_codes, masked_cross_entropy, sample_next
 from confide.models.configs import GPTConfig
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "unfused_attention"]
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def unfused_attention() -> Iterator[None]:
+    """Attention written out (scores, causal mask, softmax, weighted sum) instead of the fused kernel, in this
+    thread while the context lasts. ``torch.func.vmap`` has no batching rule for the fused kernel and would
+    loop over the batch (with a warning); DP-SGD's per-window gradients run under it. The same function, to
+    float rounding."""
+    before = getattr(_local, "unfused", False)
+    _local.unfused = True
+    try:
+        yield
+    finally:
+        _local.unfused = before
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+    """Causal attention from its definition: what the fused kernel computes."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    length = q.size(-2)
+    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+    weights = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return F.dropout(weights, dropout) @ v if dropout > 0 else weights @ v
 
 
 class CausalSelfAttention(nn.Module):
@@ -36,10 +64,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         k = k.view(B, T, self.heads, C // self.heads).transpose(1, 2)
         v = v.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-        # The fused kernel applies the causal mask itself, so no (T, T) mask buffer is kept.
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        dropout = self.dropout if self.training else 0.0
+        if getattr(_local, "unfused", False):
+            y = _attention(q, k, v, dropout)
+        else:
+            # The fused kernel applies the causal mask itself, so no (T, T) mask buffer is kept.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 

@@ -1,0 +1,221 @@
+"""Exact per-window gradients, and the exact per-window clipped sum, of the character LSTM without vmap.
+
+``torch.func.vmap`` has no batching rule for the fused LSTM kernel (``aten::mkldnn_rnn_layer``) and falls back
+to a loop over the windows, with a warning: DP-SGD measured 12-20x the time of a plain step on the demo's
+LSTM. Here the windows stay one batch, and the gradient is written out by hand:
+
+1. Forward, without autograd: each layer runs through the fused kernel (``torch.lstm``, one layer at a time,
+   so every layer's output sequence is kept). The gate pre-activations of all timesteps are then recomputed
+   in one matmul from the layer's input and its previous outputs h_{t-1}, and the cell states by a scan
+   (c_t = f_t c_{t-1} + i_t g_t).
+2. Backward through time, by hand, on the whole batch: one small matmul and four elementwise products a
+   timestep give the gradient of every gate pre-activation, dL/dz_t (B, 4H). Each window's loss is its own
+   mean cross-entropy over its non-PAD targets (as ``masked_cross_entropy`` computes it for a batch of one),
+   and the windows' losses are summed, so each row of dL/dz_t belongs to one window alone.
+3. Each weight's gradient is a sum over time of outer products of such a gradient with the weight's input:
+   for window b, dW_ih = sum_t dz_t ⊗ x_t, dW_hh = sum_t dz_t ⊗ h_{t-1}, both biases sum_t dz_t, the head's
+   sum_t dlogits_t ⊗ h_t, and the embedding's rows the gradient at its output added at each code.
+
+The parameters, their names and the flat Layout are nn.LSTM's own: nothing about the model changes, only how
+its gradient is computed for DP-SGD.
+
+DP-SGD needs no per-window gradient itself, only each window's norm and the clipped sum. Materializing the
+gradients (batch × parameters floats, 33 MB a window's weight for hidden 256 and 32 windows) costs more than
+the step's arithmetic, so :meth:`LSTMWindowGradients.clipped_sum` takes each weight's per-window norm from
+the same factors (||sum_t a_t ⊗ x_t||² = sum_{t,s} (a_t·a_s)(x_t·x_s), "ghost" norms, where that is smaller
+than the outer products) and the clipped sum as one matmul over all windows with each window's rows scaled
+by its clip factor. Both are exact: the same numbers as clipping materialized gradients, to float rounding.
+Measured against the alternatives (``benchmarks/dpsgd_speed.py``, RESULTS.md section 19): an unrolled cell
+loop under autograd pays for two thousand small autograd nodes a step; torch.compile needs a compiler at every
+site and minutes to compile; Opacus' DPLSTM renames and re-lays the parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from confide.data.tokenize import PAD
+from confide.models.common import IGNORE_INDEX, input_codes
+from confide.models.lstm import CharLSTM
+
+
+@dataclass
+class _Layer:
+    inputs: Tensor
+    """The layer's input sequence (B, T, in)."""
+    previous: Tensor
+    """h_{t-1} for every t (B, T, H), zeros at t = 0."""
+    grad: Tensor
+    """dL/dz, the gradient of the gate pre-activations (B, T, 4H), filled by the backward pass."""
+
+
+@dataclass
+class _Tape:
+    codes: Tensor
+    """The embedding's input codes (B, T)."""
+    embedded: Tensor
+    """dL/d(embedding output) (B, T, E)."""
+    layers: list[_Layer]
+    top: Tensor
+    """The last layer's outputs (B, T, H): the head's input."""
+    logits: Tensor
+    """dL/dlogits (B, T, V)."""
+    losses: Tensor
+    """Each window's loss (B,)."""
+
+
+def _weight_norms(grad: Tensor, inputs: Tensor) -> Tensor:
+    """Squared norms (B,) of the per-window gradients sum_t grad_t ⊗ inputs_t of a weight, without
+    materializing them when the T×T products are smaller."""
+    _, time, outs = grad.shape
+    ins = inputs.shape[2]
+    if outs * ins <= time * (outs + ins):
+        return torch.bmm(grad.transpose(1, 2), inputs).square().sum((1, 2))
+    gram = torch.bmm(grad, grad.transpose(1, 2)) * torch.bmm(inputs, inputs.transpose(1, 2))
+    return gram.sum((1, 2)).clamp(min=0.0)
+
+
+def _weight_sum(grad: Tensor, inputs: Tensor, factors: Tensor) -> Tensor:
+    """sum_b factors_b · sum_t grad_bt ⊗ inputs_bt, as one matmul over all windows and timesteps."""
+    scaled = grad * factors[:, None, None]
+    return scaled.flatten(0, 1).t() @ inputs.flatten(0, 1)
+
+
+class LSTMWindowGradients:
+    """Per-window gradients of a :class:`~confide.models.lstm.CharLSTM` (its embedding, nn.LSTM and head),
+    by a hand-written backward pass over the whole batch. Reads the model's current parameters each call."""
+
+    def __init__(self, model: CharLSTM) -> None:
+        lstm = model.lstm
+        if lstm.bidirectional or lstm.proj_size or not lstm.batch_first or lstm.dropout:
+            raise ValueError("LSTMWindowGradients needs a CharLSTM: a batch-first, one-way nn.LSTM")
+        self.model = model
+        self.lstm = lstm
+        self.embed: nn.Embedding = model.embed
+        self.head: nn.Linear = model.head
+        self.layers = lstm.num_layers
+
+    def _weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lstm = self.lstm
+        return (
+            getattr(lstm, f"weight_ih_l{k}"),
+            getattr(lstm, f"weight_hh_l{k}"),
+            getattr(lstm, f"bias_ih_l{k}"),
+            getattr(lstm, f"bias_hh_l{k}"),
+        )
+
+    @torch.no_grad()
+    def tape(self, inputs: Tensor, targets: Tensor) -> _Tape:
+        """Forward and backward over a batch (B, T): what every per-window gradient is made of."""
+        codes = input_codes(inputs)
+        batch, time = codes.shape
+        hidden = self.lstm.hidden_size
+        x = self.embed.weight[codes]
+        zeros = x.new_zeros(batch, 1, hidden)
+        layers, saved = [], []
+        for k in range(self.layers):
+            w_ih, w_hh, b_ih, b_hh = self._weights(k)
+            start = x.new_zeros(1, batch, hidden)
+            h = torch.lstm(x, (start, start), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False, False, True)[0]
+            previous = torch.cat([zeros, h[:, :-1]], 1)
+            # The gate pre-activations z_t = W_ih x_t + W_hh h_{t-1} + b, in PyTorch's gate order i, f, g, o.
+            z = torch.addmm(b_ih + b_hh, x.flatten(0, 1), w_ih.t())
+            z = z.addmm_(previous.flatten(0, 1), w_hh.t()).view(batch, time, 4, hidden)
+            act = torch.sigmoid(z)
+            act[:, :, 2] = torch.tanh(z[:, :, 2])
+            i, f, g, o = act.unbind(2)
+            ig = i * g
+            c = torch.empty_like(ig)
+            c[:, 0] = ig[:, 0]
+            for t in range(1, time):
+                torch.addcmul(ig[:, t], f[:, t], c[:, t - 1], out=c[:, t])
+            tanh_c = torch.tanh(c)
+            c_previous = torch.cat([zeros, c[:, :-1]], 1)
+            # dL/dz of each gate as a factor times dL/dc_t (i, f, g) or dL/dh_t (o).
+            gates = torch.stack(
+                [g * i * (1 - i), c_previous * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], 2
+            )
+            through_c = o * (1 - tanh_c * tanh_c)  # dc_t/dh_t's factor: dL/dc_t += dL/dh_t · o (1 - tanh² c)
+            f_next = torch.cat([f[:, 1:], zeros], 1)
+            layers.append(_Layer(x, previous, x.new_empty(batch, time, 4 * hidden)))
+            saved.append((gates, through_c, f_next, w_ih, w_hh))
+            x = h
+
+        head = self.head
+        logits = torch.addmm(head.bias, x.flatten(0, 1), head.weight.t()).view(batch, time, -1)
+        # Each window's mean cross-entropy over its non-PAD targets; the sum over windows is differentiated.
+        keep = (targets != PAD) & (targets != IGNORE_INDEX)
+        safe = targets.long().masked_fill(~keep, 0).unsqueeze(2)
+        count = keep.sum(1).clamp(min=1)
+        log_p = torch.log_softmax(logits, -1)
+        losses = -(log_p.gather(2, safe).squeeze(2) * keep).sum(1) / count
+        d_logits = log_p.exp_()
+        d_logits.scatter_add_(2, safe, d_logits.new_full(safe.shape, -1.0))
+        d_logits *= (keep / count.unsqueeze(1)).unsqueeze(2).to(d_logits.dtype)
+
+        d_out = (d_logits.flatten(0, 1) @ head.weight).view(batch, time, hidden)
+        for layer, (gates, through_c, f_next, w_ih, w_hh) in zip(
+            reversed(layers), reversed(saved), strict=True
+        ):
+            dz = layer.grad.view(batch, time, 4, hidden)
+            dc = x.new_zeros(batch, hidden)
+            for t in reversed(range(time)):
+                last = t == time - 1
+                dh = d_out[:, t] if last else torch.addmm(d_out[:, t], layer.grad[:, t + 1], w_hh)
+                dc = torch.addcmul(dc * f_next[:, t], dh, through_c[:, t])
+                torch.mul(gates[:, t, :3], dc.unsqueeze(1), out=dz[:, t, :3])
+                torch.mul(gates[:, t, 3], dh, out=dz[:, t, 3])
+            d_out = (layer.grad.flatten(0, 1) @ w_ih).view(batch, time, -1)
+        return _Tape(codes, d_out, layers, x, d_logits, losses)
+
+    def _embedding(self, tape: _Tape) -> Tensor:
+        """The embedding's per-window gradients (B, V, E): small, since E is."""
+        weight = self.embed.weight
+        batch, time = tape.codes.shape
+        index = tape.codes.unsqueeze(2).expand(batch, time, weight.shape[1])
+        return weight.new_zeros(batch, *weight.shape).scatter_add_(1, index, tape.embedded)
+
+    @torch.no_grad()
+    def gradients(self, inputs: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Per-window gradients {name: (B, *shape)} and per-window losses (B,) for a batch (B, T)."""
+        tape = self.tape(inputs, targets)
+        out = {"embed.weight": self._embedding(tape)}
+        for k, layer in enumerate(tape.layers):
+            grad_t = layer.grad.transpose(1, 2)
+            out[f"lstm.weight_ih_l{k}"] = torch.bmm(grad_t, layer.inputs)
+            out[f"lstm.weight_hh_l{k}"] = torch.bmm(grad_t, layer.previous)
+            out[f"lstm.bias_ih_l{k}"] = layer.grad.sum(1)
+            out[f"lstm.bias_hh_l{k}"] = layer.grad.sum(1)
+        out["head.weight"] = torch.bmm(tape.logits.transpose(1, 2), tape.top)
+        out["head.bias"] = tape.logits.sum(1)
+        return out, tape.losses
+
+    @torch.no_grad()
+    def clipped_sum(
+        self, inputs: Tensor, targets: Tensor, max_grad_norm: float
+    ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The sum over windows of each window's gradient clipped to L2 norm ``max_grad_norm``, as Opacus'
+        DPOptimizer clips (factor min(1, C / (norm + 1e-6))); with the per-window norms and losses (B,)."""
+        tape = self.tape(inputs, targets)
+        embedding = self._embedding(tape)
+        squares = [embedding.square().sum((1, 2)), tape.logits.sum(1).square().sum(1)]
+        squares.append(_weight_norms(tape.logits, tape.top))
+        for layer in tape.layers:
+            squares.append(2 * layer.grad.sum(1).square().sum(1))  # the two biases, equal
+            squares.append(_weight_norms(layer.grad, layer.inputs))
+            squares.append(_weight_norms(layer.grad, layer.previous))
+        norms = torch.stack(squares, 1).sum(1).sqrt()
+        factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+        out = {"embed.weight": torch.einsum("b,bve->ve", factors, embedding)}
+        for k, layer in enumerate(tape.layers):
+            out[f"lstm.weight_ih_l{k}"] = _weight_sum(layer.grad, layer.inputs, factors)
+            out[f"lstm.weight_hh_l{k}"] = _weight_sum(layer.grad, layer.previous, factors)
+            out[f"lstm.bias_ih_l{k}"] = factors @ layer.grad.sum(1)
+            out[f"lstm.bias_hh_l{k}"] = out[f"lstm.bias_ih_l{k}"].clone()
+        out["head.weight"] = _weight_sum(tape.logits, tape.top, factors)
+        out["head.bias"] = factors @ tape.logits.sum(1)
+        return out, norms, tape.losses
