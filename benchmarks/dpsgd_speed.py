@@ -4,7 +4,8 @@ For each model, a plain local step (forward, backward and the optimizer's step o
 :class:`~confide.client.trainer.Trainer` takes it) and a DP-SGD step on a batch of the same size
 (:meth:`~confide.client.dpsgd.DPSGD.step_batch`: per-window gradients, clipping, noise from the site's
 randomness, the optimizer's step) are timed in the same process, interleaved: each repeat times one step of
-each method in turn, so a change in the machine's load touches all of them alike. DP-SGD is timed two ways:
+each method in turn (after an untimed one of the same method), so a change in the machine's load touches all
+of them alike. DP-SGD is timed two ways:
 ``dp`` as a site trains now (the LSTM's hand-written backward pass with exact clipping, the GPT's vmap with
 attention written out) and ``dp vmap`` the old path (``per_window="vmap"``: vmap of grad over the whole
 model, which loops over the windows where torch has no batching rule, as for the fused LSTM kernel).
@@ -17,7 +18,7 @@ Models: the demo's LSTM (embedding 8, 2 layers, context 80, SGD) at 128 and 256 
 random characters (the time does not depend on them). Each size runs on one torch thread (a simulation's
 default) and on torch's default here.
 
-Run from the repository root (about 5 minutes on 2 cores, most of it the old path):
+Run from the repository root (about 10 minutes on 2 cores, most of it the old path):
 
     .venv/bin/python benchmarks/dpsgd_speed.py --markdown
     .venv/bin/python benchmarks/dpsgd_speed.py --repeats 3 --no-vmap    # a quick look at the new path
@@ -101,13 +102,14 @@ def steps(size: Size, with_vmap: bool) -> dict[str, Callable[[], None]]:
 
 
 def measure(size: Size, repeats: int, with_vmap: bool) -> dict[str, list[float]]:
-    """Seconds of each method's step, ``repeats`` times, interleaved, after one untimed step each."""
+    """Seconds of each method's step, ``repeats`` times, interleaved. Each timed step follows an untimed one
+    of the same method: the old path frees hundreds of megabytes, and the step after it would pay for
+    faulting fresh memory back in (a plain step measured 3x its own time right after one)."""
     methods = steps(size, with_vmap)
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    for step in methods.values():
-        step()
     for _ in range(repeats):
         for name, step in methods.items():
+            step()
             started = time.perf_counter()
             step()
             seconds[name].append(time.perf_counter() - started)
@@ -118,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps of each method (default 7)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each method (default 5)")
     parser.add_argument(
         "--threads", default="1,default", help="comma-separated torch thread counts; 'default': torch's own"
     )
