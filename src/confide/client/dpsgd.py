@@ -138,10 +138,11 @@ class PerSampleGradients:
             raise ValueError(f"method must be one of {PER_WINDOW}, got {method!r}")
         self.model = model
         self.names = tuple(n for n, p in model.named_parameters() if p.requires_grad)
+        self.lstm: LSTMWindowGradients | None = None
         # The LSTM's own path clips over all of its parameters: a frozen one would count in the norms.
-        whole = all(p.requires_grad for p in model.parameters())
-        exact = method == "auto" and isinstance(model, CharLSTM) and whole
-        self.lstm = LSTMWindowGradients(model) if exact else None
+        trains_all = all(p.requires_grad for p in model.parameters())
+        if method == "auto" and isinstance(model, CharLSTM) and trains_all:
+            self.lstm = LSTMWindowGradients(model)
 
         def window_loss(params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
             _, loss = functional_call(model, params, (inputs.unsqueeze(0), targets.unsqueeze(0)))
