@@ -3,8 +3,9 @@
 Each step samples the site's windows by Poisson sampling (each window independently, with rate
 q = batch_size / windows), clips every window's gradient to L2 norm ``max_grad_norm``, sums them, adds
 N(0, (noise_multiplier · max_grad_norm)²) and divides by the expected batch size q·n. Clipping and noise are
-Opacus' ``DPOptimizer`` wrapped around the plain torch optimizer the site would use anyway; each site's
-(epsilon, delta) for its own records comes from a Poisson
+Opacus' ``DPOptimizer`` wrapped around the plain torch optimizer the site would use anyway (for the LSTM the
+clipped sum comes in already computed, with Opacus' clip factor, and the optimizer adds the noise); each
+site's (epsilon, delta) for its own records comes from a Poisson
 :class:`~confide.privacy.accountant.PrivacyAccountant`.
 
 The unit of privacy is one window (``WINDOW + 1`` characters), under add-or-remove neighbours: a person whose
@@ -16,7 +17,7 @@ Per-window gradients are exact for both models, computed two ways:
   (:mod:`confide.client.lstm_grads`), which takes each window's gradient norm and the clipped sum straight
   from the gate gradients and the layers' inputs, without materializing per-window gradients. torch.func
   has no vmap rule for the fused LSTM kernel and looped over the windows (with a "performance drop"
-  warning): 12-20x the time of a plain step on the demo's LSTM, now about 2x.
+  warning): 10-38x the time of a plain step on the demo's LSTM, now about 2x on one thread.
 - Every other model (the GPT): ``torch.func`` (``vmap`` of ``grad`` over the whole model), with attention
   written out (:func:`~confide.models.gpt.unfused_attention`), since vmap has no rule for the fused attention
   kernel either. Not Opacus' ``GradSampleModule``: it computes per-sample gradients layer by layer from hooks
@@ -24,7 +25,7 @@ Per-window gradients are exact for both models, computed two ways:
   with a (T,) index that has no batch dimension, so GradSampleModule returns (T, ...) "per-sample" gradients
   for it, silently wrong. It also refuses ``nn.LSTM`` (it needs Opacus' DPLSTM, whose parameters are named
   and laid out differently, which would break the shared flat Layout). Differentiating the whole model per
-  window is exact, tied weights included: about 1.5x a plain step on the transformer example's GPT.
+  window is exact, tied weights included: about 1.3x a plain step on the transformer example's GPT.
 
 ``benchmarks/dpsgd_speed.py`` measures both against a plain step (RESULTS.md section 19); ``per_window =
 "vmap"`` selects the old path for every model, for comparison.
