@@ -354,3 +354,11 @@ def test_dp_fedadam_steps_on_the_noised_mean(path: Path) -> None:
     rows = metrics(runner.store.run_dir)
     assert len(runner.store.ledger()) == 2 and rows[-1]["epsilon"] > 0
     assert np.isfinite(rows[-1]["loss"])
+
+
+def test_dp_ftrl_refuses_more_bands_than_the_sites_can_sit_out(path: Path) -> None:
+    from confide.runtime.stack import build_site_dp
+
+    cfg = config.load(path, ["privacy.dp=central", "privacy.mechanism=dp-ftrl", "privacy.bands=3"])
+    with pytest.raises(ConfigError, match="at most 2 bands"):
+        build_site_dp(cfg, 6)  # 3 sites a round, 2 rounds out: nobody left to draw

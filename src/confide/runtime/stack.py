@@ -129,6 +129,13 @@ def build_site_dp(config: Config, population: int) -> SiteDP | None:
     }
     if p.mechanism == "dp-ftrl":
         options["bands"] = p.bands or default_bands(population, per_round, config.run.rounds)
+        if (options["bands"] - 1) * per_round > population - per_round:
+            raise ConfigError(
+                f"privacy.bands = {p.bands}: a site sits out the {p.bands - 1} rounds after each of its own, "
+                f"so {p.bands - 1} rounds of {per_round} sites leave fewer than {per_round} of the "
+                f"{population} sites to draw from. Use at most {max(1, population // per_round)} bands "
+                "(or 0, which picks that)"
+            )
         # The factorization follows the server's optimizer: the square root of its workload (momentum's
         # first-moment decay for momentum and the adaptive ones, whose steps are not linear: a heuristic
         # that moves utility only, never the privacy).
