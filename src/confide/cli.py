@@ -65,14 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a model federatedly, as a config says")
     run.add_argument("config", nargs="?", type=Path, help="a TOML config, e.g. examples/shakespeare.toml")
-    run.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable)",
-    )
+    _overrides(run)
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run")
     run.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     run.set_defaults(func=cmd_run)
@@ -133,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         help="plant secrets in some sites' text, train with and without DP, and measure their exposure",
     )
     can.add_argument("config", type=Path, help="a TOML config with privacy.dp set")
-    can.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _overrides(can)
     can.add_argument("--canaries", type=int, default=4, help="secrets to plant, one site each (default 4)")
     can.add_argument("--repeats", type=int, default=20, help="copies of each secret in its site (default 20)")
     can.add_argument(
@@ -145,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         help="reconstruct a site's text from its update as the server sees it under each privacy layer",
     )
     inv.add_argument("config", type=Path, help="a TOML config (its model, data, plan and privacy layers)")
-    inv.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _overrides(inv)
     inv.add_argument(
         "--batch-sizes", type=_int_list, default=[1, 4, 16], metavar="N,N,..", help="batch sizes (1,4,16)"
     )
@@ -185,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
         help="train with and without DP and tell the records a model trained on from held-out ones",
     )
     mem.add_argument("config", type=Path, help="a TOML config")
-    mem.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _overrides(mem)
     mem.add_argument("--sites", type=int, default=20, help="sites whose records are attacked (20)")
     mem.add_argument("--records", type=int, default=50, help="records of each kind per audited site (50)")
     mem.add_argument(
@@ -199,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--dir", type=Path, default=Path("deploy"), help="certificates and enrollments (`confide certs`)"
     )
-    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _overrides(srv)
     srv.add_argument("--ready-file", type=Path, help="write the port here once listening (for scripts)")
     srv.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
     srv.set_defaults(func=cmd_server)
@@ -251,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the attested aggregator (TEE) that `confide server` reaches at privacy.enclave_address",
     )
     agg.add_argument("--config", type=Path, required=True, help="the run's TOML config (the server's)")
-    agg.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _overrides(agg)
     agg.add_argument(
         "--population", type=int, required=True, help="the number of enrolled sites (the server's run)"
     )
@@ -356,7 +349,17 @@ def _parser() -> argparse.ArgumentParser:
         "can learn",
     )
     dp_plan.add_argument("config", help="a TOML config with site-level DP (privacy.dp)")
-    dp_plan.add_argument(
+    _overrides(dp_plan)
+    dp_plan.set_defaults(func=cmd_dp_plan)
+
+    cfg = sub.add_parser("config", help="list every config option with its default")
+    cfg.set_defaults(func=cmd_config)
+    return parser
+
+
+def _overrides(parser: argparse.ArgumentParser) -> None:
+    """The ``--set SECTION.KEY=VALUE`` option every command that reads a config takes."""
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -364,11 +367,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config value (repeatable)",
     )
-    dp_plan.set_defaults(func=cmd_dp_plan)
-
-    cfg = sub.add_parser("config", help="list every config option with its default")
-    cfg.set_defaults(func=cmd_config)
-    return parser
 
 
 # -- run -------------------------------------------------------------------------------------------------
