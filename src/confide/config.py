@@ -107,7 +107,11 @@ class DataConfig:
         64, "Shakespeare: a role needs at least this many lines to be a site", at_least(1), ">= 1"
     )
     max_sites: int = option(
-        0, "keep only this many sites (a seeded sample); 0 keeps all", at_least(0), ">= 0"
+        0,
+        "keep only this many sites (a sample drawn from run.seed; with partition = 'group', this many "
+        "groups); 0 keeps all",
+        at_least(0),
+        ">= 0",
     )
     cache_dir: str = option("", "where processed data is cached; empty: $CONFIDE_CACHE or ~/.cache/confide")
     lazy: bool = option(

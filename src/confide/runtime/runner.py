@@ -196,11 +196,8 @@ def load_dataset(config: Config) -> FederatedDataset:
         dataset = shakespeare.load(cache_dir=cache, min_lines=d.min_lines)
     else:
         dataset = load_text(Path(d.path), lazy=d.lazy)
-    if d.max_sites and d.max_sites < len(dataset.sites):
-        keep = np.sort(
-            public_rng(config.run.seed, 0, Stream.DATA).choice(len(dataset.sites), d.max_sites, replace=False)
-        )
-        dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
+    if d.partition != "group":
+        dataset = _sample_sites(dataset, config)
     options: dict[str, Any] = {}
     if d.lazy:  # registered from the folder's listing: nothing read, nothing to re-partition (config.check)
         return dataset
@@ -212,11 +209,25 @@ def load_dataset(config: Config) -> FederatedDataset:
             "model's data: instruction data is partitioned by its site field (partition = 'natural'), "
             "text by 'natural', 'iid', 'quantity' or 'dirichlet' over the 'group' label"
         )
+    if d.partition == "group":
+        # The sites are the groups (Shakespeare's plays): data.max_sites keeps whole groups, not roles.
+        return _sample_sites(partition(dataset, "group"), config)
     if d.partition == "dirichlet":
         options = {"num_sites": d.num_sites, "alpha": d.alpha, "label": d.label}
     elif d.partition == "quantity":
         options = {"num_sites": d.num_sites, "alpha": d.alpha}
     return partition(dataset, d.partition, seed=config.run.seed, **options)
+
+
+def _sample_sites(dataset: FederatedDataset, config: Config) -> FederatedDataset:
+    """``data.max_sites`` of the data set's sites, a sample drawn from the run's seed (in their order)."""
+    count = config.data.max_sites
+    if not count or count >= len(dataset.sites):
+        return dataset
+    keep = np.sort(
+        public_rng(config.run.seed, 0, Stream.DATA).choice(len(dataset.sites), count, replace=False)
+    )
+    return replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
 
 
 def load_lm_dataset(config: Config) -> FederatedDataset:
