@@ -260,3 +260,90 @@ def test_a_round_whose_secret_poisson_sample_is_empty_is_still_charged(path: Pat
     direct = PrivacyAccountant("pld", "poisson", 6, 1e-3)
     direct.spend(1.1, 1 / 6, steps=8)
     assert runner.dp is not None and runner.dp.epsilon() == pytest.approx(direct.epsilon(), rel=1e-6)
+
+
+RECORD_SECURE = (
+    "privacy.record_dp=true",
+    "privacy.record_target_epsilon=8",
+    "privacy.secure_aggregation=true",
+    "client.optimizer=sgd",
+    "client.learning_rate=4.0",  # noise on a coordinate: standard deviation about 0.9 (4 z sqrt(3) / 4)
+    "server.optimizer=sgd",
+    "server.learning_rate=1.0",
+    "server.sites_per_round=6",  # all six sites, every round: the calibration's worst case
+    "run.rounds=2",
+)
+
+
+def test_record_noise_calibrated_to_a_target_keeps_every_site_within_it_and_nothing_is_clipped(
+    path: Path,
+) -> None:
+    from confide.privacy.record import record_noise_for, record_update_bound
+
+    runner = start(path, *RECORD_SECURE)
+    windows = [s.num_train for s in runner.sites]
+    noise, _ = record_noise_for(8.0, windows, batch_size=4, epochs=1, max_steps=3, rounds=2)
+    assert runner.config.privacy.record_noise == runner.strategy.record_noise == noise != 1.0
+    assert runner.secure is not None
+    bound = record_update_bound(4.0, 1.0, noise, 0.0, 4, 1, 3, windows)
+    assert runner.secure.clip_range == pytest.approx(bound)
+    runner.run()
+    per_site = runner.store.site_values("dpsgd.epsilon")
+    assert len(per_site) == 6 and 7.5 < max(per_site.values()) <= 8.0
+    assert not [e for e in runner.store.events() if e[2] == "secagg_clipped"]
+
+
+def test_the_old_fixed_range_clipped_the_same_dp_sgd_updates(path: Path) -> None:
+    runner = start(path, *RECORD_SECURE, "privacy.secagg_range=1", "run.rounds=1")
+    runner.run()
+    events = [e for e in runner.store.events() if e[2] == "secagg_clipped"]
+    assert len(events) == 1 and "outside the fixed-point range [-1, 1]" in events[0][3]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("privacy.record_target_epsilon=8",), r"record_target_epsilon calibrates DP-SGD's noise, which"),
+        (
+            ("privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=adam"),
+            r"bounds it only under plain SGD .* set privacy.secagg_range",
+        ),
+        (
+            (
+                "privacy.record_dp=true",
+                "privacy.secure_aggregation=true",
+                "client.optimizer=sgd",
+                "client.weight_decay=0.01",
+            ),
+            r"not with client.optimizer = 'sgd' and client.weight_decay = 0.01",
+        ),
+    ],
+)
+def test_record_dp_settings_that_cannot_hold_are_refused(
+    path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("privacy.record_dp=true", "privacy.record_target_epsilon=8", "client.optimizer=sgd"),
+            r"server learns only as the sites join.*set privacy.record_noise",
+        ),
+        (
+            ("privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=sgd"),
+            r"which a deployment's sites do not know of each other: set privacy.secagg_range",
+        ),
+    ],
+)
+def test_a_deployment_refuses_what_needs_every_sites_window_count(
+    path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    loaded = config.load(path, list(overrides))
+    with pytest.raises(ConfigError, match=message):
+        config.check_deployment(loaded)
+    given = ["privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=sgd"]
+    config.check_deployment(config.load(path, [*given, "privacy.record_noise=1.1", "privacy.secagg_range=4"]))

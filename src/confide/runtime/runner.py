@@ -62,6 +62,7 @@ from confide.runtime.stack import (
     build_speeds,
     build_strategy,
     personal_parts,
+    resolve_record_dp,
     server_randomness,
 )
 from confide.runtime.store import Store, StoreSiteState
@@ -294,7 +295,6 @@ class Runner:
         """A run over ``dataset`` with every site simulated in this process (the local backend), or, with
         ``backend``, over sites that live elsewhere and are described only by ``sites`` (a deployment);
         ``registry``: a deployment's enrolled identity keys, for authenticated secure aggregation."""
-        self.config = config
         self.store = store
         self.dataset = dataset
         if dataset is not None:
@@ -302,6 +302,10 @@ class Runner:
         if sites is None:
             raise ValueError("a Runner needs a data set, or the sites of a deployment")
         self.sites = tuple(sites)
+        windows = [s.num_train for s in self.sites]
+        # DP-SGD's noise for privacy.record_target_epsilon: every part of the run builds from this config.
+        config = resolve_record_dp(config, windows)
+        self.config = config
         if config.backend.threads or backend is None:
             torch.set_num_threads(config.backend.threads or SIMULATION_THREADS)
         self.model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
@@ -309,7 +313,11 @@ class Runner:
         if backend is not None:
             check_deployment(config)
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
-        secure, identities = build_secure(config, [s.name for s in self.sites], self.dp, registry)
+        # A simulation derives secure aggregation's range of DP-SGD updates from the sites' window counts;
+        # a deployment's sites cannot, so neither does its server (config.check_deployment).
+        secure, identities = build_secure(
+            config, [s.name for s in self.sites], self.dp, registry, () if backend is not None else windows
+        )
         self.secure = secure
         _, shared = personal_parts(config, self.model, self.layout)
         update_size = self.layout.size if shared is None else shared.size
@@ -627,8 +635,11 @@ class Runner:
             bound = self.secure.clip_range
             message = (
                 f"round {r}: the updates of {clipped} sites had coordinates outside the fixed-point "
-                f"range [-{bound:g}, {bound:g}] of secure aggregation, which were clipped; "
-                "raise privacy.secagg_range"
+                f"range [-{bound:g}, {bound:g}] of secure aggregation, which were clipped to it, so the "
+                "unmasked sum is short of what was cut there (biased towards zero): raise "
+                "privacy.secagg_range above the largest coordinate an update may have (try twice the range "
+                f"now, {2 * bound:g}, if it is not known), or bound the updates so that the range follows "
+                "from them (site-level clipping, privacy.dp; or DP-SGD with plain SGD)"
             )
             self.store.event("secagg_clipped", message, r)
             log.warning(message)
