@@ -1019,15 +1019,16 @@ def _check_privacy(config: Config) -> None:
         and not p.secagg_range
         and p.dp == "none"
         and p.record_dp
-        and (c.optimizer != "sgd" or c.weight_decay > 0)
+        and c.optimizer == "sgd"
+        and c.weight_decay > 0
     ):
         raise ConfigError(
             "privacy.secure_aggregation encodes every coordinate of an update in a fixed-point range [-R, R] "
-            "that must hold it, and a DP-SGD update bounds it only under plain SGD (with momentum, without "
-            f"weight decay), not with client.optimizer = {c.optimizer!r} and client.weight_decay = "
-            f"{c.weight_decay:g}: set privacy.secagg_range to the largest coordinate an update may have, "
-            "or clip each site's update (privacy.dp = 'central' or 'distributed', whose clip_norm bounds "
-            "it), or train with client.optimizer = 'sgd' and client.weight_decay = 0"
+            "that must hold it, and a DP-SGD update under SGD with client.weight_decay = "
+            f"{c.weight_decay:g} has no such bound (weight decay pulls by the weights, which the clip does "
+            "not bound): set privacy.secagg_range to the largest coordinate an update may have, or clip "
+            "each site's update (privacy.dp = 'central' or 'distributed', whose clip_norm bounds it), or "
+            "set client.weight_decay = 0, or train with client.optimizer = 'adam' (whose step is bounded)"
         )
     if p.record_dp and (s.strategy not in ("fedavg", "fedbuff") or c.personalization == "fedrep"):
         raise ConfigError(

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
 from confide.client.dpsgd import record_accountant
+from confide.client.trainer import ClientOptimizer
 from confide.core import Plan
 from confide.errors import ConfigError
-from confide.privacy.record import record_noise_for, record_update_bound
+from confide.privacy.record import ADAM_BETAS, adam_update_bound, record_noise_for, record_update_bound
 
 SIZES = (300, 640, 2000)
 """Window counts of three sites: the smallest samples at the largest rate, the largest takes most steps."""
@@ -59,3 +62,36 @@ def test_the_update_bound_by_hand() -> None:
     capped = record_update_bound(0.5, 1.0, 1.0, 0.0, 10, 1, 3, [100, 10**6])
     largest = 0.5 * (3 + 8 * math.sqrt(3 * (1 - 1e-5) / 10) + 8 * math.sqrt(3) / 10)
     assert capped == pytest.approx(largest)
+
+
+def adam_moves(gradients: np.ndarray, learning_rate: float, weight_decay: float = 0.0) -> np.ndarray:
+    """How far the sites' Adam moves each coordinate, step after step, fed these gradients (steps, d)."""
+    weights = torch.nn.Parameter(torch.zeros(gradients.shape[1], dtype=torch.float64))
+    optimizer = ClientOptimizer("adam", weight_decay=weight_decay).build([weights])
+    assert optimizer.param_groups[0]["betas"] == ADAM_BETAS
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    moved = []
+    for gradient in gradients:
+        weights.grad = torch.from_numpy(gradient)
+        optimizer.step()
+        moved.append(weights.detach().numpy().copy())
+    return np.abs(np.array(moved))
+
+
+def test_adams_update_stays_within_its_bound_and_the_worst_gradients_reach_it() -> None:
+    steps, learning_rate = 12, 0.01
+    beta1, beta2 = ADAM_BETAS
+    bound = adam_update_bound(learning_rate, batch_size=10, epochs=1, max_steps=None, windows=[steps * 10])
+    assert adam_update_bound(learning_rate, 10, 1, None, [10]) == pytest.approx(learning_rate)  # one step
+    rng = np.random.default_rng(0)
+    noisy = rng.standard_normal((steps, 500)) * np.exp(rng.uniform(-8, 8, (steps, 500)))
+    assert adam_moves(noisy, learning_rate, weight_decay=0.5).max() <= bound
+    # Each step's worst case: gradients growing as (b2 / b1)^s, the same sign throughout, make Cauchy-Schwarz
+    # an equality; the bound sums these per-step worst cases, so no single sequence reaches the sum, but each
+    # step alone reaches its term.
+    last = [(beta2 / beta1) ** s for s in range(steps)]
+    worst = adam_moves(np.array(last)[:, None], learning_rate)
+    final_step = worst[-1, 0] - worst[-2, 0]
+    previous = adam_update_bound(learning_rate, 10, 1, None, [(steps - 1) * 10])
+    assert final_step == pytest.approx(bound - previous, rel=1e-6)

@@ -305,17 +305,13 @@ def test_the_old_fixed_range_clipped_the_same_dp_sgd_updates(path: Path) -> None
     [
         (("privacy.record_target_epsilon=8",), r"record_target_epsilon calibrates DP-SGD's noise, which"),
         (
-            ("privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=adam"),
-            r"bounds it only under plain SGD .* set privacy.secagg_range",
-        ),
-        (
             (
                 "privacy.record_dp=true",
                 "privacy.secure_aggregation=true",
                 "client.optimizer=sgd",
                 "client.weight_decay=0.01",
             ),
-            r"not with client.optimizer = 'sgd' and client.weight_decay = 0.01",
+            r"under SGD with client.weight_decay = 0.01 has no such bound .* set privacy.secagg_range",
         ),
     ],
 )
@@ -347,3 +343,23 @@ def test_a_deployment_refuses_what_needs_every_sites_window_count(
         config.check_deployment(loaded)
     given = ["privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=sgd"]
     config.check_deployment(config.load(path, [*given, "privacy.record_noise=1.1", "privacy.secagg_range=4"]))
+
+
+def test_secure_aggregation_takes_its_range_from_adams_bound_and_the_smaller_of_two_clips(path: Path) -> None:
+    from confide.privacy.record import adam_update_bound, record_update_bound
+    from confide.runtime.stack import build_secure, build_site_dp
+
+    windows = [40, 90]
+    adam = config.load(path, ["privacy.record_dp=true", "privacy.secure_aggregation=true"])
+    secure, _ = build_secure(adam, ["a", "b"], None, windows=windows)
+    assert secure is not None  # the tiny config trains with Adam, lr 0.01, at most 3 steps of 4
+    assert secure.clip_range == pytest.approx(adam_update_bound(0.01, 4, 1, 3, windows))
+    assert secure.clip_range < 0.05
+    both = [*RECORD_SECURE, "privacy.dp=distributed", "privacy.clip_norm=0.5", "privacy.noise_multiplier=1"]
+    loaded = config.load(path, [o for o in both if "target_epsilon" not in o])
+    dp = build_site_dp(loaded, 6)
+    assert dp is not None
+    secure, _ = build_secure(loaded, ["a", "b"], dp, windows=windows)
+    assert record_update_bound(4.0, 1.0, 1.0, 0.0, 4, 1, 3, windows) > 0.5  # the site clip is the smaller
+    spread = dp.update_noise / np.sqrt(dp.share_sites)
+    assert secure is not None and secure.clip_range == pytest.approx(0.5 + 8 * spread * 0.5)

@@ -23,6 +23,8 @@ from confide.privacy.policy import NOISE_DIGITS
 
 ACCOUNTING = "rdp"
 """How a site accounts its records under DP-SGD (its reported epsilon); the calibration matches it."""
+ADAM_BETAS = (0.9, 0.999)
+"""Adam's (beta1, beta2): torch's defaults, which the sites' Adam uses (client.trainer.ClientOptimizer)."""
 DEVIATIONS = 8.0
 """Standard deviations of room left for the random parts of an update (the batch sizes Poisson sampling
 draws, the noise), as site-level DP's range leaves for its noise: beyond 8 nothing is left to clip."""
@@ -110,3 +112,37 @@ def record_update_bound(
         noised = DEVIATIONS * noise * math.sqrt(steps) / expected
         worst = max(worst, sampled + noised)
     return learning_rate * clip / (1.0 - momentum) * worst
+
+
+def adam_update_bound(
+    learning_rate: float,
+    batch_size: int,
+    epochs: int,
+    max_steps: int | None,
+    windows: Iterable[int],
+    betas: tuple[float, float] = ADAM_BETAS,
+) -> float:
+    """A bound on every coordinate of an update Adam (fresh each round) makes in the largest site's steps,
+    whatever its gradients: noised, clipped or not, with L2 weight decay folded into them or not.
+
+    Adam's step t moves a coordinate by lr |m_t| / (1 - b1^t) / (sqrt(v_t / (1 - b2^t)) + eps), with
+    m_t = (1 - b1) sum_s b1^(t-s) g_s and v_t = (1 - b2) sum_s b2^(t-s) g_s^2. By Cauchy-Schwarz,
+    |sum_s b1^(t-s) g_s| <= sqrt(sum_j (b1^2 / b2)^j) sqrt(v_t / (1 - b2)) (for b1^2 < b2), so the step is at
+    most lr A_t with A_t = (1 - b1) sqrt(S_t) sqrt(1 - b2^t) / ((1 - b1^t) sqrt(1 - b2)), S_t the sum of t
+    terms (b1^2 / b2)^j; the bound is attained when the gradients grow as (b1 / b2)^-s. A_1 = 1, and with
+    the default betas the first 10 steps add up to 10.2 (Kingma and Ba 2015, section 2.1, give the usual
+    approximate form of this bound).
+    """
+    beta1, beta2 = betas
+    ratio = beta1 * beta1 / beta2
+    if not (0 <= beta1 < 1 and 0 < beta2 < 1 and ratio < 1):
+        raise ConfigError(f"Adam's step has no bound for betas {betas}: it needs beta1^2 < beta2")
+    plan = Plan(round=1, epochs=epochs, max_steps=max_steps, batch_size=batch_size)
+    steps = max((plan.local_steps(n) for n in windows if n > 0), default=0)
+    total = 0.0
+    for t in range(1, steps + 1):
+        terms = (1.0 - ratio**t) / (1.0 - ratio)
+        total += (
+            (1 - beta1) * math.sqrt(terms) * math.sqrt(1 - beta2**t) / ((1 - beta1**t) * math.sqrt(1 - beta2))
+        )
+    return learning_rate * total

@@ -32,7 +32,7 @@ from confide.models import build_model, head_names
 from confide.pipeline import Aggregator, Layer, StackContext
 from confide.privacy.dp import AdaptiveClip, CentralDP
 from confide.privacy.policy import SiteDP, expected_bits_noise
-from confide.privacy.record import record_noise_for, record_update_bound
+from confide.privacy.record import adam_update_bound, record_noise_for, record_update_bound
 from confide.privacy.secagg import keys
 from confide.privacy.secure import SecureAggregation
 from confide.privacy.tee.layer import EnclaveRelease
@@ -79,12 +79,17 @@ def resolve_record_dp(config: Config, windows: Sequence[int]) -> Config:
 
 
 def record_bound(config: Config, windows: Sequence[int]) -> float | None:
-    """The bound on every coordinate of a DP-SGD update for sites of these window counts (see
-    :func:`~confide.privacy.record.record_update_bound`), or None where none follows from the clip: no
-    DP-SGD, no window counts (a deployment's site knows only its own), or an optimizer whose step the clip
-    does not bound (Adam, weight decay)."""
+    """The bound on every coordinate of a DP-SGD update for sites of these window counts, or None where none
+    is known: no DP-SGD, no window counts (a deployment's site knows only its own), or SGD with weight decay
+    (whose pull towards zero depends on the weights, not the clip). Under SGD it follows from the clip and
+    the noise (:func:`~confide.privacy.record.record_update_bound`), under Adam from Adam's own bounded step
+    (:func:`~confide.privacy.record.adam_update_bound`)."""
     p, c = config.privacy, config.client
-    if not p.record_dp or not windows or c.optimizer != "sgd" or c.weight_decay > 0:
+    if not p.record_dp or not windows:
+        return None
+    if c.optimizer == "adam":
+        return adam_update_bound(c.learning_rate, c.batch_size, c.epochs, c.max_steps or None, windows)
+    if c.optimizer != "sgd" or c.weight_decay > 0:
         return None
     return record_update_bound(
         c.learning_rate,
