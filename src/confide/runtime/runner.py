@@ -639,7 +639,8 @@ class Runner:
                 "unmasked sum is short of what was cut there (biased towards zero): raise "
                 "privacy.secagg_range above the largest coordinate an update may have (try twice the range "
                 f"now, {2 * bound:g}, if it is not known), or bound the updates so that the range follows "
-                "from them (site-level clipping, privacy.dp; or DP-SGD with plain SGD)"
+                "from them (site-level clipping, privacy.dp; or DP-SGD, privacy.record_dp, with Adam or "
+                "with SGD without weight decay)"
             )
             self.store.event("secagg_clipped", message, r)
             log.warning(message)
