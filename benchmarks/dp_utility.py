@@ -15,11 +15,19 @@ PLD (tighter than RDP) under add-or-remove-one-site neighbours. The clip norm is
 2021: it follows the median update norm, from noised clipping bits whose noise is part of the budget) unless
 ``--fixed-clip``.
 
+``--few-sites`` asks the other question: a few sites with many records each (hospitals, banks), where
+site-level DP must hide a whole site among a handful and drowns the model. It runs `examples/plays-dpsgd.toml`
+(10 plays, one site each, all in every round) without DP, and with record-level DP-SGD calibrated so that
+every site spends at most each target epsilon on any one of its windows (secure aggregation on, its range
+derived from the DP-SGD bound), and reports accuracy, the sites' record-level epsilon and wall time.
+
 Run from the repository root:
 
     .venv/bin/python benchmarks/dp_utility.py                 # about 20 min on 2 cores
     .venv/bin/python benchmarks/dp_utility.py --quick         # tiny: checks that it runs (about 1 min)
     .venv/bin/python benchmarks/dp_utility.py --epsilons 4 --no-audit
+    .venv/bin/python benchmarks/dp_utility.py --few-sites --epsilons 8,2     # record-level DP, 10 plays
+    .venv/bin/python benchmarks/dp_utility.py --few-sites --quick             # checks that it runs
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common import Recorder, build_config, console, machine, merge, output_folder, run, show
+from confide import config as confide_config
+from confide.privacy.secure import SECAGG_CLIPPED
 from confide.runtime.audit import audit_canaries
 from confide.runtime.runner import load_dataset
 
@@ -134,6 +145,71 @@ def sample_aware(args: argparse.Namespace) -> int:
     for label, text in texts:
         console.print(f"\n[bold]{label}[/bold]:")
         console.print(text, markup=False, highlight=False)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plays-dpsgd.toml"
+"""The few-site federation with record-level DP that ``--few-sites`` measures."""
+
+
+def few_sites(args: argparse.Namespace, epsilons: list[float], overrides: list[str]) -> int:
+    """The example without DP and with record-level DP-SGD at each target epsilon: accuracy, epsilon, time."""
+    rows = []
+    plain = [
+        "privacy.record_dp=false",
+        "privacy.record_target_epsilon=0",
+        "privacy.secure_aggregation=false",
+        *args.plain_set,
+    ]
+    if args.quick:
+        overrides = ["run.rounds=2", "client.max_steps=2", "eval.every=2", *overrides]
+    with output_folder(args.output, "few-sites") as output:
+        runs = [
+            ("no DP", plain),
+            *((f"epsilon {e:g}", [f"privacy.record_target_epsilon={e}"]) for e in epsilons),
+        ]
+        for label, extra in runs:
+            name = label.replace(" ", "-")
+            where = [f"run.output={str(output)!r}", f"run.name={name!r}", "eval.samples=0"]
+            config = confide_config.load(EXAMPLE, [*where, *overrides, *extra])
+            console.print(f"[bold]{label}[/bold]")
+            recorder = Recorder(echo=True, label=label)
+            started = time.perf_counter()
+            runner = run(config, recorder)
+            seconds = time.perf_counter() - started
+            last = recorder.evaluations[-1]
+            p = runner.config.privacy
+            clipped = sum(1 for r in recorder.rounds if r.sums.get(SECAGG_CLIPPED, 0.0) > 0)
+            windows = sorted(s.num_train for s in runner.sites)
+            rows.append(
+                [
+                    label,
+                    f"{p.record_noise:.4g}" if p.record_dp else "—",
+                    f"{last['record_epsilon_max']:.3f}" if p.record_dp else "—",
+                    f"{last['record_epsilon_median']:.3f}" if p.record_dp else "—",
+                    f"{runner.secure.clip_range:.3g}" if runner.secure is not None else "—",
+                    str(clipped) if runner.secure is not None else "—",
+                    f"{last['accuracy']:.3f}",
+                    f"{seconds:.0f}",
+                ]
+            )
+    c = config
+    show(
+        f"Record-level DP on {len(windows)} plays ({windows[0]} to {windows[-1]} training windows a site), "
+        f"{c.run.rounds} rounds of {c.client.max_steps} steps of {c.client.batch_size} windows, all sites "
+        "each round",
+        [
+            "run",
+            "noise multiplier z",
+            "worst site epsilon",
+            "median site epsilon",
+            "secagg range R",
+            "rounds with clipping",
+            "accuracy",
+            "wall s",
+        ],
+        rows,
+        args.markdown,
+    )
     return 0
 
 
@@ -174,11 +250,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ftrl-lr", type=float, default=0.6, help="server learning rate of the DP-FTRL run")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the demo config"
+        "--few-sites",
+        action="store_true",
+        help="record-level DP on examples/plays-dpsgd.toml (10 plays, one site each) instead",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--sample-aware, --few-sites: override an option of the config they run (repeatable)",
+    )
+    parser.add_argument(
+        "--plain-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--few-sites: override an option of the run without DP only (its own learning rate)",
     )
     args = parser.parse_args(argv)
     if args.sample_aware:
         return sample_aware(args)
+    if args.few_sites:
+        console.print(f"[dim]{time.strftime('%Y-%m-%d %H:%M')}  {machine()}[/dim]")
+        started = time.perf_counter()
+        few_sites(args, [float(e) for e in args.epsilons.split(",") if e.strip()], args.set)
+        console.print(f"\ntotal wall time {time.perf_counter() - started:.0f}s")
+        return 0
     if args.quick:
         args.rounds, args.sites_per_round, args.max_sites, args.steps = 3, 5, 30, 2
         args.eval_every, args.eval_sites, args.candidates, args.repeats = 3, 10, 100, 5

@@ -60,7 +60,7 @@ def test_integer_accepted_where_a_number_is_expected(tmp_path: Path) -> None:
         ("[serverr]\n", "[serverr] is not a section of the config; did you mean 'server'?"),
         (
             "[data]\npartition = 'random'\n",
-            "data.partition must be one of 'natural', 'iid', 'dirichlet', 'quantity' (got 'random')",
+            "data.partition must be one of 'natural', 'iid', 'dirichlet', 'quantity', 'group' (got 'random')",
         ),
         ("[data]\ndataset = 'text'\n", "data.path must name a folder"),
         ("[model]\nkind = 'rnn'\n", "model.kind must be one of 'gpt', 'lstm', 'hf' (got 'rnn')"),

@@ -484,9 +484,16 @@ class RichObserver:
             )
         if runner.config.privacy.record_dp:
             p = runner.config.privacy
+            calibrated = (
+                f" (calibrated: at most epsilon {p.record_target_epsilon:g} per window at every site over "
+                f"{runner.config.run.rounds} rounds)"
+                if p.record_target_epsilon
+                else ""
+            )
             console.print(
                 f"record-level DP-SGD at every site: per-window clip {p.record_clip:g}, noise multiplier "
-                f"{p.record_noise:g}; each site's epsilon is for its own windows at delta 1/(10 x windows)"
+                f"{p.record_noise:g}{calibrated}; each site's epsilon is for its own windows at delta "
+                "1/(10 x windows)"
             )
         self.round_task = self.progress.add_task("rounds", total=self.rounds, completed=first_round - 1)
         self.site_task = self.progress.add_task("sites", total=1)

@@ -107,7 +107,11 @@ class DataConfig:
         64, "Shakespeare: a role needs at least this many lines to be a site", at_least(1), ">= 1"
     )
     max_sites: int = option(
-        0, "keep only this many sites (a seeded sample); 0 keeps all", at_least(0), ">= 0"
+        0,
+        "keep only this many sites (a sample drawn from run.seed; with partition = 'group', this many "
+        "groups); 0 keeps all",
+        at_least(0),
+        ">= 0",
     )
     cache_dir: str = option("", "where processed data is cached; empty: $CONFIDE_CACHE or ~/.cache/confide")
     lazy: bool = option(
@@ -417,7 +421,21 @@ class PrivacyConfig:
     )
     record_dp: bool = option(False, "record-level DP-SGD at each site (Opacus), with each site's own epsilon")
     record_clip: float = option(1.0, "DP-SGD: L2 norm each window's gradient is clipped to", positive, "> 0")
-    record_noise: float = option(1.0, "DP-SGD: noise multiplier of each step", at_least(0), ">= 0")
+    record_noise: float = option(
+        1.0,
+        "DP-SGD: noise multiplier of each step (replaced by the calibrated one when record_target_epsilon "
+        "is set)",
+        at_least(0),
+        ">= 0",
+    )
+    record_target_epsilon: float = option(
+        0.0,
+        "DP-SGD: set record_noise so that the site with the fewest windows, taking part in all run.rounds "
+        "rounds, spends at most this epsilon on its records at delta 1/(10 x its windows), checked at every "
+        "other site; it takes precedence over record_noise. 0: record_noise as it is",
+        at_least(0),
+        ">= 0",
+    )
     insecure_reproducible_noise: bool = option(
         False,
         "simulation only and insecure: DP noise and DP-SGD sampling are drawn from the run's seed so that "
@@ -1007,6 +1025,27 @@ def _check_privacy(config: Config) -> None:
             "run adds none: set privacy.dp = 'central' or 'distributed', or privacy.record_dp = true (or "
             "leave the option out)"
         )
+    if p.record_target_epsilon and not p.record_dp:
+        raise ConfigError(
+            "privacy.record_target_epsilon calibrates DP-SGD's noise, which needs privacy.record_dp = true "
+            "(for a site-level budget use privacy.target_epsilon)"
+        )
+    if (
+        p.secure_aggregation
+        and not p.secagg_range
+        and p.dp == "none"
+        and p.record_dp
+        and c.optimizer == "sgd"
+        and c.weight_decay > 0
+    ):
+        raise ConfigError(
+            "privacy.secure_aggregation encodes every coordinate of an update in a fixed-point range [-R, R] "
+            "that must hold it, and a DP-SGD update under SGD with client.weight_decay = "
+            f"{c.weight_decay:g} has no such bound (weight decay pulls by the weights, which the clip does "
+            "not bound): set privacy.secagg_range to the largest coordinate an update may have, or clip "
+            "each site's update (privacy.dp = 'central' or 'distributed', whose clip_norm bounds it), or "
+            "set client.weight_decay = 0, or train with client.optimizer = 'adam' (whose step is bounded)"
+        )
     if p.record_dp and (s.strategy not in ("fedavg", "fedbuff") or c.personalization == "fedrep"):
         raise ConfigError(
             "privacy.record_dp trains with plain DP-SGD steps, so it runs with server.strategy = 'fedavg' "
@@ -1216,6 +1255,20 @@ def check_deployment(config: Config) -> None:
             "the seed can remove it; it is for simulations only, and a deployment refuses it: set it to false"
         )
     p = config.privacy
+    if p.record_target_epsilon:
+        raise ConfigError(
+            "privacy.record_target_epsilon calibrates DP-SGD's noise to the window counts of every site, "
+            "which a deployment's server learns only as the sites join, after it has sent them the config: "
+            "set privacy.record_noise instead (a simulation of the same sites, `confide run`, prints the "
+            "calibrated value)"
+        )
+    if p.secure_aggregation and p.record_dp and p.dp == "none" and not p.secagg_range:
+        raise ConfigError(
+            "secure aggregation's fixed-point range follows, under DP-SGD alone, from the window counts of "
+            "every site, which a deployment's sites do not know of each other: set privacy.secagg_range (a "
+            "simulation of the same stack, `confide run`, prints the range it derives), or clip each site's "
+            "update (privacy.dp = 'central' or 'distributed')"
+        )
     if p.enclave == "simulated" and not p.enclave_allow_insecure_simulation:
         raise ConfigError(
             "privacy.enclave = 'simulated' is an INSECURE stand-in without hardware (whoever runs the "

@@ -290,6 +290,12 @@ PARTITIONS.register(
     "size skew: num_sites sites whose sizes are drawn from Dirichlet(alpha)",
     "confide.data.partition:quantity",
 )
+PARTITIONS.register(
+    "group",
+    "one site per group, its sites' windows joined (Shakespeare: one per play, every role of it); "
+    "data.max_sites then keeps that many groups",
+    "confide.data.partition:group",
+)
 
 DIRICHLET_LABELS = Registry("data.label", "what the 'dirichlet' partition skews over")
 DIRICHLET_LABELS.register(

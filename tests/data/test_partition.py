@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from confide.data import PAD, WINDOW, FederatedDataset, SiteData, dirichlet, iid, natural, partition, quantity
+from confide.data.partition import group
 from confide.errors import DataError
 
 NUM_GROUPS = 8
@@ -45,6 +46,19 @@ def test_natural_is_unchanged() -> None:
     ds = _dataset()
     assert natural(ds) is ds
     assert partition(ds, "natural") is ds
+
+
+def test_group_makes_one_site_of_each_groups_windows() -> None:
+    ds = _dataset()
+    grouped = partition(ds, "group")
+    assert grouped.site_names == tuple(f"g{g}" for g in range(NUM_GROUPS))
+    assert _same_windows(ds, grouped)
+    for site in grouped.sites:
+        roles = [s for s in ds.sites if s.group == site.name]
+        assert site.group == site.name
+        assert _rows([site.train]) == _rows([s.train for s in roles])
+        assert _rows([site.test]) == _rows([s.test for s in roles])
+    assert group(grouped) is grouped  # already one site per group
 
 
 def test_iid_keeps_counts_and_windows() -> None:

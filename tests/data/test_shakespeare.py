@@ -227,3 +227,30 @@ def test_corrupt_cache_is_rebuilt(tmp_path: Path) -> None:
     rebuilt = shakespeare.load(cache_dir=tmp_path)
     assert rebuilt.site_names == reference.site_names
     assert path.stat().st_size > 1000
+
+
+@needs_package
+def test_a_few_plays_as_sites_hold_whole_plays_and_are_chosen_from_the_seed(
+    real_dataset: FederatedDataset, tmp_path: Path
+) -> None:
+    from confide import config
+    from confide.runtime.runner import load_dataset
+
+    def plays(seed: int) -> FederatedDataset:
+        path = tmp_path / "plays.toml"
+        path.write_text(f"[run]\nseed = {seed}\n[data]\npartition = 'group'\nmax_sites = 14\n")
+        return load_dataset(config.load(path, [f"data.cache_dir={str(tmp_path)!r}"]))
+
+    chosen = plays(0)
+    assert len(chosen.sites) == 14
+    plays_of_roles = {s.group for s in real_dataset.sites}
+    seen: set[bytes] = set()
+    for site in chosen.sites:
+        assert site.name in plays_of_roles and site.group == site.name
+        roles = [s for s in real_dataset.sites if s.group == site.name]
+        assert site.num_train == sum(r.num_train for r in roles) > 500
+        rows = {row.tobytes() for row in site.train} | {row.tobytes() for row in site.test}
+        assert not rows & seen  # no window of one play in another site
+        seen |= rows
+    assert plays(0).site_names == chosen.site_names
+    assert plays(1).site_names != chosen.site_names

@@ -48,6 +48,10 @@ def test_a_plan_with_impossible_values_is_refused() -> None:
     message.learning_rate = float("nan")
     with pytest.raises(WireError, match="learning_rate"):
         wire.plan_from_proto(message)
+    message = wire.plan_to_proto(Plan(round=1, record_clip=1.0, record_noise=0.8))
+    message.record_noise = -0.8
+    with pytest.raises(WireError, match="record_noise must be a finite number >= 0"):
+        wire.plan_from_proto(message)
 
 
 def test_a_large_tensor_is_cut_into_chunks_and_put_back_together() -> None:

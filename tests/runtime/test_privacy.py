@@ -320,6 +320,44 @@ def test_dp_ftrl_correlates_the_noise_and_accounts_each_site_without_sampling(pa
     assert "DP-FTRL" in dp.describe() and "No amplification" in dp.describe()
 
 
+RECORD_SECURE = (
+    "privacy.record_dp=true",
+    "privacy.record_target_epsilon=8",
+    "privacy.secure_aggregation=true",
+    "client.optimizer=sgd",
+    "client.learning_rate=4.0",  # noise on a coordinate: standard deviation about 0.9 (4 z sqrt(3) / 4)
+    "server.optimizer=sgd",
+    "server.learning_rate=1.0",
+    "server.sites_per_round=6",  # all six sites, every round: the calibration's worst case
+    "run.rounds=2",
+)
+
+
+def test_record_noise_calibrated_to_a_target_keeps_every_site_within_it_and_nothing_is_clipped(
+    path: Path,
+) -> None:
+    from confide.privacy.record import record_noise_for, record_update_bound
+
+    runner = start(path, *RECORD_SECURE)
+    windows = [s.num_train for s in runner.sites]
+    noise, _ = record_noise_for(8.0, windows, batch_size=4, epochs=1, max_steps=3, rounds=2)
+    assert runner.config.privacy.record_noise == runner.strategy.record_noise == noise != 1.0
+    assert runner.secure is not None
+    bound = record_update_bound(4.0, 1.0, noise, 0.0, 4, 1, 3, windows)
+    assert runner.secure.clip_range == pytest.approx(bound)
+    runner.run()
+    per_site = runner.store.site_values("dpsgd.epsilon")
+    assert len(per_site) == 6 and 7.5 < max(per_site.values()) <= 8.0
+    assert not [e for e in runner.store.events() if e[2] == "secagg_clipped"]
+
+
+def test_the_old_fixed_range_clipped_the_same_dp_sgd_updates(path: Path) -> None:
+    runner = start(path, *RECORD_SECURE, "privacy.secagg_range=1", "run.rounds=1")
+    runner.run()
+    events = [e for e in runner.store.events() if e[2] == "secagg_clipped"]
+    assert len(events) == 1 and "outside the fixed-point range [-1, 1]" in events[0][3]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -339,7 +377,8 @@ def test_dp_ftrl_factors_the_server_optimizers_workload(path: Path) -> None:
     from confide.privacy.matrix import square_root_coefficients
     from confide.runtime.stack import build_site_dp
 
-    common = ["privacy.dp=central", "privacy.mechanism=dp-ftrl", "privacy.clip_norm=0.5", "privacy.bands=3"]
+    common = ["privacy.dp=central", "privacy.mechanism=dp-ftrl", "privacy.bands=3"]
+    common.append("server.sites_per_round=2")  # 6 sites, 2 rounds out of 3: 2 left to draw
     for optimizer, beta in (("sgd", 0.0), ("momentum", 0.9), ("adam", 0.8)):
         cfg = config.load(path, [*common, f"server.optimizer={optimizer}", f"server.beta1={beta}"])
         dp = build_site_dp(cfg, 6)
@@ -362,3 +401,68 @@ def test_dp_ftrl_refuses_more_bands_than_the_sites_can_sit_out(path: Path) -> No
     cfg = config.load(path, ["privacy.dp=central", "privacy.mechanism=dp-ftrl", "privacy.bands=3"])
     with pytest.raises(ConfigError, match="at most 2 bands"):
         build_site_dp(cfg, 6)  # 3 sites a round, 2 rounds out: nobody left to draw
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("privacy.record_target_epsilon=8",), r"record_target_epsilon calibrates DP-SGD's noise, which"),
+        (
+            (
+                "privacy.record_dp=true",
+                "privacy.secure_aggregation=true",
+                "client.optimizer=sgd",
+                "client.weight_decay=0.01",
+            ),
+            r"under SGD with client.weight_decay = 0.01 has no such bound .* set privacy.secagg_range",
+        ),
+    ],
+)
+def test_record_dp_settings_that_cannot_hold_are_refused(
+    path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(path, list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("privacy.record_dp=true", "privacy.record_target_epsilon=8", "client.optimizer=sgd"),
+            r"server learns only as the sites join.*set privacy.record_noise",
+        ),
+        (
+            ("privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=sgd"),
+            r"which a deployment's sites do not know of each other: set privacy.secagg_range",
+        ),
+    ],
+)
+def test_a_deployment_refuses_what_needs_every_sites_window_count(
+    path: Path, overrides: tuple[str, ...], message: str
+) -> None:
+    loaded = config.load(path, list(overrides))
+    with pytest.raises(ConfigError, match=message):
+        config.check_deployment(loaded)
+    given = ["privacy.record_dp=true", "privacy.secure_aggregation=true", "client.optimizer=sgd"]
+    config.check_deployment(config.load(path, [*given, "privacy.record_noise=1.1", "privacy.secagg_range=4"]))
+
+
+def test_secure_aggregation_takes_its_range_from_adams_bound_and_the_smaller_of_two_clips(path: Path) -> None:
+    from confide.privacy.record import adam_update_bound, record_update_bound
+    from confide.runtime.stack import build_secure, build_site_dp
+
+    windows = [40, 90]
+    adam = config.load(path, ["privacy.record_dp=true", "privacy.secure_aggregation=true"])
+    secure, _ = build_secure(adam, ["a", "b"], None, windows=windows)
+    assert secure is not None  # the tiny config trains with Adam, lr 0.01, at most 3 steps of 4
+    assert secure.clip_range == pytest.approx(adam_update_bound(0.01, 4, 1, 3, windows))
+    assert secure.clip_range < 0.05
+    both = [*RECORD_SECURE, "privacy.dp=distributed", "privacy.clip_norm=0.5", "privacy.noise_multiplier=1"]
+    loaded = config.load(path, [o for o in both if "target_epsilon" not in o])
+    dp = build_site_dp(loaded, 6)
+    assert dp is not None
+    secure, _ = build_secure(loaded, ["a", "b"], dp, windows=windows)
+    assert record_update_bound(4.0, 1.0, 1.0, 0.0, 4, 1, 3, windows) > 0.5  # the site clip is the smaller
+    spread = dp.update_noise / np.sqrt(dp.share_sites)
+    assert secure is not None and secure.clip_range == pytest.approx(0.5 + 8 * spread * 0.5)

@@ -20,6 +20,7 @@ __all__ = [
     "LABELS",
     "SCHEMES",
     "dirichlet",
+    "group",
     "group_labels",
     "iid",
     "natural",
@@ -37,6 +38,31 @@ Seed = int | np.random.Generator
 def natural(ds: FederatedDataset) -> FederatedDataset:
     """The data set as loaded: one site per role, file or ``site`` value."""
     return ds
+
+
+def group(ds: FederatedDataset) -> FederatedDataset:
+    """One site per group, holding the windows of every site of the group: for Shakespeare one site per
+    play, every role of it joined (a few sites with many records each, as hospitals or banks are).
+
+    Each role keeps its own train/test split, so the group's test windows are its roles' held-out text and
+    no window is in two sites. Groups come in the order of their first site; a site is named after its
+    group. A data set whose sites are their own groups (a folder of text) is returned unchanged.
+    """
+    members: dict[str, list[SiteData]] = {}
+    for site in ds.sites:
+        members.setdefault(site.group, []).append(site)
+    if all(len(sites) == 1 and sites[0].name == name for name, sites in members.items()):
+        return ds
+    merged = tuple(
+        SiteData(
+            name=name,
+            group=name,
+            train=np.concatenate([s.train for s in sites]),
+            test=np.concatenate([s.test for s in sites]),
+        )
+        for name, sites in members.items()
+    )
+    return FederatedDataset(name=f"{ds.name}:group", sites=merged, vocab_size=ds.vocab_size)
 
 
 def _stack(ds: FederatedDataset, part: str) -> np.ndarray:
@@ -169,9 +195,9 @@ def quantity(ds: FederatedDataset, num_sites: int, alpha: float, seed: Seed) -> 
 
 
 def partition(ds: FederatedDataset, scheme: str, seed: Seed = 0, **options: Any) -> FederatedDataset:
-    """Apply the named scheme: ``natural`` (no options), ``iid`` (none), ``dirichlet`` (``num_sites``,
-    ``alpha``, optional ``label``) or ``quantity`` (``num_sites``, ``alpha``)."""
-    if scheme == "natural":
+    """Apply the named scheme: ``natural`` (no options), ``group`` (none), ``iid`` (none), ``dirichlet``
+    (``num_sites``, ``alpha``, optional ``label``) or ``quantity`` (``num_sites``, ``alpha``)."""
+    if scheme in ("natural", "group"):
         accepted: tuple[str, ...] = ()
     elif scheme == "iid":
         accepted = ()
@@ -189,6 +215,8 @@ def partition(ds: FederatedDataset, scheme: str, seed: Seed = 0, **options: Any)
         )
     if scheme == "natural":
         return natural(ds)
+    if scheme == "group":
+        return group(ds)
     if scheme == "iid":
         return iid(ds, seed)
     missing = [key for key in ("num_sites", "alpha") if key not in options]

@@ -54,7 +54,7 @@ from confide.privacy.dp import clip
 from confide.randomness import SeededRandomness, Stream, public_rng
 from confide.runtime.audit import audit_store, finish_audit
 from confide.runtime.runner import load_dataset
-from confide.runtime.stack import build_model_for, build_site_dp, build_strategy
+from confide.runtime.stack import build_model_for, build_site_dp, build_strategy, resolve_record_dp
 
 SCENARIOS = ("none", "dpsgd", "distributed-share", "secagg", "secagg+dp")
 SIMULATED_NOISE = "seeded (a simulation of the attack; a real site's noise is secret)"
@@ -191,6 +191,8 @@ def audit_inversion(
 
     dataset = load_dataset(config)
     population = len(dataset.sites)
+    # DP-SGD's noise as the run would use it (privacy.record_target_epsilon calibrates it to the sites).
+    config = resolve_record_dp(config, [s.num_train for s in dataset.sites])
     summed = sites_summed if sites_summed is not None else build_strategy(config).count(population)
     if ("secagg" in wanted or "secagg+dp" in wanted) and not 2 <= summed <= population:
         raise ConfigError(

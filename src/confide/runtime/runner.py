@@ -62,6 +62,7 @@ from confide.runtime.stack import (
     build_speeds,
     build_strategy,
     personal_parts,
+    resolve_record_dp,
     server_randomness,
 )
 from confide.runtime.store import Store, StoreSiteState
@@ -196,11 +197,8 @@ def load_dataset(config: Config) -> FederatedDataset:
         dataset = shakespeare.load(cache_dir=cache, min_lines=d.min_lines)
     else:
         dataset = load_text(Path(d.path), lazy=d.lazy)
-    if d.max_sites and d.max_sites < len(dataset.sites):
-        keep = np.sort(
-            public_rng(config.run.seed, 0, Stream.DATA).choice(len(dataset.sites), d.max_sites, replace=False)
-        )
-        dataset = replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
+    if d.partition != "group":
+        dataset = _sample_sites(dataset, config)
     options: dict[str, Any] = {}
     if d.lazy:  # registered from the folder's listing: nothing read, nothing to re-partition (config.check)
         return dataset
@@ -212,11 +210,25 @@ def load_dataset(config: Config) -> FederatedDataset:
             "model's data: instruction data is partitioned by its site field (partition = 'natural'), "
             "text by 'natural', 'iid', 'quantity' or 'dirichlet' over the 'group' label"
         )
+    if d.partition == "group":
+        # The sites are the groups (Shakespeare's plays): data.max_sites keeps whole groups, not roles.
+        return _sample_sites(partition(dataset, "group"), config)
     if d.partition == "dirichlet":
         options = {"num_sites": d.num_sites, "alpha": d.alpha, "label": d.label}
     elif d.partition == "quantity":
         options = {"num_sites": d.num_sites, "alpha": d.alpha}
     return partition(dataset, d.partition, seed=config.run.seed, **options)
+
+
+def _sample_sites(dataset: FederatedDataset, config: Config) -> FederatedDataset:
+    """``data.max_sites`` of the data set's sites, a sample drawn from the run's seed (in their order)."""
+    count = config.data.max_sites
+    if not count or count >= len(dataset.sites):
+        return dataset
+    keep = np.sort(
+        public_rng(config.run.seed, 0, Stream.DATA).choice(len(dataset.sites), count, replace=False)
+    )
+    return replace(dataset, sites=tuple(dataset.sites[i] for i in keep))
 
 
 def load_lm_dataset(config: Config) -> FederatedDataset:
@@ -283,7 +295,6 @@ class Runner:
         """A run over ``dataset`` with every site simulated in this process (the local backend), or, with
         ``backend``, over sites that live elsewhere and are described only by ``sites`` (a deployment);
         ``registry``: a deployment's enrolled identity keys, for authenticated secure aggregation."""
-        self.config = config
         self.store = store
         self.dataset = dataset
         if dataset is not None:
@@ -291,6 +302,10 @@ class Runner:
         if sites is None:
             raise ValueError("a Runner needs a data set, or the sites of a deployment")
         self.sites = tuple(sites)
+        windows = [s.num_train for s in self.sites]
+        # DP-SGD's noise for privacy.record_target_epsilon: every part of the run builds from this config.
+        config = resolve_record_dp(config, windows)
+        self.config = config
         if config.backend.threads or backend is None:
             torch.set_num_threads(config.backend.threads or SIMULATION_THREADS)
         self.model = build_model_for(config, DEFAULT_TOKENIZER.vocab_size)
@@ -298,7 +313,11 @@ class Runner:
         if backend is not None:
             check_deployment(config)
         self.dp = dp if dp is not None else build_site_dp(config, len(self.sites))
-        secure, identities = build_secure(config, [s.name for s in self.sites], self.dp, registry)
+        # A simulation derives secure aggregation's range of DP-SGD updates from the sites' window counts;
+        # a deployment's sites cannot, so neither does its server (config.check_deployment).
+        secure, identities = build_secure(
+            config, [s.name for s in self.sites], self.dp, registry, () if backend is not None else windows
+        )
         self.secure = secure
         _, shared = personal_parts(config, self.model, self.layout)
         update_size = self.layout.size if shared is None else shared.size
@@ -620,8 +639,12 @@ class Runner:
             bound = self.secure.clip_range
             message = (
                 f"round {r}: the updates of {clipped} sites had coordinates outside the fixed-point "
-                f"range [-{bound:g}, {bound:g}] of secure aggregation, which were clipped; "
-                "raise privacy.secagg_range"
+                f"range [-{bound:g}, {bound:g}] of secure aggregation, which were clipped to it, so the "
+                "unmasked sum is short of what was cut there (biased towards zero): raise "
+                "privacy.secagg_range above the largest coordinate an update may have (try twice the range "
+                f"now, {2 * bound:g}, if it is not known), or bound the updates so that the range follows "
+                "from them (site-level clipping, privacy.dp; or DP-SGD, privacy.record_dp, with Adam or "
+                "with SGD without weight decay)"
             )
             self.store.event("secagg_clipped", message, r)
             log.warning(message)

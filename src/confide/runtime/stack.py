@@ -7,8 +7,10 @@ the server's half and the sites' half of every layer agree on their settings.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from confide.pipeline import Aggregator, Layer, StackContext
 from confide.privacy.dp import AdaptiveClip, CentralDP
 from confide.privacy.matrix import default_bands
 from confide.privacy.policy import SiteDP, expected_bits_noise
+from confide.privacy.record import adam_update_bound, record_noise_for, record_update_bound
 from confide.privacy.secagg import keys
 from confide.privacy.secure import SecureAggregation
 from confide.privacy.tee.layer import EnclaveRelease
@@ -45,6 +48,8 @@ from confide.server.screen import ScreenLayer
 from confide.server.strategy import Strategy, WeightedMean
 from confide.server.trust import FLTrust
 
+log = logging.getLogger(__name__)
+
 
 def build_model_for(config: Config, vocab_size: int) -> nn.Module:
     """The config's model with the run's seeded initial weights (the same in every process)."""
@@ -57,6 +62,90 @@ def build_model_for(config: Config, vocab_size: int) -> nn.Module:
 
             return build_hf(model_config("hf", **options), config.adapter)  # type: ignore[arg-type]
         return build_model(config.model["kind"], vocab_size=vocab_size, **options)
+
+
+def resolve_record_dp(config: Config, windows: Sequence[int]) -> Config:
+    """``config`` with DP-SGD's noise multiplier calibrated to ``privacy.record_target_epsilon`` for sites
+    of these window counts (see :func:`~confide.privacy.record.record_noise_for`); unchanged without it.
+
+    The server and a simulation's sites build from the returned config, so the noise the sites add is the
+    one the plan carries and the header prints."""
+    p, c = config.privacy, config.client
+    if not (p.record_dp and p.record_target_epsilon):
+        return config
+    noise, _ = record_noise_for(
+        p.record_target_epsilon, windows, c.batch_size, c.epochs, c.max_steps or None, config.run.rounds
+    )
+    return replace(config, privacy=replace(p, record_noise=noise))
+
+
+def record_bound(config: Config, windows: Sequence[int]) -> float | None:
+    """The bound on every coordinate of a DP-SGD update for sites of these window counts, or None where none
+    is known: no DP-SGD, no window counts (a deployment's site knows only its own), or SGD with weight decay
+    (whose pull towards zero depends on the weights, not the clip). Under SGD it follows from the clip and
+    the noise (:func:`~confide.privacy.record.record_update_bound`), under Adam from Adam's own bounded step
+    (:func:`~confide.privacy.record.adam_update_bound`)."""
+    p, c = config.privacy, config.client
+    if not p.record_dp or not windows:
+        return None
+    if c.optimizer == "adam":
+        return adam_update_bound(c.learning_rate, c.batch_size, c.epochs, c.max_steps or None, windows)
+    if c.optimizer != "sgd" or c.weight_decay > 0:
+        return None
+    return record_update_bound(
+        c.learning_rate,
+        p.record_clip,
+        p.record_noise,
+        c.momentum,
+        c.batch_size,
+        c.epochs,
+        c.max_steps or None,
+        windows,
+    )
+
+
+_UNBOUNDED_WARNED: set[str] = set()
+"""Runs already warned that their updates have no known bound (the warning is given once per process)."""
+
+
+def secagg_range(config: Config, dp: SiteDP | None, windows: Sequence[int] = ()) -> float:
+    """Secure aggregation's fixed-point range R: ``privacy.secagg_range``, or else derived from the clip
+    norms in force, so that no coordinate of an update falls outside [-R, R] but with negligible probability.
+
+    A site-clipped update has no coordinate above its clip norm C, and a DP-SGD update none above its
+    :func:`record_bound`; with both the smaller holds (clipping only shrinks an update). Distributed DP's
+    share of the noise, added after, gets 8 of its standard deviations. Without any bound (secure
+    aggregation without DP) R stays 1, with a warning: such updates are unbounded, and were always so here.
+    """
+    p = config.privacy
+    if p.secagg_range:
+        return p.secagg_range
+    bounds = [] if dp is None else [dp.clip_norm]
+    record = record_bound(config, windows)
+    if record is not None:
+        bounds.append(record)
+    if not bounds:
+        if p.record_dp:
+            # The config check refuses DP-SGD's unbounded optimizers and deployments; windows are missing.
+            raise ConfigError(
+                "secure aggregation's range under DP-SGD follows from the sites' window counts, which are "
+                "not known here: set privacy.secagg_range"
+            )
+        if config.run.name not in _UNBOUNDED_WARNED:
+            _UNBOUNDED_WARNED.add(config.run.name)
+            log.warning(
+                "secure aggregation encodes each coordinate in [-1, 1], and nothing bounds these updates (no "
+                "site-level clipping, no DP-SGD): a coordinate outside is clipped, and the run says so. Set "
+                "privacy.secagg_range above the largest coordinate an update may have, or clip the updates "
+                "(privacy.dp = 'central' or 'distributed')"
+            )
+        return 1.0
+    # Under distributed DP each share of the noise adds z C / sqrt(m) of standard deviation, and 8 of those
+    # leave essentially nothing to clip.
+    spread = 0.0
+    if dp is not None and dp.placement == "distributed":
+        spread = dp.update_noise / math.sqrt(dp.share_sites)
+    return min(bounds) + 8.0 * spread * (dp.clip_norm if dp is not None else 0.0)
 
 
 def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy:
@@ -160,19 +249,14 @@ def build_secure(
     sites: Sequence[str],
     dp: SiteDP | None,
     registry: Mapping[str, bytes] | None = None,
+    windows: Sequence[int] = (),
 ) -> tuple[SecureAggregation | None, dict[str, Ed25519PrivateKey]]:
     """Secure aggregation's settings (None when off) and the sites' identity keys where a simulation needs
     them (secure aggregation's authenticated mode, the CKKS key ceremony): a long-term identity made for each
-    simulated site. A deployment passes its ``registry`` (enrolled, endorsed by its CA) instead."""
+    simulated site. A deployment passes its ``registry`` (enrolled, endorsed by its CA) instead.
+    ``windows``: the sites' window counts, from which a simulation derives the range of DP-SGD updates (see
+    :func:`secagg_range`); a deployment, whose sites cannot know them, passes none."""
     p = config.privacy
-    clip_range = p.secagg_range
-    if not clip_range:
-        # A clipped update has no coordinate above C; under distributed DP each share of the noise adds
-        # z C / sqrt(m) of standard deviation, and 8 of those leave essentially nothing to clip.
-        clip_range = 1.0
-        if dp is not None:
-            spread = dp.update_noise / math.sqrt(dp.share_sites) if dp.placement == "distributed" else 0.0
-            clip_range = dp.clip_norm * (1.0 + 8.0 * spread)
     identities: dict[str, Ed25519PrivateKey] = {}
     if (p.encryption == "ckks" or p.enclave != "none") and registry is None:
         # The CKKS key ceremony, and updates sealed to the enclave, are signed with each site's identity
@@ -180,6 +264,7 @@ def build_secure(
         identities = {site: keys.generate_identity() for site in sites}
     if not p.secure_aggregation:
         return None, identities
+    clip_range = secagg_range(config, dp, windows)
     if not p.secagg_authenticated:
         registry = None
     elif registry is None:

@@ -253,7 +253,8 @@ def plan_from_proto(message: pb.Plan) -> Plan:
     for name in ("epochs", "batch_size"):
         if values[name] < 1:
             raise WireError(f"the plan's {name} must be at least 1, got {values[name]}")
-    for name in ("learning_rate", "work", "mu", "personal_learning_rate", "clip_norm", "record_clip"):
+    rates = ("learning_rate", "work", "mu", "personal_learning_rate", "clip_norm")
+    for name in (*rates, "record_clip", "record_noise"):
         if not math.isfinite(values[name]) or values[name] < 0:
             raise WireError(f"the plan's {name} must be a finite number >= 0, got {values[name]}")
     if not 0 < values["staleness_weight"] <= 1:
