@@ -1304,22 +1304,43 @@ def cmd_dp_plan(args: argparse.Namespace) -> int:
     from confide import config as config_module
     from confide.core import Layout
     from confide.data import DEFAULT_TOKENIZER
-    from confide.privacy.plan import plan
+    from confide.privacy.plan import plan, record_plan
     from confide.runtime.runner import load_dataset
-    from confide.runtime.stack import build_model_for, build_site_dp
+    from confide.runtime.stack import build_model_for, build_site_dp, build_strategy, resolve_record_dp
 
     config = config_module.load(args.config, args.overrides)
-    if config.privacy.dp == "none":
+    p = config.privacy
+    if p.dp == "none" and not p.record_dp:
         raise ConfideError(
-            f"{args.config} has no site-level DP (privacy.dp = 'none'): there is no noise to plan. Set "
-            "privacy.dp = 'central' or 'distributed' (with --set privacy.dp=central to try)"
+            f"{args.config} has no differential privacy (privacy.dp = 'none', privacy.record_dp = false): "
+            "there is no noise to plan. Set privacy.dp = 'central' or 'distributed', or privacy.record_dp = "
+            "true (try it with --set privacy.dp=central)"
         )
     dataset = load_dataset(config)
+    windows = [s.num_train for s in dataset.sites]
+    config = resolve_record_dp(config, windows)
     size = Layout.of_module(build_model_for(config, DEFAULT_TOKENIZER.vocab_size)).size
-    dp = build_site_dp(config, len(dataset.sites))
-    assert dp is not None
-    s = config.server
-    for line in plan(dp, config.run.rounds, size, s.optimizer, s.beta1).lines():
+    lines: list[str] = []
+    if p.dp != "none":
+        dp = build_site_dp(config, len(dataset.sites))
+        assert dp is not None
+        s = config.server
+        lines += plan(dp, config.run.rounds, size, s.optimizer, s.beta1).lines()
+    if p.record_dp:
+        c = config.client
+        lines += record_plan(
+            windows,
+            size,
+            sites_per_round=build_strategy(config).count(len(dataset.sites)),
+            rounds=config.run.rounds,
+            batch_size=c.batch_size,
+            epochs=c.epochs,
+            max_steps=c.max_steps or None,
+            clip=config.privacy.record_clip,
+            noise_multiplier=config.privacy.record_noise,
+            calibrated=bool(p.record_target_epsilon),
+        ).lines()
+    for line in lines:
         style = "bold red" if line.startswith("WARNING") else None
         console.print(line, style=style, markup=False, highlight=False)
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from confide.privacy.accountant import PrivacyAccountant
-from confide.privacy.plan import CANNOT_LEARN, plan
+from confide.privacy.plan import CANNOT_LEARN, plan, record_plan
 from confide.privacy.policy import SiteDP
 from tests.test_cli import confide
 
@@ -98,5 +98,19 @@ def test_the_command_prints_the_plan_and_refuses_a_config_without_dp(tiny_config
     assert run.returncode == 0, run.stderr
     assert "WARNING: this run cannot learn" in " ".join(run.stdout.split())
     refused = confide("dp", "plan", tiny_config_path)
-    assert refused.returncode != 0 and "no site-level DP" in refused.stderr
+    assert refused.returncode != 0 and "no differential privacy" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_record_level_dp_plans_each_steps_noise_and_the_records_epsilon() -> None:
+    from confide.privacy.record import record_noise_for
+
+    windows = [800, 1200, 1500]
+    z, _ = record_noise_for(8.0, windows, 64, 1, 20, 12)
+    common = {"sites_per_round": 3, "rounds": 12, "batch_size": 64, "epochs": 1, "max_steps": 20, "clip": 1.0}
+    p = record_plan(windows, 100_000, noise_multiplier=z, calibrated=True, **common)  # type: ignore[arg-type]
+    assert p.worst_epsilon <= 8.0 and p.worst_epsilon > 7.9
+    assert p.noise_to_signal == pytest.approx(z * math.sqrt(100_000) / 64 / math.sqrt(3))
+    assert p.warning() is None
+    tiny = record_plan(windows, 100_000, noise_multiplier=z, calibrated=True, **{**common, "batch_size": 2})
+    assert tiny.warning() is not None and "client.batch_size" in tiny.warning()  # type: ignore[operator]
