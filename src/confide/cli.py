@@ -495,6 +495,24 @@ class RichObserver:
                 f"{p.record_noise:g}{calibrated}; each site's epsilon is for its own windows at delta "
                 "1/(10 x windows)"
             )
+            from confide.privacy.plan import record_plan
+
+            c = runner.config.client
+            record = record_plan(
+                [site.num_train for site in sites],
+                runner.layout.size,
+                sites_per_round=runner.strategy.count(len(sites)),
+                rounds=runner.config.run.rounds,
+                batch_size=c.batch_size,
+                epochs=c.epochs,
+                max_steps=c.max_steps or None,
+                clip=p.record_clip,
+                noise_multiplier=p.record_noise,
+                calibrated=bool(p.record_target_epsilon),
+            )
+            warning = record.warning()
+            if warning is not None:  # `confide dp plan` says the same, with its numbers
+                console.print(f"WARNING: {warning}", style="bold red", markup=False, highlight=False)
         self.round_task = self.progress.add_task("rounds", total=self.rounds, completed=first_round - 1)
         self.site_task = self.progress.add_task("sites", total=1)
 
