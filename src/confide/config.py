@@ -187,6 +187,13 @@ class ServerConfig:
     beta1: float = option(0.9, "momentum / first-moment decay", lambda x: 0 <= x < 1, "in [0, 1)")
     beta2: float = option(0.99, "second-moment decay (adam, yogi)", lambda x: 0 <= x < 1, "in [0, 1)")
     tau: float = option(1e-3, "adaptivity constant of adam, yogi and adagrad", positive, "> 0")
+    schedule: str = option(
+        "constant",
+        "server learning rate over the run: 'constant', or 'cosine' (half a cosine from learning_rate in the "
+        "first round to a tenth of it in the last)",
+        lambda x: x in ("constant", "cosine"),
+        "'constant' or 'cosine'",
+    )
     aggregator: str = option("mean", AGGREGATORS.help, choices=AGGREGATORS)
     concurrency: int = option(
         0,
@@ -1101,6 +1108,11 @@ def _check_encryption(config: Config) -> None:
             s.optimizer != "sgd",
             f"server.optimizer = {s.optimizer!r}: {why}, which is one plain SGD step "
             "(server.optimizer = 'sgd', with any server.learning_rate)",
+        ),
+        (
+            s.schedule != "constant",
+            f"server.schedule = {s.schedule!r}: the learning rate is folded into each site's encrypted "
+            "weight once; use server.schedule = 'constant'",
         ),
         (
             STRATEGIES.fact(s.strategy, PER_SITE_EXTRAS) is not None,

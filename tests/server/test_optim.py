@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -90,3 +91,17 @@ def test_bad_hyperparameters_are_refused(kwargs: dict[str, object], message: str
         ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
     ):
         ServerOptimizer(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_cosine_schedule_falls_from_the_rate_to_a_tenth_of_it() -> None:
+    opt = ServerOptimizer("sgd", 0.6, schedule="cosine", rounds=80)
+    rates = [opt.rate(r) for r in range(1, 81)]
+    assert rates[0] == pytest.approx(0.6) and rates[-1] == pytest.approx(0.06)
+    assert rates[39] == pytest.approx(0.6 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 39 / 79))))
+    assert all(a > b for a, b in itertools.pairwise(rates))
+    weights = np.zeros(3, dtype=np.float32)
+    opt.step(weights, np.ones(3, dtype=np.float32), {}, round=80)
+    assert weights == pytest.approx(np.full(3, 0.06))
+    assert ServerOptimizer("sgd", 0.6).rate(80) == 0.6
+    with pytest.raises(ConfigError, match=r"server\.schedule"):
+        ServerOptimizer("sgd", 0.6, schedule="linear")

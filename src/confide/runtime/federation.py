@@ -249,7 +249,7 @@ class Federation:
                 full[ctx.shared] = delta
                 delta = full
             ctx.delta = delta
-            self.strategy.optimizer.step(state.weights, delta, state.optimizer_state)
+            self.strategy.optimizer.step(state.weights, delta, state.optimizer_state, ctx.round)
             for layer in self.layers:
                 layer.finish(ctx)
         state.round = ctx.round

@@ -156,7 +156,9 @@ def build_strategy(config: Config, shared: np.ndarray | None = None) -> Strategy
         max_steps=c.max_steps or None,
         batch_size=c.batch_size,
         learning_rate=c.learning_rate,
-        optimizer=ServerOptimizer(s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau),
+        optimizer=ServerOptimizer(
+            s.optimizer, s.learning_rate, s.beta1, s.beta2, s.tau, s.schedule, config.run.rounds
+        ),
         seed=config.run.seed,
         sampling=s.sampling,
         aggregator=WeightedMean(),

@@ -10,6 +10,10 @@ treats it as a (negative) gradient and takes one optimizer step:
 - ``yogi``:     m as above;  v ← v − (1−β₂)·Δ²·sign(v − Δ²)
   and for the three adaptive ones  w ← w + η·m / (√v + τ)
 
+``schedule = "cosine"`` lowers η along half a cosine, from ``learning_rate`` in the first round to a tenth of
+it in the last (:meth:`ServerOptimizer.rate`): large steps while the model is far off, small ones at the end,
+where under DP the last steps' noise is what stays in the model.
+
 These follow Algorithm 2 of the paper exactly, which has no bias correction; v starts at τ² as the paper
 suggests (so the first steps are not huge). Each optimizer keeps its state as named numpy arrays, updated in
 place, so a checkpoint can save it and a resumed run continues exactly.
@@ -17,6 +21,7 @@ place, so a checkpoint can save it and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +30,9 @@ from confide.core import Vector
 from confide.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "yogi", "adagrad")
+SCHEDULES = ("constant", "cosine")
+COSINE_FLOOR = 0.1
+"""The cosine schedule's last learning rate, as a fraction of the first."""
 
 
 @dataclass(frozen=True)
@@ -36,8 +44,13 @@ class ServerOptimizer:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    schedule: str = "constant"
+    rounds: int = 1
+    """The run's rounds, over which the cosine schedule falls."""
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"server.schedule must be 'constant' or 'cosine' (got {self.schedule!r})")
         if self.name not in OPTIMIZERS:
             raise ConfigError(
                 f"server.optimizer must be one of {', '.join(map(repr, OPTIMIZERS))} (got {self.name!r})"
@@ -60,9 +73,21 @@ class ServerOptimizer:
             state["v"] = np.full(size, self.tau**2, dtype=np.float32)
         return state
 
-    def step(self, weights: Vector, delta: Vector, state: dict[str, Vector]) -> None:
-        """Move ``weights`` in place by one step along the pseudo-gradient ``delta``; updates ``state``."""
-        lr = np.float32(self.learning_rate)
+    def rate(self, round: int | None = None) -> float:
+        """The learning rate of round ``round`` (1-based; None: the first round's)."""
+        if self.schedule == "constant" or round is None or self.rounds <= 1:
+            return self.learning_rate
+        progress = min(max(round - 1, 0) / (self.rounds - 1), 1.0)
+        return self.learning_rate * (
+            COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
+    def step(
+        self, weights: Vector, delta: Vector, state: dict[str, Vector], round: int | None = None
+    ) -> None:
+        """Move ``weights`` in place by one step along the pseudo-gradient ``delta``; updates ``state``.
+        ``round`` sets the learning rate under a schedule."""
+        lr = np.float32(self.rate(round))
         if self.name == "sgd":
             weights += lr * delta
             return
