@@ -13,7 +13,13 @@ from confide.client.dpsgd import record_accountant
 from confide.client.trainer import ClientOptimizer
 from confide.core import Plan
 from confide.errors import ConfigError
-from confide.privacy.record import ADAM_BETAS, adam_update_bound, record_noise_for, record_update_bound
+from confide.privacy.record import (
+    ADAM_BETAS,
+    ADAM_MARGIN,
+    adam_update_bound,
+    record_noise_for,
+    record_update_bound,
+)
 
 SIZES = (300, 640, 2000)
 """Window counts of three sites: the smallest samples at the largest rate, the largest takes most steps."""
@@ -83,7 +89,8 @@ def test_adams_update_stays_within_its_bound_and_the_worst_gradients_reach_it() 
     steps, learning_rate = 12, 0.01
     beta1, beta2 = ADAM_BETAS
     bound = adam_update_bound(learning_rate, batch_size=10, epochs=1, max_steps=None, windows=[steps * 10])
-    assert adam_update_bound(learning_rate, 10, 1, None, [10]) == pytest.approx(learning_rate)  # one step
+    margin = 1 + ADAM_MARGIN  # room for the float32 rounding of local minus global weights
+    assert adam_update_bound(learning_rate, 10, 1, None, [10]) == pytest.approx(learning_rate * margin)
     rng = np.random.default_rng(0)
     noisy = rng.standard_normal((steps, 500)) * np.exp(rng.uniform(-8, 8, (steps, 500)))
     assert adam_moves(noisy, learning_rate, weight_decay=0.5).max() <= bound
@@ -94,4 +101,4 @@ def test_adams_update_stays_within_its_bound_and_the_worst_gradients_reach_it() 
     worst = adam_moves(np.array(last)[:, None], learning_rate)
     final_step = worst[-1, 0] - worst[-2, 0]
     previous = adam_update_bound(learning_rate, 10, 1, None, [(steps - 1) * 10])
-    assert final_step == pytest.approx(bound - previous, rel=1e-6)
+    assert final_step == pytest.approx((bound - previous) / margin, rel=1e-6)

@@ -114,6 +114,10 @@ def record_update_bound(
     return learning_rate * clip / (1.0 - momentum) * worst
 
 
+ADAM_MARGIN = 2.0**-10
+"""Relative room above Adam's bound for the float32 rounding of local minus global weights."""
+
+
 def adam_update_bound(
     learning_rate: float,
     batch_size: int,
@@ -145,4 +149,7 @@ def adam_update_bound(
         total += (
             (1 - beta1) * math.sqrt(terms) * math.sqrt(1 - beta2**t) / ((1 - beta1**t) * math.sqrt(1 - beta2))
         )
-    return learning_rate * total
+    # Adam's first steps move every coordinate by almost exactly lr, so the bound is reached, and the update
+    # (local minus global weights, in float32) can round past it: a margin of 2^-10 covers that rounding for
+    # weights up to about 100 times the update.
+    return learning_rate * total * (1.0 + ADAM_MARGIN)
