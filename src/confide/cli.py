@@ -211,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         required=True,
-        help="the site's text: a .txt file, or a folder / .jsonl holding it (and the other sites' texts)",
+        help="the site's text: a text file, or a folder / .jsonl holding it (and the other sites' texts)",
     )
     cli.add_argument(
         "--credentials",

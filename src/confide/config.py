@@ -95,7 +95,7 @@ class RunConfig:
 class DataConfig:
     dataset: str = option("shakespeare", DATASETS.help, choices=DATASETS)
     path: str = option(
-        "", "for dataset = 'text': a folder with one .txt file or subfolder per site, or a .jsonl file"
+        "", "for dataset = 'text': a folder with one text file or subfolder per site, or a .jsonl file"
     )
     partition: str = option("natural", PARTITIONS.help, choices=PARTITIONS)
     alpha: float = option(
@@ -116,7 +116,7 @@ class DataConfig:
     cache_dir: str = option("", "where processed data is cached; empty: $CONFIDE_CACHE or ~/.cache/confide")
     lazy: bool = option(
         False,
-        "register the sites of data.path (a folder, one .txt file or folder per site) from its listing and "
+        "register the sites of data.path (a folder, one text file or folder per site) from its listing and "
         "read a site's text only when it is drawn: for very many sites (window counts are estimated from "
         "file sizes until then)",
     )

@@ -34,7 +34,7 @@ def _check_site_windows(text: str, train: np.ndarray, test: np.ndarray) -> None:
 def test_folder_of_files(tmp_path: Path) -> None:
     _write(tmp_path / "alpha.txt", LINE * 10)
     _write(tmp_path / "beta.txt", (LINE * 12).replace("\n", "\r\n"))
-    _write(tmp_path / "ignored.csv", "not,a,site\n")
+    _write(tmp_path / "short.csv", "too,short,to,be,a,site\n")
     _write(tmp_path / ".hidden.txt", LINE * 10)
     ds = load_text(tmp_path)
     assert ds.site_names == ("alpha", "beta")
@@ -108,10 +108,38 @@ def test_jsonl_bad_record_names_the_line(tmp_path: Path, line: str, problem: str
         load_text(path)
 
 
-def test_non_utf8_file_is_named(tmp_path: Path) -> None:
+def test_any_text_file_is_a_site_and_binaries_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _write(tmp_path / "good.txt", LINE * 10)
-    _write(tmp_path / "latin.txt", "caf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"latin\.txt is not UTF-8"):
+    _write(tmp_path / "README", LINE * 11)  # a plain file without an extension, as many corpora ship
+    _write(tmp_path / "notes.md", LINE * 12)
+    _write(tmp_path / "latin.txt", ("caf\xe9\n" * 200).encode("latin-1"))
+    _write(tmp_path / "image.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    _write(tmp_path / "folder" / "part", LINE * 10)
+    _write(tmp_path / "folder" / "scan.bin", b"\x00" * 1000)
+    with caplog.at_level(logging.WARNING, logger="confide.data.text"):
+        ds = load_text(tmp_path)
+    assert ds.site_names == ("README", "folder", "good", "notes")
+    assert read_sites(tmp_path)["folder"] == LINE * 10  # the binary in the folder is not part of its text
+    warning = caplog.text
+    assert "skipped 3 files that are not text" in warning
+    assert "latin.txt (it is not UTF-8 (byte 3); convert it to UTF-8 if it is text)" in warning
+    assert "image.png (it holds NUL bytes (binary))" in warning and "scan.bin" in warning
+    lazy = load_text(tmp_path, lazy=True)
+    assert lazy.site_names == ds.site_names
+
+
+def test_a_folder_of_binaries_is_an_error_that_says_so(tmp_path: Path) -> None:
+    _write(tmp_path / "a.bin", b"\x00\x01" * 100)
+    with pytest.raises(DataError, match=r"holds no site: put one UTF-8 text file.*1 files were skipped"):
+        load_text(tmp_path)
+
+
+def test_two_files_for_one_site_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "play.txt", LINE * 10)
+    _write(tmp_path / "play.md", LINE * 10)
+    with pytest.raises(DataError, match=r"two sources for site 'play': play.md and play.txt"):
         load_text(tmp_path)
 
 
@@ -136,3 +164,14 @@ def test_min_chars_is_respected(tmp_path: Path) -> None:
     assert load_text(tmp_path).site_names == ("a",)
     with pytest.raises(DataError, match="at least 5000 characters"):
         load_text(tmp_path, min_chars=5000)
+
+
+def test_a_deployed_sites_data_file_may_have_any_extension_but_must_be_text(tmp_path: Path) -> None:
+    from confide.runtime.grpc.client import load_site_data
+
+    plain = _write(tmp_path / "clinic_north", LINE * 10)
+    site = load_site_data(plain, "clinic_north")
+    _check_site_windows(LINE * 10, site.train, site.test)
+    binary = _write(tmp_path / "scan.dat", b"\x00\x01" * 500)
+    with pytest.raises(DataError, match=r"scan.dat is not a text file: it holds NUL bytes"):
+        load_site_data(binary, "scan")

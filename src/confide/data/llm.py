@@ -5,7 +5,7 @@ A site's rows are one int32 array of shape ``(n, 2, max_length)``: ``row[0]`` th
 loss is taken and :data:`IGNORE_INDEX` (-100) elsewhere. A model reads ``row[0][:-1]`` and predicts
 ``row[1][1:]``. Two kinds of data make rows:
 
-* plain text (Shakespeare's roles, a folder of .txt files, ``site``/``text`` jsonl): each site's text split
+* plain text (Shakespeare's roles, a folder of text files, ``site``/``text`` jsonl): each site's text split
   at a line boundary (80% train), tokenized, and cut into rows with stride ``max_length - 1``, so consecutive
   rows share one token and every token after the first is a target exactly once;
 * instruction data: a ``.jsonl`` whose lines hold ``site`` and either ``prompt`` and ``response`` or chat

@@ -2,8 +2,9 @@
 
 Accepted layouts:
 
-* a folder of ``.txt`` files: one site per file, named by the file stem;
-* a folder of folders: one site per subfolder, named by the subfolder, its ``.txt`` files concatenated in
+* a folder of text files: one site per file, named by the file's name without its extension (``.txt``,
+  ``.md``, or none at all, as many corpora ship);
+* a folder of folders: one site per subfolder, named by the subfolder, its text files concatenated in
   sorted order (both kinds may be mixed in one folder);
 * a ``.jsonl`` file whose lines are objects with ``site`` and ``text`` fields: a site's records joined in file
   order with newlines.
@@ -13,13 +14,16 @@ read, split and windowed only when the site is first drawn (:class:`~confide.dat
 window counts are estimated from its files' sizes until then. Only a site smaller than ``min_chars`` bytes is
 skipped; one whose test part turns out too short for a full window still trains, with no test windows.
 
-Names starting with "." are ignored. A site whose text is too short to leave a full window in its test part is
+Names starting with "." are ignored. A file that is not text (it holds a NUL byte or is not UTF-8 in its
+first 8 KiB: an image, an archive, a file in another encoding) is skipped with one warning that names it. A
+site whose text is too short to leave a full window in its test part is
 SKIPPED with a logged warning rather than failing the whole load, the same way the Shakespeare loader drops
-small roles; only when no site is left does loading fail. Files must be UTF-8.
+small roles; only when no site is left does loading fail. Text must be UTF-8.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -34,7 +38,7 @@ from confide.data.dataset import WINDOW, FederatedDataset, SiteData, has_test_wi
 from confide.data.tokenize import DEFAULT_TOKENIZER, Tokenizer
 from confide.errors import DataError
 
-__all__ = ["MIN_CHARS", "load_text", "read_sites"]
+__all__ = ["MIN_CHARS", "load_text", "read_site_file", "read_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,52 @@ def _read(path: Path) -> str:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from error
 
 
+SNIFF = 8192
+"""Bytes read from the start of a file to tell text from binary."""
+
+
+def _binary(path: Path) -> str:
+    """Why ``path`` is not a UTF-8 text file, judged by its first SNIFF bytes ("" when it is text)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(SNIFF)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    if b"\0" in head:
+        return "it holds NUL bytes (binary)"
+    try:
+        # A character cut off at the end of the head is fine: final=False.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as error:
+        return f"it is not UTF-8 (byte {error.start}); convert it to UTF-8 if it is text"
+    return ""
+
+
+def _text_files(paths: list[Path], skipped: list[str]) -> list[Path]:
+    """The regular files of ``paths`` that hold text; each other file, and why, is added to ``skipped``."""
+    files = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        why = _binary(path)
+        if why:
+            skipped.append(f"{path} ({why})")
+        else:
+            files.append(path)
+    return files
+
+
+def _warn_skipped(folder: Path, skipped: list[str]) -> None:
+    if skipped:
+        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        logger.warning("%s: skipped %d files that are not text: %s", folder, len(skipped), shown)
+
+
+def _site_name(path: Path) -> str:
+    """A site file's name without its extension (``play.txt`` and ``play`` both name site ``play``)."""
+    return path.stem or path.name
+
+
 def _visible(folder: Path) -> list[Path]:
     try:
         return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
@@ -68,22 +118,28 @@ def _visible(folder: Path) -> list[Path]:
 
 def _read_folder(folder: Path) -> dict[str, str]:
     sites: dict[str, str] = {}
+    origin: dict[str, Path] = {}
+    skipped: list[str] = []
     for entry in _visible(folder):
         if entry.is_dir():
             name = entry.name
-            parts = [_normalise(_read(p)) for p in _visible(entry) if p.is_file() and p.suffix == ".txt"]
-            text = "".join(parts)
-        elif entry.is_file() and entry.suffix == ".txt":
-            name = entry.stem
+            text = "".join(_normalise(_read(p)) for p in _text_files(_visible(entry), skipped))
+        elif entry in _text_files([entry], skipped):
+            name = _site_name(entry)
             text = _normalise(_read(entry))
         else:
             continue
         if name in sites:
-            raise DataError(f"{folder} has both a file and a folder for site {name!r}; keep one")
-        sites[name] = text
+            raise DataError(
+                f"{folder} has two sources for site {name!r}: {origin[name].name} and {entry.name}; "
+                "keep one, or rename one of them"
+            )
+        sites[name], origin[name] = text, entry
+    _warn_skipped(folder, skipped)
     if not sites:
         raise DataError(
-            f"{folder} holds no site: put one .txt file per site in it, or one folder of .txt files per site"
+            f"{folder} holds no site: put one UTF-8 text file per site in it, or one folder of text files "
+            "per site" + (f" ({len(skipped)} files were skipped as not text)" if skipped else "")
         )
     return sites
 
@@ -125,7 +181,7 @@ def read_sites(path: str | os.PathLike[str]) -> dict[str, str]:
     source = Path(path).expanduser()
     if not source.exists():
         raise DataError(
-            f"{source} does not exist; give a folder of .txt files (or of folders) or a .jsonl file"
+            f"{source} does not exist; give a folder of text files (or of folders) or a .jsonl file"
         )
     if source.is_dir():
         return _read_folder(source)
@@ -135,10 +191,22 @@ def read_sites(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _site_text(entry: Path) -> str:
-    """The text of one site of a folder: a .txt file, or a folder's .txt files in sorted order."""
+    """The text of one site of a folder: a text file, or a folder's text files in sorted order."""
     if entry.is_dir():
-        return "".join(_normalise(_read(p)) for p in _visible(entry) if p.is_file() and p.suffix == ".txt")
+        skipped: list[str] = []
+        text = "".join(_normalise(_read(p)) for p in _text_files(_visible(entry), skipped))
+        _warn_skipped(entry, skipped)
+        return text
     return _normalise(_read(entry))
+
+
+def read_site_file(path: Path) -> str:
+    """The text of one site's file given by name (a deployed site's ``--data``), newline-terminated; a
+    DataError when it is not UTF-8 text."""
+    why = _binary(path)
+    if why:
+        raise DataError(f"{path} is not a text file: {why}")
+    return _normalise(_read(path))
 
 
 def _load_site(entry: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +215,8 @@ def _load_site(entry: Path, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarra
         raise DataError(
             f"site file {entry} is gone since the run began; restore it for the site to train again"
         )
-    site = make_site(entry.name, entry.name, _site_text(entry), tokenizer)
+    name = entry.name if entry.is_dir() else _site_name(entry)
+    site = make_site(name, name, _site_text(entry), tokenizer)
     return site.train, site.test
 
 
@@ -161,32 +230,39 @@ def register_folder(folder: Path, min_chars: int, tokenizer: Tokenizer) -> Feder
     """The sites of ``folder`` registered lazily: from its listing and file sizes only (see the module)."""
     if not folder.is_dir():
         raise DataError(
-            f"data.lazy needs a folder with one .txt file or folder per site; {folder} is not a folder"
+            f"data.lazy needs a folder with one text file or folder per site; {folder} is not a folder"
         )
     sites = []
     small = 0
+    skipped: list[str] = []
+    seen: set[str] = set()
     with os.scandir(folder) as entries:
         listing = sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
     for entry in listing:
+        path = Path(entry.path)
         if entry.is_dir():
             name = entry.name
-            size = sum(p.stat().st_size for p in _visible(Path(entry.path)) if p.suffix == ".txt")
-        elif entry.is_file() and entry.name.endswith(".txt"):
-            name = entry.name[: -len(".txt")]
+            size = sum(p.stat().st_size for p in _text_files(_visible(path), skipped))
+        elif entry.is_file() and path in _text_files([path], skipped):
+            name = _site_name(path)
             size = entry.stat().st_size
         else:
             continue
+        if name in seen:
+            raise DataError(f"{folder} has two sources for site {name!r}; keep one, or rename one of them")
+        seen.add(name)
         if size < min_chars:  # bytes: at least as many as characters
             small += 1
             continue
-        load = partial(_load_site, Path(entry.path), tokenizer)
+        load = partial(_load_site, path, tokenizer)
         sites.append(SiteData(name, name, load=load, counts=_estimate(size)))
+    _warn_skipped(folder, skipped)
     if small:
         logger.warning("skipped %d sites of %s smaller than %d bytes", small, folder, min_chars)
     if not sites:
         raise DataError(
-            f"{folder} holds no site of at least {min_chars} bytes: put one .txt file per site in it, or one "
-            "folder of .txt files per site"
+            f"{folder} holds no site of at least {min_chars} bytes: put one UTF-8 text file per site in it, "
+            "or one folder of text files per site"
         )
     return FederatedDataset(name=folder.name, sites=tuple(sites), vocab_size=tokenizer.vocab_size)
 

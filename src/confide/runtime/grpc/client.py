@@ -37,7 +37,7 @@ from confide.core import Layout, Task
 from confide.data import DEFAULT_TOKENIZER
 from confide.data.dataset import WINDOW, SiteData, has_test_window, make_site, split_text
 from confide.data.llm import retokenize
-from confide.data.text import read_sites
+from confide.data.text import read_site_file, read_sites
 from confide.errors import ConfideError, DataError, DeploymentError, WireError
 from confide.models.hf import HFCausalLM, check_base
 from confide.privacy.he.layer import CKKSLayer
@@ -70,14 +70,11 @@ REFUSED = {
 
 
 def load_site_data(path: Path, site: str) -> SiteData:
-    """The site's own windows: from a .txt file (the site's text), or its part of a folder or .jsonl file."""
+    """The site's own windows: from a text file (the site's text, with any extension or none but .jsonl), or
+    its part of a folder or .jsonl file."""
     source = Path(path).expanduser()
-    if source.is_file() and source.suffix == ".txt":
-        try:
-            text = source.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{source} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from e
-        text = "\n".join(text.splitlines()) + "\n"
+    if source.is_file() and source.suffix != ".jsonl":
+        text = read_site_file(source)
     else:
         texts = read_sites(source)
         if site not in texts:
