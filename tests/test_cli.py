@@ -32,7 +32,10 @@ def test_run_generate_report(tiny_config_path: Path, tmp_path: Path) -> None:
         )
         assert r["bytes_sent"] > 0 and r["bytes_received"] > 0
     assert (run_dir / "report.html").is_file()
-    assert f"report: {run_dir / 'report.html'}" in result.stdout.replace("\n", "")
+    # Piped output is not wrapped at 80 columns: the long lines come whole.
+    assert f"report: {run_dir / 'report.html'}\n" in result.stdout
+    header = next(line for line in result.stdout.splitlines() if "model with" in line)
+    assert len(header) > 80 and header.endswith("3 rounds"), header
 
     generated = confide("generate", run_dir, "--prompt", "To be", "--length", "30", "--seed", "1")
     assert generated.returncode == 0, generated.stderr
@@ -45,6 +48,16 @@ def test_run_generate_report(tiny_config_path: Path, tmp_path: Path) -> None:
     (run_dir / "report.html").unlink()
     assert confide("report", run_dir).returncode == 0
     assert (run_dir / "report.html").is_file()
+
+
+def test_config_lists_one_option_a_record_when_piped() -> None:
+    result = confide("config")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    at = lines.index("run.seed = 0")
+    meaning = "seed of every random choice: site sampling, initial weights, shuffling, dropout"
+    assert lines[at + 1] == f"    {meaning}"
+    assert "privacy.mechanism = 'dp-fedavg'" in lines
 
 
 def test_config_error_is_one_clear_line(tiny_config_path: Path) -> None:

@@ -35,10 +35,22 @@ log = logging.getLogger(__name__)
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
+PIPED_WIDTH = 1000
+"""Columns of output that goes to a file or a pipe: Rich would wrap it at 80 (mid-number, in a CI log)."""
+
+
+def _unwrap_when_piped() -> None:
+    """Output not on a terminal is not wrapped (a line is as long as it is), whatever COLUMNS says (a stale
+    COLUMNS=80 is often inherited by programs run from tools); on a terminal it fits the terminal."""
+    for c in (console, err_console):
+        if not c.is_terminal:
+            c.width = PIPED_WIDTH
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _unwrap_when_piped()
     logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO, format="%(message)s")
     # dp-accounting's RDP logs through absl when an order fails to converge and is left out: that only
     # makes epsilon larger (safe), and says nothing a user can act on.
@@ -1368,13 +1380,21 @@ def cmd_config(args: argparse.Namespace) -> int:
     from confide.config import describe
     from confide.models.configs import describe_models
 
-    table = Table(title="confide run options (sections of the TOML file)")
-    table.add_column("option")
-    table.add_column("default")
-    table.add_column("meaning")
-    for key, default, help in describe():
-        table.add_row(key, repr(default), help)
-    console.print(table)
+    rows = describe()
+    if not console.is_terminal:
+        # One record per option, its meaning indented below it: readable in a file and easy to grep.
+        for key, default, help in rows:
+            console.print(f"{key} = {default!r}", markup=False, highlight=False)
+            for line in help.splitlines():
+                console.print(f"    {line}", markup=False, highlight=False)
+    else:
+        table = Table(title="confide run options (sections of the TOML file)")
+        table.add_column("option")
+        table.add_column("default")
+        table.add_column("meaning")
+        for key, default, help in rows:
+            table.add_row(key, repr(default), help)
+        console.print(table)
     console.print("[model] takes, besides kind:", markup=False)
     for line in describe_models():
         console.print(f"  {line}", markup=False, highlight=False)

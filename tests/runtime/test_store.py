@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,24 @@ def test_rounds_evaluations_and_site_metrics_read_back(tmp_path: Path) -> None:
     assert [json.loads(line) for line in lines] == [_metrics(1), _metrics(2)]
     store.event("retried", "round 2 had too few updates", 2)
     assert [(r, k, m) for _, r, k, m in store.events()] == [(2, "retried", "round 2 had too few updates")]
+
+
+def _strict(constant: str) -> None:
+    raise AssertionError(f"metrics.jsonl holds {constant}, which strict JSON parsers (jq, browsers) reject")
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_what_is_not_a_number(tmp_path: Path) -> None:
+    store = Store.create(tmp_path / "run", CONFIG)
+    unknown = {"round": 1, "loss": 2.5, "unigram_accuracy": math.nan, "perplexity": math.inf}
+    store.record_evaluation(1, unknown, [])
+    store.record_evaluation(2, {**unknown, "round": 2}, [])
+    (line, _) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(line, parse_constant=_strict)
+    assert row == {"round": 1, "loss": 2.5, "unigram_accuracy": None, "perplexity": None}
+    assert math.isnan(store.evaluations()[0][1]["unigram_accuracy"])  # the store keeps the float
+    store.rewind(1)  # a resume rewrites the file from the store: strict too
+    (line,) = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=_strict) == row
 
 
 def test_checkpoints_hold_weights_optimizer_state_and_extras_exactly(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ RUN_DIR/
   config.toml        the resolved configuration (every default filled in)
   run.sqlite         rounds, evaluation metrics, per-site metrics, sites, events, checkpoint references,
                      and (in simulation) each site's own state: SCAFFOLD control variates, personal models
-  metrics.jsonl      one JSON object per evaluated round (rewritten from run.sqlite on resume)
+  metrics.jsonl      one JSON object per evaluated round, strict JSON: NaN is null (rewritten from
+                     run.sqlite on resume)
   checkpoints/       round-NNNNNN.safetensors: global weights + server optimizer state
 ```
 
@@ -90,6 +91,12 @@ def finite_json(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite_json(v) for v in value]
     return value
+
+
+def _json_line(metrics: Mapping[str, Any]) -> str:
+    """A line of metrics.jsonl: strict JSON, a NaN or infinite value (say, an accuracy the server cannot know)
+    written as null. run.sqlite keeps the float, which Python reads back."""
+    return json.dumps(finite_json(metrics), allow_nan=False)
 
 
 class Store:
@@ -230,7 +237,7 @@ class Store:
                 [(round, site, loss, acc, n) for site, loss, acc, n in personal],
             )
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(metrics)) + "\n")
+            f.write(_json_line(metrics) + "\n")
 
     def event(self, kind: str, message: str, round: int | None = None) -> None:
         with self._tx() as db:
@@ -311,7 +318,7 @@ class Store:
             )
             for table in tables:
                 db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
-        lines = [json.dumps(m) for _, m in self.evaluations()]
+        lines = [_json_line(m) for _, m in self.evaluations()]
         _atomic_write(self.run_dir / "metrics.jsonl", "".join(line + "\n" for line in lines).encode())
 
     # -- reading -------------------------------------------------------------------------------------------
