@@ -62,7 +62,6 @@ def test_integer_accepted_where_a_number_is_expected(tmp_path: Path) -> None:
             "[data]\npartition = 'random'\n",
             "data.partition must be one of 'natural', 'iid', 'dirichlet', 'quantity', 'group' (got 'random')",
         ),
-        ("[data]\ndataset = 'text'\n", "data.path must name a folder"),
         ("[model]\nkind = 'rnn'\n", "model.kind must be one of 'gpt', 'lstm', 'hf' (got 'rnn')"),
         ("[model]\nwidth = 130\nheads = 4\n", "model.width (130) must be divisible by model.heads (4)"),
         ("[model]\nkind = 'lstm'\nwidth = 3\n", "model.width is not an option of the 'lstm' model"),
@@ -147,3 +146,11 @@ def test_model_options_are_checked_without_building_the_model(tmp_path: Path) ->
         config.load(write(tmp_path, "model = 3\n"))
     big = config.load(write(tmp_path, "[model]\nlayers = 96\nwidth = 12288\nheads = 96\n"))
     assert big.model["width"] == 12288  # checking a 175B-parameter shape costs nothing: nothing is built
+
+
+def test_text_data_needs_a_path_where_it_is_loaded_not_in_a_servers_config(tmp_path: Path) -> None:
+    from confide.runtime.runner import load_dataset
+
+    loaded = config.load(write(tmp_path, "[data]\ndataset = 'text'\n"))  # a deployed server's config
+    with pytest.raises(ConfigError, match=r"data.path must name a folder .* \(a deployed server needs none"):
+        load_dataset(loaded)

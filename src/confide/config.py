@@ -826,9 +826,8 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
 
 
 def check(config: Config) -> None:
-    """Checks that involve more than one option."""
-    if config.data.dataset == "text" and not config.data.path:
-        raise ConfigError("data.path must name a folder or .jsonl file when data.dataset = 'text'")
+    """Checks that involve more than one option. (data.path, which a simulation's text data needs and a
+    deployed server does not, is checked where the data is loaded: ``runner.load_dataset``.)"""
     d = config.data
     if d.lazy and (d.dataset != "text" or d.partition != "natural" or config.model["kind"] == "hf"):
         raise ConfigError(

@@ -32,6 +32,7 @@ def test_a_server_serves_many_connected_sites(tmp_path: Path) -> None:
         run__rounds="2",
         server__sites_per_round=str(COUNT),
         client__max_steps="1",
+        data__path="''",  # the server holds no data: each site gives its own with --data
     )
     (tmp_path / "run.toml").write_text(text)
     # The run starts only when all sites have joined (deploy.min_sites = 0): all are connected at once.

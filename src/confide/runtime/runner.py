@@ -190,6 +190,11 @@ def unigram_baseline(dataset: FederatedDataset, eval_sites: Sequence[str]) -> Ba
 def load_dataset(config: Config) -> FederatedDataset:
     """The config's data set, partitioned and (with data.max_sites) sampled, the same way every time."""
     d = config.data
+    if d.dataset == "text" and not d.path:
+        raise ConfigError(
+            "data.path must name a folder or .jsonl file when data.dataset = 'text' (a deployed server needs "
+            "none: there each site holds its own text and gives it with `confide client --data`)"
+        )
     cache = Path(d.cache_dir) if d.cache_dir else None
     if config.model["kind"] == "hf":
         dataset = load_lm_dataset(config)
