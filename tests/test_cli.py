@@ -170,3 +170,30 @@ def test_audit_inversion_and_membership_commands_share_one_page(
     assert bad.returncode == 2 and "expected whole numbers" in bad.stderr
     refused = confide("audit", "membership", tiny_config_path, "--references", "-1")
     assert refused.returncode == 2 and "reference runs must be 0 or more" in refused.stderr
+
+
+def test_a_library_warning_is_one_plain_line_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import warnings
+
+    from confide import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    cli._plain_warnings()
+    torch_file = "/venv/lib/python3.11/site-packages/torch/_functorch/vmap.py"
+    mkldnn = (
+        "There is a performance drop because we have not yet implemented the batching rule for "
+        "aten::mkldnn_rnn_layer. Please file us an issue on GitHub so that we can prioritize its "
+        "implementation."
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # as if raised at many places: still shown once
+        for line in (10, 20):
+            warnings.warn_explicit(mkldnn, UserWarning, torch_file, line)
+        warnings.warn_explicit("something new\nsecond line", FutureWarning, "/x/site-packages/ray/w.py", 3)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith("note: PyTorch computes the LSTM's per-window gradients one window at a time")
+    assert "(torch warned: There is a performance drop" in err[0]
+    assert err[1] == "note: ray warned, once (FutureWarning; the run goes on): something new"

@@ -19,9 +19,10 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -47,10 +48,66 @@ def _unwrap_when_piped() -> None:
             c.width = PIPED_WIDTH
 
 
+KNOWN_WARNINGS = (
+    (
+        "batching rule for aten::mkldnn_rnn_layer",
+        "PyTorch computes the LSTM's per-window gradients one window at a time here (a slow path): the run's "
+        "results are the same, it only takes longer",
+    ),
+    (
+        "is_gradient_checkpointing",
+        "transformers renamed a method that peft still calls; nothing in the run changes",
+    ),
+)
+"""Library warnings a run can meet, each with what it means for the run, in plain words."""
+
+
+def _library(filename: str) -> str:
+    """The package a warning came from, by its file's path (``.../site-packages/torch/...`` -> torch)."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return Path(filename).stem
+
+
+def _plain_warnings() -> None:
+    """Show each library warning once, as one line on stderr that says what it means for the run where that
+    is known, instead of the library's raw text and source line at every place it is raised."""
+    seen: set[tuple[str, str]] = set()
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        lines = str(message).strip().splitlines()
+        text = lines[0] if lines else category.__name__
+        library = _library(filename)
+        if (library, text) in seen:
+            return
+        seen.add((library, text))
+        meaning = next((m for pattern, m in KNOWN_WARNINGS if pattern in text), None)
+        if meaning is not None:
+            err_console.print(f"note: {meaning} ({library} warned: {text})", markup=False, soft_wrap=True)
+        else:
+            err_console.print(
+                f"note: {library} warned, once ({category.__name__}; the run goes on): {text}",
+                markup=False,
+                soft_wrap=True,
+            )
+
+    warnings.showwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _unwrap_when_piped()
+    _plain_warnings()
     logging.basicConfig(level=logging.WARNING if not args.verbose else logging.INFO, format="%(message)s")
     # dp-accounting's RDP logs through absl when an order fails to converge and is left out: that only
     # makes epsilon larger (safe), and says nothing a user can act on.
