@@ -34,7 +34,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 TOKEN = "a-test-token-of-24-chars"
 
 # Site-level DP, so that the ledger moves; a budget, so that the page draws its line.
-DP = {"privacy__dp": "'central'", "privacy__noise_multiplier": "0.8", "privacy__target_epsilon": "500.0"}
+DP = {"privacy__dp": "'central'", "privacy__noise_multiplier": "0.8", "privacy__target_epsilon": "40.0"}
 
 
 def _config(root: Path, name: str, rounds: int) -> config_module.Config:
@@ -149,7 +149,7 @@ def test_the_state_holds_what_the_store_holds_and_no_path(served: Dashboard, fin
         assert states == {site: (st, r) for site, (st, r, _) in store.site_states().items()}
         took_part = {site for r in store.rounds() for site in r["sites"]}
         assert {s["site"] for s in state["sites"] if s["rounds"]} == took_part
-        assert state["config"]["privacy.target_epsilon"] == 500.0
+        assert state["config"]["privacy.target_epsilon"] == 40.0
     finally:
         store.close()
     # The settings shown are a summary: no path of the run (the corpus, the output folder) reaches the page.
@@ -200,16 +200,17 @@ def test_every_request_carries_the_token(finished: Path) -> None:
     dashboard = Dashboard(finished, "127.0.0.1:0", token=TOKEN, poll=0.1)
     url = dashboard.start()
     base = url.split("?")[0]
+    cookie = f"confide_dashboard_{dashboard.port}"
     try:
         assert url.endswith(f"?token={TOKEN}")
         assert _get(base + "api/state")[0] == 401
         assert _get(base + "api/state?token=wrong-token-of-24-chars!")[0] == 403
-        assert _get(base + "api/state", {"Cookie": "confide_dashboard=wrong"})[0] == 403
+        assert _get(base + "api/state", {"Cookie": f"{cookie}=wrong"})[0] == 403
         assert _get(base + "api/state", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
         status, _, headers = _get(url)  # the printed address: the page, and a cookie for what it loads
-        assert status == 200 and f"confide_dashboard={TOKEN}" in headers["Set-Cookie"]
+        assert status == 200 and f"{cookie}={TOKEN}" in headers["Set-Cookie"]
         assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=strict" in headers["Set-Cookie"]
-        assert _get(base + "api/state", {"Cookie": f"confide_dashboard={TOKEN}"})[0] == 200
+        assert _get(base + "api/state", {"Cookie": f"{cookie}={TOKEN}"})[0] == 200
     finally:
         dashboard.stop()
 
@@ -281,18 +282,18 @@ def test_a_browser_sees_the_rounds_and_the_epsilon_move_during_a_run(tmp_path: P
     rounds = 2
     config = _config(tmp_path, "live", rounds)
     run_dir = Path(config.run.output) / config.run.name
-    run_dir.mkdir(parents=True)  # the page opens before the run has made its store
+    run_dir.mkdir(parents=True)  # the view starts before the run has made its store
     dashboard = Dashboard(run_dir, "127.0.0.1:0", poll=0.1)
     url = dashboard.start()
-    profile = Path(tempfile.mkdtemp(prefix="chromium-"))
-    driver = _browser(profile)
     observer = _WaitForThePage(rounds)
+    opened = threading.Event()
     failures: list[BaseException] = []
 
     def run() -> None:
         try:
-            runner = Runner.start(config)
+            runner = Runner.start(config)  # built while the browser starts; it runs once the page is open
             try:
+                opened.wait(timeout=120)
                 runner.run(observer)
             finally:
                 runner.close()
@@ -300,16 +301,24 @@ def test_a_browser_sees_the_rounds_and_the_epsilon_move_during_a_run(tmp_path: P
             failures.append(e)
 
     thread = threading.Thread(target=run)
+    thread.start()
+    profile = Path(tempfile.mkdtemp(prefix="chromium-"))
+    driver = None
     try:
+        driver = _browser(profile)
         driver.get(url)
         wait = WebDriverWait(driver, 60, poll_frequency=0.05)
         wait.until(lambda d: d.find_element("id", "connection").text == "live")
         assert driver.find_element("id", "round-now").text == "–"
-        thread.start()
+        opened.set()
         epsilons = []
         for r in range(1, rounds + 1):
-            wait.until(lambda d, r=r: d.find_element("id", "round-now").text == str(r))
-            wait.until(lambda d, r=r: f"after round {r}" in d.find_element("id", "accuracy-round").text)
+            # (A run that failed ends the wait at once, and the assertion below says why.)
+            wait.until(lambda d, r=r: failures or d.find_element("id", "round-now").text == str(r))
+            wait.until(
+                lambda d, r=r: failures or f"after round {r}" in d.find_element("id", "accuracy-round").text
+            )
+            assert not failures, failures
             epsilons.append(float(driver.find_element("id", "epsilon-now").text))
             observer.shown[r].set()
         thread.join(timeout=120)
@@ -323,9 +332,12 @@ def test_a_browser_sees_the_rounds_and_the_epsilon_move_during_a_run(tmp_path: P
         shot = tmp_path / "dashboard.png"
         driver.save_screenshot(str(shot))
     finally:
+        opened.set()
         for event in observer.shown.values():
             event.set()
-        driver.quit()
+        thread.join(timeout=120)
+        if driver is not None:
+            driver.quit()
         dashboard.stop()
         shutil.rmtree(profile, ignore_errors=True)
     if os.environ.get("CONFIDE_SCREENSHOT"):
@@ -334,3 +346,31 @@ def test_a_browser_sees_the_rounds_and_the_epsilon_move_during_a_run(tmp_path: P
     assert pixels.shape[0] > 500 and pixels.shape[1] > 500
     colours = np.unique(pixels.reshape(-1, 3), axis=0)
     assert len(colours) > 50 and pixels.std() > 10  # plots, text and panels; a blank page has a few colours
+
+
+def test_a_store_of_schema_3_is_read_as_it_is_and_migrated_when_a_run_opens_it(tmp_path: Path) -> None:
+    store = Store.create(tmp_path / "old", "[run]\nname = 'old'\n")
+    store.add_sites([("a", "a", 3, 1), ("b", "b", 3, 1)])
+    store.record_round(1, ["a"], 3, 2.5, 10, 20, 0.1)
+    store.close()
+    db = sqlite3.connect(tmp_path / "old" / "run.sqlite")
+    db.executescript(
+        "DROP TABLE site_status; DROP TABLE samples;UPDATE meta SET value = '3' WHERE key = 'schema_version';"
+    )
+    db.commit()
+    db.close()
+    reader = RunReader(tmp_path / "old")  # read-only: it cannot migrate, and needs not
+    out, _ = reader.look(None)
+    reader.close()
+    assert [r["round"] for r in out["rounds"]] == [1] and out["samples"] == []
+    assert [(s["site"], s["state"]) for s in out["sites"]] == [("a", "not asked yet"), ("b", "not asked yet")]
+    reopened = Store.open(tmp_path / "old")
+    try:
+        assert reopened.meta("schema_version") == "4"
+        reopened.site_status([("a", "dropped", 2, "no answer")])
+        reopened.record_sample(2, "To be", ", or not")
+        assert reopened.site_states() == {"a": ("dropped", 2, "no answer")} and reopened.samples() == [
+            (2, "To be", ", or not")
+        ]
+    finally:
+        reopened.close()

@@ -41,6 +41,8 @@ from confide.errors import ConfideError
 log = logging.getLogger(__name__)
 
 COOKIE = "confide_dashboard"
+"""The cookie's name, followed by the port: browsers send a host's cookies to all its ports, and two views on
+one machine must not overwrite each other's token."""
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 KEEPALIVE_SECONDS = 15.0
 """A comment line this often when nothing is new, so proxies and browsers keep the stream open."""
@@ -90,7 +92,7 @@ def create_app(run_dir: Path, token: str | None = None, poll: float = 1.0) -> St
         given = request.query_params.get("token")
         if token is not None and given is not None:
             # The address carried it once; from now on the cookie does (the page drops it from the address).
-            response.set_cookie(COOKIE, given, httponly=True, samesite="strict", path="/")
+            response.set_cookie(cookie_name(request), given, httponly=True, samesite="strict", path="/")
         return response
 
     async def static(request: Request) -> Response:
@@ -160,6 +162,11 @@ _ROWS = ("rounds", "evaluations", "ledger", "events", "samples", "sites")
 """The kinds of rows a look may bring."""
 
 
+def cookie_name(request: Request) -> str:
+    """The token's cookie for the port the request was sent to."""
+    return f"{COOKIE}_{request.url.port or 80}"
+
+
 def _host(header: str) -> str:
     """The name in a Host header, without its port: ``[::1]:8765`` -> ``[::1]``, ``localhost:80`` ->
     ``localhost``."""
@@ -196,7 +203,7 @@ class _Guard:
             if _host(request.headers.get("host", "")) not in LOOPBACK_HOSTS:
                 return 403, "this live view serves only this machine (127.0.0.1 or localhost)"
             return None
-        given = request.query_params.get("token") or request.cookies.get(COOKIE)
+        given = request.query_params.get("token") or request.cookies.get(cookie_name(request))
         header = request.headers.get("authorization", "")
         if not given and header.lower().startswith("bearer "):
             given = header[7:].strip()

@@ -104,6 +104,9 @@
     if (typeof Plotly === "undefined") return;
     const shown = traces.filter((t) => t.x.length > 0);
     const div = $(id);
+    // Whole rounds on the x axis while there are few of them (plotly would put ticks at 0.5).
+    const last = Math.max(0, ...state.rounds.keys());
+    layout = Object.assign({ xaxis: Object.assign({}, PLOT_LAYOUT.xaxis, last <= 12 ? { dtick: 1 } : {}) }, layout || {});
     // The width of the box it is in, every time: the grid may have changed it since the last drawing.
     const size = div.clientWidth ? { width: div.clientWidth, autosize: false } : {};
     Plotly.react(div, shown, Object.assign({}, PLOT_LAYOUT, size, layout || {}), PLOT_CONFIG);
