@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint typecheck bench bench-flower clean
+.PHONY: demo test lint typecheck bench bench-flower clean browser
 
 $(STAMP): pyproject.toml constraints.txt setup.py src/confide/runtime/grpc/confide.proto
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,22 @@ demo: $(STAMP)
 	$(BIN)/confide data fetch shakespeare
 	$(BIN)/confide run examples/shakespeare.toml
 
+# tests/test_dashboard.py opens the live view in headless Chromium, through Debian's chromium and its
+# chromedriver (selenium is told their paths, so it downloads nothing). Installed here when missing, if this
+# runs as root with apt-get; otherwise it says what to install (and the browser test fails in CI).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "note: tests/test_dashboard.py needs /usr/bin/chromium and /usr/bin/chromedriver:" \
+			"install Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"; \
+	fi
+
 # Two pytest workers (pytest-xdist), each running one test file at a time: many slow tests wait on
 # subprocesses (deployed sites, Ray workers), so two share 2 cores well. PYTEST_WORKERS=0: one process.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile

@@ -174,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", type=Path)
     rep.set_defaults(func=cmd_report)
 
+    dash = sub.add_parser(
+        "dashboard", help="a live, read-only web page of a run: open it while the run goes on, or after"
+    )
+    dash.add_argument("run_dir", type=Path, help="the run directory (it may not have started yet)")
+    _dashboard_arguments(dash, "--listen", "--token")
+    dash.set_defaults(func=cmd_dashboard)
+
     data = sub.add_parser("data", help="inspect or fetch data sets")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser("fetch", help="download a data set into the cache")
@@ -264,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     _overrides(srv)
     srv.add_argument("--ready-file", type=Path, help="write the port here once listening (for scripts)")
     srv.add_argument("--no-report", action="store_true", help="do not write report.html at the end")
+    _dashboard_arguments(srv, "--dashboard", "--dashboard-token")
     srv.set_defaults(func=cmd_server)
 
     cli = sub.add_parser("client", help="take part in a deployed run as one site (or several)")
@@ -712,6 +720,50 @@ def _finish(runner: Any, write: bool) -> None:
     console.print(f"run directory: {runner.store.run_dir}")
 
 
+# -- the live view ---------------------------------------------------------------------------------------
+
+
+def _dashboard_arguments(parser: argparse.ArgumentParser, listen: str, token: str) -> None:
+    """The live view's address and token: ``--listen``/``--token`` of `confide dashboard`, or
+    ``--dashboard [HOST:PORT]``/``--dashboard-token`` of `confide server` (off unless given)."""
+    from_server = listen == "--dashboard"
+    parser.add_argument(
+        listen,
+        nargs="?" if from_server else None,
+        const="127.0.0.1:8765" if from_server else None,
+        default=None if from_server else "127.0.0.1:8765",
+        metavar="HOST:PORT",
+        help=("serve the live view beside the run " if from_server else "where to listen ")
+        + "(127.0.0.1:8765; any other address than this machine's needs a token)",
+    )
+    parser.add_argument(
+        token,
+        metavar="TOKEN",
+        help="the token every request must carry ('generate': a new random one, printed in the address); "
+        "or set CONFIDE_DASHBOARD_TOKEN",
+    )
+
+
+def _dashboard_banner(url: str, token: str | None) -> None:
+    console.print(f"live view: {url}", markup=False, soft_wrap=True)
+    if token is not None:
+        console.print(
+            "[yellow]The address holds the token: give it only to those who may watch this run. It is "
+            "served over plain HTTP, so use it on a network you trust, or behind a TLS proxy.[/]"
+        )
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from confide.dashboard import Dashboard
+
+    if not args.run_dir.is_dir():
+        raise ConfideError(f"{args.run_dir} is no run directory (give the folder `confide run` writes)")
+    dashboard = Dashboard(args.run_dir, args.listen, args.token)
+    with contextlib.suppress(KeyboardInterrupt):
+        dashboard.serve(lambda url: _dashboard_banner(url, dashboard.token))
+    return 0
+
+
 # -- deployment ------------------------------------------------------------------------------------------
 
 
@@ -720,9 +772,17 @@ def cmd_server(args: argparse.Namespace) -> int:
     from confide.runtime.grpc.deployment import Deployment
 
     config = config_module.load(args.config, args.overrides, stamp=False)
+    dashboard = None
+    if args.dashboard is not None:
+        from confide.dashboard import Dashboard
+
+        run_dir = Path(config.run.output) / config.run.name
+        dashboard = Dashboard(run_dir, args.dashboard, args.dashboard_token)
     deployment = Deployment(config, args.dir, args.listen)
     reason = "the server stopped"
     try:
+        if dashboard is not None:
+            _dashboard_banner(dashboard.start(), dashboard.token)
         port = deployment.start()
         host = args.listen.rsplit(":", 1)[0]
         console.print(
@@ -754,6 +814,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise
     finally:
         deployment.close(reason)
+        if dashboard is not None:
+            dashboard.stop()
     return 0
 
 

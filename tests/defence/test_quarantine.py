@@ -76,7 +76,7 @@ def test_a_schema_2_store_is_migrated_to_keep_scores(tmp_path: Path) -> None:
     db.commit()
     db.close()
     reopened = Store.open(tmp_path / "run")
-    assert reopened.meta("schema_version") == str(SCHEMA_VERSION) == "3"
+    assert reopened.meta("schema_version") == str(SCHEMA_VERSION) == "4"
     reopened.record_scores(1, [("a", {"norm": 2.0}, True, "too long")])
     reopened.quarantine("a", 1, "too long")
     assert reopened.score_history() == [(1, "a", {"norm": 2.0}, True, "too long")]

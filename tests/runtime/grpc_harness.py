@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +69,11 @@ class Cluster:
             [sys.executable, "-m", "confide", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env
         )
 
-    def start_server(self, port: int = 0, timeout: float = 60) -> int:
+    def start_server(self, port: int = 0, timeout: float = 60, extra: Sequence[str] = ()) -> int:
         ready = self.tmp / "ready"
         ready.unlink(missing_ok=True)
         args = ["server", "--config", str(self.config), "--listen", f"127.0.0.1:{port}"]
-        args += ["--dir", str(self.directory), "--ready-file", str(ready), "--no-report"]
+        args += ["--dir", str(self.directory), "--ready-file", str(ready), "--no-report", *extra]
         for item in self.overrides:
             args += ["--set", item]
         self.server = self._spawn("server", args)

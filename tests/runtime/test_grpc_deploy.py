@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -80,10 +83,27 @@ def test_a_deployed_run_gives_the_metrics_of_the_simulation(
         tmp_path / "deploy", SITES, certificate=auth == "mtls", identity=secure in ("authenticated", "ckks")
     )
     c = cluster(text, [f"deploy.auth='{auth}'"])
-    c.start_server()
+    watched = not secure and auth == "token"  # the plain run is also served to the live view
+    c.start_server(extra=["--dashboard", "127.0.0.1:0"] if watched else [])
+    if watched:
+        # The view listens before any site has joined, and says the run has not started.
+        url = re.search(r"live view: (http://127\.0\.0\.1:\d+/)", c.log("server")).group(1)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url + "api/state", timeout=30) as response:
+            assert json.loads(response.read())["status"] == "waiting for the run to start"
     for site in SITES:
         c.start_client(site, credentials[site], text_corpus)
     assert c.wait_server() == 0, c.log("server")
+    # Every site joined (a time from the hub), and the three sites of each of the two rounds took part.
+    states = query(
+        tmp_path / "runs" / "tiny", "SELECT site, state, joined, last_seen, rounds FROM site_status"
+    )
+    assert sorted(site for site, *_ in states) == SITES
+    assert all(joined is not None and seen >= joined for _, _, joined, seen, _ in states)
+    assert sum(rounds for *_, rounds in states) == 2 * 3 and {state for _, state, *_ in states} <= {
+        "took part",
+        "joined",
+    }
     assert set(c.wait_clients().values()) == {0}, c.log("site0")
     assert "the run is finished" in c.log("site0")
     assert f"TLS, {auth} authentication" in (c.logs / "server.log").read_text()

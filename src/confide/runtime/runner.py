@@ -73,6 +73,10 @@ log = logging.getLogger(__name__)
 CLOCK_KEY = "clock"
 """A checkpoint's extra tensor: the backend's clock (virtual seconds in a simulation) at that round."""
 
+LIVE_SAMPLE_LENGTH = 120
+"""Characters of the passage written at each evaluation for the live view (at most; ``eval.sample_length``
+when shorter): on the demo's model a fraction of the evaluation's time."""
+
 __all__ = [
     "Baseline",
     "NullObserver",
@@ -513,8 +517,12 @@ class Runner:
         return [names[i] for i in np.sort(chosen)]
 
     def run(self, observer: Observer | None = None) -> ServerState:
-        observer = observer or NullObserver()
+        status = _SiteStatus(observer or NullObserver(), self.store)
+        observer = status
         config = self.config
+        if not self.deployed and not self.store.site_states():
+            now = time.time()
+            self.store.sites_seen([(s.name, now, now) for s in self.sites])  # a simulation's sites are all in
         observer.run_started(self, self.state.round + 1)
         totals = self._totals()
         retries = 0
@@ -557,7 +565,7 @@ class Runner:
                 time.sleep(config.deploy.retry_wait)
                 continue
             retries = 0
-            self._after_round(result)
+            self._after_round(result, status.answered)
             totals["seconds"] += result.seconds
             totals["bytes_sent"] += result.bytes_sent
             totals["bytes_received"] += result.bytes_received
@@ -630,12 +638,13 @@ class Runner:
             once_per_round=self.config.privacy.insecure_reproducible_noise,
         )
 
-    def _after_round(self, result: RoundResult) -> None:
-        """What the server records of a round's result besides the model: events for what went wrong, and the
-        round's row in the store."""
+    def _after_round(self, result: RoundResult, answered: set[str]) -> None:
+        """What the server records of a round's result besides the model: events for what went wrong, each
+        asked site's status (``answered``: the sites whose update came in), and the round's row."""
         r = result.round
         for site, reason in result.rejected:
             self.store.event("rejected", f"update of site {site} refused: {reason}", r)
+        self._site_outcomes(result, answered)
         self._screened(result)
         if result.abandoned is not None:
             self.store.event("abandoned", f"round {r} abandoned: {result.abandoned}", r)
@@ -663,6 +672,23 @@ class Runner:
             result.seconds,
         )
 
+    def _site_outcomes(self, result: RoundResult, answered: set[str]) -> None:
+        """How the round went for each site asked: took part, refused (and why), or dropped (never answered);
+        in an abandoned round the sites that answered stay 'answered', with the reason."""
+        refused = dict(result.rejected)
+        rows: list[tuple[str, str, int | None, str]] = []
+        for site in result.sites:
+            if site in refused:
+                rows.append((site, "refused", result.round, refused[site]))
+            elif site in answered and result.abandoned is not None:
+                rows.append((site, "answered", result.round, f"round abandoned: {result.abandoned}"))
+            elif site in answered:
+                rows.append((site, "took part", result.round, ""))
+            else:
+                rows.append((site, "dropped", result.round, "asked, but no update came"))
+        if rows:
+            self.store.site_status(rows)
+
     def _screened(self, result: RoundResult) -> None:
         """Keep the round's defence scores and refusals in the site history, and quarantine the sites that
         have now offended ``defence.quarantine_after`` times within ``defence.quarantine_window`` rounds
@@ -685,6 +711,7 @@ class Runner:
                 f"{d.quarantine_after}); last: {reasons.get(site, 'see the events')}"
             )
             self.store.quarantine(site, r, why)
+            self.store.site_status([(site, "quarantined", r, why)])
             self.store.event("quarantine", f"site {site} is quarantined: {why}", r)
             log.warning("site %s is quarantined: %s", site, why)
 
@@ -747,7 +774,18 @@ class Runner:
             pairs = [] if self.encrypted else self.rouge_pairs
             record.update(self.lm.metrics(self.state.weights, pairs, peaks))
         self.store.record_evaluation(result.round, record, per_site, personal)
+        self._live_sample(result.round)
         return record
+
+    def _live_sample(self, round: int) -> None:
+        """A short passage of the model just evaluated, for the live view: only a character model the server
+        holds in clear (an 'hf' model's generation costs far more; under CKKS the server cannot read it)."""
+        e = self.config.eval
+        if e.samples == 0 or self.lm is not None or self.encrypted or is_encrypted(self.state.weights):
+            return
+        length = min(e.sample_length, LIVE_SAMPLE_LENGTH)
+        text = generate_text(self.model, self.layout, self.state.weights, e.prompt, length, seed=round)
+        self.store.record_sample(round, e.prompt, text[len(e.prompt) :])
 
     def _evaluate(self, round: int, plan: Plan | None = None) -> _Evaluated:
         """The eval sites' evaluation through the federation's layers (summed only, under secure
@@ -818,6 +856,45 @@ class Runner:
         if weights is None:
             raise ConfideError(ENCRYPTED_MODEL)
         return generate_text(self.model, self.layout, weights, prompt, length, temperature, top_k, seed)
+
+
+class _SiteStatus:
+    """Passes progress on to ``inner`` and keeps each site's status in the store as the round goes: asked
+    (working) when the round starts, answered when its update comes in. One small transaction each."""
+
+    def __init__(self, inner: Observer, store: Store) -> None:
+        self.inner = inner
+        self.store = store
+        self.answered: set[str] = set()
+        """The sites whose update came in during the round under way."""
+
+    def run_started(self, runner: Runner, first_round: int) -> None:
+        self.inner.run_started(runner, first_round)
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None:
+        self.answered = set()
+        self.store.site_status([(site, "working", round, "") for site in sites])
+        self.inner.round_started(round, sites)
+
+    def site_done(self, round: int, site: str) -> None:
+        self.answered.add(site)
+        self.store.site_status([(site, "answered", round, "")], seen=True)
+        self.inner.site_done(round, site)
+
+    def round_finished(self, result: RoundResult) -> None:
+        self.inner.round_finished(result)
+
+    def round_retried(self, round: int, reason: str) -> None:
+        self.inner.round_retried(round, reason)
+
+    def evaluated(self, round: int, metrics: dict[str, Any]) -> None:
+        self.inner.evaluated(round, metrics)
+
+    def run_finished(self, runner: Runner) -> None:
+        self.inner.run_finished(runner)
+
+    def stopped(self, reason: str) -> None:
+        self.inner.stopped(reason)
 
 
 def generate_text(

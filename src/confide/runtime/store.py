@@ -37,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 
 from confide.errors import StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _LEDGER_COLUMNS = "round, noise_multiplier, sampling, sample, steps, epsilon, delta, time"
 
 _SCHEMA = """
@@ -71,7 +71,21 @@ CREATE TABLE IF NOT EXISTS site_scores (
 CREATE TABLE IF NOT EXISTS quarantine (site TEXT PRIMARY KEY, round INTEGER NOT NULL, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS audits (
   id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, time REAL NOT NULL, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS site_status (
+  site TEXT PRIMARY KEY, state TEXT NOT NULL, round INTEGER, joined REAL, last_seen REAL,
+  rounds INTEGER NOT NULL DEFAULT 0, refused INTEGER NOT NULL DEFAULT 0, dropped INTEGER NOT NULL DEFAULT 0,
+  detail TEXT NOT NULL DEFAULT '', changed INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS site_status_changed ON site_status (changed);
+CREATE TABLE IF NOT EXISTS samples (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL, prompt TEXT NOT NULL, text TEXT NOT NULL,
+  time REAL NOT NULL);
 """
+
+SITE_STATES = ("joined", "working", "answered", "took part", "dropped", "refused", "quarantined")
+"""A site's state in ``site_status``: joined (a deployment's site connected, not asked yet), working (asked
+in the round under way), answered (its update is in; the round goes on), took part (its update reached the
+round's result), dropped (asked but never answered), refused (its update was refused), quarantined (left out
+of every later round)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,9 @@ class Store:
         if version == "2":
             store._migrate_from_2()
             version = store.meta("schema_version")
+        if version == "3":
+            store._migrate_from_3()
+            version = store.meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise StoreError(f"{path} has store schema {version}; this confide reads schema {SCHEMA_VERSION}")
         with store._tx() as db:
@@ -170,6 +187,13 @@ class Store:
         with self._tx() as db:
             db.executescript(_SCHEMA)
             db.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+
+    def _migrate_from_3(self) -> None:
+        """Schema 4 adds each site's current status and the passages generated at each evaluation, for the
+        live view (`confide dashboard`); a run made before them has neither until it resumes."""
+        with self._tx() as db:
+            db.executescript(_SCHEMA)
+            db.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
 
     def close(self) -> None:
         self.db.close()
@@ -272,6 +296,65 @@ class Store:
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO quarantine VALUES (?, ?, ?)", (site, round, reason))
 
+    def site_status(
+        self,
+        rows: Sequence[tuple[str, str, int | None, str]],
+        *,
+        seen: bool = False,
+    ) -> None:
+        """Set the state (one of :data:`SITE_STATES`) of each (site, state, round, detail) in one transaction,
+        and count each 'took part', 'dropped' and 'refused'; ``seen``: the sites were heard from now."""
+        now = time.time()
+        with self._tx() as db:
+            changed = _next_change(db)
+            db.executemany(
+                """INSERT INTO site_status
+                     (site, state, round, last_seen, rounds, refused, dropped, detail, changed)
+                   VALUES (:site, :state, :round, :seen, :took, :refused, :dropped, :detail, :changed)
+                   ON CONFLICT (site) DO UPDATE SET state = excluded.state,
+                     round = COALESCE(excluded.round, round),
+                     last_seen = COALESCE(excluded.last_seen, last_seen),
+                     rounds = rounds + excluded.rounds, refused = refused + excluded.refused,
+                     dropped = dropped + excluded.dropped, detail = excluded.detail,
+                     changed = excluded.changed""",
+                [
+                    {
+                        "site": site,
+                        "state": state,
+                        "round": round,
+                        "seen": now if seen else None,
+                        "took": int(state == "took part"),
+                        "refused": int(state == "refused"),
+                        "dropped": int(state == "dropped"),
+                        "detail": detail,
+                        "changed": changed,
+                    }
+                    for site, state, round, detail in rows
+                ],
+            )
+
+    def sites_seen(self, rows: Sequence[tuple[str, float, float]]) -> None:
+        """A deployment's connected sites: (site, when it joined, when it was last heard from), as times of
+        ``time.time()``; a site never seen before is 'joined'."""
+        with self._tx() as db:
+            changed = _next_change(db)
+            db.executemany(
+                """INSERT INTO site_status (site, state, joined, last_seen, changed)
+                   VALUES (?, 'joined', ?, ?, ?)
+                   ON CONFLICT (site) DO UPDATE SET joined = excluded.joined,
+                     last_seen = MAX(COALESCE(last_seen, 0), excluded.last_seen), changed = excluded.changed
+                   WHERE joined IS NOT excluded.joined OR COALESCE(last_seen, 0) < excluded.last_seen""",
+                [(site, joined, seen, changed) for site, joined, seen in rows],
+            )
+
+    def record_sample(self, round: int, prompt: str, text: str) -> None:
+        """A passage the global model wrote after evaluating ``round`` (``text`` continues ``prompt``)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO samples (round, prompt, text, time) VALUES (?, ?, ?, ?)",
+                (round, prompt, text, time.time()),
+            )
+
     def save_checkpoint(
         self,
         round: int,
@@ -315,6 +398,7 @@ class Store:
                 "checkpoints",
                 "site_scores",
                 "quarantine",
+                "samples",
             )
             for table in tables:
                 db.execute(f"DELETE FROM {table} WHERE round > ?", (round,))
@@ -497,6 +581,18 @@ class Store:
     def events(self) -> list[tuple[float, int | None, str, str]]:
         return list(self.db.execute("SELECT time, round, kind, message FROM events ORDER BY id"))
 
+    def site_states(self) -> dict[str, tuple[str, int | None, str]]:
+        """Each site's current (state, round, detail), of the sites that have one."""
+        rows = self.db.execute("SELECT site, state, round, detail FROM site_status ORDER BY site")
+        return {str(site): (str(state), r, str(detail)) for site, state, r, detail in rows}
+
+    def samples(self) -> list[tuple[int, str, str]]:
+        """(round, prompt, continuation) of every passage written at an evaluation, oldest first."""
+        return [
+            (int(r), str(p), str(t))
+            for r, p, t in self.db.execute("SELECT round, prompt, text FROM samples ORDER BY id")
+        ]
+
 
 class StoreSiteState:
     """Every simulated site's own state, in the run store (implements confide.client.state.SiteState)."""
@@ -509,6 +605,12 @@ class StoreSiteState:
 
     def put(self, site: str, key: str, round: int, vector: np.ndarray) -> None:
         self.store.put_site_state(site, key, round, vector)
+
+
+def _next_change(db: sqlite3.Connection) -> int:
+    """The next number of ``site_status.changed``: a reader asks for the rows changed after the last number
+    it saw (times could repeat or go back)."""
+    return int(db.execute("SELECT COALESCE(MAX(changed), 0) + 1 FROM site_status").fetchone()[0])
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -249,12 +249,24 @@ class Deployment:
         return runner
 
     def flush_events(self) -> None:
-        """Write what the gRPC threads noted (refusals, drops) into the run store, from this thread."""
+        """Write what the gRPC threads noted (refusals, drops) into the run store, from this thread, with when
+        each connected site joined and was last heard from."""
         round = self.runner.state.round if self.runner is not None else None
         while not self.hub.events.empty():
             kind, message = self.hub.events.get()
             if self.store is not None:
                 self.store.event(kind, message, round)
+        if self.store is not None:
+            # The hub keeps its own clock (monotonic); the store keeps wall-clock times.
+            offset = time.time() - self.hub.clock()
+            heard = self.hub.last_heard()
+            sessions = self.hub.sessions()
+            self.store.sites_seen(
+                [
+                    (site, s.joined + offset, heard.get(site, s.joined) + offset)
+                    for site, s in sorted(sessions.items())
+                ]
+            )
 
     def close(self, reason: str, grace: float = 3.0) -> None:
         """Tell the sites the run is over, give them ``grace`` seconds to hear it, then stop listening."""
@@ -284,6 +296,7 @@ class _Recording:
         self.inner.run_started(runner, first_round)
 
     def round_started(self, round: int, sites: Sequence[str]) -> None:
+        self.deployment.flush_events()  # who joined since: the sites panel of the live view
         self.inner.round_started(round, sites)
 
     def site_done(self, round: int, site: str) -> None:

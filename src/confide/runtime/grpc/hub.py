@@ -226,6 +226,11 @@ class Hub:
         with self._cond:
             return dict(self._current)
 
+    def last_heard(self) -> dict[str, float]:
+        """When each site that ever joined was last heard from (a call, a poll, a heartbeat), on ``clock``."""
+        with self._cond:
+            return dict(self._seen)
+
     def record(self, kind: str, message: str) -> None:
         log.warning("%s", message)
         self.events.put((kind, message))
