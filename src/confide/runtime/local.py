@@ -204,8 +204,9 @@ class LocalBackend:
                 # The site cannot send an update (say, it diverged and secure aggregation cannot encode NaN,
                 # or its lazily read data is unreadable): to the server it has dropped out, as a deployed
                 # site that gives up would.
-                why = trained.failure
-                log.warning("site %s sends no update in round %d: %s", task.site, task.plan.round, why)
+                log.warning(
+                    "site %s sends no update in round %d: %s", task.site, task.plan.round, trained.failure
+                )
                 continue
             self.peak_memory[task.site] = trained.peak_memory
             size = wire.message_bytes(*wire.update_message(0, b"", trained.update))

@@ -12,11 +12,12 @@ it plays any site with the same :class:`~confide.client.site.Site` code, reusing
 - Weights: written once per round into one shared-memory segment (:mod:`multiprocessing.shared_memory`),
   which each worker copies once into the array its sites read; never a copy per site. Nothing writes the
   segment while a worker may still read it (the pool waits for every call in flight first).
-- Routing: a site is held by one worker from the first message of its round (secure aggregation's key
-  exchange) to the round's end: its protocol sessions live there, and every exchange, task and evaluation of
-  the site goes there. A site not yet held goes to the least loaded worker (a training task: the first
-  worker free, taking tasks in order). When a round's training begins, the sites not in it are let go (as
-  the local backend forgets lazily registered sites), unless they hold an update for an asynchronous round.
+- Routing: a site is held by one worker from its first message (secure aggregation's key exchange, or its
+  task) until the next training or evaluation begins without a message to it before: its protocol sessions
+  live there, and every exchange, task and evaluation of the site goes there meanwhile. A site not held goes
+  to the least loaded worker (a training task: the first worker free, taking tasks in order), and the worker
+  that had it forgets it, as the local backend forgets lazily registered sites; a site holding an update for
+  an asynchronous round stays.
 - Order: updates are taken as they arrive and handed on in the order of the tasks, so the server adds them
   in the same order as in one process: a seeded run gives the same metrics and checkpoints, to the last bit,
   whatever the number of workers (with the same torch threads per process).
@@ -165,6 +166,9 @@ class SitePool:
         """Which worker holds each site (see the module: routing)."""
         self._held: set[str] = set()
         """Sites that hold, or are training, an update for an asynchronous round: never let go."""
+        self._talked: set[str] = set()
+        """Sites sent a protocol message since the last training or evaluation began: their sessions (secure
+        aggregation's) are for the work that comes next, so they stay where they are."""
         self._memory: SharedMemory | None = None
         self._version = 0
         self._written: tuple[int, int] | None = None
@@ -191,7 +195,7 @@ class SitePool:
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = self._context.Pipe()
-        process = self._context.Process(
+        process = self._context.Process(  # type: ignore[attr-defined]
             target=serve, args=(theirs,), name=f"confide-sites-{index}", daemon=True
         )
         with _main_hidden():
@@ -204,6 +208,10 @@ class SitePool:
         worker = _Worker(index, process, ours)
         threading.Thread(target=_read, args=(worker, self._messages), daemon=True).start()
         return worker
+
+    def pending(self, index: int) -> int:
+        """Calls sent to worker ``index`` and not answered yet."""
+        return len(self._workers[index].calls) if index < len(self._workers) else 0
 
     def pids(self) -> list[int]:
         """The workers' process ids (0 for one not started yet)."""
@@ -339,11 +347,14 @@ class SitePool:
             groups.setdefault(self._pins[name], []).append(name)
         return groups
 
-    def let_go(self, keep: set[str]) -> None:
-        """Let go of every site but ``keep`` and those holding an update (when a round's training begins)."""
+    def _let_go(self) -> None:
+        """As training or an evaluation begins: let go of every site but those just sent a protocol message
+        (their sessions are for this work) and those holding an update; each goes to the first worker free
+        when next asked, and the worker that had it forgets it (sessions, a lazily read site's windows)."""
+        keep, self._talked = self._talked | self._held, set()
         groups: dict[int, list[str]] = {}
         for name, index in list(self._pins.items()):
-            if name not in keep and name not in self._held:
+            if name not in keep:
                 del self._pins[name]
                 groups.setdefault(index, []).append(name)
         for index, names in groups.items():
@@ -356,7 +367,7 @@ class SitePool:
         """Each task's result, in task order (LOST where the worker died); the tasks go out as workers are
         free, each to the worker that holds its site, or, not held, to the first worker free."""
         self._poll()
-        self.let_go({t.site for t in tasks})
+        self._let_go()
         ref = self._weights(weights) if tasks else None
         generations = list(self._workers)
         pinned: dict[int, deque[int]] = {i: deque() for i in range(self.size)}
@@ -399,7 +410,7 @@ class SitePool:
                         break
                     self._wait()
                 handed = position + 1
-                yield LOST if ident == -1 else self._result(ident)  # type: ignore[arg-type]
+                yield LOST if ident is None or ident == -1 else self._result(ident)
         finally:
             self._forget([i for i in idents if i is not None and i > 0])
 
@@ -421,11 +432,12 @@ class SitePool:
         trained = self._result(ident)
         if not isinstance(trained, Trained) or trained.update is None:
             self._held.discard(task.site)
-        return trained  # type: ignore[no-any-return]
+        return trained
 
     def exchange(self, messages: Mapping[str, bytes]) -> dict[str, Answered | Lost]:
         """Each site's answer to its protocol message, from the worker that holds it."""
         self._poll()
+        self._talked.update(messages)
         groups = self._assign(list(messages), lambda name: 1.0)
         idents = {
             index: self._call(index, "answer", [(name, messages[name]) for name in names])
@@ -444,6 +456,7 @@ class SitePool:
         """Each site's evaluation (none for a site whose worker died), each worker evaluating its sites in
         one call."""
         self._poll()
+        self._let_go()
         ref = self._weights(weights)
         personal = plan is not None and plan.personalization != "none"
         groups = self._assign(list(names), (lambda name: 1.0) if personal else self._tests.__getitem__)
@@ -485,7 +498,7 @@ def _main_hidden() -> Iterator[None]:
     if main is None:
         yield
         return
-    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    saved: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     main.__dict__.pop("__file__", None)
     main.__dict__["__spec__"] = None
     try:
@@ -526,9 +539,11 @@ class _Weights:
                 if self.memory is not None:
                     self.memory.close()
                 self.memory = SharedMemory(name=ref.name)
-            view = np.frombuffer(self.memory.buf, dtype=np.dtype(ref.dtype), count=ref.size)
+            buffer = self.memory.buf
+            assert buffer is not None
+            view = np.frombuffer(buffer, dtype=np.dtype(ref.dtype), count=ref.size)
             self.array = view.copy()
-            del view
+            del view, buffer
             self.version = ref.version
         return self.array
 
