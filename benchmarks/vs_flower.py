@@ -247,7 +247,7 @@ def run_confide(raw: dict[str, Any], output: Path) -> dict[str, Any]:
     try:
         runner.run(recorder)
     finally:
-        runner.store.close()
+        runner.close()  # the store, and the local backend's worker processes
     return {
         "first_end": recorder.first_end - started,
         "rounds": recorder.runner_seconds,
