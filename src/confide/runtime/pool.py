@@ -176,7 +176,7 @@ class SitePool:
         self._deaths = 0
         """Workers that died before they were ready, one after another."""
         self._tests = {s.name: max(1, s.num_test) for s in dataset.sites}
-        self._recipe: bytes | None = None
+        self._recipe = b""
 
     # -- workers ---------------------------------------------------------------------------------------------
 
@@ -184,6 +184,14 @@ class SitePool:
         """Start the workers (once); they build while the driver goes on."""
         if self.started:
             return
+        try:  # pickled once, for every worker and every restart
+            self._recipe = pickle.dumps((self.recipe, self.dataset), protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise ConfigError(
+                f"the run's data set cannot be sent to the site worker processes ({e}): a lazily registered "
+                "site's loader must be a module-level function (with its arguments bound); or set "
+                "backend.workers = 1 to train every site in this process"
+            ) from e
         self.started = True
         if self._context.get_start_method() == "forkserver":
             # The fork server imports, once, the modules of confide this process has imported by now (it has
@@ -201,8 +209,6 @@ class SitePool:
         with _main_hidden():
             process.start()
         theirs.close()
-        if self._recipe is None:  # pickled once, for every worker and every restart
-            self._recipe = pickle.dumps((self.recipe, self.dataset), protocol=pickle.HIGHEST_PROTOCOL)
         with contextlib.suppress(OSError):  # it died already: its reader says so
             ours.send_bytes(self._recipe)
         worker = _Worker(index, process, ours)
@@ -238,8 +244,8 @@ class SitePool:
 
     def _lost(self, worker: _Worker) -> None:
         """Worker ``worker`` died: its calls are lost, its sites let go, and a new worker takes its place."""
-        if self._workers[worker.index] is not worker:
-            return
+        if worker.index >= len(self._workers) or self._workers[worker.index] is not worker:
+            return  # replaced already, or the pool is closed
         worker.process.join()
         code = worker.process.exitcode
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
