@@ -43,6 +43,7 @@ import sqlite3
 import sys
 import threading
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +170,8 @@ class SitePool:
         self._talked: set[str] = set()
         """Sites sent a protocol message since the last training or evaluation began: their sessions (secure
         aggregation's) are for the work that comes next, so they stay where they are."""
-        self._memory: SharedMemory | None = None
+        self._segment: list[SharedMemory] = []
+        """The shared segment the weights are written to (none before the first write)."""
         self._version = 0
         self._written: tuple[int, int] | None = None
         self._ref: WeightsRef | None = None
@@ -177,6 +179,7 @@ class SitePool:
         """Workers that died before they were ready, one after another."""
         self._tests = {s.name: max(1, s.num_test) for s in dataset.sites}
         self._recipe = b""
+        self._closer = weakref.finalize(self, _shutdown, self._workers, self._segment)
 
     # -- workers ---------------------------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ class SitePool:
             # every worker forked from it starts with them imported, and builds in milliseconds.
             loaded = sorted(name for name in sys.modules if name.split(".")[0] == "confide")
             self._context.set_forkserver_preload([*loaded, "confide.runtime.pool", "torch._dynamo"])
-        self._workers = [self._spawn(index) for index in range(self.size)]
+        self._workers[:] = [self._spawn(index) for index in range(self.size)]
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = self._context.Pipe()
@@ -324,15 +327,16 @@ class SitePool:
         (asynchronous rounds start sites one by one on the same model)."""
         array = np.ascontiguousarray(weights)
         self._drain()
-        if self._memory is None or self._memory.size < array.nbytes:
-            old, self._memory = self._memory, SharedMemory(create=True, size=max(array.nbytes, 1))
-            if old is not None:
+        if not self._segment or self._segment[0].size < array.nbytes:
+            for old in self._segment:
                 old.close()
                 old.unlink()
-        np.ndarray(array.shape, array.dtype, buffer=self._memory.buf)[...] = array
+            self._segment[:] = [SharedMemory(create=True, size=max(array.nbytes, 1))]
+        memory = self._segment[0]
+        np.ndarray(array.shape, array.dtype, buffer=memory.buf)[...] = array
         self._version += 1
         self._written = key
-        self._ref = WeightsRef(self._memory.name, self._version, array.size, array.dtype.str)
+        self._ref = WeightsRef(memory.name, self._version, array.size, array.dtype.str)
         return self._ref
 
     # -- routing ---------------------------------------------------------------------------------------------
@@ -475,23 +479,31 @@ class SitePool:
         return out
 
     def close(self) -> None:
-        """Stop the workers (those at work are killed: the run is over) and free the shared segment."""
-        workers, self._workers = self._workers, []
-        for worker in workers:
-            with contextlib.suppress(OSError):
-                worker.conn.send(("stop", 0, ()))
-        for worker in workers:
-            if worker.calls:
-                worker.process.kill()
-            worker.process.join(10)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
-            worker.conn.close()
-        if self._memory is not None:
-            self._memory.close()
-            self._memory.unlink()
-            self._memory = None
+        """Stop the workers (those at work are killed: the run is over) and free the shared segment; done
+        too when the pool is dropped unclosed, or at exit."""
+        self._closer()
+
+
+def _shutdown(workers: list[_Worker], segment: list[SharedMemory]) -> None:
+    """Stop ``workers`` and free ``segment``'s shared memory (a pool's finalizer: it holds no pool)."""
+    stopping = list(workers)
+    workers.clear()
+    for worker in stopping:
+        with contextlib.suppress(OSError):
+            worker.conn.send(("stop", 0, ()))
+    for worker in stopping:
+        if worker.calls:
+            worker.process.kill()
+        worker.process.join(10)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+    for memory in segment:
+        memory.close()
+        with contextlib.suppress(FileNotFoundError):
+            memory.unlink()
+    segment.clear()
 
 
 @contextlib.contextmanager
