@@ -126,7 +126,8 @@ def raw_config(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
         "server": {"sites_per_round": workload.sites, "optimizer": "sgd", "learning_rate": 1.0},
         # Evaluation runs once, after the last round and outside the rounds' times; this script evaluates.
         "eval": {"every": 1_000_000, "sites": 1, "samples": 0},
-        "backend": {"threads": 1},
+        # confide local in one process, as measured here; benchmarks/parallel.py sets its worker processes.
+        "backend": {"threads": 1, "workers": 1},
     }
 
 
@@ -247,7 +248,7 @@ def run_confide(raw: dict[str, Any], output: Path) -> dict[str, Any]:
     try:
         runner.run(recorder)
     finally:
-        runner.store.close()
+        runner.close()  # the store, and the local backend's worker processes
     return {
         "first_end": recorder.first_end - started,
         "rounds": recorder.runner_seconds,

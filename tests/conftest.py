@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ import torch
 # The tests' models are tiny: one thread is faster than two fighting over small matrices, and results do not
 # depend on how many cores the machine has.
 torch.set_num_threads(1)
+
+# The local backend's default is a worker process per core; the suite's hundreds of tiny runs are faster in
+# one process (a run's workers cost more than its sites' training), and the results are the same.
+# tests/runtime/test_local_workers.py runs the workers; this reaches `confide` subprocesses too.
+os.environ.setdefault("CONFIDE_WORKERS", "1")
 
 LINES = [
     "Now is the winter of our discontent made glorious summer by this sun of York;",

@@ -533,7 +533,7 @@ class RichObserver:
                 + " each), sites sticky to a worker"
             )
         elif not getattr(runner, "deployed", False):
-            console.print("backend: local, every site in this process")
+            console.print(f"backend: local, {runner.backend.describe()}")
         if runner.baseline is not None:
             self.baseline = runner.baseline.accuracy
             console.print(

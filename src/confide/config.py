@@ -324,8 +324,10 @@ class BackendConfig:
     )
     workers: int = option(
         0,
-        "kind = 'ray': how many Ray workers play the sites; 0: as many as the cluster's CPUs allow at "
-        "num_cpus each",
+        "how many worker processes play the simulated sites, each with its own model, in parallel (the "
+        "results are the same whatever the number). local: 0 = the machine's cores (no more than a round's "
+        "sites; $CONFIDE_WORKERS, if set, instead), 1 = every site in this process; ray: 0 = as many as the "
+        "cluster's CPUs allow at num_cpus each",
         at_least(0),
         ">= 0",
     )
@@ -865,12 +867,29 @@ def check(config: Config) -> None:
     _check_language_model(config)
 
 
-RAY_OPTIONS = {"address": "", "num_cpus": 1.0, "num_gpus": 0.0, "workers": 0}
+def in_process_only(config: Config) -> str | None:
+    """Why ``config``'s sites must all run in one process, or None. Some simulations share objects between
+    sites inside one process (the CKKS key ceremony's keys, the enclave's sealing, colluding attackers); a
+    language model would be loaded once per worker, and its base is large."""
+    p = config.privacy
+    if p.encryption != "none":
+        return f"privacy.encryption = {p.encryption!r} (its key ceremony)"
+    if p.enclave != "none":
+        return f"privacy.enclave = {p.enclave!r} (the sealing of updates to the enclave)"
+    if config.attack.collude:
+        return "attack.collude = true (colluding attackers share what they saw)"
+    if config.model["kind"] == "hf":
+        return "a language model (model.kind = 'hf'), whose base each worker would load"
+    return None
+
+
+RAY_OPTIONS = {"address": "", "num_cpus": 1.0, "num_gpus": 0.0}
 """The [backend] options of the Ray backend, with their defaults."""
 
 
 def _check_backend(config: Config) -> None:
-    """The Ray backend's options against the backend, Ray's presence, and what cannot run on it yet."""
+    """The Ray backend's options against the backend, Ray's presence, and what cannot run on it yet; the
+    local backend's workers against what must run in one process."""
     b = config.backend
     if b.kind != "ray":
         for key, default in RAY_OPTIONS.items():
@@ -878,6 +897,13 @@ def _check_backend(config: Config) -> None:
                 raise ConfigError(
                     f"backend.{key} = {getattr(b, key)!r} is an option of the Ray backend, but backend.kind "
                     f"is {b.kind!r}: set backend.kind = 'ray', or remove backend.{key}"
+                )
+        if b.kind == "local" and b.workers > 1:
+            why = in_process_only(config)
+            if why is not None and config.model["kind"] != "hf":
+                raise ConfigError(
+                    f"backend.workers = {b.workers}: a simulation with {why} runs every site in one process; "
+                    "set backend.workers = 1 (or leave it 0)"
                 )
         return
     import importlib.util

@@ -339,7 +339,11 @@ MODELS.register(
 )
 
 BACKENDS = Registry("backend.kind", "who carries messages")
-BACKENDS.register("local", "every site in this process (no setup)", "confide.runtime.local:LocalBackend")
+BACKENDS.register(
+    "local",
+    "every site on this machine, in parallel worker processes (no setup)",
+    "confide.runtime.local:LocalBackend",
+)
 BACKENDS.register(
     "ray",
     "simulated sites spread over Ray workers, on this machine or a cluster (pip install 'confide[ray]')",

@@ -195,7 +195,7 @@ def test_fedbuff_runs_on_ray_as_it_runs_locally(cluster: None, path: Path) -> No
     ("overrides", "message"),
     [
         (("backend.address='10.0.0.5:6379'",), r"backend.address = .* option of the Ray backend, but "),
-        (("backend.workers=4",), r"set backend.kind = 'ray'"),
+        (("backend.num_gpus=1",), r"set backend.kind = 'ray'"),
         (("backend.kind=ray", "backend.num_cpus=0"), r"backend.num_cpus must be > 0 \(got 0"),
         (("backend.kind=ray", "backend.workers=-1"), r"backend.workers must be >= 0"),
         (("backend.kind=ray", "privacy.encryption=ckks"), r"cannot run with privacy.encryption = 'ckks' yet"),

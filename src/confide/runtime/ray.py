@@ -2,7 +2,7 @@
 
 The driver (this module, in the process that runs the federation) keeps what the local backend keeps for the
 server: the virtual clock, the byte counts, the simulated dropouts and the asynchronous runs' queue. The
-sites themselves run in Ray actors (:class:`~confide.runtime.raysites.SiteWorker`), each with one model and
+sites themselves run in Ray actors (:class:`~confide.runtime.raysites.RaySiteWorker`), each with one model and
 kit built once, playing its share of the sites with the same :class:`~confide.client.site.Site` code as the
 local backend. So a seeded run gives the local backend's metrics.
 
@@ -121,7 +121,7 @@ class RayBackend:
             log.info("Ray is already running in this process; backend.address = %r is not used", address)
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from confide.runtime.raysites import SiteStateKeeper, SiteWorker
+        from confide.runtime.raysites import RaySiteWorker, SiteStateKeeper
 
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         if num_cpus > cpus:
@@ -136,7 +136,7 @@ class RayBackend:
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
         )
         self.keeper = keeper.remote(recipe.run_dir)
-        self._actor = ray.remote(SiteWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+        self._actor = ray.remote(RaySiteWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
         self.workers: list[Any] = [self._actor.remote(recipe, self.keeper) for _ in range(count)]
         """The site workers (Ray actor handles); site s is played by ``workers[worker_of(s)]``."""
         # A worker that cannot build (a data path another node lacks, a model that does not fit) says so here,

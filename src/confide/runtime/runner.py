@@ -50,6 +50,8 @@ from confide.runtime.federation import (
 )
 from confide.runtime.llm import LanguageModelRun
 from confide.runtime.local import LocalBackend
+from confide.runtime.pool import SitePool, resolve_workers, worker_threads
+from confide.runtime.sites import SiteRecipe
 from confide.runtime.stack import (
     attach_server_data,
     build_aggregator,
@@ -357,6 +359,7 @@ class Runner:
                 seed=config.run.seed,
                 base_sha256=self.lm.base_sha256 if self.lm is not None else "",
                 speeds=build_speeds(config),
+                pool=self._site_pool(config, identities, trained),
             )
         self.backend: Backend = backend
         self.strategy = build_strategy(config, shared)
@@ -396,25 +399,10 @@ class Runner:
     def _ray_backend(self, config: Config, identities: Mapping[str, Any]) -> Backend:
         """The Ray backend of a simulation: its workers build the sites from the config, as this process
         would, with what the driver drew that the sites share with the server (the identity keys)."""
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
         from confide.runtime.ray import RayBackend
-        from confide.runtime.raysites import SiteRecipe
 
         b = config.backend
-        recipe = SiteRecipe(
-            config_toml=_with_absolute_paths(config).to_toml(),
-            run_dir=str(self.store.run_dir.resolve()),
-            sites=tuple(s.name for s in self.sites),
-            secure=self.secure,
-            identities={
-                site: key.private_bytes_raw()
-                for site, key in identities.items()
-                if isinstance(key, Ed25519PrivateKey)
-            },
-            base_sha256=self.lm.base_sha256 if self.lm is not None else "",
-            threads=b.threads or max(1, int(b.num_cpus)),
-        )
+        recipe = self._site_recipe(config, identities, b.threads or max(1, int(b.num_cpus)))
         return RayBackend(
             recipe,
             address=b.address,
@@ -425,6 +413,35 @@ class Runner:
             seed=config.run.seed,
             speeds=build_speeds(config),
         )
+
+    def _site_recipe(self, config: Config, identities: Mapping[str, Any], threads: int) -> SiteRecipe:
+        """What a worker process needs to build the simulated sites as this process would, with what the
+        driver drew that the sites share with the server (the identity keys)."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        return SiteRecipe(
+            config_toml=_with_absolute_paths(config).to_toml(),
+            run_dir=str(self.store.run_dir.resolve()),
+            sites=tuple(s.name for s in self.sites),
+            secure=self.secure,
+            identities={
+                site: key.private_bytes_raw()
+                for site, key in identities.items()
+                if isinstance(key, Ed25519PrivateKey)
+            },
+            base_sha256=self.lm.base_sha256 if self.lm is not None else "",
+            threads=threads,
+        )
+
+    def _site_pool(
+        self, config: Config, identities: Mapping[str, Any], dataset: FederatedDataset
+    ) -> SitePool | None:
+        """The local backend's worker processes (``backend.workers``), or None: every site in this process."""
+        workers = resolve_workers(config, len(self.sites))
+        if workers <= 1:
+            return None
+        threads = worker_threads(config.backend.threads or SIMULATION_THREADS, workers)
+        return SitePool(self._site_recipe(config, identities, threads), dataset, workers)
 
     def close(self) -> None:
         """Close the backend (a Ray backend stops its workers, and Ray if it started it) and the store."""
