@@ -69,7 +69,10 @@ def assert_same(
     assert len(local) == len(on_ray) == 3
     for a, b in zip(local, on_ray, strict=True):
         for key in keys:
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9, nan_ok=True), (a["round"], key)
+            if a[key] is None:  # metrics.jsonl writes what is not known (NaN) as null
+                assert b[key] is None, (a["round"], key)
+            else:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["round"], key)
 
 
 def test_a_seeded_run_gives_the_metrics_of_the_local_backend(cluster: None, path: Path) -> None:
@@ -85,7 +88,7 @@ def test_secure_aggregation_runs_its_exchanges_over_ray(cluster: None, path: Pat
     local = run(path, "local", *options)
     on_ray = run(path, "ray", *options)
     assert_same(local, on_ray)
-    assert all(r["site_accuracy_mean"] != r["site_accuracy_mean"] for r in on_ray)  # NaN: hidden per site
+    assert all(r["site_accuracy_mean"] is None for r in on_ray)  # null (NaN): hidden per site
 
 
 class Crash(Exception):
