@@ -55,7 +55,16 @@ from confide.config import from_dict
 from confide.data import DEFAULT_TOKENIZER
 from confide.runtime.pool import cores
 from confide.runtime.runner import build_model_for, load_dataset
-from vs_flower import Outcome, Workload, agreement, evaluation_windows, launch, raw_config, workloads
+from vs_flower import (
+    Outcome,
+    Workload,
+    agreement,
+    evaluation_windows,
+    launch,
+    raw_config,
+    workload_arguments,
+    workloads,
+)
 
 WORKERS = (1, 2, 4)
 COMPUTE_GOAL = 0.60
@@ -202,19 +211,7 @@ def goals(results: dict[str, dict[str, Outcome]], as_markdown: bool) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds of smaller workloads (a few minutes)")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds of each workload (default 4)")
-    parser.add_argument("--workloads", default="compute,overhead", help="'compute', 'overhead' or both")
-    parser.add_argument(
-        "--hidden", type=int, default=128, help="LSTM units a layer (default 128, the demo's)"
-    )
-    parser.add_argument("--lr", type=float, default=1.0, help="the sites' SGD learning rate (default 1.0)")
-    parser.add_argument("--batch-size", type=int, default=10, help="windows a batch (default 10)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each contender, in turn (default 1)")
-    parser.add_argument("--settle", type=float, default=3.0, help="seconds of rest before each contender (3)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", help="keep the runs and their log here (default: a temporary folder)")
-    parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+    workload_arguments(parser, rounds=4, settle=3.0)
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     torch.set_num_threads(1)

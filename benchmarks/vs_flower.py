@@ -613,24 +613,33 @@ def _met(met: bool) -> str:
     return "met" if met else "NOT MET"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_arguments(parser: argparse.ArgumentParser, rounds: int, settle: float) -> None:
+    """The options of the workloads and their runs, shared with benchmarks/parallel.py."""
     parser.add_argument("--quick", action="store_true", help="2 rounds of smaller workloads (a few minutes)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of each workload (default 5)")
-    parser.add_argument("--workloads", default="compute,overhead", help="'compute', 'overhead' or both")
     parser.add_argument(
-        "--only", default=",".join(CONTENDERS), help=f"contenders (default {','.join(CONTENDERS)})"
+        "--rounds", type=int, default=rounds, help=f"rounds of each workload (default {rounds})"
     )
+    parser.add_argument("--workloads", default="compute,overhead", help="'compute', 'overhead' or both")
     parser.add_argument(
         "--hidden", type=int, default=128, help="LSTM units a layer (default 128, the demo's)"
     )
     parser.add_argument("--lr", type=float, default=1.0, help="the sites' SGD learning rate (default 1.0)")
     parser.add_argument("--batch-size", type=int, default=10, help="windows a batch (default 10)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each contender, in turn (default 1)")
-    parser.add_argument("--settle", type=float, default=5.0, help="seconds of rest before each contender (5)")
+    parser.add_argument(
+        "--settle", type=float, default=settle, help=f"seconds of rest before each contender ({settle:g})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", help="keep the runs and their log here (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    workload_arguments(parser, rounds=5, settle=5.0)
+    parser.add_argument(
+        "--only", default=",".join(CONTENDERS), help=f"contenders (default {','.join(CONTENDERS)})"
+    )
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
