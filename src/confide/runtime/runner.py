@@ -83,6 +83,7 @@ __all__ = [
     "Baseline",
     "NullObserver",
     "Observer",
+    "Relay",
     "Runner",
     "SiteInfo",
     "build_model_for",
@@ -875,27 +876,19 @@ class Runner:
         return generate_text(self.model, self.layout, weights, prompt, length, temperature, top_k, seed)
 
 
-class _SiteStatus:
-    """Passes progress on to ``inner`` and keeps each site's status in the store as the round goes: asked
-    (working) when the round starts, answered when its update comes in. One small transaction each."""
+class Relay:
+    """An observer that passes every callback on to ``inner``: a base for observers that add to some."""
 
-    def __init__(self, inner: Observer, store: Store) -> None:
+    def __init__(self, inner: Observer) -> None:
         self.inner = inner
-        self.store = store
-        self.answered: set[str] = set()
-        """The sites whose update came in during the round under way."""
 
     def run_started(self, runner: Runner, first_round: int) -> None:
         self.inner.run_started(runner, first_round)
 
     def round_started(self, round: int, sites: Sequence[str]) -> None:
-        self.answered = set()
-        self.store.site_status([(site, "working", round, "") for site in sites])
         self.inner.round_started(round, sites)
 
     def site_done(self, round: int, site: str) -> None:
-        self.answered.add(site)
-        self.store.site_status([(site, "answered", round, "")], seen=True)
         self.inner.site_done(round, site)
 
     def round_finished(self, result: RoundResult) -> None:
@@ -912,6 +905,27 @@ class _SiteStatus:
 
     def stopped(self, reason: str) -> None:
         self.inner.stopped(reason)
+
+
+class _SiteStatus(Relay):
+    """Keeps each site's status in the store as the round goes: asked (working) when the round starts,
+    answered when its update comes in. One small transaction each."""
+
+    def __init__(self, inner: Observer, store: Store) -> None:
+        super().__init__(inner)
+        self.store = store
+        self.answered: set[str] = set()
+        """The sites whose update came in during the round under way."""
+
+    def round_started(self, round: int, sites: Sequence[str]) -> None:
+        self.answered = set()
+        self.store.site_status([(site, "working", round, "") for site in sites])
+        super().round_started(round, sites)
+
+    def site_done(self, round: int, site: str) -> None:
+        self.answered.add(site)
+        self.store.site_status([(site, "answered", round, "")], seen=True)
+        super().site_done(round, site)
 
 
 def generate_text(

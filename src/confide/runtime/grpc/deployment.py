@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -38,6 +37,7 @@ from confide.runtime.grpc.server import GrpcBackend, Hub, Servicer, start_server
 from confide.runtime.runner import (
     NullObserver,
     Observer,
+    Relay,
     Runner,
     SiteInfo,
     build_model_for,
@@ -285,36 +285,22 @@ class Deployment:
         return self.hub.told_to_stop() >= set(self.hub.sessions())
 
 
-class _Recording:
-    """Passes progress on to the display, and after each round writes the hub's events into the store."""
+class _Recording(Relay):
+    """Passes progress on to the display, and writes the hub's events into the store as each round starts
+    (who joined since: the sites panel of the live view) and ends."""
 
     def __init__(self, inner: Observer, deployment: Deployment) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.deployment = deployment
 
-    def run_started(self, runner: Any, first_round: int) -> None:
-        self.inner.run_started(runner, first_round)
-
     def round_started(self, round: int, sites: Sequence[str]) -> None:
-        self.deployment.flush_events()  # who joined since: the sites panel of the live view
-        self.inner.round_started(round, sites)
-
-    def site_done(self, round: int, site: str) -> None:
-        self.inner.site_done(round, site)
+        self.deployment.flush_events()
+        super().round_started(round, sites)
 
     def round_finished(self, result: RoundResult) -> None:
         self.deployment.flush_events()
-        self.inner.round_finished(result)
+        super().round_finished(result)
 
     def round_retried(self, round: int, reason: str) -> None:
         self.deployment.flush_events()
-        self.inner.round_retried(round, reason)
-
-    def evaluated(self, round: int, metrics: dict[str, Any]) -> None:
-        self.inner.evaluated(round, metrics)
-
-    def run_finished(self, runner: Any) -> None:
-        self.inner.run_finished(runner)
-
-    def stopped(self, reason: str) -> None:
-        self.inner.stopped(reason)
+        super().round_retried(round, reason)
