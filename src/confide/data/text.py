@@ -84,18 +84,20 @@ def _binary(path: Path) -> str:
     return ""
 
 
+def _is_text(path: Path, skipped: list[str]) -> bool:
+    """Whether ``path`` is a regular file that holds text; if it is a file that does not, it and why are
+    added to ``skipped``."""
+    if not path.is_file():
+        return False
+    why = _binary(path)
+    if why:
+        skipped.append(f"{path} ({why})")
+    return not why
+
+
 def _text_files(paths: list[Path], skipped: list[str]) -> list[Path]:
-    """The regular files of ``paths`` that hold text; each other file, and why, is added to ``skipped``."""
-    files = []
-    for path in paths:
-        if not path.is_file():
-            continue
-        why = _binary(path)
-        if why:
-            skipped.append(f"{path} ({why})")
-        else:
-            files.append(path)
-    return files
+    """The regular files of ``paths`` that hold text (see :func:`_is_text`)."""
+    return [path for path in paths if _is_text(path, skipped)]
 
 
 def _warn_skipped(folder: Path, skipped: list[str]) -> None:
@@ -124,7 +126,7 @@ def _read_folder(folder: Path) -> dict[str, str]:
         if entry.is_dir():
             name = entry.name
             text = "".join(_normalise(_read(p)) for p in _text_files(_visible(entry), skipped))
-        elif entry in _text_files([entry], skipped):
+        elif _is_text(entry, skipped):
             name = _site_name(entry)
             text = _normalise(_read(entry))
         else:
@@ -243,7 +245,7 @@ def register_folder(folder: Path, min_chars: int, tokenizer: Tokenizer) -> Feder
         if entry.is_dir():
             name = entry.name
             size = sum(p.stat().st_size for p in _text_files(_visible(path), skipped))
-        elif entry.is_file() and path in _text_files([path], skipped):
+        elif _is_text(path, skipped):
             name = _site_name(path)
             size = entry.stat().st_size
         else:
