@@ -117,8 +117,8 @@ class RunReader:
         """The read-only connection, opened once the run has made its store (None before)."""
         if self._db is None and self.path.is_file():
             uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
-            # Autocommit: every look opens and ends its own transaction (BEGIN ... COMMIT below). In WAL mode a
-            # reader waits only while the file is recovered or reset; a busy machine may make that slow.
+            # Autocommit: every look opens and ends its own transaction (BEGIN ... COMMIT below). In WAL mode
+            # a reader waits only while the file is recovered or reset; a busy machine may make that slow.
             self._db = sqlite3.connect(
                 uri, uri=True, isolation_level=None, check_same_thread=False, timeout=120
             )

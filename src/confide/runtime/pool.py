@@ -39,7 +39,6 @@ import os
 import pickle
 import queue
 import signal
-import sqlite3
 import sys
 import threading
 import traceback
@@ -572,12 +571,10 @@ class _Weights:
 
 def _site_state(run_dir: str) -> Any:
     """The run store's site state, through a connection of this process's own (SQLite in WAL mode: readers
-    and one writer at a time across processes); a lock the driver holds is waited for, however long."""
+    and one writer at a time across processes; a lock another holds is waited for, see store.LOCK_WAIT)."""
     from confide.runtime.store import Store, StoreSiteState
 
-    db = sqlite3.connect(Path(run_dir) / "run.sqlite", timeout=600.0, isolation_level="DEFERRED")
-    db.execute("PRAGMA synchronous=NORMAL")
-    return StoreSiteState(Store(Path(run_dir), db))
+    return StoreSiteState(Store.attach(Path(run_dir)))
 
 
 def _portable(error: BaseException) -> BaseException:

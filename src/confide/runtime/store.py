@@ -139,6 +139,12 @@ class Store:
         return store
 
     @classmethod
+    def attach(cls, run_dir: Path) -> Store:
+        """Another process's connection to the store of a run under way (a local worker process writing its
+        sites' state): no migration, as the run's own process opened it already."""
+        return cls(run_dir, _connect(run_dir / "run.sqlite"))
+
+    @classmethod
     def open(cls, run_dir: Path) -> Store:
         path = run_dir / "run.sqlite"
         if not path.is_file() or not (run_dir / "config.toml").is_file():
@@ -613,8 +619,14 @@ def _next_change(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT COALESCE(MAX(changed), 0) + 1 FROM site_status").fetchone()[0])
 
 
+LOCK_WAIT = 600.0
+"""Seconds a write waits for another's lock: the local backend's worker processes write their sites' state
+into the same file, and on a busy machine a writer may be descheduled while it holds the lock (SQLite's
+default of 5 s would fail the run)."""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level="DEFERRED")
+    db = sqlite3.connect(path, isolation_level="DEFERRED", timeout=LOCK_WAIT)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     return db
