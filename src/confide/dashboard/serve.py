@@ -121,16 +121,17 @@ class Dashboard:
         self.port = int(sock.getsockname()[1])
         return sock
 
-    def start(self, timeout: float = 20.0) -> str:
-        """Serve in a daemon thread; returns the address once it listens (ConfideError if it cannot)."""
+    def start(self) -> str:
+        """Serve in a daemon thread; returns the address once it listens (ConfideError if its thread ends
+        first). There is no time limit: on a busy machine the start may be slow, and the socket is bound
+        already, so a page opened meanwhile waits rather than fails."""
         sock = self._bind()
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, name="confide-dashboard", daemon=True
         )
         self.thread.start()
-        end = time.monotonic() + timeout
         while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > end:
+            if not self.thread.is_alive():
                 self.stop()
                 raise ConfideError(f"the live view did not start on {self.host}:{self.port}")
             time.sleep(0.02)
