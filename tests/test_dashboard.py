@@ -105,7 +105,7 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, A
     # No proxy, whatever the environment says: the view is on this machine.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(request, timeout=30) as response:
+        with opener.open(request, timeout=120) as response:
             return response.status, response.read(), response.headers
     except urllib.error.HTTPError as e:
         return e.code, e.read(), e.headers
